@@ -1,0 +1,3 @@
+from envfs.cli import run
+
+run()

@@ -1,0 +1,329 @@
+"""Building snapshots with uv: lock, venv, sync (hardlinked from the shared cache), bytecode,
+dedup, manifest. The builder only writes under ``staging/``; ``Store.publish`` makes it live.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from envfs.errors import BadInput, BuildFailed, EnvironmentProblem
+from envfs.model import Interpreter, Manifest, ManifestEntry
+from envfs.spec import ProjectFiles, render_pyproject
+from envfs.store import META, Store
+
+Progress = Callable[[str], None]
+
+
+def uv_binary() -> str:
+    """The uv executable: ``ENVFS_UV``, then PATH, then the one next to our interpreter."""
+    explicit = os.environ.get("ENVFS_UV")
+    if explicit:
+        return explicit
+    found = shutil.which("uv") or shutil.which("uv", path=os.path.dirname(sys.executable))
+    if found is None:
+        found = shutil.which("uv", path=os.path.expanduser("~/.local/bin"))
+    if found is None:
+        raise EnvironmentProblem(
+            "uv is not installed; run scripts/install-deps or `pip install uv`"
+        )
+    return found
+
+
+def uv_env(store: Store) -> dict[str, str]:
+    """The environment every uv call runs in: shared cache, hardlinks, no downloads."""
+    env = dict(os.environ)
+    for var in ("VIRTUAL_ENV", "UV_PROJECT_ENVIRONMENT", "UV_COMPILE_BYTECODE", "PYTHONPATH"):
+        env.pop(var, None)
+    env.update(
+        UV_CACHE_DIR=str(store.uv_cache),
+        UV_LINK_MODE="hardlink",
+        UV_PYTHON_DOWNLOADS="never",
+        UV_NO_PROGRESS="1",
+    )
+    return env
+
+
+def uv_version() -> str:
+    out = subprocess.run([uv_binary(), "--version"], capture_output=True, text=True, check=False)
+    return out.stdout.strip().removeprefix("uv ").split()[0] if out.stdout else "unknown"
+
+
+def _uv_error(stderr: str) -> str:
+    """The most telling line of a uv failure: its innermost cause, else its error line."""
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    for prefix in ("cause:", "\u2570\u2500\u25b6", "error:", "\u00d7"):  # uv's plain and fancy
+        found = [ln for ln in lines if ln.startswith(prefix)]
+        if found:
+            return found[-1].removeprefix(prefix).strip()
+    return lines[-1] if lines else "uv failed without a message"
+
+
+def lock_requirements(store: Store, reqs: list[str], interp: Interpreter) -> ProjectFiles:
+    """Write a pyproject for ``reqs`` with tomlkit and lock it with uv (nothing else written)."""
+    pyproject = render_pyproject(reqs, interp)
+    with tempfile.TemporaryDirectory(dir=store.staging, prefix=".lock-") as tmp:
+        (Path(tmp) / "pyproject.toml").write_text(pyproject)
+        cmd = [uv_binary(), "lock", "--project", tmp, "--python", interp.path]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=uv_env(store), check=False)
+        if proc.returncode != 0:
+            reason = _uv_error(proc.stderr)
+            if "fetch" in reason.lower() or "connect" in reason.lower() or "dns" in reason.lower():
+                raise EnvironmentProblem(f"cannot reach the package index: {reason}")
+            raise BadInput(f"cannot resolve the requirements: {reason}")
+        return ProjectFiles(pyproject=pyproject, lock=(Path(tmp) / "uv.lock").read_text())
+
+
+class BuildLog:
+    """The build log: kept with the snapshot (``.envfs/build.log``) or the failure record."""
+
+    def __init__(self, progress: Progress | None, store_root: Path) -> None:
+        self.lines: list[str] = []
+        self.progress = progress
+        self.store_root = str(store_root)
+
+    def step(self, message: str, show: bool = True) -> None:
+        self.lines.append(f"[{time.strftime('%H:%M:%S')}] {message}")
+        if show and self.progress is not None:
+            self.progress(message)
+
+    def output(self, text: str) -> None:
+        self.lines.extend(text.rstrip().splitlines())
+
+    def text(self) -> str:
+        """The log with the store's path replaced by ``<store>``: the snapshot names no builder."""
+        return ("\n".join(self.lines) + "\n").replace(self.store_root, "<store>")
+
+
+def _run(cmd: list[str], env: dict[str, str], log: BuildLog, what: str) -> str:
+    log.step(f"$ {' '.join(cmd)}", show=False)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    log.output(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        raise BuildFailed(f"{what} failed: {_uv_error(proc.stderr or proc.stdout)}")
+    return proc.stderr
+
+
+def build_into(
+    store: Store,
+    staged: Path,
+    files: ProjectFiles,
+    interp: Interpreter,
+    snapshot_id: str,
+    host: str,
+    log: BuildLog,
+) -> Manifest:
+    """Build the venv of ``files`` into ``staged`` (an empty staging dir) and write its manifest.
+
+    Raises ``BuildFailed`` / ``EnvironmentProblem``; the caller removes ``staged`` on error.
+    """
+    if os.stat(store.uv_cache).st_dev != os.stat(staged).st_dev:
+        raise EnvironmentProblem(
+            f"uv cache {store.uv_cache} is on another filesystem than {staged}: "
+            "hardlinks are impossible; keep uv-cache inside the store"
+        )
+    env = uv_env(store)
+    uv = uv_binary()
+    durations: dict[str, float] = {}
+    project = staged.parent / f"{staged.name}.project"
+    project.mkdir()
+    try:
+        (project / "pyproject.toml").write_text(files.pyproject)
+        (project / "uv.lock").write_text(files.lock)
+        t0 = time.monotonic()
+        log.step(f"creating a relocatable venv with Python {interp.version}")
+        venv_cmd = [uv, "venv", "--relocatable", "--prompt", "envfs", "--python", interp.path]
+        _run([*venv_cmd, "--allow-existing", str(staged)], env, log, "uv venv")
+        durations["venv"] = time.monotonic() - t0
+
+        t0 = time.monotonic()
+        log.step("installing locked packages (uv sync --frozen, hardlinked from the cache)")
+        sync_env = dict(env, UV_PROJECT_ENVIRONMENT=str(staged))
+        sync = [uv, "sync", "--frozen", "--no-install-project", "--link-mode", "hardlink"]
+        stderr = _run(
+            [*sync, "--project", str(project), "--python", interp.path], sync_env, log, "uv sync"
+        )
+        if "falling back" in stderr.lower() and "copy" in stderr.lower():
+            raise EnvironmentProblem(
+                "uv could not hardlink from its cache and fell back to copies; "
+                "keep the store and its uv-cache on one filesystem"
+            )
+        durations["sync"] = time.monotonic() - t0
+    finally:
+        shutil.rmtree(project, ignore_errors=True)
+
+    t0 = time.monotonic()
+    log.step("compiling bytecode (unchecked-hash, neutral paths)")
+    compile_bytecode(staged, interp, log)
+    durations["compile"] = time.monotonic() - t0
+
+    t0 = time.monotonic()
+    log.step("deduplicating generated files and writing the manifest")
+    dedup_into_objects(store, staged)
+    entries, total = scan_tree(
+        staged, forbidden=[str(staged).encode(), str(store.staging).encode()]
+    )
+    durations["manifest"] = time.monotonic() - t0
+    manifest = Manifest(
+        snapshot_id=snapshot_id,
+        tree_digest=tree_digest(entries),
+        files=entries,
+        file_count=sum(e.type == "file" for e in entries),
+        total_bytes=total,
+        builder=host,
+        uv_version=uv_version(),
+        interpreter=interp,
+        built_at=time.time(),
+        durations=durations,
+    )
+    meta = staged / META
+    meta.mkdir()
+    (meta / "manifest.json").write_text(manifest.model_dump_json(indent=1))
+    (meta / "build.log").write_text(log.text())
+    return manifest
+
+
+def compile_bytecode(venv: Path, interp: Interpreter, log: BuildLog) -> None:
+    """Compile site-packages reproducibly: unchecked-hash pycs whose paths name no builder dir.
+
+    CPython rewrites a code object's file name to the real source path at import time, so a
+    relative name compiled in is harmless and keeps the bytes identical on every builder.
+    """
+    lib = venv / "lib"
+    cmd = [
+        interp.path,
+        "-I",
+        "-m",
+        "compileall",
+        "-q",
+        "-j",
+        "0",
+        "-s",
+        str(venv),
+        "-p",
+        "/",
+        "--invalidation-mode",
+        "unchecked-hash",
+        str(lib),
+    ]
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONHASHSEED": "0", "SOURCE_DATE_EPOCH": "0"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    log.output(proc.stdout + proc.stderr)
+    # compileall exits 1 if any file fails to compile (some packages ship py2-only tests);
+    # those files simply stay uncompiled.
+    if proc.returncode not in (0, 1):
+        raise BuildFailed(f"compiling bytecode failed: {proc.stderr.strip()[-300:]}")
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def dedup_into_objects(store: Store, root: Path) -> int:
+    """Hardlink files made by the build (not from uv's cache) into ``objects/``.
+
+    Bytecode, RECORDs and entry-point scripts are identical across envs that share a
+    package; the content-addressed pool makes them one inode like uv's cache does.
+    Returns the number of files replaced by an existing object.
+    """
+    reused = 0
+    for dirpath, _dirs, filenames in os.walk(root):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_size == 0:
+                continue
+            mode = stat.S_IMODE(st.st_mode) & ~0o222
+            digest = _sha256_file(path)
+            obj_dir = store.objects / digest[:2]
+            obj_dir.mkdir(exist_ok=True)
+            obj = obj_dir / f"{digest}.{mode:o}"
+            try:
+                os.link(path, obj)
+                os.chmod(obj, mode)
+            except FileExistsError:
+                tmp = f"{path}.envfs-dedup"
+                os.link(obj, tmp)
+                os.replace(tmp, path)
+                reused += 1
+    return reused
+
+
+def scan_tree(root: Path, forbidden: list[bytes]) -> tuple[list[ManifestEntry], int]:
+    """Every entry under ``root`` (but ``.envfs``), with sha256 of files; check no file
+    contains a ``forbidden`` path (the staging dir): that would name the builder."""
+    entries: list[ManifestEntry] = []
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = os.path.relpath(dirpath, root)
+        if rel_dir == ".":
+            dirnames[:] = [d for d in dirnames if d != META]
+        for name in sorted(dirnames + filenames):
+            path = os.path.join(dirpath, name)
+            rel = os.path.normpath(os.path.join(rel_dir, name))
+            st = os.lstat(path)
+            mode = stat.S_IMODE(st.st_mode) & ~0o222
+            if stat.S_ISLNK(st.st_mode):
+                target = os.readlink(path)
+                entries.append(ManifestEntry(path=rel, type="symlink", mode=0o777, target=target))
+            elif stat.S_ISDIR(st.st_mode):
+                entries.append(ManifestEntry(path=rel, type="dir", mode=mode))
+            elif stat.S_ISREG(st.st_mode):
+                h = hashlib.sha256()
+                with open(path, "rb") as f:
+                    data = f.read()
+                h.update(data)
+                for needle in forbidden:
+                    if needle in data:
+                        raise BuildFailed(
+                            f"{rel} contains the builder path {needle.decode()}: the snapshot "
+                            "would not be relocatable (please report this package)"
+                        )
+                entries.append(
+                    ManifestEntry(
+                        path=rel, type="file", mode=mode, size=st.st_size, sha256=h.hexdigest()
+                    )
+                )
+                total += st.st_size
+    entries.sort(key=lambda e: e.path)
+    return entries, total
+
+
+def tree_digest(entries: list[ManifestEntry]) -> str:
+    """sha256 over (path, type, mode, content digest or link target) of every entry."""
+    h = hashlib.sha256()
+    for e in entries:
+        h.update(json.dumps([e.path, e.type, e.mode, e.sha256, e.target]).encode() + b"\n")
+    return h.hexdigest()
+
+
+def verify_tree(root: Path, manifest: Manifest) -> list[str]:
+    """Differences between a snapshot on disk and its manifest (empty when intact)."""
+    entries, _ = scan_tree(root, forbidden=[])
+    want = {e.path: e for e in manifest.files}
+    got = {e.path: e for e in entries}
+    problems = [f"missing: {p}" for p in sorted(want.keys() - got.keys())]
+    problems += [f"unexpected: {p}" for p in sorted(got.keys() - want.keys())]
+    problems += [f"changed: {p}" for p in sorted(want.keys() & got.keys()) if want[p] != got[p]]
+    return problems
+
+
+def remove_staged(staged: Path) -> None:
+    from envfs.store import remove_tree
+
+    with contextlib.suppress(OSError):
+        remove_tree(staged)

@@ -1,0 +1,65 @@
+"""The seam between the filesystem and the store: what the namespace (vfs.py) needs to know.
+
+The filesystem never reads the store layout itself; it asks a ``Catalog``.  Methods marked
+*index-only* answer from the node-local LMDB index (microseconds, safe to call from the event
+loop).  Methods marked *blocking* may touch the shared store or run a build: call them in a
+worker thread (``trio.to_thread.run_sync``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class BindingView:
+    """One revision of a binding ``workflow/node`` and the snapshot it names."""
+
+    workflow: str
+    node: str
+    revision: int
+    snapshot_id: str
+
+
+class Catalog(Protocol):
+    def workflows(self) -> list[str]:
+        """Index-only. Sorted workflow names that have at least one binding."""
+        ...
+
+    def nodes(self, workflow: str) -> list[str]:
+        """Index-only. Sorted node names of a workflow (empty if unknown)."""
+        ...
+
+    def current(self, workflow: str, node: str) -> BindingView | None:
+        """Index-only. The current revision of a binding, or None if the index has none."""
+        ...
+
+    def at_revision(self, workflow: str, node: str, revision: int) -> BindingView | None:
+        """Index-only. A given revision of a binding, or None."""
+        ...
+
+    def snapshot_dir(self, snapshot_id: str) -> Path | None:
+        """Index-only. The directory of a complete snapshot, or None if it is not built (yet)."""
+        ...
+
+    def lookup_store(self, workflow: str, node: str) -> BindingView | None:
+        """Blocking. Read one binding from the store (index miss), update the index, answer."""
+        ...
+
+    def build(self, snapshot_id: str) -> Path:
+        """Blocking. Build the snapshot (or wait for whoever builds it, on any node).
+
+        Returns the snapshot directory; raises an ``EnvfsError`` (with ``.errno``) if the build
+        fails or times out.  Callers in one process must not call this twice at once for one id:
+        dedupe in-process first (the store's lease dedupes across processes and nodes).
+        """
+        ...
+
+    def refresh(self) -> list[tuple[str, str]]:
+        """Blocking. Pull binding changes made by other processes or nodes into the index.
+
+        Returns the ``(workflow, node)`` pairs whose current revision changed since the last call.
+        """
+        ...

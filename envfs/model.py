@@ -1,0 +1,129 @@
+"""Pydantic models for everything that crosses an edge: files on the store and JSON output."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+LAYOUT_VERSION = 1
+
+State = Literal["bound", "building", "ready", "failed"]
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class Interpreter(Record):
+    """An exact interpreter: what the snapshot id is computed from (the path is not)."""
+
+    implementation: str  # "cpython"
+    version: str  # "3.12.1"
+    abi: str  # SOABI, e.g. "cpython-312-x86_64-linux-gnu"
+    platform: str  # e.g. "linux-x86_64-glibc2.36"
+    path: str  # where it was found on the node that wrote the spec
+
+    @property
+    def key(self) -> str:
+        return f"{self.implementation}-{self.version}-{self.abi}"
+
+    @property
+    def minor(self) -> str:
+        return ".".join(self.version.split(".")[:2])
+
+
+class SpecInfo(Record):
+    """``specs/<id>/spec.json``: the inputs of a snapshot."""
+
+    snapshot_id: str
+    kind: Literal["requirements", "project"]
+    requirements: list[str] = []
+    source: str | None = None  # the -r file or --project directory it came from
+    interpreter: Interpreter
+    layout_version: int = LAYOUT_VERSION
+    lock_sha256: str
+    created: float
+    host: str
+
+
+class Revision(Record):
+    """``bindings/<wf>/<node>/<rev>.json``: one append-only revision of a binding."""
+
+    workflow: str
+    node: str
+    revision: int
+    snapshot_id: str
+    action: Literal["bind", "rollback"] = "bind"
+    rollback_to: int | None = None
+    time: float
+    host: str
+    user: str
+    reason: str = ""
+
+
+class ManifestEntry(Record):
+    path: str
+    type: Literal["file", "dir", "symlink"]
+    mode: int
+    size: int = 0
+    sha256: str | None = None
+    target: str | None = None
+
+
+class Manifest(Record):
+    """``snapshots/<id>/.envfs/manifest.json``."""
+
+    snapshot_id: str
+    tree_digest: str
+    files: list[ManifestEntry]
+    file_count: int
+    total_bytes: int
+    builder: str
+    uv_version: str
+    interpreter: Interpreter
+    built_at: float
+    durations: dict[str, float]
+
+
+class LeaseInfo(Record):
+    """``locks/<id>.lease``: who is building a snapshot."""
+
+    snapshot_id: str
+    host: str
+    pid: int
+    pid_start: int
+    nonce: str
+    started: float
+
+
+class FailureInfo(Record):
+    """``failed/<id>.json``: the last failed build of a snapshot."""
+
+    snapshot_id: str
+    host: str
+    time: float
+    reason: str
+    log: str | None = None
+
+
+class EnvInfo(Record):
+    """What ``envfs show`` prints."""
+
+    workflow: str
+    node: str
+    revision: int
+    snapshot_id: str
+    state: State
+    snapshot_path: str
+    python: str
+    reason: str | None = None
+
+
+class AuditEvent(Record):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    event: str
+    snapshot_id: str | None = None
+    host: str
+    time: float

@@ -1,0 +1,35 @@
+"""Validation of names that come from users: workflows, nodes and ``WF/NODE`` targets."""
+
+from __future__ import annotations
+
+import re
+
+from envfs.errors import BadInput
+
+MAX_NAME = 128
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+-]*$")
+
+
+def validate_name(name: str, what: str = "name") -> str:
+    """A workflow or node name: letters, digits, ``._+-``, no leading dot, at most 128 chars."""
+    if not name:
+        raise BadInput(f"empty {what}; give a name like 'etl/prep'")
+    if "\0" in name:
+        raise BadInput(f"{what} contains a NUL byte; use letters, digits and ._+-")
+    if len(name) > MAX_NAME:
+        raise BadInput(f"{what} is {len(name)} characters long; the limit is {MAX_NAME}")
+    if name in (".", "..") or name.startswith("."):
+        raise BadInput(
+            f"{what} {name!r} starts with a dot; names must start with a letter or digit"
+        )
+    if not _NAME.match(name):
+        raise BadInput(f"{what} {name!r} has characters other than letters, digits and ._+-")
+    return name
+
+
+def parse_target(target: str) -> tuple[str, str]:
+    """``WF/NODE`` -> (wf, node), both validated."""
+    parts = target.split("/")
+    if len(parts) != 2:
+        raise BadInput(f"{target!r} is not WORKFLOW/NODE (exactly one '/'), e.g. 'etl/prep'")
+    return validate_name(parts[0], "workflow"), validate_name(parts[1], "node")

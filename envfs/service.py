@@ -1,0 +1,379 @@
+"""What the CLI and the daemon do, in terms of the store, the builder and the index.
+
+cli -> service -> store / index / builder.  ``StoreCatalog`` is the daemon's view (catalog.py).
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from envfs import builder, interpreters, spec
+from envfs.catalog import BindingView
+from envfs.config import Settings
+from envfs.errors import BuildFailed, Busy, EnvfsError, NotFound
+from envfs.index import Index, open_index
+from envfs.model import EnvInfo, FailureInfo, Interpreter, Revision, SpecInfo, State
+from envfs.store import Store
+
+Progress = Callable[[str], None]
+BUILD_WAIT = 3600.0  # how long a waiter waits for another node's build
+
+
+@dataclass(frozen=True, slots=True)
+class Inputs:
+    """What a user gave to build or bind: packages, a requirements file, or a uv project."""
+
+    packages: tuple[str, ...] = ()
+    requirements_file: Path | None = None
+    project: Path | None = None
+    python: str | None = None
+    upgrade: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    snapshot_id: str
+    interpreter: Interpreter
+    reused_lock: bool
+
+
+class Service:
+    def __init__(self, settings: Settings, progress: Progress | None = None) -> None:
+        self.settings = settings
+        self.host = settings.host
+        self.store = Store(settings.store)
+        self.progress = progress
+        self._index: Index | None = None
+
+    def _say(self, message: str) -> None:
+        if self.progress is not None:
+            self.progress(message)
+
+    @property
+    def index(self) -> Index:
+        if self._index is None:
+            self.store.ensure()
+            self._index = open_index(self.settings.index, self.store)
+        return self._index
+
+    # -- specs ----------------------------------------------------------------------------
+
+    def resolve(self, inputs: Inputs) -> Resolved:
+        """Turn inputs into a stored spec and its snapshot id (locking if needed)."""
+        if inputs.project is not None and (inputs.packages or inputs.requirements_file):
+            from envfs.errors import BadInput
+
+            raise BadInput("give either --project DIR or packages / -r FILE, not both")
+        # validate everything cheap before touching the store
+        reqs: list[str] = []
+        files: spec.ProjectFiles | None = None
+        if inputs.project is not None:
+            files = spec.read_project(inputs.project)
+        else:
+            raw = list(inputs.packages)
+            if inputs.requirements_file is not None:
+                raw += spec.read_requirements_file(inputs.requirements_file)
+            reqs = spec.normalize_requirements(raw)
+        interp = interpreters.find(inputs.python)
+        self.store.ensure()
+        reused = False
+        if files is None:
+            key = spec.input_key(reqs, interp)
+            known = None if inputs.upgrade else self.store.input_lookup(key)
+            if known is not None and (self.store.spec_dir(known) / "spec.json").exists():
+                return Resolved(known, interp, reused_lock=True)
+            self._say(f"locking {len(reqs)} requirement(s) with uv for Python {interp.version}")
+            files = builder.lock_requirements(self.store, reqs, interp)
+        sid = spec.snapshot_id(files, interp)
+        info = SpecInfo(
+            snapshot_id=sid,
+            kind="project" if inputs.project is not None else "requirements",
+            requirements=reqs,
+            source=str(inputs.project or inputs.requirements_file or "") or None,
+            interpreter=interp,
+            lock_sha256=spec.lock_digest(files.lock),
+            created=time.time(),
+            host=self.host,
+        )
+        self.store.write_spec(info, files.pyproject, files.lock)
+        if inputs.project is None:
+            self.store.input_record(spec.input_key(reqs, interp), sid)
+        return Resolved(sid, interp, reused)
+
+    # -- bindings -------------------------------------------------------------------------
+
+    def bind(self, workflow: str, node: str, snapshot_id: str, reason: str = "") -> Revision:
+        """Append a revision naming ``snapshot_id`` (no-op if it is already current)."""
+        current = self.index.current(workflow, node)
+        if current is not None and current.snapshot_id == snapshot_id:
+            revisions = self.store.revisions(workflow, node)
+            if revisions and revisions[-1].snapshot_id == snapshot_id:
+                return revisions[-1]
+        user = _user()
+
+        def make(number: int) -> Revision:
+            return Revision(
+                workflow=workflow,
+                node=node,
+                revision=number,
+                snapshot_id=snapshot_id,
+                time=time.time(),
+                host=self.host,
+                user=user,
+                reason=reason,
+            )
+
+        rev = self.store.append_revision(make)
+        self.store.audit(
+            "bound",
+            self.host,
+            snapshot_id,
+            workflow=workflow,
+            node=node,
+            revision=rev.revision,
+            user=user,
+        )
+        self.index.put_binding(self.store.revisions(workflow, node))
+        return rev
+
+    def rollback(self, workflow: str, node: str, to: int | None) -> Revision:
+        revisions = self.revisions(workflow, node)
+        current = revisions[-1]
+        if to is None:
+            # the revision before the current one that names a different snapshot
+            earlier = [r for r in revisions[:-1] if r.snapshot_id != current.snapshot_id]
+            if not earlier:
+                raise NotFound(f"{workflow}/{node} has no earlier revision to roll back to")
+            target = earlier[-1]
+        else:
+            matches = [r for r in revisions if r.revision == to]
+            if not matches:
+                raise NotFound(
+                    f"{workflow}/{node} has no revision {to}; see `envfs history {workflow}/{node}`"
+                )
+            target = matches[0]
+        user = _user()
+
+        def make(number: int) -> Revision:
+            return Revision(
+                workflow=workflow,
+                node=node,
+                revision=number,
+                snapshot_id=target.snapshot_id,
+                action="rollback",
+                rollback_to=target.revision,
+                time=time.time(),
+                host=self.host,
+                user=user,
+                reason=f"rollback to revision {target.revision}",
+            )
+
+        rev = self.store.append_revision(make)
+        self.store.audit(
+            "rolled_back",
+            self.host,
+            target.snapshot_id,
+            workflow=workflow,
+            node=node,
+            revision=rev.revision,
+            to=target.revision,
+            user=user,
+        )
+        self.index.put_binding(self.store.revisions(workflow, node))
+        return rev
+
+    def revisions(self, workflow: str, node: str) -> list[Revision]:
+        revisions = self.store.revisions(workflow, node)
+        if not revisions:
+            raise NotFound(f"no binding {workflow}/{node}; create it with `envfs build` or `bind`")
+        return revisions
+
+    # -- building -------------------------------------------------------------------------
+
+    def state(self, snapshot_id: str) -> tuple[State, str | None]:
+        if self.index.is_ready(snapshot_id) or self.store.snapshot_ready(snapshot_id):
+            return "ready", None
+        lease = self.store.read_lease(snapshot_id)
+        if lease is not None and not self.store.lease_is_stale(lease[0], lease[1], self.host):
+            return "building", f"on {lease[0].host} (pid {lease[0].pid})"
+        failure = self.store.failure(snapshot_id)
+        if failure is not None:
+            return "failed", failure.reason
+        return "bound", None
+
+    def ensure_built(self, snapshot_id: str, timeout: float = BUILD_WAIT) -> Path:
+        """Build a snapshot, or wait for whoever builds it; exactly one build across nodes."""
+        path = self.store.snapshot_dir(snapshot_id)
+        deadline = time.monotonic() + timeout
+        started = time.time()
+        delay = 0.05
+        announced = False
+        while True:
+            if self.store.snapshot_ready(snapshot_id):
+                self.index.mark_ready(snapshot_id)
+                return path
+            lease = self.store.try_lease(snapshot_id, self.host)
+            if lease is not None:
+                with lease:
+                    if self.store.snapshot_ready(snapshot_id):  # published while we raced
+                        continue
+                    self._build_locked(snapshot_id)
+                continue
+            held = self.store.read_lease(snapshot_id)
+            if held is not None and self.store.lease_is_stale(held[0], held[1], self.host):
+                if self.store.break_lease(snapshot_id, held[0]):
+                    self.store.audit("lease_broken", self.host, snapshot_id, holder=held[0].host)
+                continue
+            failure = self.store.failure(snapshot_id)
+            if held is None and failure is not None and failure.time >= started:
+                raise BuildFailed(f"the build on {failure.host} failed: {failure.reason}")
+            if not announced and held is not None:
+                self._say(f"waiting for the build on {held[0].host} (pid {held[0].pid})")
+                announced = True
+            if time.monotonic() > deadline:
+                raise Busy(f"gave up waiting {timeout:.0f}s for the build of {snapshot_id[:12]}")
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 1.5, 2.0)
+
+    def _build_locked(self, snapshot_id: str) -> None:
+        """Build while holding the lease: stage, build, publish, audit."""
+        info = self.store.read_spec(snapshot_id)
+        self.store.clean_staging(held_id=snapshot_id)
+        interp = interpreters.find_exact(info.interpreter)
+        pyproject, lock = self.store.spec_files(snapshot_id)
+        files = spec.ProjectFiles(pyproject=pyproject, lock=lock)
+        self.store.audit("build_started", self.host, snapshot_id, pid=os.getpid())
+        log = builder.BuildLog(self.progress, self.store.root)
+        t0 = time.monotonic()
+        staged = self.store.new_staging(snapshot_id, self.host)
+        try:
+            manifest = builder.build_into(
+                self.store, staged, files, interp, snapshot_id, self.host, log
+            )
+            self._say("publishing the snapshot")
+            published = self.store.publish(staged, snapshot_id)
+        except EnvfsError as exc:
+            builder.remove_staged(staged)
+            log.step(f"FAILED: {exc.message}")
+            self.store.record_failure(
+                FailureInfo(
+                    snapshot_id=snapshot_id,
+                    host=self.host,
+                    time=time.time(),
+                    reason=exc.message,
+                    log=log.text()[-20000:],
+                )
+            )
+            self.store.audit("build_failed", self.host, snapshot_id, reason=exc.message)
+            raise
+        except BaseException:
+            builder.remove_staged(staged)
+            raise
+        self.store.clear_failure(snapshot_id)
+        if published:
+            self.store.audit(
+                "built",
+                self.host,
+                snapshot_id,
+                seconds=round(time.monotonic() - t0, 3),
+                files=manifest.file_count,
+                bytes=manifest.total_bytes,
+            )
+        self.index.mark_ready(snapshot_id)
+
+    # -- reading --------------------------------------------------------------------------
+
+    def show(self, workflow: str, node: str, revision: int | None = None) -> EnvInfo:
+        view = (
+            self.index.current(workflow, node)
+            if revision is None
+            else self.index.at_revision(workflow, node, revision)
+        )
+        if view is None:
+            # the index may lag another node's writes: ask the store once
+            revisions = self.store.revisions(workflow, node)
+            if revisions:
+                self.index.put_binding(revisions)
+                view = (
+                    self.index.current(workflow, node)
+                    if revision is None
+                    else self.index.at_revision(workflow, node, revision)
+                )
+        if view is None:
+            what = f"{workflow}/{node}" + ("" if revision is None else f"@{revision}")
+            raise NotFound(f"no binding {what}; see `envfs ls`")
+        return self.describe(view)
+
+    def describe(self, view: BindingView) -> EnvInfo:
+        state, reason = self.state(view.snapshot_id)
+        try:
+            python = self.store.read_spec(view.snapshot_id).interpreter.version
+        except NotFound:
+            python = "unknown"
+        return EnvInfo(
+            workflow=view.workflow,
+            node=view.node,
+            revision=view.revision,
+            snapshot_id=view.snapshot_id,
+            state=state,
+            snapshot_path=str(self.store.snapshot_dir(view.snapshot_id)),
+            python=python,
+            reason=reason,
+        )
+
+    def list_envs(self) -> list[EnvInfo]:
+        return [self.describe(v) for v in self.index.all_bindings()]
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return str(os.getuid())
+
+
+class StoreCatalog:
+    """The daemon's catalog (see catalog.py): index reads inline, store work in threads."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self.index = service.index
+        self.store = service.store
+
+    def workflows(self) -> list[str]:
+        return self.index.workflows()
+
+    def nodes(self, workflow: str) -> list[str]:
+        return self.index.nodes(workflow)
+
+    def current(self, workflow: str, node: str) -> BindingView | None:
+        return self.index.current(workflow, node)
+
+    def at_revision(self, workflow: str, node: str, revision: int) -> BindingView | None:
+        return self.index.at_revision(workflow, node, revision)
+
+    def snapshot_dir(self, snapshot_id: str) -> Path | None:
+        if self.index.is_ready(snapshot_id):
+            return self.store.snapshot_dir(snapshot_id)
+        return None
+
+    def lookup_store(self, workflow: str, node: str) -> BindingView | None:
+        revisions = self.store.revisions(workflow, node)
+        if not revisions:
+            return None
+        self.index.put_binding(revisions)
+        if self.store.snapshot_ready(revisions[-1].snapshot_id):
+            self.index.mark_ready(revisions[-1].snapshot_id)
+        return self.index.current(workflow, node)
+
+    def build(self, snapshot_id: str) -> Path:
+        return self.service.ensure_built(snapshot_id)
+
+    def refresh(self) -> list[tuple[str, str]]:
+        return self.index.follow_audit()

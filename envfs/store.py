@@ -1,0 +1,485 @@
+"""The store: the shared directory that is the source of truth.
+
+Every write here is atomic: a file is written under ``staging/`` and then renamed or
+hard-linked into place, so a crash leaves the old state or the new one, never half.
+Bindings are append-only: a revision file is created with ``link()``, which fails if it
+exists, so two writers never overwrite each other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import json
+import os
+import shutil
+import stat
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pydantic
+
+from envfs.errors import EnvironmentProblem, NotFound
+from envfs.model import (
+    LAYOUT_VERSION,
+    FailureInfo,
+    LeaseInfo,
+    Manifest,
+    Record,
+    Revision,
+    SpecInfo,
+)
+
+R = TypeVar("R", bound=Record)
+
+LEASE_HEARTBEAT = 5.0  # seconds between a builder's heartbeats
+LEASE_STALE = 60.0  # a lease not heartbeaten for this long is broken by waiters
+META = ".envfs"  # metadata directory inside a snapshot (manifest, build log); not served
+
+
+def pid_start_time(pid: int) -> int:
+    """The start time of a process (clock ticks since boot), 0 if it does not exist."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return 0
+    return int(data.rsplit(b")", 1)[1].split()[19])
+
+
+def _libc_syncfs(fd: int) -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.syncfs(fd) == 0:
+            return
+    except (OSError, AttributeError):
+        pass
+    os.sync()
+
+
+class Store:
+    """One store directory (see docs/architecture.md for the layout)."""
+
+    SUBDIRS = (
+        "uv-cache",
+        "specs",
+        "inputs",
+        "snapshots",
+        "bindings",
+        "staging",
+        "locks",
+        "leases",
+        "failed",
+        "objects",
+        "trash",
+        "log",
+    )
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.uv_cache = root / "uv-cache"
+        self.specs = root / "specs"
+        self.inputs = root / "inputs"
+        self.snapshots = root / "snapshots"
+        self.bindings = root / "bindings"
+        self.staging = root / "staging"
+        self.locks = root / "locks"
+        self.leases = root / "leases"
+        self.failed = root / "failed"
+        self.objects = root / "objects"
+        self.trash = root / "trash"
+        self.audit_path = root / "log" / "audit.jsonl"
+        self._uuid: str | None = None
+
+    # -- layout ---------------------------------------------------------------------------
+
+    def ensure(self) -> Store:
+        """Create the layout if missing (idempotent, safe to race)."""
+        try:
+            for sub in self.SUBDIRS:
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
+            config = self.root / "envfs.toml"
+            if not config.exists():
+                text = f'format = {LAYOUT_VERSION}\nuuid = "{uuid.uuid4().hex}"\n'
+                self.create_file(config, text.encode())
+        except OSError as exc:
+            raise EnvironmentProblem(
+                f"cannot create the store at {self.root}: {exc.strerror}; "
+                "pass --store DIR (or ENVFS_STORE) on a writable filesystem"
+            ) from exc
+        return self
+
+    @property
+    def uuid(self) -> str:
+        if self._uuid is None:
+            text = (self.root / "envfs.toml").read_text()
+            self._uuid = text.split('uuid = "', 1)[1].split('"', 1)[0]
+        return self._uuid
+
+    def exists(self) -> bool:
+        return (self.root / "envfs.toml").exists()
+
+    # -- atomic files ---------------------------------------------------------------------
+
+    def _temp(self, name: str) -> Path:
+        return self.staging / f".{name}.{uuid.uuid4().hex[:12]}.tmp"
+
+    def _write_temp(self, data: bytes, name: str) -> Path:
+        tmp = self._temp(name)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return tmp
+
+    def create_file(self, path: Path, data: bytes) -> bool:
+        """Create ``path`` with ``data`` atomically; False if it already exists."""
+        tmp = self._write_temp(data, path.name)
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+
+    def replace_file(self, path: Path, data: bytes) -> None:
+        """Write ``path`` atomically, replacing what was there."""
+        tmp = self._write_temp(data, path.name)
+        os.replace(tmp, path)
+
+    @staticmethod
+    def read_model(path: Path, model: type[R]) -> R:
+        try:
+            return model.model_validate_json(path.read_bytes())
+        except FileNotFoundError:
+            raise
+        except (OSError, pydantic.ValidationError) as exc:
+            raise EnvironmentProblem(f"{path} is unreadable or corrupt: {exc}") from exc
+
+    # -- specs ----------------------------------------------------------------------------
+
+    def spec_dir(self, snapshot_id: str) -> Path:
+        return self.specs / snapshot_id
+
+    def write_spec(self, info: SpecInfo, pyproject: str, lock: str) -> None:
+        """Publish ``specs/<id>/`` (pyproject.toml, uv.lock, spec.json) if not there yet."""
+        final = self.spec_dir(info.snapshot_id)
+        if (final / "spec.json").exists():
+            return
+        tmp = self.staging / f"spec-{info.snapshot_id}.{uuid.uuid4().hex[:12]}"
+        tmp.mkdir()
+        (tmp / "pyproject.toml").write_text(pyproject)
+        (tmp / "uv.lock").write_text(lock)
+        (tmp / "spec.json").write_text(info.model_dump_json(indent=2))
+        try:
+            os.rename(tmp, final)
+        except OSError as exc:
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            shutil.rmtree(tmp)
+
+    def read_spec(self, snapshot_id: str) -> SpecInfo:
+        try:
+            return self.read_model(self.spec_dir(snapshot_id) / "spec.json", SpecInfo)
+        except FileNotFoundError:
+            raise NotFound(f"no spec {snapshot_id[:12]} in the store {self.root}") from None
+
+    def spec_files(self, snapshot_id: str) -> tuple[str, str]:
+        d = self.spec_dir(snapshot_id)
+        return (d / "pyproject.toml").read_text(), (d / "uv.lock").read_text()
+
+    def input_lookup(self, key: str) -> str | None:
+        try:
+            return (self.inputs / key).read_text().strip() or None
+        except FileNotFoundError:
+            return None
+
+    def input_record(self, key: str, snapshot_id: str) -> None:
+        self.replace_file(self.inputs / key, snapshot_id.encode())
+
+    # -- snapshots ------------------------------------------------------------------------
+
+    def snapshot_dir(self, snapshot_id: str) -> Path:
+        return self.snapshots / snapshot_id
+
+    def snapshot_ready(self, snapshot_id: str) -> bool:
+        return (self.snapshots / snapshot_id / META / "manifest.json").exists()
+
+    def read_manifest(self, snapshot_id: str) -> Manifest:
+        path = self.snapshots / snapshot_id / META / "manifest.json"
+        try:
+            return self.read_model(path, Manifest)
+        except FileNotFoundError:
+            raise NotFound(f"snapshot {snapshot_id[:12]} is not built") from None
+
+    def snapshot_ids(self) -> list[str]:
+        try:
+            return sorted(n for n in os.listdir(self.snapshots) if not n.startswith("."))
+        except FileNotFoundError:
+            return []
+
+    def new_staging(self, snapshot_id: str, host: str) -> Path:
+        path = self.staging / f"{snapshot_id}.{host}.{uuid.uuid4().hex[:12]}"
+        path.mkdir()
+        return path
+
+    def publish(self, staged: Path, snapshot_id: str) -> bool:
+        """Make a staged snapshot read-only, sync it, and rename it into ``snapshots/``.
+
+        Returns False if another builder published first (our copy is deleted).
+        """
+        make_read_only(staged)
+        fd = os.open(staged, os.O_RDONLY)
+        try:
+            _libc_syncfs(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.rename(staged, self.snapshot_dir(snapshot_id))
+        except OSError as exc:
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            remove_tree(staged)
+            return False
+        return True
+
+    # -- failures -------------------------------------------------------------------------
+
+    def record_failure(self, info: FailureInfo) -> None:
+        self.replace_file(self.failed / f"{info.snapshot_id}.json", info.model_dump_json().encode())
+
+    def failure(self, snapshot_id: str) -> FailureInfo | None:
+        try:
+            return self.read_model(self.failed / f"{snapshot_id}.json", FailureInfo)
+        except FileNotFoundError:
+            return None
+
+    def clear_failure(self, snapshot_id: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.failed / f"{snapshot_id}.json")
+
+    # -- bindings -------------------------------------------------------------------------
+
+    def binding_dir(self, workflow: str, node: str) -> Path:
+        return self.bindings / workflow / node
+
+    def revisions(self, workflow: str, node: str) -> list[Revision]:
+        """All revisions of a binding, oldest first (empty if it does not exist)."""
+        d = self.binding_dir(workflow, node)
+        try:
+            names = os.listdir(d)
+        except FileNotFoundError:
+            return []
+        numbers = sorted(int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit())
+        return [self.read_model(d / f"{n}.json", Revision) for n in numbers]
+
+    def append_revision(self, make: Any) -> Revision:
+        """Append a revision: ``make(number) -> Revision``; retried if another writer won."""
+        first = make(0)
+        d = self.binding_dir(first.workflow, first.node)
+        d.mkdir(parents=True, exist_ok=True)
+        while True:
+            existing = [int(n[:-5]) for n in os.listdir(d) if n[:-5].isdigit()]
+            number = max(existing, default=0) + 1
+            rev: Revision = make(number)
+            if self.create_file(d / f"{number}.json", rev.model_dump_json(indent=2).encode()):
+                return rev
+
+    def binding_names(self) -> Iterator[tuple[str, str]]:
+        try:
+            workflows = sorted(os.listdir(self.bindings))
+        except FileNotFoundError:
+            return
+        for wf in workflows:
+            try:
+                nodes = sorted(os.listdir(self.bindings / wf))
+            except NotADirectoryError:
+                continue
+            for node in nodes:
+                yield wf, node
+
+    # -- audit log ------------------------------------------------------------------------
+
+    def audit(self, event: str, host: str, snapshot_id: str | None = None, **fields: Any) -> None:
+        """Append one JSON line to ``log/audit.jsonl`` (one write() with O_APPEND)."""
+        record = {"event": event, "snapshot_id": snapshot_id, "host": host, "time": time.time()}
+        record.update(fields)
+        line = (json.dumps(record, sort_keys=True) + "\n").encode()
+        fd = os.open(self.audit_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+
+    def audit_events(self, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
+        """Complete audit lines from byte ``offset`` on, and the offset after the last one."""
+        try:
+            with open(self.audit_path, "rb") as f:
+                f.seek(offset)
+                data = f.read()
+        except FileNotFoundError:
+            return [], 0
+        end = data.rfind(b"\n") + 1
+        events = []
+        for line in data[:end].splitlines():
+            with contextlib.suppress(ValueError):
+                events.append(json.loads(line))
+        return events, offset + end
+
+    def audit_size(self) -> int:
+        try:
+            return os.stat(self.audit_path).st_size
+        except FileNotFoundError:
+            return 0
+
+    # -- build leases ---------------------------------------------------------------------
+
+    def lease_path(self, snapshot_id: str) -> Path:
+        return self.locks / f"{snapshot_id}.lease"
+
+    def try_lease(self, snapshot_id: str, host: str) -> Lease | None:
+        """Take the build lease of a snapshot (create-exclusive), or None if someone holds it."""
+        pid = os.getpid()
+        info = LeaseInfo(
+            snapshot_id=snapshot_id,
+            host=host,
+            pid=pid,
+            pid_start=pid_start_time(pid),
+            nonce=uuid.uuid4().hex,
+            started=time.time(),
+        )
+        path = self.lease_path(snapshot_id)
+        if not self.create_file(path, info.model_dump_json().encode()):
+            return None
+        return Lease(path, info)
+
+    def read_lease(self, snapshot_id: str) -> tuple[LeaseInfo, float] | None:
+        """The lease holder and the time of its last heartbeat, or None."""
+        path = self.lease_path(snapshot_id)
+        try:
+            st = os.stat(path)
+            return self.read_model(path, LeaseInfo), st.st_mtime
+        except (FileNotFoundError, EnvironmentProblem):
+            return None
+
+    def lease_is_stale(self, info: LeaseInfo, heartbeat: float, host: str) -> bool:
+        """Stale: no heartbeat for LEASE_STALE, or its holder on this host is gone."""
+        if info.host == host and pid_start_time(info.pid) != info.pid_start:
+            return True
+        return time.time() - heartbeat > LEASE_STALE
+
+    def break_lease(self, snapshot_id: str, seen: LeaseInfo) -> bool:
+        """Break a stale lease by rename (never by two deleters); True if we broke it.
+
+        If the lease renamed away turns out to be a fresh one taken meanwhile, it is put back.
+        """
+        path = self.lease_path(snapshot_id)
+        broken = self.locks / f"{snapshot_id}.broken.{uuid.uuid4().hex[:12]}"
+        try:
+            os.rename(path, broken)
+        except FileNotFoundError:
+            return False
+        try:
+            got = self.read_model(broken, LeaseInfo)
+        except EnvironmentProblem:
+            got = None
+        if got is not None and got.nonce != seen.nonce:
+            with contextlib.suppress(FileExistsError):
+                os.link(broken, path)  # put the fresh lease back
+            os.unlink(broken)
+            return False
+        os.unlink(broken)
+        return True
+
+    # -- maintenance ----------------------------------------------------------------------
+
+    def clean_staging(self, held_id: str | None = None, max_age: float = 24 * 3600) -> list[Path]:
+        """Remove staging dirs of dead builds and return them.
+
+        Only a lease holder builds a snapshot, so while we hold ``held_id``'s lease every
+        staging dir of that id (from any host) is a crashed build's. Anything older than
+        ``max_age`` is removed too.
+        """
+        removed: list[Path] = []
+        now = time.time()
+        try:
+            entries = list(os.scandir(self.staging))
+        except FileNotFoundError:
+            return removed
+        for entry in entries:
+            ours = held_id is not None and entry.name.startswith(held_id + ".")
+            try:
+                old = now - entry.stat(follow_symlinks=False).st_mtime > max_age
+            except FileNotFoundError:
+                continue
+            if ours or old:
+                remove_tree(Path(entry.path))
+                removed.append(Path(entry.path))
+        return removed
+
+
+class Lease:
+    """A held build lease; a daemon thread touches it so that waiters see the holder alive."""
+
+    def __init__(self, path: Path, info: LeaseInfo) -> None:
+        self.path = path
+        self.info = info
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="lease-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(LEASE_HEARTBEAT):
+            with contextlib.suppress(OSError):
+                os.utime(self.path)
+
+    def release(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def make_read_only(root: Path) -> None:
+    """Drop write permission on every file and directory under ``root`` (bottom-up)."""
+    for dirpath, dirnames, filenames in os.walk(root, topdown=False):
+        for name in filenames + dirnames:
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            if not stat.S_ISLNK(st.st_mode) and st.st_mode & 0o222:
+                os.chmod(p, stat.S_IMODE(st.st_mode) & ~0o222)
+    st = os.lstat(root)
+    os.chmod(root, stat.S_IMODE(st.st_mode) & ~0o222)
+
+
+def remove_tree(root: Path) -> None:
+    """Delete a (possibly read-only) tree."""
+
+    def onerror(func: Callable[..., Any], path: str, exc: object) -> None:
+        parent = os.path.dirname(path)
+        with contextlib.suppress(OSError):
+            os.chmod(parent, 0o755)
+        if os.path.isdir(path) and not os.path.islink(path):
+            with contextlib.suppress(OSError):
+                os.chmod(path, 0o755)
+        func(path)
+
+    if root.is_dir() and not root.is_symlink():
+        os.chmod(root, 0o755)
+        shutil.rmtree(root, onerror=onerror)
+    elif root.exists() or root.is_symlink():
+        root.unlink()

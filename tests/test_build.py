@@ -1,0 +1,258 @@
+"""The foundation through the real CLI: real uv builds, real LMDB, real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import PY, Env, make_env
+
+
+def _files(root: Path) -> list[Path]:
+    return [Path(d) / f for d, _, fs in os.walk(root) for f in fs]
+
+
+def test_two_envs_share_a_package_as_one_inode(local: Env) -> None:
+    local.run("build", "wf/a", "extra-a==1.0", "--python", PY)
+    local.run("build", "wf/b", "extra-b==2.0", "--python", PY)
+    a, b = local.show("wf/a"), local.show("wf/b")
+    assert a["snapshot_id"] != b["snapshot_id"]
+    assert a["state"] == b["state"] == "ready"
+    rel = "lib/python3.12/site-packages/base_lib/data.py"
+    sa, sb = os.stat(Path(a["snapshot_path"]) / rel), os.stat(Path(b["snapshot_path"]) / rel)
+    assert (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+    # generated files (bytecode) are shared too, through the object pool
+    pyc = next(Path(a["snapshot_path"], "lib/python3.12/site-packages/base_lib").glob(
+        "__pycache__/data.*.pyc"))  # fmt: skip
+    other = Path(b["snapshot_path"]) / pyc.relative_to(a["snapshot_path"])
+    assert os.stat(pyc).st_ino == os.stat(other).st_ino
+
+
+def test_snapshot_runs_is_read_only_and_names_no_builder_path(local: Env) -> None:
+    local.run("build", "wf/tool", "tool-pkg==0.1", "--python", PY)
+    info = local.show("wf/tool")
+    root = Path(info["snapshot_path"])
+    out = subprocess.run([root / "bin/python", "-c", "import tool_pkg, sys; print(sys.prefix)"],
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert out.strip() == str(root)
+    script = subprocess.run([root / "bin/envfs-demo-tool"], capture_output=True, text=True)
+    assert script.returncode == 0 and script.stdout.startswith("tool ")
+    staging = str(local.store / "staging").encode()
+    for path in _files(root):
+        st = os.lstat(path)
+        if path.is_symlink():
+            continue
+        assert not st.st_mode & 0o222, f"{path} is writable"
+        assert staging not in path.read_bytes(), f"{path} names the staging dir"
+    assert not os.stat(root).st_mode & 0o222
+    manifest = json.loads((root / ".envfs/manifest.json").read_text())
+    assert manifest["tree_digest"] and manifest["file_count"] > 10
+    assert "<store>" in (root / ".envfs/build.log").read_text()
+
+
+def test_second_binding_of_a_spec_reuses_the_snapshot(local: Env) -> None:
+    local.run("build", "wf/a", "extra-a==1.0", "--python", PY)
+    local.run("build", "wf/c", "extra-a==1.0", "--python", PY)
+    sid = local.show("wf/a")["snapshot_id"]
+    assert local.show("wf/c")["snapshot_id"] == sid
+    assert local.built_events(sid) == 1
+    events = [e["event"] for e in local.audit()]
+    assert events.count("bound") == 2 and events.count("build_started") == 1
+    for e in local.audit():
+        assert {"event", "snapshot_id", "host", "time"} <= e.keys()
+
+
+def test_bind_alone_does_not_build(local: Env) -> None:
+    local.run("bind", "wf/lazy", "extra-b==2.0", "--python", PY)
+    info = local.show("wf/lazy")
+    assert info["state"] == "bound"
+    assert not Path(info["snapshot_path"]).exists()
+    assert local.built_events(info["snapshot_id"]) == 0
+
+
+def test_concurrent_builds_of_one_new_spec_build_once(local: Env) -> None:
+    procs = [local.popen("build", f"wf/n{i}", "slow-pkg==1.0", "--python", PY) for i in range(3)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    sid = local.show("wf/n0")["snapshot_id"]
+    assert {local.show(f"wf/n{i}")["snapshot_id"] for i in range(3)} == {sid}
+    assert local.built_events(sid) == 1
+
+
+def _wait_for_child(pid: int, needle: str, deadline: float) -> bool:
+    """True once a process in ``pid``'s session runs a command line containing ``needle``."""
+    while time.monotonic() < deadline:
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ")
+                sid = os.getsid(int(entry))
+            except (OSError, ProcessLookupError):
+                continue
+            if sid == pid and needle.encode() in cmdline:
+                return True
+        time.sleep(0.01)
+    return False
+
+
+def test_sigkill_during_uv_sync_leaves_no_snapshot_and_next_build_succeeds(local: Env) -> None:
+    proc = local.popen("build", "wf/k", "slow-pkg==1.0", "--python", PY, start_new_session=True)
+    try:
+        assert _wait_for_child(proc.pid, "uv sync", time.monotonic() + 120), "uv sync never ran"
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert local.listing("snapshots") == set()
+    assert local.listing("bindings") == set()
+    local.run("build", "wf/k", "slow-pkg==1.0", "--python", PY, timeout=300)
+    info = local.show("wf/k")
+    assert info["state"] == "ready"
+    assert local.built_events(info["snapshot_id"]) == 1
+    assert not any(n.startswith(info["snapshot_id"]) for n in local.listing("staging"))
+
+
+def test_same_lock_in_two_stores_gives_the_same_tree_digest(
+    tmp_path: Path, wheelhouse: Path
+) -> None:
+    one, two = make_env(tmp_path / "one", wheelhouse), make_env(tmp_path / "deeper/two", wheelhouse)
+    one.run("build", "wf/a", "extra-a==1.0", "tool-pkg==0.1", "--python", PY)
+    sid = one.show("wf/a")["snapshot_id"]
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in ("pyproject.toml", "uv.lock"):
+        (project / name).write_bytes((one.store / "specs" / sid / name).read_bytes())
+    two.run("build", "wf/b", "--project", str(project), "--python", PY)
+    assert two.show("wf/b")["snapshot_id"] == sid
+
+    def digest(env: Env) -> str:
+        m = env.store / "snapshots" / sid / ".envfs/manifest.json"
+        return str(json.loads(m.read_text())["tree_digest"])
+
+    assert digest(one) == digest(two)
+
+
+def test_rollback_appends_a_revision(local: Env) -> None:
+    local.run("build", "wf/r", "extra-a==1.0", "--python", PY)
+    first = local.show("wf/r")["snapshot_id"]
+    local.run("build", "wf/r", "extra-b==2.0", "--python", PY)
+    assert local.show("wf/r")["revision"] == 2
+    local.run("rollback", "wf/r")
+    info = local.show("wf/r")
+    assert (info["revision"], info["snapshot_id"]) == (3, first)
+    history = json.loads(local.run("history", "wf/r", "--json").stdout)
+    assert [h["revision"] for h in history] == [1, 2, 3]
+    assert history[2]["action"] == "rollback" and history[2]["rollback_to"] == 1
+    local.run("rollback", "wf/r", "--to", "2")
+    assert local.show("wf/r")["revision"] == 4
+    assert local.show("wf/r@1")["snapshot_id"] == first
+    bad = local.run("rollback", "wf/r", "--to", "99", check=False)
+    assert bad.returncode == 4 and "no revision 99" in bad.stderr
+    assert "rolled_back" in [e["event"] for e in local.audit()]
+
+
+def test_missing_or_corrupt_index_is_rebuilt_with_identical_answers(local: Env) -> None:
+    local.run("build", "wf/a", "extra-a==1.0", "--python", PY)
+    local.run("bind", "wf/b", "extra-b==2.0", "--python", PY)
+    before = json.loads(local.run("ls", "--json").stdout)
+    import shutil
+
+    shutil.rmtree(local.index)
+    assert json.loads(local.run("ls", "--json").stdout) == before
+    data = local.index / "data.mdb"
+    data.write_bytes(b"\xde\xad" * 4096)
+    after = local.run("ls", "--json")
+    assert json.loads(after.stdout) == before
+    assert "rebuilding the index" in after.stderr
+    rebuilt = local.run("index", "rebuild")
+    assert "2 binding(s)" in rebuilt.stdout
+
+
+def test_du_counts_hardlinked_files_once(local: Env) -> None:
+    local.run("build", "wf/a", "extra-a==1.0", "--python", PY)
+    local.run("build", "wf/b", "extra-b==2.0", "--python", PY)
+    du = json.loads(local.run("du", "--json").stdout)
+    assert du["snapshots"] == 2
+    assert 0 < du["real_bytes"] < du["apparent_bytes"]
+
+
+def test_verify_detects_a_damaged_snapshot(local: Env) -> None:
+    local.run("build", "wf/a", "extra-a==1.0", "--python", PY)
+    assert local.run("verify").returncode == 0
+    victim = Path(local.show("wf/a")["snapshot_path"]) / "lib/python3.12/site-packages/extra_a"
+    os.chmod(victim, 0o755)
+    (victim / "evil.py").write_text("x = 1\n")
+    bad = local.run("verify", "wf/a", check=False)
+    assert bad.returncode == 5 and "unexpected" in bad.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "words"),
+    [
+        (["../x", "extra-a==1.0"], 3, "dot"),
+        (["a/b/c", "extra-a==1.0"], 3, "WORKFLOW/NODE"),
+        (["", "extra-a==1.0"], 3, "WORKFLOW/NODE"),
+        ([".hidden/x", "extra-a==1.0"], 3, "dot"),
+        (["wf/" + "n" * 300, "extra-a==1.0"], 3, "limit"),
+        (["wf/x", "envfs-no-such-package-zzz==1.0"], 3, "envfs-no-such-package-zzz"),
+        (["wf/x", "extra-a==1.0", "--python", "3.99"], 6, "not installed"),
+        (["wf/x", "--project", "/nonexistent-dir"], 3, "pyproject.toml"),
+        (["wf/x"], 3, "no packages"),
+    ],
+)
+def test_bad_input_is_one_line_and_leaves_nothing(
+    local: Env, args: list[str], code: int, words: str
+) -> None:
+    local.run("build", "wf/ok", "extra-a==1.0", "--python", PY)
+    snapshots, bindings = local.listing("snapshots"), local.listing("bindings")
+    if "--python" not in args:
+        args += ["--python", PY]
+    proc = local.run("build", *args, check=False)
+    assert proc.returncode == code, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("envfs: error:"), proc.stderr
+    assert words in lines[0]
+    assert "Traceback" not in proc.stderr
+    assert local.listing("snapshots") == snapshots
+    assert local.listing("bindings") == bindings
+
+
+def test_project_without_lock_is_refused(local: Env, tmp_path: Path) -> None:
+    (tmp_path / "proj").mkdir()
+    (tmp_path / "proj/pyproject.toml").write_text("[project]\nname='p'\nversion='0'\n")
+    proc = local.run("build", "wf/p", "--project", str(tmp_path / "proj"), check=False)
+    assert proc.returncode == 3 and "uv lock" in proc.stderr
+
+
+def test_cache_on_another_filesystem_is_an_error(local: Env) -> None:
+    local.run("build", "wf/a", "extra-a==1.0", "--python", PY)  # creates the store
+    cache = local.store / "uv-cache"
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(cache)], check=True)
+    try:
+        proc = local.run("build", "wf/b", "extra-b==2.0", "--python", PY, check=False)
+    finally:
+        subprocess.run(["umount", "-l", str(cache)], check=True)
+    assert proc.returncode == 8 and "hardlinks are impossible" in proc.stderr
+    assert local.show("wf/a")["state"] == "ready"
+    assert not (local.store / "bindings/wf/b").exists()
+
+
+@pytest.mark.network
+def test_real_pypi_packages_build_and_share_inodes(pypi: Env) -> None:
+    pypi.run("build", "net/a", "six==1.16.0", "attrs==24.2.0", "--python", PY)
+    pypi.run("build", "net/b", "six==1.16.0", "idna==3.10", "--python", PY)
+    a, b = pypi.show("net/a"), pypi.show("net/b")
+    six_a = os.stat(Path(a["snapshot_path"]) / "lib/python3.12/site-packages/six.py")
+    six_b = os.stat(Path(b["snapshot_path"]) / "lib/python3.12/site-packages/six.py")
+    assert six_a.st_ino == six_b.st_ino
+    out = subprocess.run([Path(a["snapshot_path"]) / "bin/python", "-c", "import attrs, six"],
+                         capture_output=True, text=True)  # fmt: skip
+    assert out.returncode == 0, out.stderr
