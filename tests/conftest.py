@@ -47,9 +47,13 @@ class Env:
 
     def popen(self, *args: str, **kw: Any) -> subprocess.Popen[str]:
         return subprocess.Popen(
-            [*ENVFS, *args], env=self.vars, text=True,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw,
-        )  # fmt: skip
+            [*ENVFS, *args],
+            env=self.vars,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            **kw,
+        )
 
     def show(self, target: str) -> dict[str, Any]:
         data: dict[str, Any] = json.loads(self.run("show", target, "--json").stdout)

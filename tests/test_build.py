@@ -28,8 +28,11 @@ def test_two_envs_share_a_package_as_one_inode(local: Env) -> None:
     sa, sb = os.stat(Path(a["snapshot_path"]) / rel), os.stat(Path(b["snapshot_path"]) / rel)
     assert (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
     # generated files (bytecode) are shared too, through the object pool
-    pyc = next(Path(a["snapshot_path"], "lib/python3.12/site-packages/base_lib").glob(
-        "__pycache__/data.*.pyc"))  # fmt: skip
+    pyc = next(
+        Path(a["snapshot_path"], "lib/python3.12/site-packages/base_lib").glob(
+            "__pycache__/data.*.pyc"
+        )
+    )
     other = Path(b["snapshot_path"]) / pyc.relative_to(a["snapshot_path"])
     assert os.stat(pyc).st_ino == os.stat(other).st_ino
 
@@ -38,8 +41,12 @@ def test_snapshot_runs_is_read_only_and_names_no_builder_path(local: Env) -> Non
     local.run("build", "wf/tool", "tool-pkg==0.1", "--python", PY)
     info = local.show("wf/tool")
     root = Path(info["snapshot_path"])
-    out = subprocess.run([root / "bin/python", "-c", "import tool_pkg, sys; print(sys.prefix)"],
-                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    out = subprocess.run(
+        [root / "bin/python", "-c", "import tool_pkg, sys; print(sys.prefix)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert out.strip() == str(root)
     script = subprocess.run([root / "bin/envfs-demo-tool"], capture_output=True, text=True)
     assert script.returncode == 0 and script.stdout.startswith("tool ")
@@ -253,6 +260,9 @@ def test_real_pypi_packages_build_and_share_inodes(pypi: Env) -> None:
     six_a = os.stat(Path(a["snapshot_path"]) / "lib/python3.12/site-packages/six.py")
     six_b = os.stat(Path(b["snapshot_path"]) / "lib/python3.12/site-packages/six.py")
     assert six_a.st_ino == six_b.st_ino
-    out = subprocess.run([Path(a["snapshot_path"]) / "bin/python", "-c", "import attrs, six"],
-                         capture_output=True, text=True)  # fmt: skip
+    out = subprocess.run(
+        [Path(a["snapshot_path"]) / "bin/python", "-c", "import attrs, six"],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr

@@ -10,15 +10,31 @@ from envfs.model import Interpreter
 from envfs.names import parse_target
 
 INTERP = Interpreter(
-    implementation="cpython", version="3.12.1", abi="cpython-312-x86_64-linux-gnu",
-    platform="linux-x86_64-glibc2.36", path="/opt/py/bin/python3.12",
-)  # fmt: skip
+    implementation="cpython",
+    version="3.12.1",
+    abi="cpython-312-x86_64-linux-gnu",
+    platform="linux-x86_64-glibc2.36",
+    path="/opt/py/bin/python3.12",
+)
 
 
 @pytest.mark.parametrize(
-    "bad", ["../x", "a/b/c", "", "/x", "x/", ".hidden/x", "a/.b", "a\0b/c", "n" * 300 + "/x",
-            "a@1/b", "a b/c", "../../etc/passwd"],
-)  # fmt: skip
+    "bad",
+    [
+        "../x",
+        "a/b/c",
+        "",
+        "/x",
+        "x/",
+        ".hidden/x",
+        "a/.b",
+        "a\0b/c",
+        "n" * 300 + "/x",
+        "a@1/b",
+        "a b/c",
+        "../../etc/passwd",
+    ],
+)
 def test_bad_targets_are_refused_with_one_line(bad: str) -> None:
     with pytest.raises(BadInput) as err:
         parse_target(bad)
@@ -32,8 +48,9 @@ def test_good_targets_parse() -> None:
 
 def test_requirements_are_canonical_and_validated() -> None:
     assert spec.normalize_requirements(["six==1.16.0", "Attrs", "six==1.16.0"]) == [
-        "Attrs", "six==1.16.0",
-    ]  # fmt: skip
+        "Attrs",
+        "six==1.16.0",
+    ]
     for bad in (["-e ."], ["./local"], []):
         with pytest.raises(BadInput):
             spec.normalize_requirements(bad)

@@ -35,7 +35,7 @@ def make_wheel(
     for i in range(padding_files):
         files[f"{dist}/pad/m{i}.py"] = f"X = {i}\n".encode()
     info = f"{dist}-{version}.dist-info"
-    meta = [f"Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}"]
+    meta = ["Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}"]
     meta += [f"Requires-Dist: {r}" for r in requires or []]
     files[f"{info}/METADATA"] = ("\n".join(meta) + "\n").encode()
     files[f"{info}/WHEEL"] = (
@@ -58,14 +58,27 @@ def make_wheel(
 def make_wheelhouse(directory: Path) -> Path:
     """The packages tests use: a shared base, two extras, a script, and a slow big one."""
     directory.mkdir(parents=True, exist_ok=True)
-    make_wheel(directory, "base-lib", "1.0", modules={
-        "base_lib/__init__.py": "def hello() -> str:\n    return 'hello from base_lib'\n",
-        "base_lib/data.py": "BIG = " + repr("x" * 20000) + "\n",
-    })  # fmt: skip
+    make_wheel(
+        directory,
+        "base-lib",
+        "1.0",
+        modules={
+            "base_lib/__init__.py": "def hello() -> str:\n    return 'hello from base_lib'\n",
+            "base_lib/data.py": "BIG = " + repr("x" * 20000) + "\n",
+        },
+    )
     make_wheel(directory, "extra-a", "1.0", requires=["base-lib==1.0"])
     make_wheel(directory, "extra-b", "2.0", requires=["base-lib==1.0"])
-    make_wheel(directory, "tool-pkg", "0.1", modules={
-        "tool_pkg/__init__.py": "import sys\n\ndef main() -> None:\n    print('tool', sys.prefix)\n",
-    }, scripts={"envfs-demo-tool": "tool_pkg:main"})  # fmt: skip
+    make_wheel(
+        directory,
+        "tool-pkg",
+        "0.1",
+        modules={
+            "tool_pkg/__init__.py": (
+                "import sys\n\ndef main() -> None:\n    print('tool', sys.prefix)\n"
+            ),
+        },
+        scripts={"envfs-demo-tool": "tool_pkg:main"},
+    )
     make_wheel(directory, "slow-pkg", "1.0", padding_files=4000)
     return directory
