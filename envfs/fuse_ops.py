@@ -1,0 +1,349 @@
+"""Thin pyfuse3 adapter over `envfs.vfs.Namespace`: translate requests, cache replies, never write.
+
+Hot paths (lookup, getattr, open, read) answer from memory when warm; anything that needs store
+I/O runs in a worker thread (`trio.to_thread`), so a slow NAS or a build never stalls other
+requests.  Kernel caching: snapshot contents never change, so their entries, attributes and
+negative entries live long and files are opened with ``keep_cache``; binding-level names
+(``<wf>``, ``<node>``) get short timeouts and are invalidated actively by the daemon on change.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Coroutine, Sequence
+from functools import wraps
+from typing import Any, ParamSpec, TypeVar
+
+import pyfuse3
+import trio
+from pyfuse3 import (
+    EntryAttributes,
+    FileHandleT,
+    FileInfo,
+    FileNameT,
+    FlagT,
+    FUSEError,
+    InodeT,
+    ModeT,
+    ReaddirToken,
+    RequestContext,
+    SetattrFields,
+    StatvfsData,
+    XAttrNameT,
+)
+
+from envfs.builds import BuildQueue
+from envfs.errors import EnvfsError
+from envfs.vfs import CACHE_LONG, CACHE_NONE, CACHE_SHORT, Attr, Namespace, NeedsBuild, WouldBlock
+
+log = logging.getLogger(__name__)
+
+#: Kernel cache lifetime for snapshot contents (immutable) and binding-level names (changing).
+LONG_TIMEOUT = 24 * 3600.0
+SHORT_TIMEOUT = 1.0
+#: Open file descriptors kept after the last release, so warm opens never touch the store.
+IDLE_FDS = 1024
+
+_TIMEOUTS = {CACHE_LONG: LONG_TIMEOUT, CACHE_SHORT: SHORT_TIMEOUT, CACHE_NONE: 0.0}
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+def _guarded(
+    fn: Callable[_P, Coroutine[Any, Any, _T]],
+) -> Callable[_P, Coroutine[Any, Any, _T]]:
+    """Turn OSError into its errno and any other unexpected error into a logged EIO.
+
+    pyfuse3 lets a handler's non-FUSEError exception end the main loop; never do that.
+    """
+
+    @wraps(fn)
+    async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+        try:
+            return await fn(*args, **kwargs)
+        except FUSEError:
+            raise
+        except EnvfsError as e:
+            raise FUSEError(e.errno) from None
+        except OSError as e:
+            raise FUSEError(e.errno or errno.EIO) from None
+        except Exception:
+            log.exception("internal error in %s", fn.__name__)
+            raise FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+def _erofs() -> FUSEError:
+    return FUSEError(errno.EROFS)
+
+
+class EnvfsOperations(pyfuse3.Operations):
+    """pyfuse3 request handlers for one mount (construct with the namespace and build queue)."""
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, namespace: Namespace, builds: BuildQueue) -> None:
+        super().__init__()
+        self._ns = namespace
+        self._builds = builds
+        self._entries: dict[int, EntryAttributes] = {}
+        self._negative_long = self._negative(LONG_TIMEOUT)
+        self._negative_short = self._negative(SHORT_TIMEOUT)
+        self._fds: dict[int, int] = {}  # inode -> fd (shared by every open of that inode)
+        self._open_count: dict[int, int] = {}
+        self._idle: OrderedDict[int, None] = OrderedDict()  # fds without an open handle, LRU
+        self.opens = 0
+
+    # -- replies --------------------------------------------------------------------------
+
+    @staticmethod
+    def _negative(timeout: float) -> EntryAttributes:
+        entry = EntryAttributes()
+        entry.st_ino = 0
+        entry.entry_timeout = timeout
+        return entry
+
+    def _entry(self, attr: Attr) -> EntryAttributes:
+        """The reply for an inode, built once (pyfuse3 copies it into each reply)."""
+        entry = self._entries.get(attr.ino)
+        if entry is None:
+            entry = _make_entry(attr)
+            self._entries[attr.ino] = entry
+        return entry
+
+    # -- namespace ------------------------------------------------------------------------
+
+    async def _resolve(self, method: Callable[[int, bool], _T], ino: int) -> _T:
+        """Call a namespace method: from memory if warm, else in a thread, building if needed."""
+        for _attempt in range(3):
+            try:
+                try:
+                    return method(ino, False)
+                except WouldBlock:
+                    return await trio.to_thread.run_sync(method, ino, True)
+            except NeedsBuild as need:
+                path = await self._builds.wait_for_build(need.snapshot_id)
+                self._ns.note_built(need.snapshot_id, path)
+        log.error("inode %d still needs a build after building it; giving up", ino)
+        raise FUSEError(errno.EIO)
+
+    @_guarded
+    async def lookup(
+        self, parent_inode: InodeT, name: FileNameT, ctx: RequestContext
+    ) -> EntryAttributes:
+        ns = self._ns
+        attr = await self._resolve(lambda ino, io: ns.lookup(ino, name, io), parent_inode)
+        if attr is not None:
+            return self._entry(attr)
+        if ns.is_binding_level(parent_inode):
+            return self._negative_short
+        return self._negative_long
+
+    @_guarded
+    async def getattr(self, inode: InodeT, ctx: RequestContext) -> EntryAttributes:
+        attr = self._ns.getattr(inode)
+        if attr is None:
+            raise FUSEError(errno.ENOENT)
+        return self._entry(attr)
+
+    @_guarded
+    async def readlink(self, inode: InodeT, ctx: RequestContext) -> FileNameT:
+        target = await self._resolve(self._ns.readlink, inode)
+        if target is None:
+            raise FUSEError(errno.EINVAL)
+        return target
+
+    @_guarded
+    async def opendir(self, inode: InodeT, ctx: RequestContext) -> FileHandleT:
+        if not self._ns.is_dir(inode):
+            raise FUSEError(errno.ENOTDIR)
+        return inode  # listings are cached by the namespace: the handle is the inode
+
+    @_guarded
+    async def readdir(self, fh: FileHandleT, start_id: int, token: ReaddirToken) -> None:
+        entries = await self._resolve(self._ns.readdir, fh)
+        for index in range(start_id, len(entries)):
+            name, attr = entries[index]
+            if not pyfuse3.readdir_reply(token, name, self._entry(attr), index + 1):
+                break
+
+    async def releasedir(self, fh: FileHandleT) -> None:
+        return None
+
+    async def forget(self, inode_list: Sequence[tuple[InodeT, int]]) -> None:
+        return None  # inodes are small and never reused: keep them
+
+    @_guarded
+    async def statfs(self, ctx: RequestContext) -> StatvfsData:
+        data = StatvfsData()
+        data.f_bsize = 4096
+        data.f_frsize = 4096
+        data.f_files = self._ns.inode_count()
+        data.f_namemax = 255
+        return data
+
+    # -- files ----------------------------------------------------------------------------
+
+    @_guarded
+    async def open(self, inode: InodeT, flags: FlagT, ctx: RequestContext) -> FileInfo:
+        if flags & os.O_ACCMODE != os.O_RDONLY:
+            raise _erofs()
+        fd = self._fds.get(inode)
+        if fd is None:
+            path = self._ns.file_path(inode)
+            if path is None:
+                raise FUSEError(errno.EISDIR if self._ns.is_dir(inode) else errno.ENOENT)
+            fd = await trio.to_thread.run_sync(os.open, path, os.O_RDONLY | os.O_CLOEXEC)
+            other = self._fds.get(inode)
+            if other is not None:  # a concurrent open won the race
+                os.close(fd)
+                fd = other
+            else:
+                self._fds[inode] = fd
+        self._open_count[inode] = self._open_count.get(inode, 0) + 1
+        self._idle.pop(inode, None)
+        self.opens += 1
+        return FileInfo(fh=inode, keep_cache=True)
+
+    @_guarded
+    async def read(self, fh: FileHandleT, off: int, size: int) -> bytes:
+        fd = self._fds.get(fh)
+        if fd is None:
+            raise FUSEError(errno.EBADF)
+        return await trio.to_thread.run_sync(os.pread, fd, size, off)
+
+    @_guarded
+    async def release(self, fh: FileHandleT) -> None:
+        count = self._open_count.get(fh, 0) - 1
+        if count > 0:
+            self._open_count[fh] = count
+            return
+        self._open_count.pop(fh, None)
+        if fh in self._fds:
+            self._idle[fh] = None
+        while len(self._idle) > IDLE_FDS:
+            old, _ = self._idle.popitem(last=False)
+            fd = self._fds.pop(old, None)
+            if fd is not None:
+                os.close(fd)
+
+    async def flush(self, fh: FileHandleT) -> None:
+        return None
+
+    def close_all(self) -> None:
+        """Close every cached descriptor (after the main loop has ended)."""
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        self._open_count.clear()
+        self._idle.clear()
+
+    # -- extended attributes --------------------------------------------------------------
+
+    @_guarded
+    async def getxattr(self, inode: InodeT, name: XAttrNameT, ctx: RequestContext) -> bytes:
+        value = self._ns.xattrs(inode).get(name)
+        if value is None:
+            raise FUSEError(pyfuse3.ENOATTR)
+        if name == b"user.envfs.state" and value == b"pending":
+            view = self._ns.view_of(inode)
+            assert view is not None
+            return self._builds.state(view.snapshot_id).encode()
+        return value
+
+    @_guarded
+    async def listxattr(self, inode: InodeT, ctx: RequestContext) -> Sequence[XAttrNameT]:
+        return list(self._ns.xattrs(inode))
+
+    # -- everything that would change something: read-only file system --------------------
+
+    async def setxattr(
+        self, inode: InodeT, name: XAttrNameT, value: bytes, ctx: RequestContext
+    ) -> None:
+        raise _erofs()
+
+    async def removexattr(self, inode: InodeT, name: XAttrNameT, ctx: RequestContext) -> None:
+        raise _erofs()
+
+    async def setattr(
+        self,
+        inode: InodeT,
+        attr: EntryAttributes,
+        fields: SetattrFields,
+        fh: FileHandleT | None,
+        ctx: RequestContext,
+    ) -> EntryAttributes:
+        raise _erofs()
+
+    async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
+        raise _erofs()
+
+    async def create(
+        self, parent_inode: InodeT, name: FileNameT, mode: ModeT, flags: FlagT, ctx: RequestContext
+    ) -> tuple[FileInfo, EntryAttributes]:
+        raise _erofs()
+
+    async def mknod(
+        self, parent_inode: InodeT, name: FileNameT, mode: ModeT, rdev: int, ctx: RequestContext
+    ) -> EntryAttributes:
+        raise _erofs()
+
+    async def mkdir(
+        self, parent_inode: InodeT, name: FileNameT, mode: ModeT, ctx: RequestContext
+    ) -> EntryAttributes:
+        raise _erofs()
+
+    async def unlink(self, parent_inode: InodeT, name: FileNameT, ctx: RequestContext) -> None:
+        raise _erofs()
+
+    async def rmdir(self, parent_inode: InodeT, name: FileNameT, ctx: RequestContext) -> None:
+        raise _erofs()
+
+    async def symlink(
+        self, parent_inode: InodeT, name: FileNameT, target: FileNameT, ctx: RequestContext
+    ) -> EntryAttributes:
+        raise _erofs()
+
+    async def rename(
+        self,
+        parent_inode_old: InodeT,
+        name_old: FileNameT,
+        parent_inode_new: InodeT,
+        name_new: FileNameT,
+        flags: FlagT,
+        ctx: RequestContext,
+    ) -> None:
+        raise _erofs()
+
+    async def link(
+        self, inode: InodeT, new_parent_inode: InodeT, new_name: FileNameT, ctx: RequestContext
+    ) -> EntryAttributes:
+        raise _erofs()
+
+
+def _make_entry(attr: Attr) -> EntryAttributes:
+    entry = EntryAttributes()
+    entry.st_ino = attr.ino
+    entry.generation = 0
+    timeout = _TIMEOUTS[attr.cache]
+    entry.entry_timeout = timeout
+    entry.attr_timeout = timeout
+    entry.st_mode = attr.mode
+    entry.st_nlink = attr.nlink
+    entry.st_uid = attr.uid
+    entry.st_gid = attr.gid
+    entry.st_rdev = attr.rdev
+    entry.st_size = attr.size
+    entry.st_blksize = 4096
+    entry.st_blocks = attr.blocks
+    entry.st_atime_ns = attr.mtime_ns
+    entry.st_mtime_ns = attr.mtime_ns
+    entry.st_ctime_ns = attr.ctime_ns
+    return entry

@@ -1,0 +1,310 @@
+"""Run the envfs daemon: mount, serve, refresh bindings, report status, unmount cleanly.
+
+Public API (the CLI calls these):
+
+- `run_daemon` mounts and serves until SIGTERM/SIGINT or an external unmount, then unmounts
+  and returns (exit 0).  ``foreground=False`` forks: the call returns in the parent once the
+  mount is ready (or raises if it failed), the child serves in its own session.
+- `unmount` unmounts a mountpoint (``fusermount3 -u``, falling back to a lazy ``-u -z``).
+- `is_stale_mount` tells a dead FUSE mount (its daemon died: ENOTCONN) from anything else.
+- `read_status` reads the JSON status file a daemon maintains (``envfs status``).
+
+If the daemon is killed (SIGKILL, OOM), the kernel answers ENOTCONN on the mountpoint (callers
+never hang); the next `run_daemon` on that mountpoint removes the stale mount and serves again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pyfuse3
+import trio
+
+from envfs.builds import RETRY_AFTER, BuildQueue
+from envfs.catalog import Catalog
+from envfs.errors import EnvfsError, EnvironmentProblem
+from envfs.fuse_ops import EnvfsOperations
+from envfs.vfs import Namespace
+
+log = logging.getLogger(__name__)
+
+#: pyfuse3 worker tasks: each in-flight request (including one waiting on a build) holds one.
+MAX_TASKS = 512
+#: Seconds between status-file refreshes (also written at once when a build starts or ends).
+STATUS_INTERVAL = 1.0
+#: Seconds the daemon waits for in-flight requests after SIGTERM before cancelling them.
+SHUTDOWN_GRACE = 2.0
+
+
+def is_stale_mount(path: Path) -> bool:
+    """True if ``path`` is a FUSE mount whose daemon is gone (ENOTCONN).
+
+    The kernel keeps answering ``stat`` of the mountpoint itself from cached attributes after
+    the daemon died, so this also looks up a name that cannot be cached: that needs the daemon.
+    """
+    probe = os.path.join(path, f".envfs-probe-{os.getpid()}-{time.monotonic_ns()}")
+    try:
+        os.stat(path)
+        os.stat(probe)
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        return e.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+    return False
+
+
+def unmount(mountpoint: Path) -> None:
+    """Unmount ``mountpoint``: ``fusermount3 -u``, then a lazy ``-u -z`` if it is busy."""
+    first = subprocess.run(
+        ["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True, check=False
+    )
+    if first.returncode == 0:
+        return
+    lazy = subprocess.run(
+        ["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True, text=True, check=False
+    )
+    if lazy.returncode != 0:
+        reason = (lazy.stderr or first.stderr).strip()
+        raise EnvironmentProblem(f"cannot unmount {mountpoint}: {reason}")
+
+
+def read_status(status_path: Path) -> dict[str, Any] | None:
+    """The status a running daemon last wrote, or None if there is no status file."""
+    try:
+        data: dict[str, Any] = json.loads(status_path.read_text())
+    except FileNotFoundError:
+        return None
+    return data
+
+
+def run_daemon(
+    catalog: Catalog,
+    mountpoint: Path,
+    *,
+    allow_other: bool,
+    foreground: bool,
+    status_path: Path | None,
+    refresh_interval: float = 0.5,
+    build_retry_after: float = RETRY_AFTER,
+    max_tasks: int = MAX_TASKS,
+) -> None:
+    """Mount envfs at ``mountpoint`` and serve until SIGTERM/SIGINT or an external unmount.
+
+    Cleans a stale mount first; refuses (``EnvironmentProblem``) if a live filesystem is
+    already mounted there.  ``Catalog.refresh`` runs every ``refresh_interval`` seconds in a
+    thread and changed bindings are invalidated in the kernel.  With ``status_path``, a JSON
+    status (see `Daemon.status`) is kept there and removed on a clean exit.
+    """
+    mountpoint = Path(os.path.abspath(mountpoint))
+    _prepare_mountpoint(mountpoint)
+    if foreground:
+        Daemon(catalog, mountpoint, allow_other, status_path, refresh_interval, build_retry_after)(
+            max_tasks, ready=None
+        )
+        return
+    _run_detached(
+        lambda ready: Daemon(
+            catalog, mountpoint, allow_other, status_path, refresh_interval, build_retry_after
+        )(max_tasks, ready=ready)
+    )
+
+
+def _prepare_mountpoint(mountpoint: Path) -> None:
+    if is_stale_mount(mountpoint):
+        log.warning("removing the stale mount at %s (its daemon died)", mountpoint)
+        unmount(mountpoint)
+    elif os.path.ismount(mountpoint):
+        raise EnvironmentProblem(
+            f"{mountpoint} is already a mount point: run `envfs umount {mountpoint}` first"
+        )
+    mountpoint.mkdir(parents=True, exist_ok=True)
+
+
+def _run_detached(serve: Callable[[Callable[[], None]], None]) -> None:
+    """Fork; the child serves in a new session, the parent returns when the mount is ready."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_fd)
+        with os.fdopen(read_fd, "rb") as pipe:
+            answer = pipe.read().decode(errors="replace")
+        if answer != "ok":
+            os.waitpid(pid, 0)
+            raise EnvironmentProblem(answer or "the envfs daemon exited before mounting")
+        return
+    os.close(read_fd)
+    os.setsid()
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    code = 0
+
+    def ready() -> None:
+        os.write(write_fd, b"ok")
+        os.close(write_fd)
+
+    try:
+        serve(ready)
+    except EnvfsError as e:
+        with contextlib.suppress(OSError):
+            os.write(write_fd, e.message.encode())
+        code = e.exit_code
+    except Exception as e:
+        log.exception("envfs daemon failed")
+        with contextlib.suppress(OSError):
+            os.write(write_fd, f"envfs daemon failed: {e}".encode())
+        code = 1
+    os._exit(code)
+
+
+class Daemon:
+    """One mount's lifetime: init, the trio main loop with its helper tasks, clean close."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        mountpoint: Path,
+        allow_other: bool,
+        status_path: Path | None,
+        refresh_interval: float,
+        build_retry_after: float,
+    ) -> None:
+        self.catalog = catalog
+        self.mountpoint = mountpoint
+        self.allow_other = allow_other
+        self.status_path = status_path
+        self.refresh_interval = refresh_interval
+        self.namespace = Namespace(catalog)
+        self.builds = BuildQueue(
+            catalog, retry_after=build_retry_after, on_change=self._status_changed
+        )
+        self.ops = EnvfsOperations(self.namespace, self.builds)
+        self.started = time.time()
+        self.refresh_error: str | None = None
+        self.last_refresh: float | None = None
+        self._status_dirty = trio.Event()
+
+    def __call__(self, max_tasks: int, ready: Callable[[], None] | None) -> None:
+        options = {
+            "fsname=envfs",
+            "subtype=envfs",
+            "ro",
+            "nosuid",
+            "nodev",
+            "default_permissions",
+        }
+        if self.allow_other:
+            options.add("allow_other")
+        try:
+            pyfuse3.init(self.ops, str(self.mountpoint), options)
+        except RuntimeError as e:
+            raise EnvironmentProblem(
+                f"cannot mount envfs at {self.mountpoint} ({e}): check /dev/fuse and fusermount3"
+            ) from e
+        log.info("envfs mounted at %s (pid %d)", self.mountpoint, os.getpid())
+        if ready is not None:
+            ready()
+        try:
+            trio.run(self._main, max_tasks)
+        finally:
+            pyfuse3.close(unmount=True)
+            self.ops.close_all()
+            if self.status_path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    self.status_path.unlink()
+            log.info("envfs unmounted from %s", self.mountpoint)
+
+    async def _main(self, max_tasks: int) -> None:
+        self._status_dirty = trio.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_signals, nursery.cancel_scope)
+            nursery.start_soon(self._refresh_loop)
+            if self.status_path is not None:
+                nursery.start_soon(self._status_loop, self.status_path)
+            await pyfuse3.main(min_tasks=4, max_tasks=max_tasks)
+            log.info("FUSE session ended")
+            nursery.cancel_scope.cancel()
+
+    async def _watch_signals(self, cancel_scope: trio.CancelScope) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("received %s: unmounting", signal.Signals(signum).name)
+                pyfuse3.terminate()
+                break
+        await trio.sleep(SHUTDOWN_GRACE)
+        log.warning("requests still in flight after %.0fs: cancelling them", SHUTDOWN_GRACE)
+        cancel_scope.cancel()
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await trio.sleep(self.refresh_interval)
+            try:
+                changed = await trio.to_thread.run_sync(self.catalog.refresh)
+            except Exception as e:  # keep serving from the index; say why, once
+                message = f"{type(e).__name__}: {e}"
+                if message != self.refresh_error:
+                    log.error("binding refresh failed (serving cached bindings): %s", message)
+                    self.refresh_error = message
+                    self._status_changed()
+                continue
+            if self.refresh_error is not None:
+                log.info("binding refresh works again")
+                self.refresh_error = None
+                self._status_changed()
+            self.last_refresh = time.time()
+            for workflow, node in changed:
+                log.info("binding %s/%s changed", workflow, node)
+                for parent, name in self.namespace.binding_changed(workflow, node):
+                    pyfuse3.invalidate_entry_async(parent, name, ignore_enoent=True)
+            if changed:
+                self._status_changed()
+
+    def _status_changed(self) -> None:
+        self._status_dirty.set()
+
+    def status(self) -> dict[str, Any]:
+        """What ``envfs status`` shows: mount, envs served, builds, cache statistics."""
+        return {
+            "mountpoint": str(self.mountpoint),
+            "pid": os.getpid(),
+            "started": datetime.fromtimestamp(self.started, UTC).isoformat(),
+            "envs": [
+                {"path": view.path, "snapshot_id": view.snapshot_id}
+                for view in self.namespace.views()
+            ],
+            "builds": self.builds.statistics(),
+            "cache": {**self.namespace.statistics(), "opens": self.ops.opens},
+            "refresh": {"last_ok": self.last_refresh, "error": self.refresh_error},
+        }
+
+    async def _status_loop(self, path: Path) -> None:
+        last: str | None = None
+        while True:
+            status = self.status()
+            text = json.dumps(status, indent=2, sort_keys=True)
+            if text != last:
+                try:
+                    await trio.to_thread.run_sync(_write_atomically, path, text)
+                    last = text
+                except OSError as e:
+                    log.error("cannot write status file %s: %s", path, e)
+            self._status_dirty = trio.Event()
+            with trio.move_on_after(STATUS_INTERVAL):
+                await self._status_dirty.wait()
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,585 @@
+"""The envfs namespace in plain Python: inodes, views and cached snapshot trees (no pyfuse3).
+
+Layout::
+
+    /                          workflow names (Catalog.workflows) and ``.snapshots``
+    /<wf>/                     node names (Catalog.nodes)
+    /<wf>/<node>/...           the current revision's snapshot
+    /<wf>/<node>@<rev>/...     a pinned revision (lookup-only)
+    /.snapshots/<id>/...       a built snapshot by id (lookup-only)
+
+A *view* is one of the three ways to reach a snapshot.  Every view has its own directory inodes
+(Linux cannot show one directory under two parents), but regular files and symlinks are one
+inode per backing ``(st_dev, st_ino)``, so files hardlinked in the store share the kernel's page
+cache across every env that contains them.  The snapshot metadata directory ``.envfs`` is hidden.
+
+Snapshots are immutable, so directory listings and ``lstat`` results are cached forever after
+first use.  Methods that may need store I/O take ``io``: with ``io=False`` (the event loop) they
+raise `WouldBlock` instead of touching the disk, and the caller repeats the call in a worker
+thread with ``io=True``.  Binding lookups that name an unbuilt snapshot raise `NeedsBuild`; the
+caller builds it (`envfs.builds.BuildQueue`), reports the path with `Namespace.note_built` and
+asks again.  Mutations of the tables happen under one lock, never held across I/O.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from envfs.catalog import BindingView, Catalog
+
+ROOT_INODE = 1
+SNAPSHOTS_INODE = 2
+SNAPSHOTS_NAME = b".snapshots"
+METADATA_NAME = b".envfs"
+#: How long an unknown ``<wf>/<node>`` stays unknown before the store is asked again.
+NEGATIVE_TTL = 3.0
+
+_DIR_MODE = stat.S_IFDIR | 0o555
+
+CACHE_LONG = 0
+CACHE_SHORT = 1
+CACHE_NONE = 2
+
+
+class WouldBlock(Exception):
+    """The answer needs store I/O: call the method again in a worker thread with ``io=True``."""
+
+
+class NeedsBuild(Exception):
+    """The binding names a snapshot that is not built yet: build it, `note_built`, ask again."""
+
+    def __init__(self, snapshot_id: str) -> None:
+        super().__init__(snapshot_id)
+        self.snapshot_id = snapshot_id
+
+
+@dataclass(frozen=True, slots=True)
+class Attr:
+    """What the kernel is told about an inode.  ``ino == 0`` means "name only, no attributes".
+
+    ``cache`` says how long the kernel may keep the entry: `CACHE_LONG` (snapshot contents,
+    immutable), `CACHE_SHORT` (binding-level names that may soon point elsewhere) or
+    `CACHE_NONE` (listing placeholders for bindings not looked up yet).
+    """
+
+    ino: int
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    rdev: int
+    size: int
+    blocks: int
+    mtime_ns: int
+    ctime_ns: int
+    cache: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class View:
+    """One way of reaching a snapshot: the current binding, a pinned revision, or by id."""
+
+    kind: str  # "current" | "revision" | "snapshot"
+    snapshot_id: str
+    workflow: str = ""
+    node: str = ""
+    revision: int = 0
+
+    @property
+    def path(self) -> str:
+        """The view's path below the mountpoint."""
+        if self.kind == "snapshot":
+            return f".snapshots/{self.snapshot_id}"
+        if self.kind == "revision":
+            return f"{self.workflow}/{self.node}@{self.revision}"
+        return f"{self.workflow}/{self.node}"
+
+
+@dataclass(slots=True, eq=False)
+class _Backing:
+    """A real directory inside a snapshot, shared by every view that shows it."""
+
+    path: bytes
+    attr: Attr  # ino 0: each view's directory inode has its own number
+    is_root: bool
+    names: dict[bytes, _File | _Backing | None] | None = None  # None value: not lstat-ed yet
+
+
+@dataclass(slots=True, eq=False)
+class _File:
+    """A regular file or symlink: one inode per backing (st_dev, st_ino), shared by views."""
+
+    attr: Attr
+    parent: _Backing
+    name: bytes
+    target: bytes | None = None  # symlink target, read on first readlink
+
+    @property
+    def path(self) -> bytes:
+        return self.parent.path + b"/" + self.name
+
+
+@dataclass(slots=True, eq=False)
+class _Dir:
+    """A directory inode of one view (``backing``), or a synthetic one (root, ``.snapshots``)."""
+
+    attr: Attr
+    parent: int
+    view: View | None = None
+    backing: _Backing | None = None
+    subdirs: dict[bytes, int] = field(default_factory=dict)
+
+
+@dataclass(slots=True, eq=False)
+class _Workflow:
+    attr: Attr
+    name: str
+
+
+_Node = _Dir | _File | _Workflow
+
+
+def _attr_from_stat(ino: int, st: os.stat_result) -> Attr:
+    return Attr(
+        ino,
+        st.st_mode,
+        st.st_nlink,
+        st.st_uid,
+        st.st_gid,
+        st.st_rdev,
+        st.st_size,
+        st.st_blocks,
+        st.st_mtime_ns,
+        st.st_ctime_ns,
+    )
+
+
+def _synthetic_dir(ino: int, now_ns: int, cache: int = CACHE_LONG) -> Attr:
+    return Attr(ino, _DIR_MODE, 2, 0, 0, 0, 0, 0, now_ns, now_ns, cache)
+
+
+def _decode_name(name: bytes) -> str | None:
+    """A user-visible binding name, or None if it cannot be one (bad UTF-8, dot, slash)."""
+    if not name or name.startswith(b".") or b"/" in name or b"\0" in name:
+        return None
+    try:
+        return name.decode()
+    except UnicodeDecodeError:
+        return None
+
+
+class Namespace:
+    """Inode table and lookups for one mount.  Thread-safe; see the module docstring."""
+
+    def __init__(self, catalog: Catalog, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._catalog = catalog
+        self._clock = clock
+        self._lock = threading.Lock()
+        now_ns = time.time_ns()
+        self._now_ns = now_ns
+        self._inodes: dict[int, _Node] = {
+            ROOT_INODE: _Dir(_synthetic_dir(ROOT_INODE, now_ns), ROOT_INODE),
+            SNAPSHOTS_INODE: _Dir(_synthetic_dir(SNAPSHOTS_INODE, now_ns), ROOT_INODE),
+        }
+        self._next_ino = SNAPSHOTS_INODE + 1
+        self._workflows: dict[str, int] = {}
+        self._views: dict[tuple[str, str, str, str | int], int] = {}
+        self._roots: dict[str, _Backing] = {}  # snapshot id -> backing root directory
+        self._files: dict[int, _File] = {}  # (st_dev << 64 | st_ino) -> file
+        self._built: dict[str, bytes] = {}  # snapshot id -> dir, from builds this process ran
+        self._negative: dict[tuple[str, str], float] = {}  # (wf, node) -> expiry
+        self._placeholders: dict[tuple[str, str], int] = {}  # (wf, node) -> inode
+        self.lookups = 0
+        self.cold = 0
+        self.store_lookups = 0
+
+    # -- queries --------------------------------------------------------------------------
+
+    def getattr(self, ino: int) -> Attr | None:
+        node = self._inodes.get(ino)
+        return None if node is None else node.attr
+
+    def inode_count(self) -> int:
+        return len(self._inodes)
+
+    def is_binding_level(self, ino: int) -> bool:
+        """True for directories whose entries are bindings (short, changing answers)."""
+        return ino in (ROOT_INODE, SNAPSHOTS_INODE) or isinstance(self._inodes.get(ino), _Workflow)
+
+    def is_dir(self, ino: int) -> bool:
+        return isinstance(self._inodes.get(ino), _Dir | _Workflow)
+
+    def file_path(self, ino: int) -> bytes | None:
+        """The backing path of a regular file or symlink inode."""
+        node = self._inodes.get(ino)
+        return node.path if isinstance(node, _File) else None
+
+    def lookup(self, parent: int, name: bytes, io: bool = False) -> Attr | None:
+        """The entry ``name`` in directory ``parent``; None if there is none."""
+        if not io:
+            self.lookups += 1
+        try:
+            node = self._inodes.get(parent)
+            if isinstance(node, _Dir):
+                if node.view is not None:
+                    return self._lookup_in_view(node, name, io)
+                if name == b".":
+                    return node.attr
+                if name == b"..":
+                    return self._inodes[ROOT_INODE].attr
+                if parent == ROOT_INODE:
+                    return self._lookup_workflow(name)
+                if parent == SNAPSHOTS_INODE:
+                    return self._lookup_snapshot(name, io)
+            elif isinstance(node, _Workflow):
+                if name == b".":
+                    return node.attr
+                if name == b"..":
+                    return self._inodes[ROOT_INODE].attr
+                return self._lookup_binding(node, name, io)
+            return None
+        except WouldBlock:
+            self.cold += 1
+            raise
+
+    def readdir(self, ino: int, io: bool = False) -> list[tuple[bytes, Attr]]:
+        """Entries of directory ``ino`` (without ``.``/``..``), in a stable order."""
+        node = self._inodes.get(ino)
+        if isinstance(node, _Workflow):
+            return self._readdir_workflow(node)
+        if not isinstance(node, _Dir):
+            return []
+        if node.view is None:
+            if ino != ROOT_INODE:
+                return []  # .snapshots is lookup-only
+            entries = [(SNAPSHOTS_NAME, self._inodes[SNAPSHOTS_INODE].attr)]
+            for wf in self._catalog.workflows():
+                entries.append((wf.encode(), self._workflow_attr(wf)))
+            return entries
+        backing = node.backing or self._attach(node, io)
+        names = self._names(backing, io)
+        out = []
+        for name in list(names):
+            attr = self._lookup_in_view(node, name, io)
+            if attr is not None:
+                out.append((name, attr))
+        return out
+
+    def readlink(self, ino: int, io: bool = False) -> bytes | None:
+        node = self._inodes.get(ino)
+        if not isinstance(node, _File) or not stat.S_ISLNK(node.attr.mode):
+            return None
+        if node.target is None:
+            if not io:
+                raise WouldBlock
+            node.target = os.readlink(node.path)
+        return node.target
+
+    def view_of(self, ino: int) -> View | None:
+        node = self._inodes.get(ino)
+        return node.view if isinstance(node, _Dir) else None
+
+    def xattrs(self, ino: int) -> dict[bytes, bytes]:
+        """Extended attributes of a view's directories: snapshot id, revision, state.
+
+        The state is ``ready`` once the snapshot is built, else ``pending`` (the adapter
+        refines it with what the build queue knows: ``building`` or ``failed``).
+        """
+        node = self._inodes.get(ino)
+        if not isinstance(node, _Dir) or node.view is None:
+            return {}
+        view = node.view
+        ready = node.backing is not None or self._snapshot_path(view.snapshot_id) is not None
+        return {
+            b"user.envfs.id": view.snapshot_id.encode(),
+            b"user.envfs.rev": str(view.revision).encode() if view.revision else b"",
+            b"user.envfs.state": b"ready" if ready else b"pending",
+            b"user.envfs.view": view.kind.encode(),
+        }
+
+    # -- updates --------------------------------------------------------------------------
+
+    def note_built(self, snapshot_id: str, path: os.PathLike[str] | str) -> None:
+        """Remember where a build this process ran put ``snapshot_id``."""
+        with self._lock:
+            self._built[snapshot_id] = os.fsencode(path)
+
+    def binding_changed(self, workflow: str, node: str) -> list[tuple[int, bytes]]:
+        """Forget cached answers for a binding; return the kernel entries to invalidate."""
+        with self._lock:
+            self._negative.pop((workflow, node), None)
+            wf_ino = self._workflows.get(workflow)
+        if wf_ino is None:
+            return [(ROOT_INODE, workflow.encode())]
+        return [(wf_ino, node.encode())]
+
+    def statistics(self) -> dict[str, int]:
+        files = len(self._files)
+        return {
+            "inodes": len(self._inodes),
+            "files": files,
+            "dirs": len(self._inodes) - files - len(self._workflows),
+            "views": len(self._views),
+            "lookups": self.lookups,
+            "hits": self.lookups - self.cold,
+            "cold": self.cold,
+            "store_lookups": self.store_lookups,
+        }
+
+    def views(self) -> list[View]:
+        out = []
+        for ino in list(self._views.values()):
+            view = self.view_of(ino)
+            if view is not None:
+                out.append(view)
+        return out
+
+    # -- binding level --------------------------------------------------------------------
+
+    def _workflow_attr(self, wf: str) -> Attr:
+        ino = self._workflows.get(wf)
+        if ino is None:
+            with self._lock:
+                ino = self._workflows.get(wf)
+                if ino is None:
+                    ino = self._alloc()
+                    attr = _synthetic_dir(ino, self._now_ns, CACHE_SHORT)
+                    self._inodes[ino] = _Workflow(attr, wf)
+                    self._workflows[wf] = ino
+        return self._inodes[ino].attr
+
+    def _lookup_workflow(self, name: bytes) -> Attr | None:
+        if name == SNAPSHOTS_NAME:
+            return self._inodes[SNAPSHOTS_INODE].attr
+        wf = _decode_name(name)
+        if wf is None:
+            return None
+        if wf not in self._workflows and not self._catalog.nodes(wf):
+            return None
+        return self._workflow_attr(wf)
+
+    def _lookup_binding(self, parent: _Workflow, name: bytes, io: bool) -> Attr | None:
+        text = _decode_name(name)
+        if text is None:
+            return None
+        wf = parent.name
+        revision: int | None = None
+        node = text
+        if "@" in text:
+            node, _, rev_text = text.rpartition("@")
+            if not node or not rev_text.isdigit():
+                return None
+            revision = int(rev_text)
+        binding = self._binding(wf, node, revision)
+        if binding is None:
+            negative = self._negative.get((wf, node))
+            if negative is not None and negative > self._clock():
+                return None
+            if not io:
+                raise WouldBlock
+            self.store_lookups += 1
+            binding = self._catalog.lookup_store(wf, node)
+            if binding is not None and revision is not None:
+                binding = self._catalog.at_revision(wf, node, revision)
+            if binding is None:
+                with self._lock:
+                    self._negative[(wf, node)] = self._clock() + NEGATIVE_TTL
+                return None
+        if revision is None:
+            view = View("current", binding.snapshot_id, wf, node, binding.revision)
+            key: tuple[str, str, str, str | int] = ("current", wf, node, binding.snapshot_id)
+        else:
+            view = View("revision", binding.snapshot_id, wf, node, binding.revision)
+            key = ("revision", wf, node, revision)
+        cache = CACHE_SHORT if revision is None else CACHE_LONG
+        return self._view_root(key, view, parent.attr.ino, io, cache)
+
+    def _binding(self, wf: str, node: str, revision: int | None) -> BindingView | None:
+        if revision is None:
+            return self._catalog.current(wf, node)
+        return self._catalog.at_revision(wf, node, revision)
+
+    def _lookup_snapshot(self, name: bytes, io: bool) -> Attr | None:
+        snapshot_id = _decode_name(name)
+        if snapshot_id is None:
+            return None
+        key: tuple[str, str, str, str | int] = ("snapshot", "", "", snapshot_id)
+        if key not in self._views and self._snapshot_path(snapshot_id) is None:
+            return None  # by id only what is built: a typo must not start a build
+        view = View("snapshot", snapshot_id)
+        return self._view_root(key, view, SNAPSHOTS_INODE, io, CACHE_LONG)
+
+    def _snapshot_path(self, snapshot_id: str) -> bytes | None:
+        path = self._built.get(snapshot_id)
+        if path is not None:
+            return path
+        found = self._catalog.snapshot_dir(snapshot_id)
+        return None if found is None else os.fsencode(found)
+
+    def _view_root(
+        self,
+        key: tuple[str, str, str, str | int],
+        view: View,
+        parent: int,
+        io: bool,
+        cache: int,
+    ) -> Attr:
+        """The root directory inode of a view; answered without I/O and without building.
+
+        The snapshot is attached on the first lookup or listing *inside* the view (which may
+        raise `NeedsBuild`): the kernel serializes lookups per directory, so blocking here
+        would stall every other first access in the same workflow during a build.
+        """
+        ino = self._views.get(key)
+        if ino is None:
+            with self._lock:
+                ino = self._views.get(key)
+                if ino is None:
+                    ino = self._alloc()
+                    attr = _synthetic_dir(ino, self._now_ns, cache)
+                    backing = self._roots.get(view.snapshot_id)
+                    self._inodes[ino] = _Dir(attr, parent, view, backing)
+                    self._views[key] = ino
+        return self._inodes[ino].attr
+
+    def _attach(self, node: _Dir, io: bool) -> _Backing:
+        """The snapshot behind a view root: needs the snapshot built (`NeedsBuild`)."""
+        assert node.view is not None
+        snapshot_id = node.view.snapshot_id
+        backing = self._roots.get(snapshot_id)
+        if backing is None:
+            path = self._snapshot_path(snapshot_id)
+            if path is None:
+                raise NeedsBuild(snapshot_id)
+            if not io:
+                raise WouldBlock
+            st = os.stat(path)
+            with self._lock:
+                backing = self._roots.setdefault(
+                    snapshot_id, _Backing(path, _attr_from_stat(0, st), is_root=True)
+                )
+        node.backing = backing
+        return backing
+
+    def _readdir_workflow(self, node: _Workflow) -> list[tuple[bytes, Attr]]:
+        entries = []
+        for name in self._catalog.nodes(node.name):
+            binding = self._catalog.current(node.name, name)
+            ino = None
+            if binding is not None:
+                ino = self._views.get(("current", node.name, name, binding.snapshot_id))
+            if ino is None:  # not looked up yet: a placeholder (listing must not start builds)
+                ino = self._placeholder(node.name, name)
+            entries.append((name.encode(), self._inodes[ino].attr))
+        return entries
+
+    def _placeholder(self, wf: str, node: str) -> int:
+        """A directory inode the kernel must not cache: its next lookup gives the real one.
+
+        (A listing entry needs a non-zero inode: glibc's readdir skips ``d_ino == 0``.)
+        """
+        ino = self._placeholders.get((wf, node))
+        if ino is None:
+            with self._lock:
+                ino = self._placeholders.get((wf, node))
+                if ino is None:
+                    ino = self._alloc()
+                    attr = _synthetic_dir(ino, self._now_ns, CACHE_NONE)
+                    self._inodes[ino] = _Dir(attr, self._workflows[wf])
+                    self._placeholders[(wf, node)] = ino
+        return ino
+
+    # -- inside a snapshot ----------------------------------------------------------------
+
+    def _lookup_in_view(self, node: _Dir, name: bytes, io: bool) -> Attr | None:
+        if name == b".":
+            return node.attr
+        if name == b"..":
+            return self._inodes[node.parent].attr
+        backing = node.backing or self._attach(node, io)
+        names = backing.names
+        if names is None:
+            names = self._names(backing, io)
+        if name not in names:
+            return None
+        child = names[name]
+        if child is None:
+            child = self._resolve(backing, name, io)
+        if isinstance(child, _File):
+            return child.attr
+        ino = node.subdirs.get(name)
+        if ino is None:
+            with self._lock:
+                ino = node.subdirs.get(name)
+                if ino is None:
+                    ino = self._alloc()
+                    attr = _clone(child.attr, ino, CACHE_LONG)
+                    self._inodes[ino] = _Dir(attr, node.attr.ino, node.view, child)
+                    node.subdirs[name] = ino
+        return self._inodes[ino].attr
+
+    def _names(self, backing: _Backing, io: bool) -> dict[bytes, _File | _Backing | None]:
+        names = backing.names
+        if names is not None:
+            return names
+        if not io:
+            raise WouldBlock
+        with os.scandir(backing.path) as it:
+            found: dict[bytes, _File | _Backing | None] = {e.name: None for e in it}
+        if backing.is_root:
+            found.pop(METADATA_NAME, None)
+        with self._lock:
+            if backing.names is None:
+                backing.names = found
+            return backing.names
+
+    def _resolve(self, backing: _Backing, name: bytes, io: bool) -> _File | _Backing:
+        if not io:
+            raise WouldBlock
+        path = backing.path + b"/" + name
+        st = os.lstat(path)
+        names = backing.names
+        assert names is not None
+        with self._lock:
+            child = names.get(name)
+            if child is not None:
+                return child
+            if stat.S_ISDIR(st.st_mode):
+                child = _Backing(path, _attr_from_stat(0, st), is_root=False)
+            else:
+                key = st.st_dev << 64 | st.st_ino
+                child = self._files.get(key)
+                if child is None:
+                    ino = self._alloc()
+                    child = _File(_attr_from_stat(ino, st), backing, name)
+                    self._files[key] = child
+                    self._inodes[ino] = child
+            names[name] = child
+            return child
+
+    def _alloc(self) -> int:
+        """A fresh inode number; call with the lock held.  Numbers are never reused."""
+        ino = self._next_ino
+        self._next_ino = ino + 1
+        return ino
+
+
+def _clone(attr: Attr, ino: int, cache: int) -> Attr:
+    return Attr(
+        ino,
+        attr.mode,
+        attr.nlink,
+        attr.uid,
+        attr.gid,
+        attr.rdev,
+        attr.size,
+        attr.blocks,
+        attr.mtime_ns,
+        attr.ctime_ns,
+        cache,
+    )
