@@ -15,6 +15,8 @@ import click
 
 from envfs.config import Settings
 from envfs.errors import EnvfsError
+from envfs.errors import EnvironmentProblem as EnvironmentProblemError
+from envfs.errors import NotFound as NotFoundError
 from envfs.names import parse_target
 from envfs.service import Inputs, Service
 
@@ -371,6 +373,161 @@ def rebuild(ctx: click.Context) -> None:
     svc = _service(ctx)
     count = svc.index.rebuild()
     click.echo(f"index rebuilt at {svc.settings.index}: {count} binding(s)")
+
+
+def _status_file(mountpoint: Path) -> Path:
+    import hashlib
+
+    from envfs.config import runtime_dir
+
+    key = hashlib.sha256(str(mountpoint).encode()).hexdigest()[:16]
+    return runtime_dir() / "mounts" / f"{key}.json"
+
+
+@main.command()
+@click.argument("mountpoint", type=click.Path(path_type=Path), default=Path("/envs"))
+@click.option("--foreground", "-f", is_flag=True, help="Serve in this process (logs to stderr).")
+@click.option(
+    "--allow-other", is_flag=True, help="Let other users use the mount (default when run as root)."
+)
+@click.option(
+    "--log-file",
+    type=click.Path(path_type=Path),
+    help="Where a background daemon logs (default next to its status file).",
+)
+@click.pass_context
+def mount(
+    ctx: click.Context, mountpoint: Path, foreground: bool, allow_other: bool, log_file: Path | None
+) -> None:
+    """Mount the envs filesystem at MOUNTPOINT (default /envs).
+
+    MOUNTPOINT/WF/NODE/bin/python runs the current revision of a binding,
+    MOUNTPOINT/WF/NODE@REV/ a pinned revision, MOUNTPOINT/.snapshots/ID/ a snapshot.
+    An env that is bound but not built is built on first access. SIGTERM unmounts.
+    A stale mount left by a killed daemon is cleaned first.
+    """
+    mountpoint = mountpoint.absolute()
+    status = _status_file(mountpoint)
+    if foreground:
+        import logging
+
+        from envfs.mount import run_daemon
+        from envfs.service import StoreCatalog
+
+        logging.getLogger().handlers.clear()
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s envfs[%(process)d] %(levelname)s %(message)s"
+        )
+        mountpoint.mkdir(parents=True, exist_ok=True)
+        status.parent.mkdir(parents=True, exist_ok=True)
+        catalog = StoreCatalog(_service(ctx, quiet=True))
+        run_daemon(
+            catalog,
+            mountpoint,
+            allow_other=allow_other or os.geteuid() == 0,
+            foreground=True,
+            status_path=status,
+        )
+        return
+    _spawn_daemon(ctx, mountpoint, allow_other, log_file or status.with_suffix(".log"))
+
+
+def _spawn_daemon(ctx: click.Context, mountpoint: Path, allow_other: bool, log: Path) -> None:
+    """Start `envfs mount --foreground` detached, and return once it serves."""
+    import subprocess
+    import time
+
+    from envfs.mount import is_stale_mount
+
+    opts = ctx.find_root().params
+    cmd = [sys.executable, "-m", "envfs"]
+    if opts.get("store"):
+        cmd += ["--store", str(opts["store"])]
+    if opts.get("index"):
+        cmd += ["--index", str(opts["index"])]
+    cmd += ["mount", str(mountpoint), "--foreground"] + (["--allow-other"] if allow_other else [])
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
+        )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+            raise EnvironmentProblemError(f"the daemon exited ({proc.returncode}): {tail[0]}")
+        if os.path.ismount(mountpoint) and not is_stale_mount(mountpoint):
+            click.echo(f"envfs mounted at {mountpoint} (pid {proc.pid}, log {log})")
+            return
+        time.sleep(0.1)
+    proc.terminate()
+    raise EnvironmentProblemError(f"the daemon did not mount {mountpoint} in 30 s; see {log}")
+
+
+@main.command()
+@click.argument("mountpoint", type=click.Path(path_type=Path), default=Path("/envs"))
+def umount(mountpoint: Path) -> None:
+    """Unmount MOUNTPOINT; its daemon exits."""
+    import time
+
+    from envfs.mount import unmount
+
+    mountpoint = mountpoint.absolute()
+    if not os.path.ismount(mountpoint):
+        raise NotFoundError(f"{mountpoint} is not mounted")
+    unmount(mountpoint)
+    status = _status_file(mountpoint)
+    data = _read_json(status)
+    pid = data.get("pid") if data else None
+    deadline = time.monotonic() + 10
+    while isinstance(pid, int) and _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    click.echo(f"unmounted {mountpoint}")
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def status(as_json: bool) -> None:
+    """Mounts on this node: envs served, builds running and failed, cache statistics."""
+    from envfs.config import runtime_dir
+
+    mounts = []
+    for path in sorted((runtime_dir() / "mounts").glob("*.json")):
+        data = _read_json(path)
+        if data is None:
+            continue
+        pid = data.get("pid")
+        data["alive"] = isinstance(pid, int) and _alive(pid)
+        mounts.append(data)
+    if as_json:
+        _emit({"mounts": mounts})
+        return
+    if not mounts:
+        click.echo("no envfs mounts on this node")
+    for m in mounts:
+        state = "serving" if m["alive"] else "DEAD (run `envfs mount` again to clean up)"
+        click.echo(f"{m.get('mountpoint')}: pid {m.get('pid')} {state}")
+        for key in ("envs_served", "builds", "cache"):
+            if key in m:
+                click.echo(f"  {key}: {json.dumps(m[key], sort_keys=True)}")
 
 
 def run() -> None:  # pragma: no cover - console entry for `python -m envfs`
