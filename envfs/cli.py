@@ -87,48 +87,40 @@ def main(store: Path | None, index: Path | None, verbose: bool) -> None:
 
 
 def spec_options(f: F) -> F:
-    f = click.argument("packages", nargs=-1)(f)
-    f = click.option(
-        "-r",
-        "--requirements",
-        "requirements_file",
-        type=click.Path(path_type=Path, dir_okay=False),
-        help="Read requirements from FILE (one per line).",
-    )(f)
-    f = click.option(
-        "--project",
-        type=click.Path(path_type=Path, file_okay=False),
-        help="A uv project dir (pyproject.toml + uv.lock), built as locked.",
-    )(f)
-    f = click.option(
-        "--python",
-        "python",
-        metavar="VERSION",
-        help="Interpreter: 3.12, 3.12.1 or a path (found on this node).",
-    )(f)
-    f = click.option(
-        "--upgrade",
-        is_flag=True,
-        help="Re-resolve a requirement list instead of reusing its earlier lock.",
-    )(f)
-    f = click.option("--reason", default="", help="Why (kept in the binding's history).")(f)
+    """The inputs of a spec, shared by `build` and `bind` (they become ``Inputs`` fields)."""
+    options = [
+        click.argument("packages", nargs=-1),
+        click.option("-r", "--requirements", "requirements_file",
+                     type=click.Path(path_type=Path, dir_okay=False),
+                     help="Read requirements from FILE (one per line)."),
+        click.option("--project", type=click.Path(path_type=Path, file_okay=False),
+                     help="A uv project dir (pyproject.toml + uv.lock), built as locked."),
+        click.option("--python", "python", metavar="VERSION",
+                     help="Interpreter: 3.12, 3.12.1 or a path (found on this node)."),
+        click.option("--upgrade", is_flag=True,
+                     help="Re-resolve a requirement list instead of reusing its earlier lock."),
+        click.option("--reason", default="", help="Why (kept in the binding's history)."),
+    ]  # fmt: skip
+    for option in reversed(options):
+        f = option(f)
     return f
 
 
-def _inputs(
-    packages: tuple[str, ...],
-    requirements_file: Path | None,
-    project: Path | None,
-    python: str | None,
-    upgrade: bool,
-) -> Inputs:
-    return Inputs(
-        packages=packages,
-        requirements_file=requirements_file,
-        project=project,
-        python=python,
-        upgrade=upgrade,
-    )
+def _bind_command(
+    ctx: click.Context, target: str, inputs: Inputs, reason: str, as_json: bool, build: bool
+) -> None:
+    """`build` and `bind`: resolve the spec, build it now or not, append a revision."""
+    wf, node = parse_target(target)
+    svc = _service(ctx)
+    resolved = svc.resolve(inputs)
+    if build:
+        svc.ensure_built(resolved.snapshot_id)
+    rev = svc.bind(wf, node, resolved.snapshot_id, reason)
+    info = svc.show(wf, node)
+    if as_json:
+        _emit(info.model_dump())
+    else:
+        click.echo(f"{wf}/{node}@{rev.revision} -> {resolved.snapshot_id[:12]} ({info.state})")
 
 
 @main.command()
@@ -136,31 +128,12 @@ def _inputs(
 @spec_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
-def build(
-    ctx: click.Context,
-    target: str,
-    packages: tuple[str, ...],
-    requirements_file: Path | None,
-    project: Path | None,
-    python: str | None,
-    upgrade: bool,
-    reason: str,
-    as_json: bool,
-) -> None:
+def build(ctx: click.Context, /, target: str, reason: str, as_json: bool, **spec: Any) -> None:
     """Build an env now and bind it to WF/NODE.
 
     A spec that was built before (same lock, same interpreter) is reused at once.
     """
-    wf, node = parse_target(target)
-    svc = _service(ctx)
-    resolved = svc.resolve(_inputs(packages, requirements_file, project, python, upgrade))
-    svc.ensure_built(resolved.snapshot_id)
-    rev = svc.bind(wf, node, resolved.snapshot_id, reason)
-    info = svc.show(wf, node)
-    if as_json:
-        _emit(info.model_dump())
-    else:
-        click.echo(f"{wf}/{node}@{rev.revision} -> {resolved.snapshot_id[:12]} ({info.state})")
+    _bind_command(ctx, target, Inputs(**spec), reason, as_json, build=True)
 
 
 @main.command()
@@ -168,30 +141,12 @@ def build(
 @spec_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
-def bind(
-    ctx: click.Context,
-    target: str,
-    packages: tuple[str, ...],
-    requirements_file: Path | None,
-    project: Path | None,
-    python: str | None,
-    upgrade: bool,
-    reason: str,
-    as_json: bool,
-) -> None:
+def bind(ctx: click.Context, /, target: str, reason: str, as_json: bool, **spec: Any) -> None:
     """Bind WF/NODE to an env without building it.
 
     The env is built on first access through the mount (or by `envfs build`).
     """
-    wf, node = parse_target(target)
-    svc = _service(ctx)
-    resolved = svc.resolve(_inputs(packages, requirements_file, project, python, upgrade))
-    rev = svc.bind(wf, node, resolved.snapshot_id, reason)
-    info = svc.show(wf, node)
-    if as_json:
-        _emit(info.model_dump())
-    else:
-        click.echo(f"{wf}/{node}@{rev.revision} -> {resolved.snapshot_id[:12]} ({info.state})")
+    _bind_command(ctx, target, Inputs(**spec), reason, as_json, build=False)
 
 
 @main.command(name="ls")

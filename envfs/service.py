@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from envfs import builder, interpreters, spec
 from envfs.catalog import BindingView
@@ -115,38 +116,13 @@ class Service:
             revisions = self.store.revisions(workflow, node)
             if revisions and revisions[-1].snapshot_id == snapshot_id:
                 return revisions[-1]
-        user = _user()
-
-        def make(number: int) -> Revision:
-            return Revision(
-                workflow=workflow,
-                node=node,
-                revision=number,
-                snapshot_id=snapshot_id,
-                time=time.time(),
-                host=self.host,
-                user=user,
-                reason=reason,
-            )
-
-        rev = self.store.append_revision(make)
-        self.store.audit(
-            "bound",
-            self.host,
-            snapshot_id,
-            workflow=workflow,
-            node=node,
-            revision=rev.revision,
-            user=user,
-        )
-        self.index.put_binding(self.store.revisions(workflow, node))
-        return rev
+        return self._append(workflow, node, snapshot_id, "bound", reason=reason)
 
     def rollback(self, workflow: str, node: str, to: int | None) -> Revision:
+        """Append a revision naming an earlier revision's snapshot (default: the last other one)."""
         revisions = self.revisions(workflow, node)
         current = revisions[-1]
         if to is None:
-            # the revision before the current one that names a different snapshot
             earlier = [r for r in revisions[:-1] if r.snapshot_id != current.snapshot_id]
             if not earlier:
                 raise NotFound(f"{workflow}/{node} has no earlier revision to roll back to")
@@ -158,6 +134,20 @@ class Service:
                     f"{workflow}/{node} has no revision {to}; see `envfs history {workflow}/{node}`"
                 )
             target = matches[0]
+        return self._append(
+            workflow,
+            node,
+            target.snapshot_id,
+            "rolled_back",
+            action="rollback",
+            rollback_to=target.revision,
+            reason=f"rollback to revision {target.revision}",
+        )
+
+    def _append(
+        self, workflow: str, node: str, snapshot_id: str, event: str, **fields: Any
+    ) -> Revision:
+        """Append one revision, audit it, and update the index."""
         user = _user()
 
         def make(number: int) -> Revision:
@@ -165,25 +155,24 @@ class Service:
                 workflow=workflow,
                 node=node,
                 revision=number,
-                snapshot_id=target.snapshot_id,
-                action="rollback",
-                rollback_to=target.revision,
+                snapshot_id=snapshot_id,
                 time=time.time(),
                 host=self.host,
                 user=user,
-                reason=f"rollback to revision {target.revision}",
+                **fields,
             )
 
         rev = self.store.append_revision(make)
+        extra = {"to": rev.rollback_to} if rev.rollback_to is not None else {}
         self.store.audit(
-            "rolled_back",
+            event,
             self.host,
-            target.snapshot_id,
+            snapshot_id,
             workflow=workflow,
             node=node,
             revision=rev.revision,
-            to=target.revision,
             user=user,
+            **extra,
         )
         self.index.put_binding(self.store.revisions(workflow, node))
         return rev
