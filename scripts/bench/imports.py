@@ -1,0 +1,383 @@
+"""Import speed through the mount vs the same env on local disk (pandas+numpy, sympy).
+
+Builds two real envs in a throwaway store, mounts it, and times `python -c "import M"` through
+MNT/WF/NODE/bin/python against the very same snapshot read directly from the store (the same
+bytes on local disk). Interleaved runs, medians, ratios, for: warm caches (target <= 1.25x,
+aim 1.10x), the first run after a fresh mount (<= 1.5x), a cold page cache after drop_caches
+(<= 1.3x, both sides cold). Then binds 100 workflow nodes to the two snapshots, imports through
+each of them and reads the daemon's RSS (target < 150 MB). Always exits 0: it measures.
+Usage: scripts/bench/imports [--runs N] [--rounds K] [--envs E] [--skip-cold] [--python V]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from envfs.config import Settings
+from envfs.service import Service
+
+#: (node name, module to import, requirements)
+SETS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("pandas", "pandas", ("pandas==2.2.3", "numpy==2.1.3")),
+    ("sympy", "sympy", ("sympy==1.13.3",)),
+)
+WARM_TARGET, WARM_AIM, FIRST_TARGET, COLD_TARGET = 1.25, 1.10, 1.5, 1.3
+RSS_TARGET_MB = 150.0
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+WARMUP = 3
+#: (interpreter, where its times go), in the order they run
+Series = list[tuple[Path, list[float]]]
+
+
+def say(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Row:
+    measure: str
+    name: str
+    mount: float  # median seconds
+    local: float
+    target: float
+    note: str = ""
+
+    @property
+    def ratio(self) -> float:
+        return self.mount / self.local
+
+    def line(self) -> str:
+        verdict = "OK" if self.ratio <= self.target else "OVER"
+        return (
+            f"{self.measure:6s} {self.name:7s} mount {self.mount * 1000:8.1f} ms   "
+            f"local {self.local * 1000:8.1f} ms   ratio {self.ratio:5.2f}x   "
+            f"target <= {self.target:.2f}x  {verdict}{self.note}"
+        )
+
+
+class Bench:
+    def __init__(self, root: Path, python: str) -> None:
+        self.root = root
+        self.python = python
+        self.mnt = root / "mnt"
+        self.env = dict(
+            os.environ,
+            ENVFS_STORE=str(root / "store"),
+            ENVFS_INDEX=str(root / "index"),
+            XDG_RUNTIME_DIR=str(root / "run"),
+        )
+        # What the timed interpreters see: nothing of this process's venv, and no bytecode
+        # writes (we are root: a write would succeed in the read-only local snapshot).
+        self.run_env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+        self.run_env.pop("VIRTUAL_ENV", None)
+        self.run_env["PYTHONDONTWRITEBYTECODE"] = "1"
+        self.daemon: subprocess.Popen[bytes] | None = None
+        self.log = root / "daemon.log"
+        self.local: dict[str, Path] = {}
+        self.sids: dict[str, str] = {}
+
+    # -- envfs --------------------------------------------------------------------------------
+
+    def cli(self, *args: str) -> str:
+        cmd = [sys.executable, "-m", "envfs", *args]
+        done = subprocess.run(cmd, env=self.env, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"envfs {' '.join(args)}: {done.stderr.strip()}")
+        return done.stdout
+
+    def build(self) -> None:
+        for node, _module, reqs in SETS:
+            t0 = time.monotonic()
+            say(f"building bench/{node}: {' '.join(reqs)}")
+            self.cli("build", f"bench/{node}", *reqs, "--python", self.python)
+            info = json.loads(self.cli("show", f"bench/{node}", "--json"))
+            self.local[node] = Path(info["snapshot_path"]) / "bin" / "python"
+            self.sids[node] = info["snapshot_id"]
+            say(f"built bench/{node} in {time.monotonic() - t0:.0f} s -> {info['snapshot_path']}")
+
+    def mount(self) -> None:
+        self.mnt.mkdir(exist_ok=True)
+        with open(self.log, "ab") as out:
+            self.daemon = subprocess.Popen(
+                [sys.executable, "-m", "envfs", "mount", str(self.mnt), "--foreground"],
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+            )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.daemon.poll() is not None:
+                raise RuntimeError(f"daemon exited ({self.daemon.returncode}); see {self.log}")
+            try:
+                if os.path.ismount(self.mnt) and os.listdir(self.mnt / "bench"):
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.mnt}/bench not listable after 30 s; see {self.log}")
+
+    def umount(self) -> None:
+        if os.path.ismount(self.mnt):
+            subprocess.run(
+                [sys.executable, "-m", "envfs", "umount", str(self.mnt)],
+                env=self.env,
+                capture_output=True,
+                check=False,
+                timeout=60,
+            )
+        if os.path.ismount(self.mnt):
+            subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], check=False)
+        if self.daemon is not None:
+            try:
+                self.daemon.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.daemon.terminate()
+                try:
+                    self.daemon.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    self.daemon.kill()
+                    self.daemon.wait()
+            self.daemon = None
+
+    def stats(self) -> dict[str, int]:
+        """The daemon's cache counters (its status file is rewritten within a second)."""
+        time.sleep(1.2)
+        for m in json.loads(self.cli("status", "--json"))["mounts"]:
+            if m.get("mountpoint") == str(self.mnt) and m.get("alive"):
+                cache: dict[str, int] = m["cache"]
+                return cache
+        return {}
+
+    def rss(self) -> tuple[float, float]:
+        """VmRSS and VmHWM of the daemon, MB (10^6 bytes)."""
+        assert self.daemon is not None
+        values: dict[str, float] = {}
+        for line in Path(f"/proc/{self.daemon.pid}/status").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                values[key] = int(rest.split()[0]) * 1024 / 1e6
+        return values["VmRSS"], values["VmHWM"]
+
+    # -- timing -------------------------------------------------------------------------------
+
+    def through_mount(self, node: str, wf: str = "bench") -> Path:
+        return self.mnt / wf / node / "bin" / "python"
+
+    def run(self, python: Path, module: str, code: str | None = None) -> tuple[float, str]:
+        t0 = time.perf_counter()
+        done = subprocess.run(
+            [str(python), "-c", code or f"import {module}"],
+            env=self.run_env,
+            cwd="/",
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        elapsed = time.perf_counter() - t0
+        if done.returncode != 0:
+            raise RuntimeError(f"{python} -c 'import {module}': {done.stderr.strip()[-500:]}")
+        return elapsed, done.stdout
+
+    def timed(self, python: Path, module: str) -> float:
+        return self.run(python, module)[0]
+
+
+def delta(after: dict[str, int], before: dict[str, int]) -> str:
+    keys = ("lookups", "cold", "store_lookups", "opens")
+    return ", ".join(f"{k} {after.get(k, 0) - before.get(k, 0)}" for k in keys)
+
+
+def drop_caches() -> None:
+    os.sync()
+    DROP_CACHES.write_text("3\n")
+
+
+def cold_problem() -> str | None:
+    try:
+        drop_caches()
+    except OSError as e:
+        return f"cannot write {DROP_CACHES}: {e}"
+    return None
+
+
+def warm(b: Bench, runs: int, rows: list[Row]) -> None:
+    say(f"warm: {WARMUP} warm-up runs, then {runs} interleaved pairs per set")
+    for node, module, _ in SETS:
+        for _ in range(WARMUP):
+            b.timed(b.through_mount(node), module)
+            b.timed(b.local[node], module)
+    times: dict[str, tuple[list[float], list[float]]] = {n: ([], []) for n, _, _ in SETS}
+    for i in range(runs):
+        for node, module, _ in SETS:
+            m, loc = times[node]
+            order: Series = [(b.through_mount(node), m), (b.local[node], loc)]
+            for python, out in order if i % 2 == 0 else order[::-1]:
+                out.append(b.timed(python, module))
+    for node, module, _ in SETS:
+        before = b.stats()
+        b.timed(b.through_mount(node), module)
+        counts = delta(b.stats(), before)
+        m, loc = times[node]
+        row = Row("warm", node, statistics.median(m), statistics.median(loc), WARM_TARGET)
+        row.note = f"  (aim {WARM_AIM:.2f}x: {'met' if row.ratio <= WARM_AIM else 'missed'})"
+        rows.append(row)
+        print(row.line(), flush=True)
+        print(f"       {node:7s} daemon requests per warm import: {counts}", flush=True)
+
+
+def first_after_mount(b: Bench, rounds: int, rows: list[Row]) -> None:
+    say(f"first run after mount: {rounds} rounds of umount, mount, one run per set")
+    for node, module, _ in SETS:
+        m: list[float] = []
+        loc: list[float] = []
+        counts = ""
+        for k in range(rounds):
+            b.umount()
+            b.mount()
+            before = b.stats() if k == 0 else {}
+            m.append(b.timed(b.through_mount(node), module))
+            loc.append(b.timed(b.local[node], module))
+            if k == 0:
+                counts = delta(b.stats(), before)
+        row = Row("first", node, statistics.median(m), statistics.median(loc), FIRST_TARGET)
+        rows.append(row)
+        print(row.line(), flush=True)
+        print(f"       {node:7s} daemon requests for the first import: {counts}", flush=True)
+
+
+def cold(b: Bench, rounds: int, rows: list[Row]) -> None:
+    say(f"cold page cache: {rounds} rounds, drop_caches before every run")
+    for node, module, _ in SETS:
+        m: list[float] = []
+        loc: list[float] = []
+        counts = ""
+        for k in range(rounds):
+            pairs: Series = [(b.through_mount(node), m), (b.local[node], loc)]
+            for python, out in pairs if k % 2 == 0 else pairs[::-1]:
+                before = b.stats() if k == 0 and out is m else {}
+                drop_caches()
+                out.append(b.timed(python, module))
+                if k == 0 and out is m:
+                    counts = delta(b.stats(), before)
+        row = Row("cold", node, statistics.median(m), statistics.median(loc), COLD_TARGET)
+        rows.append(row)
+        print(row.line(), flush=True)
+        print(f"       {node:7s} daemon requests for a cold import: {counts}", flush=True)
+
+
+def daemon_rss(b: Bench, envs: int) -> tuple[float, float, int]:
+    say(f"daemon RSS: binding bench100/e000..e{envs - 1:03d} and importing through each")
+    svc = Service(Settings.resolve(b.root / "store", b.root / "index"))
+    for i in range(envs):
+        node, _module, _ = SETS[i % len(SETS)]
+        svc.bind("bench100", f"e{i:03d}", b.sids[node])
+    deadline = time.monotonic() + 60  # the daemon follows the audit log
+    while time.monotonic() < deadline:
+        try:
+            if len(os.listdir(b.mnt / "bench100")) >= envs:
+                break
+        except OSError:
+            pass
+        time.sleep(0.5)
+    rss0, _ = b.rss()
+    say(f"daemon RSS before: {rss0:.1f} MB")
+    t0 = time.monotonic()
+    for i in range(envs):
+        node, module, _ = SETS[i % len(SETS)]
+        b.timed(b.through_mount(f"e{i:03d}", "bench100"), module)
+        if (i + 1) % 10 == 0:
+            rss, _ = b.rss()
+            say(f"imported through {i + 1} envs ({time.monotonic() - t0:.0f} s), RSS {rss:.1f} MB")
+    views = b.stats().get("views", -1)
+    rss, hwm = b.rss()
+    return rss, hwm, views
+
+
+def check_paths(b: Bench) -> None:
+    """Both interpreters must import from where we think (the mount, the store)."""
+    for node, module, _ in SETS:
+        mount_env = b.mnt / "bench" / node
+        for python, where in ((b.through_mount(node), mount_env), (b.local[node], None)):
+            where = where or python.parent.parent
+            code = f"import {module}, sys; print({module}.__file__); print(sys.prefix)"
+            _, out = b.run(python, module, code)
+            if not all(line.startswith(str(where)) for line in out.split()):
+                raise RuntimeError(f"{python} imports {module} from elsewhere: {out.split()}")
+            say(f"{python}: {module} from {out.split()[0]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=15, help="warm interleaved pairs per set")
+    parser.add_argument("--rounds", type=int, default=5, help="first-run and cold rounds")
+    parser.add_argument("--envs", type=int, default=100, help="envs served for the RSS check")
+    parser.add_argument("--skip-cold", action="store_true", help="skip the drop_caches runs")
+    parser.add_argument("--python", default="3.12")
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="envfs-bench-imports."))
+    b = Bench(root, args.python)
+    rows: list[Row] = []
+    rss: tuple[float, float, int] | None = None
+    t0 = time.monotonic()
+    skipped = "--skip-cold" if args.skip_cold else cold_problem()
+    try:
+        b.build()
+        b.mount()
+        check_paths(b)
+        steps: list[Callable[[], Any]] = [
+            lambda: warm(b, args.runs, rows),
+            lambda: first_after_mount(b, args.rounds, rows),
+        ]
+        if skipped is None:
+            steps.append(lambda: cold(b, args.rounds, rows))
+        else:
+            print(f"cold   skipped: {skipped}", flush=True)
+        for step in steps:
+            step()
+        rss = daemon_rss(b, args.envs)
+    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+        print(f"benchmark stopped: {e}", flush=True)
+        if b.log.exists():
+            tail = b.log.read_text(errors="replace").strip().splitlines()[-5:]
+            print("daemon log tail:\n  " + "\n  ".join(tail), flush=True)
+    finally:
+        b.umount()
+        if os.path.ismount(b.mnt):
+            print(f"warning: {b.mnt} is still mounted; keeping {root}", file=sys.stderr)
+        else:
+            subprocess.run(["chmod", "-R", "u+w", str(root)], check=False)
+            subprocess.run(["rm", "-rf", str(root)], check=False)
+    print()
+    print(f"summary ({time.monotonic() - t0:.0f} s; medians; ratio = mount / local disk)")
+    print(f"{'measure':8s} {'set':7s} {'mount ms':>9s} {'local ms':>9s} {'ratio':>6s}  target")
+    for r in rows:
+        verdict = "OK" if r.ratio <= r.target else "OVER"
+        print(
+            f"{r.measure:8s} {r.name:7s} {r.mount * 1000:9.1f} {r.local * 1000:9.1f} "
+            f"{r.ratio:5.2f}x  <= {r.target:.2f}x {verdict}"
+        )
+    if skipped is not None:
+        print(f"{'cold':8s} skipped: {skipped}")
+    if rss is not None:
+        value, peak, views = rss
+        verdict = "OK" if value < RSS_TARGET_MB else "OVER"
+        print(
+            f"{'rss':8s} daemon after serving {args.envs} envs ({views} views): "
+            f"{value:.1f} MB (peak {peak:.1f} MB)  < {RSS_TARGET_MB:.0f} MB {verdict}"
+        )
+
+
+if __name__ == "__main__":
+    main()
