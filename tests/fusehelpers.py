@@ -201,6 +201,18 @@ def force_unmount(mountpoint: Path) -> None:
     subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True, check=False)
 
 
+def stop_daemon(proc: subprocess.Popen[Any], mountpoint: Path, grace: float = 15) -> None:
+    """SIGTERM a daemon (SIGKILL if it lingers past ``grace``), then lazily unmount."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+    force_unmount(mountpoint)
+
+
 class DaemonProcess:
     """``run_daemon`` in a subprocess; always stopped and unmounted by `stop`."""
 
@@ -248,14 +260,7 @@ class DaemonProcess:
         raise AssertionError(f"mount did not appear within {timeout}s:\n{self.log()}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        force_unmount(self.mountpoint)
+        stop_daemon(self.proc, self.mountpoint)
 
 
 # -- the runner -----------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import pytest
 from envfs.builder import uv_binary
 from envfs.mount import is_stale_mount
 from tests.conftest import ENVFS, PY, Env, make_env
-from tests.fusehelpers import force_unmount, is_mounted, stat_errno
+from tests.fusehelpers import force_unmount, is_mounted, stat_errno, stop_daemon
 
 pytestmark = [
     pytest.mark.fuse,
@@ -55,14 +55,7 @@ class Mount:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        force_unmount(self.path)
+        stop_daemon(self.proc, self.path)
 
 
 @pytest.fixture
