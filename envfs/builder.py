@@ -20,7 +20,7 @@ from pathlib import Path
 from envfs.errors import BadInput, BuildFailed, EnvironmentProblem
 from envfs.model import Interpreter, Manifest, ManifestEntry
 from envfs.spec import ProjectFiles, render_pyproject
-from envfs.store import META, Store
+from envfs.store import META, Store, remove_tree
 
 Progress = Callable[[str], None]
 
@@ -323,7 +323,5 @@ def verify_tree(root: Path, manifest: Manifest) -> list[str]:
 
 
 def remove_staged(staged: Path) -> None:
-    from envfs.store import remove_tree
-
     with contextlib.suppress(OSError):
         remove_tree(staged)

@@ -14,9 +14,7 @@ from typing import Any, TypeVar
 import click
 
 from envfs.config import Settings
-from envfs.errors import EnvfsError
-from envfs.errors import EnvironmentProblem as EnvironmentProblemError
-from envfs.errors import NotFound as NotFoundError
+from envfs.errors import BadInput, EnvfsError, EnvironmentProblem, NotFound
 from envfs.names import parse_target
 from envfs.service import Inputs, Service
 
@@ -185,8 +183,6 @@ def show(ctx: click.Context, target: str, as_json: bool) -> None:
 
 def _revision(text: str) -> int:
     if not text.isdigit():
-        from envfs.errors import BadInput
-
         raise BadInput(f"revision {text!r} is not a number; see `envfs history`")
     return int(text)
 
@@ -410,13 +406,13 @@ def _spawn_daemon(ctx: click.Context, mountpoint: Path, allow_other: bool, log: 
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
-            raise EnvironmentProblemError(f"the daemon exited ({proc.returncode}): {tail[0]}")
+            raise EnvironmentProblem(f"the daemon exited ({proc.returncode}): {tail[0]}")
         if os.path.ismount(mountpoint) and not is_stale_mount(mountpoint):
             click.echo(f"envfs mounted at {mountpoint} (pid {proc.pid}, log {log})")
             return
         time.sleep(0.1)
     proc.terminate()
-    raise EnvironmentProblemError(f"the daemon did not mount {mountpoint} in 30 s; see {log}")
+    raise EnvironmentProblem(f"the daemon did not mount {mountpoint} in 30 s; see {log}")
 
 
 @main.command()
@@ -425,27 +421,19 @@ def umount(mountpoint: Path) -> None:
     """Unmount MOUNTPOINT; its daemon exits."""
     import time
 
-    from envfs.mount import unmount
+    from envfs.mount import read_status, unmount
 
     mountpoint = mountpoint.absolute()
     if not os.path.ismount(mountpoint):
-        raise NotFoundError(f"{mountpoint} is not mounted")
+        raise NotFound(f"{mountpoint} is not mounted")
     unmount(mountpoint)
     status = _status_file(mountpoint)
-    data = _read_json(status)
+    data = read_status(status)
     pid = data.get("pid") if data else None
     deadline = time.monotonic() + 10
     while isinstance(pid, int) and _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     click.echo(f"unmounted {mountpoint}")
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def _alive(pid: int) -> bool:
@@ -463,10 +451,11 @@ def _alive(pid: int) -> bool:
 def status(as_json: bool) -> None:
     """Mounts on this node: envs served, builds running and failed, cache statistics."""
     from envfs.config import runtime_dir
+    from envfs.mount import read_status
 
     mounts = []
     for path in sorted((runtime_dir() / "mounts").glob("*.json")):
-        data = _read_json(path)
+        data = read_status(path)
         if data is None:
             continue
         pid = data.get("pid")

@@ -126,10 +126,6 @@ class Index:
         with self.env.begin(write=True) as txn:
             txn.put(snapshot_id.encode(), b"ready", db=self.snaps)
 
-    def forget_snapshot(self, snapshot_id: str) -> None:
-        with self.env.begin(write=True) as txn:
-            txn.delete(snapshot_id.encode(), db=self.snaps)
-
     # -- reads ----------------------------------------------------------------------------
 
     def current(self, workflow: str, node: str) -> BindingView | None:
@@ -212,8 +208,6 @@ class Index:
                     changed[(str(event["workflow"]), str(event["node"]))] = None
                 elif kind == "built" and event.get("snapshot_id"):
                     ready.add(str(event["snapshot_id"]))
-                elif kind in ("collected", "removed") and event.get("snapshot_id"):
-                    self.forget_snapshot(str(event["snapshot_id"]))
             with self.env.begin(write=True) as txn:
                 for wf, node in changed:
                     revisions = self.store.revisions(wf, node)

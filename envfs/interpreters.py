@@ -10,6 +10,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -134,8 +135,6 @@ def find(request: str | None) -> Interpreter:
     envfs itself runs on.
     """
     if request is None:
-        import sys
-
         request = f"{sys.version_info.major}.{sys.version_info.minor}"
     if "/" in request:
         path = Path(request)

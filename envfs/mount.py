@@ -80,12 +80,12 @@ def unmount(mountpoint: Path) -> None:
 
 
 def read_status(status_path: Path) -> dict[str, Any] | None:
-    """The status a running daemon last wrote, or None if there is no status file."""
+    """The status a daemon last wrote, or None if there is no readable status file."""
     try:
-        data: dict[str, Any] = json.loads(status_path.read_text())
-    except FileNotFoundError:
+        data = json.loads(status_path.read_text())
+    except (OSError, ValueError):
         return None
-    return data
+    return data if isinstance(data, dict) else None
 
 
 def run_daemon(

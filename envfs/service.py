@@ -17,7 +17,7 @@ from typing import Any
 from envfs import builder, interpreters, spec
 from envfs.catalog import BindingView
 from envfs.config import Settings
-from envfs.errors import BuildFailed, Busy, EnvfsError, NotFound
+from envfs.errors import BadInput, BuildFailed, Busy, EnvfsError, NotFound
 from envfs.index import Index, open_index
 from envfs.model import EnvInfo, FailureInfo, Interpreter, Revision, SpecInfo, State
 from envfs.store import Store
@@ -41,7 +41,6 @@ class Inputs:
 class Resolved:
     snapshot_id: str
     interpreter: Interpreter
-    reused_lock: bool
 
 
 class Service:
@@ -68,8 +67,6 @@ class Service:
     def resolve(self, inputs: Inputs) -> Resolved:
         """Turn inputs into a stored spec and its snapshot id (locking if needed)."""
         if inputs.project is not None and (inputs.packages or inputs.requirements_file):
-            from envfs.errors import BadInput
-
             raise BadInput("give either --project DIR or packages / -r FILE, not both")
         # validate everything cheap before touching the store
         reqs: list[str] = []
@@ -83,12 +80,11 @@ class Service:
             reqs = spec.normalize_requirements(raw)
         interp = interpreters.find(inputs.python)
         self.store.ensure()
-        reused = False
         if files is None:
             key = spec.input_key(reqs, interp)
             known = None if inputs.upgrade else self.store.input_lookup(key)
             if known is not None and (self.store.spec_dir(known) / "spec.json").exists():
-                return Resolved(known, interp, reused_lock=True)
+                return Resolved(known, interp)
             self._say(f"locking {len(reqs)} requirement(s) with uv for Python {interp.version}")
             files = builder.lock_requirements(self.store, reqs, interp)
         sid = spec.snapshot_id(files, interp)
@@ -105,7 +101,7 @@ class Service:
         self.store.write_spec(info, files.pyproject, files.lock)
         if inputs.project is None:
             self.store.input_record(spec.input_key(reqs, interp), sid)
-        return Resolved(sid, interp, reused)
+        return Resolved(sid, interp)
 
     # -- bindings -------------------------------------------------------------------------
 

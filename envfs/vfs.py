@@ -29,6 +29,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from envfs.catalog import BindingView, Catalog
 
@@ -142,6 +143,7 @@ class _Workflow:
 
 
 _Node = _Dir | _File | _Workflow
+K = TypeVar("K")
 
 
 def _attr_from_stat(ino: int, st: os.stat_result) -> Attr:
@@ -342,15 +344,7 @@ class Namespace:
     # -- binding level --------------------------------------------------------------------
 
     def _workflow_attr(self, wf: str) -> Attr:
-        ino = self._workflows.get(wf)
-        if ino is None:
-            with self._lock:
-                ino = self._workflows.get(wf)
-                if ino is None:
-                    ino = self._alloc()
-                    attr = _synthetic_dir(ino, self._now_ns, CACHE_SHORT)
-                    self._inodes[ino] = _Workflow(attr, wf)
-                    self._workflows[wf] = ino
+        ino = self._synthetic(self._workflows, wf, CACHE_SHORT, lambda a: _Workflow(a, wf))
         return self._inodes[ino].attr
 
     def _lookup_workflow(self, name: bytes) -> Attr | None:
@@ -435,16 +429,12 @@ class Namespace:
         raise `NeedsBuild`): the kernel serializes lookups per directory, so blocking here
         would stall every other first access in the same workflow during a build.
         """
-        ino = self._views.get(key)
-        if ino is None:
-            with self._lock:
-                ino = self._views.get(key)
-                if ino is None:
-                    ino = self._alloc()
-                    attr = _synthetic_dir(ino, self._now_ns, cache)
-                    backing = self._roots.get(view.snapshot_id)
-                    self._inodes[ino] = _Dir(attr, parent, view, backing)
-                    self._views[key] = ino
+        ino = self._synthetic(
+            self._views,
+            key,
+            cache,
+            lambda a: _Dir(a, parent, view, self._roots.get(view.snapshot_id)),
+        )
         return self._inodes[ino].attr
 
     def _attach(self, node: _Dir, io: bool) -> _Backing:
@@ -483,15 +473,24 @@ class Namespace:
 
         (A listing entry needs a non-zero inode: glibc's readdir skips ``d_ino == 0``.)
         """
-        ino = self._placeholders.get((wf, node))
+        parent = self._workflows[wf]
+        return self._synthetic(
+            self._placeholders, (wf, node), CACHE_NONE, lambda a: _Dir(a, parent)
+        )
+
+    def _synthetic(
+        self, table: dict[K, int], key: K, cache: int, make: Callable[[Attr], _Node]
+    ) -> int:
+        """The directory inode ``table[key]``, made once by ``make`` (checked again under the
+        lock, so concurrent first lookups agree on one inode)."""
+        ino = table.get(key)
         if ino is None:
             with self._lock:
-                ino = self._placeholders.get((wf, node))
+                ino = table.get(key)
                 if ino is None:
                     ino = self._alloc()
-                    attr = _synthetic_dir(ino, self._now_ns, CACHE_NONE)
-                    self._inodes[ino] = _Dir(attr, self._workflows[wf])
-                    self._placeholders[(wf, node)] = ino
+                    self._inodes[ino] = make(_synthetic_dir(ino, self._now_ns, cache))
+                    table[key] = ino
         return ino
 
     # -- inside a snapshot ----------------------------------------------------------------

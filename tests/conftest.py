@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -103,7 +102,3 @@ def pypi(tmp_path: Path) -> Iterator[Env]:
     env = make_env(tmp_path / "pypi", None)
     yield env
     remove_tree(env.root)
-
-
-def uv_available() -> bool:
-    return shutil.which("uv") is not None or Path.home().joinpath(".local/bin/uv").exists()

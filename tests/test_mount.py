@@ -99,12 +99,7 @@ class World:
 
 @pytest.fixture(scope="module")
 def world() -> Iterator[World]:
-    with tempfile.TemporaryDirectory(prefix="envfs-test-", dir="/tmp") as tmp:
-        world = World(Path(tmp))
-        try:
-            yield world
-        finally:
-            force_unmount(world.mnt)
+    yield from _fresh_world()
 
 
 @pytest.fixture(scope="module")
