@@ -7,6 +7,8 @@ aim 1.10x), the first run after a fresh mount (<= 1.5x), a cold page cache after
 (<= 1.3x, both sides cold). Then binds 100 workflow nodes to the two snapshots, imports through
 each of them and reads the daemon's RSS (target < 150 MB). Always exits 0: it measures.
 Usage: scripts/bench/imports [--runs N] [--rounds K] [--envs E] [--skip-cold] [--python V]
+                             [--root DIR]
+With --root the store is kept in DIR and reused by the next run (builds are then instant).
 """
 
 from __future__ import annotations
@@ -325,8 +327,12 @@ def main() -> None:
     parser.add_argument("--envs", type=int, default=100, help="envs served for the RSS check")
     parser.add_argument("--skip-cold", action="store_true", help="skip the drop_caches runs")
     parser.add_argument("--python", default="3.12")
+    parser.add_argument("--root", type=Path, help="keep the store here and reuse it")
     args = parser.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="envfs-bench-imports."))
+    keep = args.root is not None
+    if keep:
+        args.root.mkdir(parents=True, exist_ok=True)
+    root = args.root.resolve() if keep else Path(tempfile.mkdtemp(prefix="envfs-bench-imports."))
     b = Bench(root, args.python)
     rows: list[Row] = []
     rss: tuple[float, float, int] | None = None
@@ -356,7 +362,7 @@ def main() -> None:
         b.umount()
         if os.path.ismount(b.mnt):
             print(f"warning: {b.mnt} is still mounted; keeping {root}", file=sys.stderr)
-        else:
+        elif not keep:
             subprocess.run(["chmod", "-R", "u+w", str(root)], check=False)
             subprocess.run(["rm", "-rf", str(root)], check=False)
     print()
