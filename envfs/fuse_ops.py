@@ -1,10 +1,13 @@
 """Thin pyfuse3 adapter over `envfs.vfs.Namespace`: translate requests, cache replies, never write.
 
-Hot paths (lookup, getattr, open, read) answer from memory when warm; anything that needs store
-I/O runs in a worker thread (`trio.to_thread`), so a slow NAS or a build never stalls other
-requests.  Kernel caching: snapshot contents never change, so their entries, attributes and
-negative entries live long and files are opened with ``keep_cache``; binding-level names
-(``<wf>``, ``<node>``) get short timeouts and are invalidated actively by the daemon on change.
+Hot paths answer from memory: lookup, getattr, readdir and readlink once a snapshot's manifest
+is read, and open always (the backing file is opened by the first read that needs it).  A read
+is tried inline with ``RWF_NOWAIT``, which succeeds only if the store's page cache holds the
+data; anything else that needs store I/O runs in a worker thread (`trio.to_thread`), so a slow
+NAS or a build never stalls other requests.  Kernel caching: snapshot contents never change, so
+their entries, attributes and negative entries live long and files are opened with
+``keep_cache``; binding-level names (``<wf>``, ``<node>``) get short timeouts and are
+invalidated actively by the daemon on change.
 """
 
 from __future__ import annotations
@@ -37,15 +40,25 @@ from pyfuse3 import (
 
 from envfs.builds import BuildQueue
 from envfs.errors import EnvfsError
-from envfs.vfs import CACHE_LONG, CACHE_NONE, CACHE_SHORT, Attr, Namespace, NeedsBuild, WouldBlock
+from envfs.nowait import open_cached, read_cached
+from envfs.vfs import (
+    CACHE_LONG,
+    CACHE_NONE,
+    CACHE_SHORT,
+    Attr,
+    Namespace,
+    NeedsBuild,
+    SnapshotUnreadable,
+    WouldBlock,
+)
 
 log = logging.getLogger(__name__)
 
 #: Kernel cache lifetime for snapshot contents (immutable) and binding-level names (changing).
 LONG_TIMEOUT = 24 * 3600.0
 SHORT_TIMEOUT = 1.0
-#: Open file descriptors kept after the last release, so warm opens never touch the store.
-IDLE_FDS = 1024
+#: Backing file descriptors kept open (least recently read closed first).
+MAX_FDS = 1024
 
 _TIMEOUTS = {CACHE_LONG: LONG_TIMEOUT, CACHE_SHORT: SHORT_TIMEOUT, CACHE_NONE: 0.0}
 
@@ -96,10 +109,11 @@ class EnvfsOperations(pyfuse3.Operations):
         self._entries: dict[int, EntryAttributes] = {}
         self._negative_long = self._negative(LONG_TIMEOUT)
         self._negative_short = self._negative(SHORT_TIMEOUT)
-        self._fds: dict[int, int] = {}  # inode -> fd (shared by every open of that inode)
-        self._open_count: dict[int, int] = {}
-        self._idle: OrderedDict[int, None] = OrderedDict()  # fds without an open handle, LRU
+        self._fds = _Descriptors(MAX_FDS)
+        self._unreadable: set[str] = set()  # snapshots already logged as unreadable
         self.opens = 0
+        self.reads_inline = 0
+        self.reads_threaded = 0
 
     # -- replies --------------------------------------------------------------------------
 
@@ -118,6 +132,14 @@ class EnvfsOperations(pyfuse3.Operations):
             self._entries[attr.ino] = entry
         return entry
 
+    def statistics(self) -> dict[str, int]:
+        return {
+            "opens": self.opens,
+            "reads_inline": self.reads_inline,
+            "reads_threaded": self.reads_threaded,
+            "backing_fds": len(self._fds),
+        }
+
     # -- namespace ------------------------------------------------------------------------
 
     async def _resolve(self, method: Callable[[int, bool], _T], ino: int) -> _T:
@@ -131,6 +153,11 @@ class EnvfsOperations(pyfuse3.Operations):
             except NeedsBuild as need:
                 path = await self._builds.wait_for_build(need.snapshot_id)
                 self._ns.note_built(need.snapshot_id, path)
+            except SnapshotUnreadable as e:
+                if e.message not in self._unreadable:
+                    self._unreadable.add(e.message)
+                    log.error("%s", e.message)
+                raise
         log.error("inode %d still needs a build after building it; giving up", ino)
         raise FUSEError(errno.EIO)
 
@@ -155,7 +182,7 @@ class EnvfsOperations(pyfuse3.Operations):
 
     @_guarded
     async def readlink(self, inode: InodeT, ctx: RequestContext) -> FileNameT:
-        target = await self._resolve(self._ns.readlink, inode)
+        target = self._ns.readlink(inode)
         if target is None:
             raise FUSEError(errno.EINVAL)
         return target
@@ -193,46 +220,41 @@ class EnvfsOperations(pyfuse3.Operations):
 
     @_guarded
     async def open(self, inode: InodeT, flags: FlagT, ctx: RequestContext) -> FileInfo:
+        # No store I/O here: with keep_cache, a warm file is read from the kernel's page
+        # cache and its backing file is never needed.  The first read opens it.
         if flags & os.O_ACCMODE != os.O_RDONLY:
             raise _erofs()
-        fd = self._fds.get(inode)
-        if fd is None:
-            path = self._ns.file_path(inode)
-            if path is None:
-                raise FUSEError(errno.EISDIR if self._ns.is_dir(inode) else errno.ENOENT)
-            fd = await trio.to_thread.run_sync(os.open, path, os.O_RDONLY | os.O_CLOEXEC)
-            other = self._fds.get(inode)
-            if other is not None:  # a concurrent open won the race
-                os.close(fd)
-                fd = other
-            else:
-                self._fds[inode] = fd
-        self._open_count[inode] = self._open_count.get(inode, 0) + 1
-        self._idle.pop(inode, None)
+        if self._ns.file_path(inode) is None:
+            raise FUSEError(errno.EISDIR if self._ns.is_dir(inode) else errno.ENOENT)
         self.opens += 1
         return FileInfo(fh=inode, keep_cache=True)
 
     @_guarded
     async def read(self, fh: FileHandleT, off: int, size: int) -> bytes:
-        fd = self._fds.get(fh)
+        fd = self._fds.acquire(fh)
         if fd is None:
-            raise FUSEError(errno.EBADF)
-        return await trio.to_thread.run_sync(os.pread, fd, size, off)
+            path = self._ns.file_path(fh)
+            if path is None:
+                raise FUSEError(errno.EBADF)
+            opened = open_cached(path)
+            if opened is None:
+                self.reads_threaded += 1
+                new_fd, data = await trio.to_thread.run_sync(_open_and_read, path, off, size)
+                self._fds.add(fh, new_fd)
+                return data
+            fd = self._fds.add(fh, opened, busy=True)
+        try:
+            cached = read_cached(fd, off, size)
+            if cached is not None:
+                self.reads_inline += 1
+                return cached
+            self.reads_threaded += 1
+            return await trio.to_thread.run_sync(os.pread, fd, size, off)
+        finally:
+            self._fds.release(fh)
 
-    @_guarded
     async def release(self, fh: FileHandleT) -> None:
-        count = self._open_count.get(fh, 0) - 1
-        if count > 0:
-            self._open_count[fh] = count
-            return
-        self._open_count.pop(fh, None)
-        if fh in self._fds:
-            self._idle[fh] = None
-        while len(self._idle) > IDLE_FDS:
-            old, _ = self._idle.popitem(last=False)
-            fd = self._fds.pop(old, None)
-            if fd is not None:
-                os.close(fd)
+        return None  # backing descriptors outlive opens: see `_Descriptors`
 
     async def flush(self, fh: FileHandleT) -> None:
         # Nothing to flush on a read-only filesystem. ENOSYS (not success) makes the kernel
@@ -241,11 +263,7 @@ class EnvfsOperations(pyfuse3.Operations):
 
     def close_all(self) -> None:
         """Close every cached descriptor (after the main loop has ended)."""
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-        self._open_count.clear()
-        self._idle.clear()
+        self._fds.close_all()
 
     # -- extended attributes --------------------------------------------------------------
 
@@ -328,6 +346,69 @@ class EnvfsOperations(pyfuse3.Operations):
         self, inode: InodeT, new_parent_inode: InodeT, new_name: FileNameT, ctx: RequestContext
     ) -> EntryAttributes:
         raise _erofs()
+
+
+class _Descriptors:
+    """Backing file descriptors by inode, least recently used closed first beyond ``limit``.
+
+    A descriptor is shared by every open of its inode and outlives them (a file read again
+    later needs no new open); one in use by a read in a worker thread is never closed.
+    Used from the event loop only.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._fds: OrderedDict[int, int] = OrderedDict()  # inode -> fd
+        self._busy: dict[int, int] = {}  # inode -> reads in progress
+
+    def __len__(self) -> int:
+        return len(self._fds)
+
+    def acquire(self, ino: int) -> int | None:
+        fd = self._fds.get(ino)
+        if fd is not None:
+            self._fds.move_to_end(ino)
+            self._busy[ino] = self._busy.get(ino, 0) + 1
+        return fd
+
+    def release(self, ino: int) -> None:
+        left = self._busy[ino] - 1
+        if left:
+            self._busy[ino] = left
+        else:
+            del self._busy[ino]
+
+    def add(self, ino: int, fd: int, busy: bool = False) -> int:
+        """Keep ``fd`` for ``ino`` (and `acquire` it if ``busy``); returns the one kept."""
+        other = self._fds.get(ino)
+        if other is not None:  # a concurrent first read got there first
+            os.close(fd)
+            fd = other
+        self._fds[ino] = fd
+        if busy:
+            self.acquire(ino)
+        if len(self._fds) > self._limit:
+            for old in list(self._fds):
+                if len(self._fds) <= self._limit:
+                    break
+                if old not in self._busy:
+                    os.close(self._fds.pop(old))
+        return fd
+
+    def close_all(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        self._busy.clear()
+
+
+def _open_and_read(path: bytes, off: int, size: int) -> tuple[int, bytes]:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return fd, os.pread(fd, size, off)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _make_entry(attr: Attr) -> EntryAttributes:

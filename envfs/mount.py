@@ -232,7 +232,9 @@ class Daemon:
             nursery.start_soon(self._refresh_loop)
             if self.status_path is not None:
                 nursery.start_soon(self._status_loop, self.status_path)
-            await pyfuse3.main(min_tasks=4, max_tasks=max_tasks)
+            await pyfuse3.main(
+                min_tasks=int(os.environ.get("ENVFS_MIN_TASKS", "4")), max_tasks=max_tasks
+            )
             log.info("FUSE session ended")
             nursery.cancel_scope.cancel()
 
@@ -284,13 +286,16 @@ class Daemon:
                 for view in self.namespace.views()
             ],
             "builds": self.builds.statistics(),
-            "cache": {**self.namespace.statistics(), "opens": self.ops.opens},
+            "cache": {**self.namespace.statistics(), **self.ops.statistics()},
             "refresh": {"last_ok": self.last_refresh, "error": self.refresh_error},
         }
 
     async def _status_loop(self, path: Path) -> None:
         last: str | None = None
         while True:
+            # A fresh event before reading the state: a change during the write below must
+            # wake the next round, not be forgotten with the old event.
+            self._status_dirty = trio.Event()
             status = self.status()
             text = json.dumps(status, indent=2, sort_keys=True)
             if text != last:
@@ -299,7 +304,6 @@ class Daemon:
                     last = text
                 except OSError as e:
                     log.error("cannot write status file %s: %s", path, e)
-            self._status_dirty = trio.Event()
             with trio.move_on_after(STATUS_INTERVAL):
                 await self._status_dirty.wait()
 

@@ -9,20 +9,25 @@ Layout::
     /.snapshots/<id>/...       a built snapshot by id (lookup-only)
 
 A *view* is one of the three ways to reach a snapshot.  Every view has its own directory inodes
-(Linux cannot show one directory under two parents), but regular files and symlinks are one
-inode per backing ``(st_dev, st_ino)``, so files hardlinked in the store share the kernel's page
-cache across every env that contains them.  The snapshot metadata directory ``.envfs`` is hidden.
+(Linux cannot show one directory under two parents), but regular files are one inode per
+content (sha256 and mode) and symlinks one per target, so a file shared by many envs (hardlinked
+in the store, or just identical) is one inode to the kernel, and one copy in its page cache.
+The snapshot metadata directory ``.envfs`` is hidden.
 
-Snapshots are immutable, so directory listings and ``lstat`` results are cached forever after
-first use.  Methods that may need store I/O take ``io``: with ``io=False`` (the event loop) they
-raise `WouldBlock` instead of touching the disk, and the caller repeats the call in a worker
-thread with ``io=True``.  Binding lookups that name an unbuilt snapshot raise `NeedsBuild`; the
-caller builds it (`envfs.builds.BuildQueue`), reports the path with `Namespace.note_built` and
-asks again.  Mutations of the tables happen under one lock, never held across I/O.
+Snapshots are immutable and every one carries a manifest (``.envfs/manifest.json``) that lists
+each entry with its type, mode, size, digest and link target.  The first access inside a
+snapshot reads that one file; from then on lookups, listings, attributes and link targets are
+answered from memory, for every view of it, without touching the store.  Methods that may need
+store I/O take ``io``: with ``io=False`` (the event loop) they raise `WouldBlock` instead of
+touching the disk, and the caller repeats the call in a worker thread with ``io=True``.  Binding
+lookups that name an unbuilt snapshot raise `NeedsBuild`; the caller builds it
+(`envfs.builds.BuildQueue`), reports the path with `Namespace.note_built` and asks again.
+Mutations of the tables happen under one lock, never held across I/O.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import threading
@@ -32,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from envfs.catalog import BindingView, Catalog
+from envfs.errors import EnvironmentProblem
 
 ROOT_INODE = 1
 SNAPSHOTS_INODE = 2
@@ -39,6 +45,9 @@ SNAPSHOTS_NAME = b".snapshots"
 METADATA_NAME = b".envfs"
 #: How long an unknown ``<wf>/<node>`` stays unknown before the store is asked again.
 NEGATIVE_TTL = 3.0
+#: The mtime and ctime of everything inside a snapshot: the same on every node and every run
+#: (bytecode is unchecked-hash, so no reader compares source and bytecode times).
+SNAPSHOT_TIME_NS = 946_684_800 * 10**9  # 2000-01-01T00:00:00Z
 
 _DIR_MODE = stat.S_IFDIR | 0o555
 
@@ -101,24 +110,46 @@ class View:
         return f"{self.workflow}/{self.node}"
 
 
+class SnapshotUnreadable(EnvironmentProblem):
+    """A built snapshot whose manifest cannot be read or makes no sense (EIO to the caller)."""
+
+
+#: A manifest entry as the namespace keeps it: (type, mode, size, sha256, link target).
+_Entry = tuple[str, int, int, str | None, str | None]
+
+
+@dataclass(slots=True, eq=False)
+class _Tree:
+    """One snapshot's entries, from its manifest, by directory: read once, shared by views."""
+
+    path: bytes  # the snapshot directory in the store
+    uid: int
+    gid: int
+    listing: dict[bytes, dict[bytes, _Entry]]  # relative dir (b"" is the root) -> name -> entry
+
+
 @dataclass(slots=True, eq=False)
 class _Backing:
-    """A real directory inside a snapshot, shared by every view that shows it."""
+    """A directory inside a snapshot, shared by every view that shows it."""
 
-    path: bytes
+    tree: _Tree
+    rel: bytes  # relative to the snapshot root, b"" for the root itself
     attr: Attr  # ino 0: each view's directory inode has its own number
-    is_root: bool
-    names: dict[bytes, _File | _Backing | None] | None = None  # None value: not lstat-ed yet
+    children: dict[bytes, _File | _Backing] = field(default_factory=dict)  # made on first use
+
+    @property
+    def path(self) -> bytes:
+        return self.tree.path + b"/" + self.rel if self.rel else self.tree.path
 
 
 @dataclass(slots=True, eq=False)
 class _File:
-    """A regular file or symlink: one inode per backing (st_dev, st_ino), shared by views."""
+    """A regular file or symlink: one inode per content (or link target), shared by views."""
 
     attr: Attr
     parent: _Backing
     name: bytes
-    target: bytes | None = None  # symlink target, read on first readlink
+    target: bytes | None = None  # symlink target
 
     @property
     def path(self) -> bytes:
@@ -144,21 +175,6 @@ class _Workflow:
 
 _Node = _Dir | _File | _Workflow
 K = TypeVar("K")
-
-
-def _attr_from_stat(ino: int, st: os.stat_result) -> Attr:
-    return Attr(
-        ino,
-        st.st_mode,
-        st.st_nlink,
-        st.st_uid,
-        st.st_gid,
-        st.st_rdev,
-        st.st_size,
-        st.st_blocks,
-        st.st_mtime_ns,
-        st.st_ctime_ns,
-    )
 
 
 def _synthetic_dir(ino: int, now_ns: int, cache: int = CACHE_LONG) -> Attr:
@@ -192,7 +208,7 @@ class Namespace:
         self._workflows: dict[str, int] = {}
         self._views: dict[tuple[str, str, str, str | int], int] = {}
         self._roots: dict[str, _Backing] = {}  # snapshot id -> backing root directory
-        self._files: dict[int, _File] = {}  # (st_dev << 64 | st_ino) -> file
+        self._files: dict[tuple[str | None, int], _File] = {}  # (sha256 or target, mode) -> file
         self._built: dict[str, bytes] = {}  # snapshot id -> dir, from builds this process ran
         self._negative: dict[tuple[str, str], float] = {}  # (wf, node) -> expiry
         self._placeholders: dict[tuple[str, str], int] = {}  # (wf, node) -> inode
@@ -264,23 +280,16 @@ class Namespace:
                 entries.append((wf.encode(), self._workflow_attr(wf)))
             return entries
         backing = node.backing or self._attach(node, io)
-        names = self._names(backing, io)
         out = []
-        for name in list(names):
+        for name in backing.tree.listing[backing.rel]:
             attr = self._lookup_in_view(node, name, io)
             if attr is not None:
                 out.append((name, attr))
         return out
 
-    def readlink(self, ino: int, io: bool = False) -> bytes | None:
+    def readlink(self, ino: int) -> bytes | None:
         node = self._inodes.get(ino)
-        if not isinstance(node, _File) or not stat.S_ISLNK(node.attr.mode):
-            return None
-        if node.target is None:
-            if not io:
-                raise WouldBlock
-            node.target = os.readlink(node.path)
-        return node.target
+        return node.target if isinstance(node, _File) else None
 
     def view_of(self, ino: int) -> View | None:
         node = self._inodes.get(ino)
@@ -438,7 +447,8 @@ class Namespace:
         return self._inodes[ino].attr
 
     def _attach(self, node: _Dir, io: bool) -> _Backing:
-        """The snapshot behind a view root: needs the snapshot built (`NeedsBuild`)."""
+        """The snapshot behind a view root: needs the snapshot built (`NeedsBuild`) and, the
+        first time, its manifest read (`WouldBlock`)."""
         assert node.view is not None
         snapshot_id = node.view.snapshot_id
         backing = self._roots.get(snapshot_id)
@@ -448,11 +458,9 @@ class Namespace:
                 raise NeedsBuild(snapshot_id)
             if not io:
                 raise WouldBlock
-            st = os.stat(path)
+            tree, attr = _load_tree(path)
             with self._lock:
-                backing = self._roots.setdefault(
-                    snapshot_id, _Backing(path, _attr_from_stat(0, st), is_root=True)
-                )
+                backing = self._roots.setdefault(snapshot_id, _Backing(tree, b"", attr))
         node.backing = backing
         return backing
 
@@ -501,14 +509,11 @@ class Namespace:
         if name == b"..":
             return self._inodes[node.parent].attr
         backing = node.backing or self._attach(node, io)
-        names = backing.names
-        if names is None:
-            names = self._names(backing, io)
-        if name not in names:
-            return None
-        child = names[name]
+        child = backing.children.get(name)
         if child is None:
-            child = self._resolve(backing, name, io)
+            child = self._child(backing, name)
+            if child is None:
+                return None
         if isinstance(child, _File):
             return child.attr
         ino = node.subdirs.get(name)
@@ -522,43 +527,36 @@ class Namespace:
                     node.subdirs[name] = ino
         return self._inodes[ino].attr
 
-    def _names(self, backing: _Backing, io: bool) -> dict[bytes, _File | _Backing | None]:
-        names = backing.names
-        if names is not None:
-            return names
-        if not io:
-            raise WouldBlock
-        with os.scandir(backing.path) as it:
-            found: dict[bytes, _File | _Backing | None] = {e.name: None for e in it}
-        if backing.is_root:
-            found.pop(METADATA_NAME, None)
+    def _child(self, backing: _Backing, name: bytes) -> _File | _Backing | None:
+        """The entry ``name`` of a snapshot directory, made from its manifest entry once."""
+        tree = backing.tree
+        entry = tree.listing[backing.rel].get(name)
+        if entry is None:
+            return None
+        kind, mode, size, sha256, target = entry
         with self._lock:
-            if backing.names is None:
-                backing.names = found
-            return backing.names
-
-    def _resolve(self, backing: _Backing, name: bytes, io: bool) -> _File | _Backing:
-        if not io:
-            raise WouldBlock
-        path = backing.path + b"/" + name
-        st = os.lstat(path)
-        names = backing.names
-        assert names is not None
-        with self._lock:
-            child = names.get(name)
+            child = backing.children.get(name)
             if child is not None:
                 return child
-            if stat.S_ISDIR(st.st_mode):
-                child = _Backing(path, _attr_from_stat(0, st), is_root=False)
+            if kind == "dir":
+                rel = backing.rel + b"/" + name if backing.rel else name
+                subdirs = sum(e[0] == "dir" for e in tree.listing[rel].values())
+                attr = _tree_attr(tree, 0, stat.S_IFDIR | mode, 2 + subdirs, 0)
+                child = _Backing(tree, rel, attr)
             else:
-                key = st.st_dev << 64 | st.st_ino
+                link = os.fsencode(target) if kind == "symlink" and target is not None else None
+                key = (sha256, mode) if link is None else (target, stat.S_IFLNK)
                 child = self._files.get(key)
                 if child is None:
                     ino = self._alloc()
-                    child = _File(_attr_from_stat(ino, st), backing, name)
+                    if link is None:
+                        attr = _tree_attr(tree, ino, stat.S_IFREG | mode, 1, size)
+                    else:
+                        attr = _tree_attr(tree, ino, stat.S_IFLNK | 0o777, 1, len(link))
+                    child = _File(attr, backing, name, link)
                     self._files[key] = child
                     self._inodes[ino] = child
-            names[name] = child
+            backing.children[name] = child
             return child
 
     def _alloc(self) -> int:
@@ -566,6 +564,47 @@ class Namespace:
         ino = self._next_ino
         self._next_ino = ino + 1
         return ino
+
+
+def _load_tree(path: bytes) -> tuple[_Tree, Attr]:
+    """Read a built snapshot's manifest into a `_Tree` (and the root directory's attributes).
+
+    Raw JSON, not the pydantic model: this is on the path of a first access, and a
+    snapshot's manifest has thousands of entries.
+    """
+    st = os.stat(path)
+    manifest = path + b"/" + METADATA_NAME + b"/manifest.json"
+    try:
+        with open(manifest, "rb") as f:
+            files = json.loads(f.read())["files"]
+        listing: dict[bytes, dict[bytes, _Entry]] = {b"": {}}
+        for e in files:
+            rel = os.fsencode(e["path"])
+            parent, _, name = rel.rpartition(b"/")
+            kind = e["type"]
+            listing.setdefault(parent, {})[name] = (
+                kind,
+                e["mode"],
+                e["size"],
+                e["sha256"],
+                e["target"],
+            )
+            if kind == "dir":
+                listing.setdefault(rel, {})
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SnapshotUnreadable(
+            f"snapshot {os.fsdecode(path)}: unreadable manifest ({type(e).__name__}: {e}); "
+            "run `envfs verify`"
+        ) from e
+    listing[b""].pop(METADATA_NAME, None)
+    tree = _Tree(path, st.st_uid, st.st_gid, listing)
+    subdirs = sum(e[0] == "dir" for e in listing[b""].values())
+    return tree, _tree_attr(tree, 0, stat.S_IFDIR | (st.st_mode & 0o555), 2 + subdirs, 0)
+
+
+def _tree_attr(tree: _Tree, ino: int, mode: int, nlink: int, size: int) -> Attr:
+    t = SNAPSHOT_TIME_NS
+    return Attr(ino, mode, nlink, tree.uid, tree.gid, 0, size, (size + 511) // 512, t, t)
 
 
 def _clone(attr: Attr, ino: int, cache: int) -> Attr:

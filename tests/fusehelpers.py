@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from envfs.builder import scan_tree
 from envfs.catalog import BindingView
 from envfs.errors import BuildFailed, NotFound
 
@@ -158,11 +159,18 @@ def make_snapshot(store: Path, snapshot_id: str, base: Path, marker: str) -> Pat
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copytree(base, target, symlinks=True, copy_function=os.link)
     (target / "marker.txt").write_text(marker + "\n")
-    meta = target / ".envfs"
-    meta.mkdir()
-    (meta / "manifest.json").write_text(json.dumps({"id": snapshot_id}))
-    (meta / "build.log").write_text("built\n")
+    write_manifest(target)
+    (target / ".envfs" / "build.log").write_text("built\n")
     return target
+
+
+def write_manifest(snapshot: Path) -> None:
+    """The part of a build's manifest the filesystem serves from: every entry of the tree."""
+    entries, _ = scan_tree(snapshot, forbidden=[])
+    meta = snapshot / ".envfs"
+    meta.mkdir(exist_ok=True)
+    files = [e.model_dump() for e in entries]
+    (meta / "manifest.json").write_text(json.dumps({"files": files}))
 
 
 def write_state(path: Path, state: dict[str, Any]) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
+import stat
 import threading
 import time
 from pathlib import Path
@@ -20,12 +22,15 @@ from envfs.vfs import (
     CACHE_SHORT,
     NEGATIVE_TTL,
     ROOT_INODE,
+    SNAPSHOT_TIME_NS,
     SNAPSHOTS_INODE,
     Attr,
     Namespace,
     NeedsBuild,
+    SnapshotUnreadable,
     WouldBlock,
 )
+from tests.fusehelpers import write_manifest
 
 
 class FakeCatalog:
@@ -88,10 +93,10 @@ def make_snapshot(root: Path, name: str, shared: Path) -> Path:
     os.symlink("/usr/bin/python3", snap / "bin" / "python")
     os.symlink("python", snap / "bin" / "python3")
     os.link(shared, snap / "lib" / "site-packages" / "shared.py")
+    shutil.copyfile(shared, snap / "lib" / "site-packages" / "copy.py")
     (snap / "marker.txt").write_text(name)
     (snap / "pyvenv.cfg").write_text("home = /usr/bin\n")
-    (snap / ".envfs").mkdir()
-    (snap / ".envfs" / "manifest.json").write_text("{}")
+    write_manifest(snap)
     return snap
 
 
@@ -158,13 +163,14 @@ def test_view_serves_snapshot_and_hides_metadata(world: World) -> None:
     assert marker is not None and marker.size == 1 and marker.cache == CACHE_LONG
 
 
-def test_hardlinked_files_share_an_inode_and_directories_do_not(world: World) -> None:
+def test_shared_files_are_one_inode_and_directories_are_not(world: World) -> None:
     one = world.walk("wf/one/lib/site-packages/shared.py")
     two = world.walk("wf/two/lib/site-packages/shared.py")
     by_id = world.walk(".snapshots/A/lib/site-packages/shared.py")
     assert one is not None and two is not None and by_id is not None
     assert one.ino == two.ino == by_id.ino
-    assert one.nlink >= 4
+    same_bytes = world.walk("wf/one/lib/site-packages/copy.py")  # a copy, not a hardlink
+    assert same_bytes is not None and same_bytes.ino == one.ino
     lib_one, lib_two = world.walk("wf/one/lib"), world.walk("wf/two/lib")
     pinned = world.walk("wf/two@1/lib")  # same snapshot as wf/one, another view
     assert lib_one is not None and lib_two is not None and pinned is not None
@@ -172,15 +178,39 @@ def test_hardlinked_files_share_an_inode_and_directories_do_not(world: World) ->
     assert world.walk("wf/one/marker.txt") != world.walk("wf/two/marker.txt")
 
 
+def test_attributes_come_from_the_manifest_and_are_the_same_everywhere(world: World) -> None:
+    marker = world.walk("wf/one/marker.txt")
+    assert marker is not None
+    assert stat.S_ISREG(marker.mode) and stat.S_IMODE(marker.mode) == 0o444  # no write bits
+    assert marker.size == 1 and marker.nlink == 1 and marker.blocks == 1
+    assert marker.mtime_ns == marker.ctime_ns == SNAPSHOT_TIME_NS
+    assert marker.uid == world.a.stat().st_uid
+    lib, root = world.walk("wf/one/lib"), world.walk("wf/one")
+    assert lib is not None and root is not None
+    assert stat.S_ISDIR(lib.mode) and lib.nlink == 3  # . and .. and site-packages
+    assert root.nlink == 2  # its view root is synthetic; the first lookup inside attaches it
+    entries = dict(world.ns.readdir(root.ino, io=True))
+    assert entries[b"bin"].nlink == 2 and entries[b"lib"].nlink == 3
+
+
+def test_a_snapshot_without_a_readable_manifest_is_an_error_not_a_guess(world: World) -> None:
+    (world.a / ".envfs" / "manifest.json").write_text('{"files": [{"path": "x"}]}')
+    one = world.walk("wf/one")
+    assert one is not None
+    with pytest.raises(SnapshotUnreadable, match="envfs verify"):
+        world.ns.lookup(one.ino, b"bin", io=True)
+    write_manifest(world.a)  # repaired: the next access reads it again
+    assert world.walk("wf/one/bin/python") is not None
+
+
 def test_symlinks_keep_their_target(world: World) -> None:
     link = world.walk("wf/one/bin/python")
-    assert link is not None
-    with pytest.raises(WouldBlock):
-        world.ns.readlink(link.ino)
-    assert world.ns.readlink(link.ino, io=True) == b"/usr/bin/python3"
-    assert world.ns.readlink(link.ino) == b"/usr/bin/python3"  # cached: no I/O now
+    assert link is not None and stat.S_ISLNK(link.mode) and link.size == len("/usr/bin/python3")
+    assert world.ns.readlink(link.ino) == b"/usr/bin/python3"
     python3 = world.walk("wf/one/bin/python3")
-    assert python3 is not None and world.ns.readlink(python3.ino, io=True) == b"python"
+    assert python3 is not None and world.ns.readlink(python3.ino) == b"python"
+    marker = world.walk("wf/one/marker.txt")
+    assert marker is not None and world.ns.readlink(marker.ino) is None
 
 
 def test_cold_lookups_ask_for_a_thread_and_warm_ones_never_touch_the_disk(
@@ -198,18 +228,22 @@ def test_cold_lookups_ask_for_a_thread_and_warm_ones_never_touch_the_disk(
     def no_io(*args: object, **kwargs: object) -> None:
         raise AssertionError("store I/O on a warm lookup")
 
-    for name in ("stat", "lstat", "scandir", "readlink", "listdir"):
+    for name in ("stat", "lstat", "scandir", "readlink", "listdir", "open"):
         monkeypatch.setattr(os, name, no_io)
+    monkeypatch.setattr("builtins.open", no_io)
     ino = ROOT_INODE
     for part in ("wf", "one", "lib", "site-packages", "shared.py"):
         attr = world.ns.lookup(ino, part.encode())
         assert attr is not None
         ino = attr.ino
+    shared_ino = ino
     lib = world.ns.lookup(world.ns.lookup(wf.ino, b"one").ino, b"lib")  # type: ignore[union-attr]
     assert lib is not None
     site = world.ns.lookup(lib.ino, b"site-packages")
     assert site is not None
     assert world.ns.lookup(site.ino, b"missing.py") is None  # misses come from the listing
+    pinned = world.walk(".snapshots/A/lib/site-packages/shared.py")  # another view of A
+    assert pinned is not None and pinned.ino == shared_ino
     stats = world.ns.statistics()
     assert stats["hits"] == stats["lookups"] - stats["cold"]
 

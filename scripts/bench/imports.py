@@ -197,7 +197,7 @@ class Bench:
 
 
 def delta(after: dict[str, int], before: dict[str, int]) -> str:
-    keys = ("lookups", "cold", "store_lookups", "opens")
+    keys = ("lookups", "cold", "opens", "reads_inline", "reads_threaded")
     return ", ".join(f"{k} {after.get(k, 0) - before.get(k, 0)}" for k in keys)
 
 
