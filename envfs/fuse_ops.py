@@ -1,13 +1,15 @@
 """Thin pyfuse3 adapter over `envfs.vfs.Namespace`: translate requests, cache replies, never write.
 
 Hot paths answer from memory: lookup, getattr, readdir and readlink once a snapshot's manifest
-is read, and open always (the backing file is opened by the first read that needs it).  A read
-is tried inline with ``RWF_NOWAIT``, which succeeds only if the store's page cache holds the
-data; anything else that needs store I/O runs in a worker thread (`trio.to_thread`), so a slow
-NAS or a build never stalls other requests.  Kernel caching: snapshot contents never change, so
-their entries, attributes and negative entries live long and files are opened with
-``keep_cache``; binding-level names (``<wf>``, ``<node>``) get short timeouts and are
-invalidated actively by the daemon on change.
+is read, and open always (the backing file is opened by the first read that needs it).  Reads
+run on the event loop when that cannot stall it: always for a store on a local file system,
+and on a network one when the page cache holds the data (``RWF_NOWAIT``, see
+`envfs.nowait`).  Anything else that needs store I/O runs in a worker thread
+(`trio.to_thread`), so a slow NAS or a build never stalls other requests.
+
+Kernel caching: snapshot contents never change, so their entries, attributes and negative
+entries live long and files are opened with ``keep_cache``; binding-level names (``<wf>``,
+``<node>``) get short timeouts and are invalidated actively by the daemon on change.
 """
 
 from __future__ import annotations
@@ -237,6 +239,8 @@ class EnvfsOperations(pyfuse3.Operations):
             if path is None:
                 raise FUSEError(errno.EBADF)
             opened = open_cached(path)
+            if opened is None and self._ns.blocking_is_cheap(fh):
+                opened = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             if opened is None:
                 self.reads_threaded += 1
                 new_fd, data = await trio.to_thread.run_sync(_open_and_read, path, off, size)
@@ -244,6 +248,9 @@ class EnvfsOperations(pyfuse3.Operations):
                 return data
             fd = self._fds.add(fh, opened, busy=True)
         try:
+            if self._ns.blocking_is_cheap(fh):
+                self.reads_inline += 1
+                return os.pread(fd, size, off)
             cached = read_cached(fd, off, size)
             if cached is not None:
                 self.reads_inline += 1

@@ -31,6 +31,7 @@ from typing import Any
 import pyfuse3
 import trio
 
+from envfs import fuse_loop
 from envfs.builds import RETRY_AFTER, BuildQueue
 from envfs.catalog import Catalog
 from envfs.errors import EnvfsError, EnvironmentProblem
@@ -232,9 +233,11 @@ class Daemon:
             nursery.start_soon(self._refresh_loop)
             if self.status_path is not None:
                 nursery.start_soon(self._status_loop, self.status_path)
-            await pyfuse3.main(
-                min_tasks=int(os.environ.get("ENVFS_MIN_TASKS", "4")), max_tasks=max_tasks
-            )
+            fuse_loop.install()
+            try:
+                await pyfuse3.main(min_tasks=4, max_tasks=max_tasks)
+            finally:
+                fuse_loop.uninstall()
             log.info("FUSE session ended")
             nursery.cancel_scope.cancel()
 

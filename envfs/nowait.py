@@ -10,6 +10,11 @@ inline and return None when only a blocking call could answer; the caller then g
   holds the data.
 
 On older kernels, or file systems that cannot tell, both always say "not now".
+
+When they say "not now" the data has to come from the device.  On a local disk that takes
+less time than a worker-thread round trip, so `blocking_is_cheap` lets the caller read
+inline there; on a network file system (the production NAS) it can take milliseconds, and a
+blocked event loop would stall every other request, so there it goes to a thread.
 """
 
 from __future__ import annotations
@@ -17,12 +22,20 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import re
 import sys
 
 _SYS_OPENAT2 = 437  # the same number on every Linux architecture (the generic table)
 _RESOLVE_CACHED = 0x20
 _AT_FDCWD = -100
 _RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
+#: File systems on local devices (or memory): a cold read costs about as much as a thread hop.
+LOCAL_FILE_SYSTEMS = frozenset(
+    {"ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "zfs", "bcachefs", "tmpfs", "ramfs"}
+)
+_OCTAL_ESCAPE = re.compile(rb"\\([0-7]{3})")  # /proc/self/mounts writes " " as "\040"
+#: ``always`` or ``never`` overrides the file-system check of `blocking_is_cheap`.
+INLINE_IO_ENV = "ENVFS_INLINE_IO"
 
 
 class _OpenHow(ctypes.Structure):
@@ -86,3 +99,32 @@ def read_cached(fd: int, off: int, size: int) -> bytes | None:
     if n < size and (n == 0 or os.fstat(fd).st_size > off + n):
         return None  # partly cached, or a zero-byte answer we cannot tell from a miss
     return bytes(memoryview(buf)[:n])
+
+
+def blocking_is_cheap(path: bytes) -> bool:
+    """Whether blocking I/O under ``path`` may run on the event loop: yes on a local file system
+    (`LOCAL_FILE_SYSTEMS`), no on anything else (NFS, SMB, FUSE, overlays, unknown).
+    ``ENVFS_INLINE_IO=always|never`` overrides the check."""
+    override = os.environ.get(INLINE_IO_ENV, "auto")
+    if override in ("always", "never"):
+        return override == "always"
+    return file_system_type(path) in LOCAL_FILE_SYSTEMS
+
+
+def file_system_type(path: bytes) -> str | None:
+    """The type of the file system holding ``path`` (from /proc/self/mounts), None if unknown."""
+    real = os.path.realpath(path)
+    best, best_type = b"", None
+    try:
+        with open("/proc/self/mounts", "rb") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) < 3:
+                    continue
+                mountpoint = _OCTAL_ESCAPE.sub(lambda m: bytes([int(m[1], 8)]), fields[1])
+                inside = real == mountpoint or real.startswith(mountpoint.rstrip(b"/") + b"/")
+                if inside and len(mountpoint) >= len(best):
+                    best, best_type = mountpoint, fields[2].decode(errors="replace")
+    except OSError:
+        return None
+    return best_type

@@ -38,6 +38,7 @@ from typing import TypeVar
 
 from envfs.catalog import BindingView, Catalog
 from envfs.errors import EnvironmentProblem
+from envfs.nowait import blocking_is_cheap
 
 ROOT_INODE = 1
 SNAPSHOTS_INODE = 2
@@ -126,6 +127,7 @@ class _Tree:
     uid: int
     gid: int
     listing: dict[bytes, dict[bytes, _Entry]]  # relative dir (b"" is the root) -> name -> entry
+    blocking_is_cheap: bool  # on a local file system: see `envfs.nowait.blocking_is_cheap`
 
 
 @dataclass(slots=True, eq=False)
@@ -236,6 +238,11 @@ class Namespace:
         """The backing path of a regular file or symlink inode."""
         node = self._inodes.get(ino)
         return node.path if isinstance(node, _File) else None
+
+    def blocking_is_cheap(self, ino: int) -> bool:
+        """Whether blocking reads of this file's backing may run on the event loop."""
+        node = self._inodes.get(ino)
+        return isinstance(node, _File) and node.parent.tree.blocking_is_cheap
 
     def lookup(self, parent: int, name: bytes, io: bool = False) -> Attr | None:
         """The entry ``name`` in directory ``parent``; None if there is none."""
@@ -597,7 +604,7 @@ def _load_tree(path: bytes) -> tuple[_Tree, Attr]:
             "run `envfs verify`"
         ) from e
     listing[b""].pop(METADATA_NAME, None)
-    tree = _Tree(path, st.st_uid, st.st_gid, listing)
+    tree = _Tree(path, st.st_uid, st.st_gid, listing, blocking_is_cheap(path))
     subdirs = sum(e[0] == "dir" for e in listing[b""].values())
     return tree, _tree_attr(tree, 0, stat.S_IFDIR | (st.st_mode & 0o555), 2 + subdirs, 0)
 

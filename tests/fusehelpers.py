@@ -150,6 +150,7 @@ def make_venv(root: Path) -> Path:
     script = root / "bin" / "envfs-probe"
     script.write_text(PROBE_SCRIPT)
     script.chmod(0o755)
+    (root / "big.bin").write_bytes(os.urandom(3 << 20))  # many reads, larger than one request
     return root
 
 
@@ -225,7 +226,13 @@ class DaemonProcess:
     """``run_daemon`` in a subprocess; always stopped and unmounted by `stop`."""
 
     def __init__(
-        self, state: Path, mountpoint: Path, status: Path, *, retry_after: float = 1.0
+        self,
+        state: Path,
+        mountpoint: Path,
+        status: Path,
+        *,
+        retry_after: float = 1.0,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.mountpoint = mountpoint
         self.status = status
@@ -245,6 +252,7 @@ class DaemonProcess:
                 ],
                 cwd=REPO,
                 stderr=err,
+                env={**os.environ, **(env or {})},
             )
 
     def log(self) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from envfs import nowait
 from envfs.errors import EnvironmentProblem
 from envfs.mount import is_stale_mount, run_daemon, unmount
 from tests.fusehelpers import (
@@ -282,6 +283,40 @@ def test_new_binding_appears_after_a_refresh(mounted: World) -> None:
     mounted.save()
     wait_until(lambda: target.exists(), timeout=2.0)
     assert target.read_text() == "LATER\n"
+
+
+@pytest.mark.parametrize("inline_io", ["never", "always"])
+def test_cold_reads_in_threads_or_inline_serve_the_stored_bytes(
+    world: World, tmp_path: Path, inline_io: str
+) -> None:
+    """Both ways a read can reach the store (a worker thread for a network store, inline for
+    a local one) give exactly the stored bytes, whether the store's page cache has them or not."""
+    files = ["big.bin", "marker.txt", "pyvenv.cfg", "bin/envfs-probe"]
+    for rel in files:  # evict the store's copies: the daemon must read the device
+        with open(world.snap_a / rel, "rb") as f:
+            os.fsync(f.fileno())  # dirty pages would stay
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    status = tmp_path / "status.json"
+    daemon = DaemonProcess(world.state_path, mnt, status, env={nowait.INLINE_IO_ENV: inline_io})
+    try:
+        daemon.wait_mounted()
+        for rel in files:
+            assert (mnt / "etl" / "train" / rel).read_bytes() == (world.snap_a / rel).read_bytes()
+
+        def counters() -> dict[str, int]:
+            cache: dict[str, int] = json.loads(status.read_text())["cache"]
+            return cache
+
+        wait_until(lambda: counters()["reads_inline"] + counters()["reads_threaded"] > 3, 5.0)
+        if inline_io == "always":
+            assert counters()["reads_threaded"] == 0
+        else:
+            assert counters()["reads_threaded"] > 0
+    finally:
+        daemon.stop()
+    assert not is_mounted(mnt)
 
 
 def test_first_access_builds_once_while_other_envs_keep_answering(mounted: World) -> None:
