@@ -233,32 +233,45 @@ class EnvfsOperations(pyfuse3.Operations):
 
     @_guarded
     async def read(self, fh: FileHandleT, off: int, size: int) -> bytes:
-        fd = self._fds.acquire(fh)
+        fd = self._backing_fd(fh)
         if fd is None:
             path = self._ns.file_path(fh)
-            if path is None:
-                raise FUSEError(errno.EBADF)
-            opened = open_cached(path)
-            if opened is None and self._ns.blocking_is_cheap(fh):
-                opened = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            if opened is None:
-                self.reads_threaded += 1
-                new_fd, data = await trio.to_thread.run_sync(_open_and_read, path, off, size)
-                self._fds.add(fh, new_fd)
-                return data
-            fd = self._fds.add(fh, opened, busy=True)
+            assert path is not None  # _backing_fd checked it
+            self.reads_threaded += 1
+            new_fd, data = await trio.to_thread.run_sync(_open_and_read, path, off, size)
+            self._fds.add(fh, new_fd)
+            return data
         try:
-            if self._ns.blocking_is_cheap(fh):
+            inline = self._read_inline(fd, fh, off, size)
+            if inline is not None:
                 self.reads_inline += 1
-                return os.pread(fd, size, off)
-            cached = read_cached(fd, off, size)
-            if cached is not None:
-                self.reads_inline += 1
-                return cached
+                return inline
             self.reads_threaded += 1
             return await trio.to_thread.run_sync(os.pread, fd, size, off)
         finally:
             self._fds.release(fh)
+
+    def _backing_fd(self, inode: int) -> int | None:
+        """The backing file's descriptor, acquired (`_Descriptors.release` it), or None if
+        opening it needs a worker thread."""
+        fd = self._fds.acquire(inode)
+        if fd is not None:
+            return fd
+        path = self._ns.file_path(inode)
+        if path is None:
+            raise FUSEError(errno.EBADF)
+        opened = open_cached(path)
+        if opened is None and self._ns.blocking_is_cheap(inode):
+            opened = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        if opened is None:
+            return None
+        return self._fds.add(inode, opened, busy=True)
+
+    def _read_inline(self, fd: int, inode: int, off: int, size: int) -> bytes | None:
+        """The bytes, read on the event loop if that cannot stall it, else None."""
+        if self._ns.blocking_is_cheap(inode):
+            return os.pread(fd, size, off)
+        return read_cached(fd, off, size)
 
     async def release(self, fh: FileHandleT) -> None:
         return None  # backing descriptors outlive opens: see `_Descriptors`

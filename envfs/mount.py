@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import json
 import logging
 import os
@@ -227,6 +228,12 @@ class Daemon:
             log.info("envfs unmounted from %s", self.mountpoint)
 
     async def _main(self, max_tasks: int) -> None:
+        # Everything made so far (modules, the catalog, the index) lives as long as the
+        # daemon: keep it out of the collector's scans.  Without this, the generational
+        # collections triggered while a snapshot's manifest is parsed cost as much as the
+        # parse itself (a pandas env: 39 -> 19 ms for its first access).
+        gc.collect()
+        gc.freeze()
         self._status_dirty = trio.Event()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_signals, nursery.cancel_scope)
