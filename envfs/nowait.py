@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 import re
 import sys
@@ -111,8 +112,11 @@ def blocking_is_cheap(path: bytes) -> bool:
     return file_system_type(path) in LOCAL_FILE_SYSTEMS
 
 
+@functools.lru_cache(maxsize=256)
 def file_system_type(path: bytes) -> str | None:
-    """The type of the file system holding ``path`` (from /proc/self/mounts), None if unknown."""
+    """The type of the file system holding ``path`` (from /proc/self/mounts), None if unknown.
+
+    Cached: callers ask about a few directories (the store's), many times."""
     real = os.path.realpath(path)
     best, best_type = b"", None
     try:

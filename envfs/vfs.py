@@ -27,7 +27,6 @@ Mutations of the tables happen under one lock, never held across I/O.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import stat
@@ -465,7 +464,7 @@ class Namespace:
             if path is None:
                 raise NeedsBuild(snapshot_id)
             # Mostly parsing (the GIL is held either way): a thread only helps a slow store.
-            if not io and not _blocking_is_cheap_under(os.path.dirname(path)):
+            if not io and not blocking_is_cheap(os.path.dirname(path)):
                 raise WouldBlock
             tree, attr = _load_tree(path)
             with self._lock:
@@ -575,11 +574,6 @@ class Namespace:
         return ino
 
 
-@functools.lru_cache(maxsize=64)
-def _blocking_is_cheap_under(directory: bytes) -> bool:
-    return blocking_is_cheap(directory)
-
-
 def _load_tree(path: bytes) -> tuple[_Tree, Attr]:
     """Read a built snapshot's manifest into a `_Tree` (and the root directory's attributes).
 
@@ -611,9 +605,7 @@ def _load_tree(path: bytes) -> tuple[_Tree, Attr]:
             "run `envfs verify`"
         ) from e
     listing[b""].pop(METADATA_NAME, None)
-    tree = _Tree(
-        path, st.st_uid, st.st_gid, listing, _blocking_is_cheap_under(os.path.dirname(path))
-    )
+    tree = _Tree(path, st.st_uid, st.st_gid, listing, blocking_is_cheap(os.path.dirname(path)))
     subdirs = sum(e[0] == "dir" for e in listing[b""].values())
     return tree, _tree_attr(tree, 0, stat.S_IFDIR | (st.st_mode & 0o555), 2 + subdirs, 0)
 

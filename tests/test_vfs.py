@@ -16,6 +16,7 @@ import trio
 from envfs.builds import BuildQueue
 from envfs.catalog import BindingView
 from envfs.errors import BuildFailed, NotFound
+from envfs.nowait import INLINE_IO_ENV
 from envfs.vfs import (
     CACHE_LONG,
     CACHE_NONE,
@@ -178,6 +179,16 @@ def test_shared_files_are_one_inode_and_directories_are_not(world: World) -> Non
     assert world.walk("wf/one/marker.txt") != world.walk("wf/two/marker.txt")
 
 
+def test_a_local_store_is_attached_without_a_thread(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(INLINE_IO_ENV, "always")  # as on a local file system
+    one = world.walk("wf/one")
+    assert one is not None
+    lib = world.ns.lookup(one.ino, b"lib")  # io=False, and no WouldBlock
+    assert lib is not None and stat.S_ISDIR(lib.mode)
+
+
 def test_attributes_come_from_the_manifest_and_are_the_same_everywhere(world: World) -> None:
     marker = world.walk("wf/one/marker.txt")
     assert marker is not None
@@ -216,6 +227,7 @@ def test_symlinks_keep_their_target(world: World) -> None:
 def test_cold_lookups_ask_for_a_thread_and_warm_ones_never_touch_the_disk(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv(INLINE_IO_ENV, "never")  # as on a network store
     wf = world.walk("wf")
     assert wf is not None
     one = world.ns.lookup(wf.ino, b"one")  # a view root answers without I/O
