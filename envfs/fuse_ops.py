@@ -407,12 +407,12 @@ class _Descriptors:
         self._fds[ino] = fd
         if busy:
             self.acquire(ino)
-        if len(self._fds) > self._limit:
-            for old in list(self._fds):
-                if len(self._fds) <= self._limit:
-                    break
-                if old not in self._busy:
-                    os.close(self._fds.pop(old))
+        while len(self._fds) > self._limit:
+            # the least recently used one not in use (busy ones are few: reads in flight)
+            idle = next((i for i in self._fds if i not in self._busy), None)
+            if idle is None:
+                break
+            os.close(self._fds.pop(idle))
         return fd
 
     def close_all(self) -> None:

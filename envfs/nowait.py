@@ -80,10 +80,8 @@ def open_cached(path: bytes) -> int | None:
     )
     if fd >= 0:
         return fd
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.E2BIG):  # kernel without openat2 or the flag
-        _syscall = None
-        return None
+    if ctypes.get_errno() in (errno.ENOSYS, errno.EINVAL, errno.E2BIG):
+        _syscall = None  # a kernel without openat2 or RESOLVE_CACHED: stop asking
     return None
 
 

@@ -464,9 +464,10 @@ class Namespace:
             if path is None:
                 raise NeedsBuild(snapshot_id)
             # Mostly parsing (the GIL is held either way): a thread only helps a slow store.
-            if not io and not blocking_is_cheap(os.path.dirname(path)):
+            cheap = blocking_is_cheap(os.path.dirname(path))
+            if not io and not cheap:
                 raise WouldBlock
-            tree, attr = _load_tree(path)
+            tree, attr = _load_tree(path, cheap)
             with self._lock:
                 backing = self._roots.setdefault(snapshot_id, _Backing(tree, b"", attr))
         node.backing = backing
@@ -548,9 +549,7 @@ class Namespace:
                 return child
             if kind == "dir":
                 rel = backing.rel + b"/" + name if backing.rel else name
-                subdirs = sum(e[0] == "dir" for e in tree.listing[rel].values())
-                attr = _tree_attr(tree, 0, stat.S_IFDIR | mode, 2 + subdirs, 0)
-                child = _Backing(tree, rel, attr)
+                child = _Backing(tree, rel, _dir_attr(tree, rel, mode))
             else:
                 link = os.fsencode(target) if kind == "symlink" and target is not None else None
                 key = (sha256, mode) if link is None else (target, stat.S_IFLNK)
@@ -574,8 +573,9 @@ class Namespace:
         return ino
 
 
-def _load_tree(path: bytes) -> tuple[_Tree, Attr]:
-    """Read a built snapshot's manifest into a `_Tree` (and the root directory's attributes).
+def _load_tree(path: bytes, cheap: bool) -> tuple[_Tree, Attr]:
+    """Read a built snapshot's manifest into a `_Tree` (and the root directory's attributes);
+    ``cheap``: whether its store may be read on the event loop.
 
     Raw JSON, not the pydantic model: this is on the path of a first access, and a
     snapshot's manifest has thousands of entries.
@@ -605,9 +605,14 @@ def _load_tree(path: bytes) -> tuple[_Tree, Attr]:
             "run `envfs verify`"
         ) from e
     listing[b""].pop(METADATA_NAME, None)
-    tree = _Tree(path, st.st_uid, st.st_gid, listing, blocking_is_cheap(os.path.dirname(path)))
-    subdirs = sum(e[0] == "dir" for e in listing[b""].values())
-    return tree, _tree_attr(tree, 0, stat.S_IFDIR | (st.st_mode & 0o555), 2 + subdirs, 0)
+    tree = _Tree(path, st.st_uid, st.st_gid, listing, cheap)
+    return tree, _dir_attr(tree, b"", st.st_mode & 0o555)
+
+
+def _dir_attr(tree: _Tree, rel: bytes, mode: int) -> Attr:
+    """A snapshot directory's attributes (ino 0: each view numbers its own directories)."""
+    subdirs = sum(e[0] == "dir" for e in tree.listing[rel].values())
+    return _tree_attr(tree, 0, stat.S_IFDIR | mode, 2 + subdirs, 0)
 
 
 def _tree_attr(tree: _Tree, ino: int, mode: int, nlink: int, size: int) -> Attr:
