@@ -4,8 +4,11 @@ dedup, manifest. The builder only writes under ``staging/``; ``Store.publish`` m
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import csv
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -18,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from envfs.errors import BadInput, BuildFailed, EnvironmentProblem
-from envfs.model import Interpreter, Manifest, ManifestEntry
+from envfs.model import Interpreter, InterpreterInfo, Manifest, ManifestEntry
 from envfs.spec import ProjectFiles, render_pyproject
 from envfs.store import META, Store, remove_tree
 
@@ -34,9 +37,7 @@ def uv_binary() -> str:
     if found is None:
         found = shutil.which("uv", path=os.path.expanduser("~/.local/bin"))
     if found is None:
-        raise EnvironmentProblem(
-            "uv is not installed; run scripts/install-deps or `pip install uv`"
-        )
+        raise EnvironmentProblem("uv is not installed; run scripts/setup or `pip install uv`")
     return found
 
 
@@ -69,12 +70,20 @@ def _uv_error(stderr: str) -> str:
     return lines[-1] if lines else "uv failed without a message"
 
 
+def python_path(store: Store, interp: Interpreter) -> str:
+    """The interpreter to run for ``interp``: its captured copy in the store, if it has one."""
+    if interp.digest is not None:
+        info = store.read_interpreter(interp.digest)
+        return str(store.interpreter_dir(interp.digest) / info.executable)
+    return interp.path
+
+
 def lock_requirements(store: Store, reqs: list[str], interp: Interpreter) -> ProjectFiles:
     """Write a pyproject for ``reqs`` with tomlkit and lock it with uv (nothing else written)."""
     pyproject = render_pyproject(reqs, interp)
     with tempfile.TemporaryDirectory(dir=store.staging, prefix=".lock-") as tmp:
         (Path(tmp) / "pyproject.toml").write_text(pyproject)
-        cmd = [uv_binary(), "lock", "--project", tmp, "--python", interp.path]
+        cmd = [uv_binary(), "lock", "--project", tmp, "--python", python_path(store, interp)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=uv_env(store), check=False)
         if proc.returncode != 0:
             reason = _uv_error(proc.stderr)
@@ -135,15 +144,25 @@ def build_into(
     env = uv_env(store)
     uv = uv_binary()
     durations: dict[str, float] = {}
+    known: dict[tuple[int, int], str] = {}
     project = staged.parent / f"{staged.name}.project"
     project.mkdir()
     try:
         (project / "pyproject.toml").write_text(files.pyproject)
         (project / "uv.lock").write_text(files.lock)
         t0 = time.monotonic()
-        log.step(f"creating a relocatable venv with Python {interp.version}")
-        venv_cmd = [uv, "venv", "--relocatable", "--prompt", "envfs", "--python", interp.path]
-        _run([*venv_cmd, "--allow-existing", str(staged)], env, log, "uv venv")
+        if interp.digest is not None:
+            info = store.read_interpreter(interp.digest)
+            log.step(f"linking the captured Python {interp.version} ({interp.digest[:12]})")
+            known = link_interpreter(store.interpreter_dir(interp.digest), info, staged)
+            python = str(staged / info.executable)
+            compile_dir = staged / info.site_packages
+        else:  # layout 1: a venv over the node's interpreter (specs written before capture)
+            log.step(f"creating a relocatable venv with Python {interp.version}")
+            venv_cmd = [uv, "venv", "--relocatable", "--prompt", "envfs", "--python", interp.path]
+            _run([*venv_cmd, "--allow-existing", str(staged)], env, log, "uv venv")
+            python = interp.path
+            compile_dir = staged / "lib"
         durations["venv"] = time.monotonic() - t0
 
         t0 = time.monotonic()
@@ -151,27 +170,29 @@ def build_into(
         sync_env = dict(env, UV_PROJECT_ENVIRONMENT=str(staged))
         sync = [uv, "sync", "--frozen", "--no-install-project", "--link-mode", "hardlink"]
         stderr = _run(
-            [*sync, "--project", str(project), "--python", interp.path], sync_env, log, "uv sync"
+            [*sync, "--project", str(project), "--python", python], sync_env, log, "uv sync"
         )
         if "falling back" in stderr.lower() and "copy" in stderr.lower():
             raise EnvironmentProblem(
                 "uv could not hardlink from its cache and fell back to copies; "
                 "keep the store and its uv-cache on one filesystem"
             )
+        if interp.digest is not None:
+            relocate_scripts(staged, compile_dir)
         durations["sync"] = time.monotonic() - t0
     finally:
         shutil.rmtree(project, ignore_errors=True)
 
     t0 = time.monotonic()
     log.step("compiling bytecode (unchecked-hash, neutral paths)")
-    compile_bytecode(staged, interp, log)
+    compile_bytecode(python, staged, compile_dir, log)
     durations["compile"] = time.monotonic() - t0
 
     t0 = time.monotonic()
     log.step("deduplicating generated files and writing the manifest")
     dedup_into_objects(store, staged)
     entries, total = scan_tree(
-        staged, forbidden=[str(staged).encode(), str(store.staging).encode()]
+        staged, forbidden=[str(staged).encode(), str(store.staging).encode()], known=known
     )
     durations["manifest"] = time.monotonic() - t0
     manifest = Manifest(
@@ -193,28 +214,29 @@ def build_into(
     return manifest
 
 
-def compile_bytecode(venv: Path, interp: Interpreter, log: BuildLog) -> None:
-    """Compile site-packages reproducibly: unchecked-hash pycs whose paths name no builder dir.
+def compile_bytecode(python: str, root: Path, target: Path, log: BuildLog) -> None:
+    """Compile ``target`` reproducibly: unchecked-hash pycs whose paths name no builder dir.
 
-    CPython rewrites a code object's file name to the real source path at import time, so a
-    relative name compiled in is harmless and keeps the bytes identical on every builder.
+    Paths are compiled in relative to ``root`` (``-s root -p /``).  CPython rewrites a code
+    object's file name to the real source path at import time, so the neutral name compiled
+    in is harmless and keeps the bytes identical on every builder.
     """
-    lib = venv / "lib"
     cmd = [
-        interp.path,
+        python,
         "-I",
+        "-B",  # the compiler's own imports must not leave timestamp pycs that compileall keeps
         "-m",
         "compileall",
         "-q",
         "-j",
         "0",
         "-s",
-        str(venv),
+        str(root),
         "-p",
         "/",
         "--invalidation-mode",
         "unchecked-hash",
-        str(lib),
+        str(target),
     ]
     env = {"PATH": os.environ.get("PATH", ""), "PYTHONHASHSEED": "0", "SOURCE_DATE_EPOCH": "0"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
@@ -223,6 +245,104 @@ def compile_bytecode(venv: Path, interp: Interpreter, log: BuildLog) -> None:
     # those files simply stay uncompiled.
     if proc.returncode not in (0, 1):
         raise BuildFailed(f"compiling bytecode failed: {proc.stderr.strip()[-300:]}")
+
+
+def link_interpreter(source: Path, info: InterpreterInfo, dest: Path) -> dict[tuple[int, int], str]:
+    """Hardlink a captured interpreter's tree into ``dest`` (directories made writable).
+
+    Returns the digest of every linked file by (device, inode): the manifest reuses them.
+    """
+    known: dict[tuple[int, int], str] = {}
+    for entry in info.files:  # sorted by path: a directory comes before its entries
+        target = dest / entry.path
+        if entry.type == "dir":
+            target.mkdir(mode=0o755)
+        elif entry.type == "symlink":
+            os.symlink(entry.target or "", target)
+        else:
+            os.link(source / entry.path, target)
+            st = os.lstat(target)
+            if entry.sha256 is not None:
+                known[(st.st_dev, st.st_ino)] = entry.sha256
+    return known
+
+
+#: How uv makes a console script relocatable: ``/bin/sh`` runs the interpreter next to the
+#: script's real path, which then reads the rest of the file as Python.
+_TRAMPOLINE = (
+    "#!/bin/sh\n"
+    '\'\'\'exec\' "$(dirname -- "$(realpath -- "$0")")"/\'{python}\' "$0" "$@"\n'
+    "' '''\n"
+)
+
+
+def relocate_scripts(prefix: Path, site_packages: Path) -> list[str]:
+    """Give console scripts that name ``prefix`` in their shebang a relocatable trampoline.
+
+    An installer writes ``#!<prefix>/bin/python`` into the scripts of a non-venv prefix; the
+    trampoline finds the interpreter next to the script wherever the env is served.  The
+    wheels' RECORDs are updated to the new contents.  Returns the scripts rewritten.
+    """
+    bin_dir = prefix / "bin"
+    rewritten: dict[str, bytes] = {}
+    for entry in sorted(os.scandir(bin_dir), key=lambda e: e.name):
+        if not entry.is_file(follow_symlinks=False):
+            continue
+        with open(entry.path, "rb") as f:
+            data = f.read()
+        found = _script_header(data, str(prefix).encode())
+        if found is None:
+            continue
+        python, rest = found
+        new = _TRAMPOLINE.format(python=python).encode() + rest
+        tmp = f"{entry.path}.envfs-tmp"
+        with open(tmp, "wb") as f:
+            f.write(new)
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, entry.path)
+        rewritten[entry.name] = new
+    if rewritten:
+        _update_records(site_packages, bin_dir, rewritten)
+    return sorted(rewritten)
+
+
+def _script_header(data: bytes, prefix: bytes) -> tuple[str, bytes] | None:
+    """(interpreter name, the script after its header) if the header names ``prefix``.
+
+    Installers write ``#!<prefix>/bin/python``, or, for a path too long for a shebang, a
+    ``/bin/sh`` header that execs ``'<prefix>/bin/python'``.
+    """
+    lines = data.split(b"\n", 3)
+    if lines[0].startswith(b"#!" + prefix + b"/"):
+        return os.path.basename(lines[0][2:].split()[0].decode()), data.partition(b"\n")[2]
+    quoted = b"'" * 3 + b"exec' '" + prefix + b"/"
+    if len(lines) == 4 and lines[0] == b"#!/bin/sh" and lines[1].startswith(quoted):
+        return os.path.basename(lines[1].split(b"'")[4].decode()), lines[3]
+    return None
+
+
+def _update_records(site_packages: Path, bin_dir: Path, rewritten: dict[str, bytes]) -> None:
+    """Put the new hash and size of rewritten scripts into the RECORD files naming them."""
+    for record in site_packages.glob("*.dist-info/RECORD"):
+        rows = list(csv.reader(io.StringIO(record.read_text())))
+        changed = False
+        for row in rows:
+            if len(row) < 3:
+                continue
+            path = os.path.normpath(site_packages / row[0])
+            name = os.path.basename(path)
+            if os.path.dirname(path) == str(bin_dir) and name in rewritten:
+                data = rewritten[name]
+                digest = hashlib.sha256(data).digest()
+                row[1] = "sha256=" + base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+                row[2] = str(len(data))
+                changed = True
+        if changed:
+            out = io.StringIO()
+            csv.writer(out, lineterminator="\n").writerows(rows)
+            tmp = record.with_name("RECORD.envfs-tmp")
+            tmp.write_text(out.getvalue())
+            os.replace(tmp, record)
 
 
 def _sha256_file(path: str) -> str:
@@ -263,9 +383,16 @@ def dedup_into_objects(store: Store, root: Path) -> int:
     return reused
 
 
-def scan_tree(root: Path, forbidden: list[bytes]) -> tuple[list[ManifestEntry], int]:
+def scan_tree(
+    root: Path, forbidden: list[bytes], known: dict[tuple[int, int], str] | None = None
+) -> tuple[list[ManifestEntry], int]:
     """Every entry under ``root`` (but ``.envfs``), with sha256 of files; check no file
-    contains a ``forbidden`` path (the staging dir): that would name the builder."""
+    contains a ``forbidden`` path (the staging dir): that would name the builder.
+
+    ``known`` gives digests of files already hashed (by device and inode), such as those
+    linked from a captured interpreter: they are neither read again nor searched.
+    """
+    known = known or {}
     entries: list[ManifestEntry] = []
     total = 0
     for dirpath, dirnames, filenames in os.walk(root):
@@ -282,6 +409,12 @@ def scan_tree(root: Path, forbidden: list[bytes]) -> tuple[list[ManifestEntry], 
                 entries.append(ManifestEntry(path=rel, type="symlink", mode=0o777, target=target))
             elif stat.S_ISDIR(st.st_mode):
                 entries.append(ManifestEntry(path=rel, type="dir", mode=mode))
+            elif stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) in known:
+                digest = known[(st.st_dev, st.st_ino)]
+                entries.append(
+                    ManifestEntry(path=rel, type="file", mode=mode, size=st.st_size, sha256=digest)
+                )
+                total += st.st_size
             elif stat.S_ISREG(st.st_mode):
                 h = hashlib.sha256()
                 with open(path, "rb") as f:

@@ -11,6 +11,8 @@ Exit codes are part of the CLI contract (docs/operations.md lists them):
     6  interpreter not found: the requested Python is not installed here
     7  busy: a lease or lock could not be had in time
     8  environment problem: uv, FUSE or the store is not usable
+    9  capture failed: an interpreter cannot be made self-contained (e.g. a library it
+       needs cannot be found on this node); nothing of it is left in the store
 """
 
 from __future__ import annotations
@@ -56,4 +58,9 @@ class Busy(EnvfsError):
 
 class EnvironmentProblem(EnvfsError):
     exit_code = 8
+    errno = _errno.EIO
+
+
+class CaptureFailed(EnvfsError):
+    exit_code = 9
     errno = _errno.EIO

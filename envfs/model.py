@@ -6,7 +6,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-LAYOUT_VERSION = 1
+#: 1: a venv whose bin/python names the builder's interpreter; 2: a self-contained prefix
+#: (the captured interpreter plus the locked packages).
+LAYOUT_VERSION = 2
 
 State = Literal["bound", "building", "ready", "failed"]
 
@@ -23,6 +25,7 @@ class Interpreter(Record):
     abi: str  # SOABI, e.g. "cpython-312-x86_64-linux-gnu"
     platform: str  # e.g. "linux-x86_64-glibc2.36"
     path: str  # where it was found on the node that wrote the spec
+    digest: str | None = None  # the captured interpreter (interpreters/<digest>/); None: layout 1
 
     @property
     def key(self) -> str:
@@ -117,6 +120,7 @@ class EnvInfo(Record):
     state: State
     snapshot_path: str
     python: str
+    layout: Literal["self-contained", "venv"] = "self-contained"
     reason: str | None = None
 
 
@@ -127,3 +131,49 @@ class AuditEvent(Record):
     snapshot_id: str | None = None
     host: str
     time: float
+
+
+class InterpreterInfo(Record):
+    """``interpreters/<digest>/.envfs/interpreter.json``: a captured, relocatable CPython."""
+
+    digest: str  # sha256 over the relocated tree (paths, modes, contents; bytecode left out)
+    implementation: str
+    version: str
+    abi: str
+    platform: str
+    executable: str  # relative to the tree, e.g. "bin/python3.12"
+    stdlib: str  # relative, e.g. "lib/python3.12"
+    site_packages: str  # relative, e.g. "lib/python3.12/site-packages"
+    libraries: list[str]  # sonames bundled into lib/envfs-libs
+    file_count: int
+    total_bytes: int
+    files: list[ManifestEntry]
+    source: str  # the prefix it was captured from
+    host: str
+    captured_at: float
+
+    def interpreter(self) -> Interpreter:
+        return Interpreter(
+            implementation=self.implementation,
+            version=self.version,
+            abi=self.abi,
+            platform=self.platform,
+            path=self.source,
+            digest=self.digest,
+        )
+
+
+class InterpreterUse(Record):
+    """What ``envfs python ls`` prints for one captured interpreter."""
+
+    digest: str
+    implementation: str
+    version: str
+    abi: str
+    platform: str
+    total_bytes: int
+    file_count: int
+    libraries: list[str]
+    source: str
+    captured_at: float
+    envs: list[str]  # bindings whose current snapshot runs it

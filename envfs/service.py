@@ -14,12 +14,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from envfs import builder, interpreters, spec
+from envfs import builder, capture, interpreters, spec
 from envfs.catalog import BindingView
 from envfs.config import Settings
 from envfs.errors import BadInput, BuildFailed, Busy, EnvfsError, NotFound
 from envfs.index import Index, open_index
-from envfs.model import EnvInfo, FailureInfo, Interpreter, Revision, SpecInfo, State
+from envfs.model import (
+    EnvInfo,
+    FailureInfo,
+    Interpreter,
+    InterpreterInfo,
+    InterpreterUse,
+    Revision,
+    SpecInfo,
+    State,
+)
 from envfs.store import Store
 
 Progress = Callable[[str], None]
@@ -80,6 +89,7 @@ class Service:
             reqs = spec.normalize_requirements(raw)
         interp = interpreters.find(inputs.python)
         self.store.ensure()
+        interp = capture.ensure_captured(self.store, interp, self.host, self.progress)
         if files is None:
             key = spec.input_key(reqs, interp)
             known = None if inputs.upgrade else self.store.input_lookup(key)
@@ -230,7 +240,9 @@ class Service:
         """Build while holding the lease: stage, build, publish, audit."""
         info = self.store.read_spec(snapshot_id)
         self.store.clean_staging(held_id=snapshot_id)
-        interp = interpreters.find_exact(info.interpreter)
+        interp = info.interpreter
+        if interp.digest is None:  # layout 1: built over this node's own interpreter
+            interp = interpreters.find_exact(interp)
         pyproject, lock = self.store.spec_files(snapshot_id)
         files = spec.ProjectFiles(pyproject=pyproject, lock=lock)
         self.store.audit("build_started", self.host, snapshot_id, pid=os.getpid())
@@ -272,6 +284,46 @@ class Service:
             )
         self.index.mark_ready(snapshot_id)
 
+    # -- interpreters ---------------------------------------------------------------------
+
+    def add_interpreter(self, request: str | None) -> InterpreterInfo:
+        """Capture a local interpreter (version or path) into the store, if it is not yet."""
+        interp = interpreters.find(request)
+        self.store.ensure()
+        captured = capture.ensure_captured(self.store, interp, self.host, self.progress)
+        assert captured.digest is not None
+        return self.store.read_interpreter(captured.digest)
+
+    def list_interpreters(self) -> list[InterpreterUse]:
+        """Every captured interpreter, with the bindings whose current snapshot runs it."""
+        users: dict[str, list[str]] = {}
+        for view in self.index.all_bindings():
+            try:
+                digest = self.store.read_spec(view.snapshot_id).interpreter.digest
+            except NotFound:
+                continue
+            if digest is not None:
+                users.setdefault(digest, []).append(f"{view.workflow}/{view.node}")
+        out = []
+        for digest in self.store.interpreter_digests():
+            info = self.store.read_interpreter(digest)
+            out.append(
+                InterpreterUse(
+                    digest=digest,
+                    implementation=info.implementation,
+                    version=info.version,
+                    abi=info.abi,
+                    platform=info.platform,
+                    total_bytes=info.total_bytes,
+                    file_count=info.file_count,
+                    libraries=info.libraries,
+                    source=info.source,
+                    captured_at=info.captured_at,
+                    envs=sorted(users.get(digest, [])),
+                )
+            )
+        return out
+
     # -- reading --------------------------------------------------------------------------
 
     def show(self, workflow: str, node: str, revision: int | None = None) -> EnvInfo:
@@ -298,9 +350,9 @@ class Service:
     def describe(self, view: BindingView) -> EnvInfo:
         state, reason = self.state(view.snapshot_id)
         try:
-            python = self.store.read_spec(view.snapshot_id).interpreter.version
+            interp: Interpreter | None = self.store.read_spec(view.snapshot_id).interpreter
         except NotFound:
-            python = "unknown"
+            interp = None
         return EnvInfo(
             workflow=view.workflow,
             node=view.node,
@@ -308,7 +360,8 @@ class Service:
             snapshot_id=view.snapshot_id,
             state=state,
             snapshot_path=str(self.store.snapshot_dir(view.snapshot_id)),
-            python=python,
+            python=interp.version if interp is not None else "unknown",
+            layout="venv" if interp is not None and interp.digest is None else "self-contained",
             reason=reason,
         )
 

@@ -1,8 +1,9 @@
 """Specs: turn user inputs into a uv project (pyproject.toml + uv.lock) and a snapshot id.
 
 The snapshot id is sha256 over the canonical lock, the canonical pyproject (it decides which
-groups a frozen sync installs), the exact interpreter (implementation, version, ABI), the
-platform tag and envfs's layout version.  Same inputs, same id, on every node.
+groups a frozen sync installs), the exact interpreter (implementation, version, ABI, and the
+digest of its captured copy in the store), the platform tag and envfs's layout version.
+Same inputs, same id, on every node.
 """
 
 from __future__ import annotations
@@ -119,6 +120,8 @@ def snapshot_id(files: ProjectFiles, interp: Interpreter) -> str:
         "interpreter": interp.key,
         "platform": interp.platform,
     }
+    if interp.digest is not None:  # layout 2: the captured interpreter's bytes
+        material["interpreter_digest"] = interp.digest
     blob = json.dumps(material, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()
 
@@ -126,7 +129,13 @@ def snapshot_id(files: ProjectFiles, interp: Interpreter) -> str:
 def input_key(reqs: list[str], interp: Interpreter) -> str:
     """Key of a requirement list (before locking): the same list reuses its first lock."""
     blob = json.dumps(
-        {"layout": LAYOUT_VERSION, "reqs": reqs, "interp": interp.key, "plat": interp.platform},
+        {
+            "layout": LAYOUT_VERSION,
+            "reqs": reqs,
+            "interp": interp.key,
+            "plat": interp.platform,
+            "digest": interp.digest,
+        },
         sort_keys=True,
     ).encode()
     return hashlib.sha256(blob).hexdigest()

@@ -28,6 +28,7 @@ from envfs.errors import EnvironmentProblem, NotFound
 from envfs.model import (
     LAYOUT_VERSION,
     FailureInfo,
+    InterpreterInfo,
     LeaseInfo,
     Manifest,
     Record,
@@ -76,6 +77,8 @@ class Store:
         "leases",
         "failed",
         "objects",
+        "interpreters",
+        "interpreters/by-source",
         "trash",
         "log",
     )
@@ -92,6 +95,7 @@ class Store:
         self.leases = root / "leases"
         self.failed = root / "failed"
         self.objects = root / "objects"
+        self.interpreters = root / "interpreters"
         self.trash = root / "trash"
         self.audit_path = root / "log" / "audit.jsonl"
         self._uuid: str | None = None
@@ -236,6 +240,9 @@ class Store:
 
         Returns False if another builder published first (our copy is deleted).
         """
+        return self._publish_dir(staged, self.snapshot_dir(snapshot_id))
+
+    def _publish_dir(self, staged: Path, final: Path) -> bool:
         make_read_only(staged)
         fd = os.open(staged, os.O_RDONLY)
         try:
@@ -243,13 +250,58 @@ class Store:
         finally:
             os.close(fd)
         try:
-            os.rename(staged, self.snapshot_dir(snapshot_id))
+            os.rename(staged, final)
         except OSError as exc:
             if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
                 raise
             remove_tree(staged)
             return False
         return True
+
+    # -- interpreters ---------------------------------------------------------------------
+
+    def interpreter_dir(self, digest: str) -> Path:
+        return self.interpreters / digest
+
+    def interpreter_ready(self, digest: str) -> bool:
+        return (self.interpreters / digest / META / "interpreter.json").exists()
+
+    def read_interpreter(self, digest: str) -> InterpreterInfo:
+        path = self.interpreters / digest / META / "interpreter.json"
+        try:
+            return self.read_model(path, InterpreterInfo)
+        except FileNotFoundError:
+            raise NotFound(
+                f"interpreter {digest[:12]} is not in the store {self.root}; "
+                "capture it with `envfs python add VERSION`"
+            ) from None
+
+    def interpreter_digests(self) -> list[str]:
+        try:
+            names = os.listdir(self.interpreters)
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if len(n) == 64 and self.interpreter_ready(n))
+
+    def new_interpreter_staging(self, host: str) -> Path:
+        path = self.staging / f"interpreter.{host}.{uuid.uuid4().hex[:12]}"
+        path.mkdir()
+        return path
+
+    def publish_interpreter(self, staged: Path, digest: str) -> bool:
+        """Publish a captured interpreter (read-only, synced, renamed; the first one wins)."""
+        return self._publish_dir(staged, self.interpreter_dir(digest))
+
+    def interpreter_for_source(self, key: str) -> str | None:
+        """The digest an installation (``key``: path, size, mtime, version) was captured as."""
+        try:
+            digest = (self.interpreters / "by-source" / key).read_text().strip()
+        except FileNotFoundError:
+            return None
+        return digest if self.interpreter_ready(digest) else None
+
+    def record_interpreter_source(self, key: str, digest: str) -> None:
+        self.replace_file(self.interpreters / "by-source" / key, digest.encode())
 
     # -- failures -------------------------------------------------------------------------
 
