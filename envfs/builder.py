@@ -317,7 +317,7 @@ def _script_header(data: bytes, prefix: bytes) -> tuple[str, bytes] | None:
         return os.path.basename(lines[0][2:].split()[0].decode()), data.partition(b"\n")[2]
     quoted = b"'" * 3 + b"exec' '" + prefix + b"/"
     if len(lines) == 4 and lines[0] == b"#!/bin/sh" and lines[1].startswith(quoted):
-        return os.path.basename(lines[1].split(b"'")[4].decode()), lines[3]
+        return os.path.basename(lines[1].split(b"'")[5].decode()), lines[3]
     return None
 
 

@@ -20,6 +20,35 @@ PY = "3.12"  # the interpreter tests build with (discovered, not downloaded)
 ENVFS = [sys.executable, "-m", "envfs"]
 
 
+#: A store holding only the captured test interpreter, made once per session (see `seeded`).
+_TEMPLATE: list[Path] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def captured_python(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Capture the test interpreter once; `make_env` stores start with it (hardlinked).
+
+    Capturing takes seconds; most tests are about envs, not about capture, so their stores
+    begin as a store would after its first `envfs python add`.  Tests of capture itself
+    use ``make_env(..., seed=False)``.
+    """
+    root = tmp_path_factory.mktemp("python-template")
+    env = make_env(root, None, seed=False)
+    env.run("python", "add", PY)
+    _TEMPLATE.append(env.store)
+    yield env.store
+    _TEMPLATE.clear()
+    remove_tree(root)
+
+
+def seed_store(store: Path) -> None:
+    """Give a new store the session's captured interpreter (its tree and pool, hardlinked)."""
+    template = _TEMPLATE[0]
+    store.mkdir(parents=True, exist_ok=True)
+    for sub in ("interpreters", "objects"):
+        subprocess.run(["cp", "-al", str(template / sub), str(store / sub)], check=True)
+
+
 @pytest.fixture(scope="session")
 def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_wheelhouse(tmp_path_factory.mktemp("wheelhouse"))
@@ -74,8 +103,10 @@ class Env:
         return set(os.listdir(d)) if d.exists() else set()
 
 
-def make_env(root: Path, wheelhouse: Path | None, host: str = "node-a") -> Env:
+def make_env(root: Path, wheelhouse: Path | None, host: str = "node-a", seed: bool = True) -> Env:
     root.mkdir(parents=True, exist_ok=True)
+    if seed and _TEMPLATE and not (root / "store").exists():
+        seed_store(root / "store")
     variables = dict(os.environ)
     variables.update(
         ENVFS_STORE=str(root / "store"),

@@ -133,10 +133,10 @@ def test_writes_and_uv_pip_install_fail_read_only(fs: tuple[Env, Path, list[Moun
     for op in (
         lambda: (mnt / "wf/a/new").write_text("x"),
         lambda: (mnt / "wf/a/bin/newdir").mkdir(),
-        lambda: (mnt / "wf/a/pyvenv.cfg").unlink(),
-        lambda: os.rename(mnt / "wf/a/pyvenv.cfg", mnt / "wf/a/x"),
-        lambda: os.chmod(mnt / "wf/a/pyvenv.cfg", 0o777),
-        lambda: os.setxattr(mnt / "wf/a/pyvenv.cfg", "user.x", b"1"),
+        lambda: (mnt / "wf/a/bin/python3.12").unlink(),
+        lambda: os.rename(mnt / "wf/a/bin/python3.12", mnt / "wf/a/x"),
+        lambda: os.chmod(mnt / "wf/a/bin/python3.12", 0o777),
+        lambda: os.setxattr(mnt / "wf/a/bin/python3.12", "user.x", b"1"),
     ):
         with pytest.raises(OSError) as err:
             op()

@@ -1,4 +1,6 @@
-"""Import speed through the mount vs the same env on local disk (pandas+numpy, sympy).
+"""Start-up and import speed through the mount vs the same env on local disk.
+
+Sets: `python -c pass` (start-up), pandas+numpy, sympy.
 
 Builds two real envs in a throwaway store, mounts it, and times `python -c "import M"` through
 MNT/WF/NODE/bin/python against the very same snapshot read directly from the store (the same
@@ -29,8 +31,10 @@ from typing import Any
 from envfs.config import Settings
 from envfs.service import Service
 
-#: (node name, module to import, requirements)
+#: (node name, module to import, requirements); module "" times `python -c pass` (start-up:
+#: the interpreter and the standard library it loads, all served by the mount too)
 SETS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("start", "", ("six==1.16.0",)),
     ("pandas", "pandas", ("pandas==2.2.3", "numpy==2.1.3")),
     ("sympy", "sympy", ("sympy==1.13.3",)),
 )
@@ -180,7 +184,7 @@ class Bench:
     def run(self, python: Path, module: str, code: str | None = None) -> tuple[float, str]:
         t0 = time.perf_counter()
         done = subprocess.run(
-            [str(python), "-c", code or f"import {module}"],
+            [str(python), "-c", code or (f"import {module}" if module else "pass")],
             env=self.run_env,
             cwd="/",
             capture_output=True,
@@ -310,6 +314,8 @@ def daemon_rss(b: Bench, envs: int) -> tuple[float, float, int]:
 def check_paths(b: Bench) -> None:
     """Both interpreters must import from where we think (the mount, the store)."""
     for node, module, _ in SETS:
+        if not module:
+            continue
         mount_env = b.mnt / "bench" / node
         for python, where in ((b.through_mount(node), mount_env), (b.local[node], None)):
             where = where or python.parent.parent

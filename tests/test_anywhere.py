@@ -1,0 +1,250 @@
+"""Self-contained envs: the interpreter is captured into the store and served with the env,
+so an env runs where nothing but the mount exists (no builder Python, no store, any user,
+a bare chroot with the mount seen at another path)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from envfs import interpreters
+from envfs.model import Interpreter, SpecInfo
+from envfs.relocate import patchelf_binary
+from tests.conftest import PY, Env, make_env
+from tests.test_e2e import Mount, fs  # noqa: F401  (fixture)
+
+pytestmark = [
+    pytest.mark.fuse,
+    pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse"),
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (unshare, chroot, setpriv)"),
+]
+
+#: What every test env must import where only the mount exists.
+STDLIB = "ssl, sqlite3, ctypes, lzma, bz2, zlib, readline, uuid, decimal, hashlib, json"
+PROBE = f"""
+import sys, {STDLIB}
+root = sys.argv[1]
+outside = [p for p in sys.path[1:] if p and not p.startswith(root + "/")]
+assert not outside, f"sys.path outside the env: {{outside}}"
+assert sys.prefix == sys.base_prefix == root, (sys.prefix, sys.base_prefix)
+assert sys.executable.startswith(root + "/"), sys.executable
+sqlite3.connect(":memory:").execute("select 1")
+ctypes.CDLL(None)
+import extra_a, base_lib
+print("ok", sys.version_info[:2], base_lib.hello())
+"""
+#: Libraries a manylinux wheel may assume of a host: all a bare chroot gets.
+HOST_LIBS = [
+    "ld-linux-x86-64.so.2",
+    "libc.so.6",
+    "libm.so.6",
+    "libpthread.so.0",
+    "libdl.so.2",
+    "librt.so.1",
+    "libutil.so.1",
+    "libresolv.so.2",
+    "libgcc_s.so.1",
+    "libstdc++.so.6",
+    "libz.so.1",
+]
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+def _pythons_to_hide(env: Env) -> list[str]:
+    """The store, the builder's interpreters (pyenv) and every system Python's library."""
+    hide = [str(env.store)]
+    pyenv = interpreters._pyenv_root()
+    if pyenv is not None:
+        hide.append(str(pyenv))
+    for base in ("/usr/lib", "/usr/local/lib"):
+        hide += [str(p) for p in Path(base).glob("python3*") if p.is_dir()]
+    return hide
+
+
+@pytest.fixture
+def built(fs: tuple[Env, Path, list[Mount]]) -> Iterator[tuple[Env, Path]]:  # noqa: F811
+    env, mnt, mounts = fs
+    env.run("build", "wf/a", "extra-a==1.0", "tool-pkg==0.1", "--python", PY)
+    mounts.append(Mount(env, mnt))
+    opened = {}  # let `nobody` reach the mountpoint; restored after the test
+    for parent in mnt.parents:
+        if parent == Path("/tmp") or parent == Path("/"):
+            break
+        opened[parent] = os.stat(parent).st_mode & 0o7777
+        os.chmod(parent, opened[parent] | 0o755)
+    yield env, mnt
+    for parent, mode in opened.items():
+        os.chmod(parent, mode)
+
+
+def test_env_runs_as_nobody_with_builder_python_and_store_hidden(
+    built: tuple[Env, Path],
+) -> None:
+    env, mnt = built
+    root = mnt / "wf/a"
+    hide = " && ".join(f"mount -t tmpfs none '{d}'" for d in _pythons_to_hide(env))
+    script = (
+        f"{hide} && test -z \"$(ls '{env.store}')\" && "
+        f"{' '.join(NOBODY)} '{root}/bin/python' -c '{PROBE}' '{root}' && "
+        f"{' '.join(NOBODY)} '{root}/bin/envfs-demo-tool'"
+    )
+    out = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=120, cwd="/"
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        "ok (3, 12) hello from base_lib",
+        f"tool {root}",
+    ]
+
+
+def test_env_runs_in_a_bare_chroot_with_the_mount_at_another_path(
+    built: tuple[Env, Path], tmp_path: Path
+) -> None:
+    _env, mnt = built
+    chroot = tmp_path / "root"
+    libdir = chroot / "lib/x86_64-linux-gnu"
+    for d in (libdir, chroot / "lib64", chroot / "dev", chroot / "proc", chroot / "envs"):
+        d.mkdir(parents=True)
+    (chroot / "tmp").mkdir(mode=0o1777)
+    for name in HOST_LIBS:
+        for src in (Path("/lib/x86_64-linux-gnu") / name, Path("/usr/lib/x86_64-linux-gnu") / name):
+            if src.exists():
+                shutil.copyfile(src, libdir / name)
+                break
+    shutil.copyfile("/lib64/ld-linux-x86-64.so.2", chroot / "lib64/ld-linux-x86-64.so.2")
+    os.chmod(chroot / "lib64/ld-linux-x86-64.so.2", 0o755)
+    script = (
+        f"mount --rbind /dev '{chroot}/dev' && mount -t proc proc '{chroot}/proc' && "
+        f"mount --bind '{mnt}' '{chroot}/envs' && "
+        f"chroot --userspec=65534:65534 '{chroot}' /envs/wf/a/bin/python -c '{PROBE}' /envs/wf/a"
+    )
+    out = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok (3, 12) hello from base_lib"
+
+
+def test_nothing_served_names_the_builder_store_or_staging(built: tuple[Env, Path]) -> None:
+    env, mnt = built
+    root = mnt / "wf/a"
+    python = os.path.realpath(root / "bin/python")
+    assert python == str(root / "bin/python3.12") and os.path.isfile(python)
+    source = Path(interpreters.find(PY).path).resolve().parents[1]
+    needles = [str(source).encode(), str(env.store).encode()]
+    files = 0
+    for dirpath, _dirs, names in os.walk(root):
+        for name in names:
+            path = Path(dirpath, name)
+            if path.is_symlink():
+                assert not os.path.isabs(os.readlink(path)), f"{path} links outside the env"
+                continue
+            data = path.read_bytes()
+            files += 1
+            for needle in needles:
+                assert needle not in data, f"{path} names {needle.decode()}"
+    assert files > 1000  # the standard library is served from the mount too
+
+
+def test_interpreter_files_are_one_inode_in_every_env(built: tuple[Env, Path]) -> None:
+    env, mnt = built
+    env.run("build", "wf/b", "extra-b==2.0", "--python", PY)
+    a, b = env.show("wf/a"), env.show("wf/b")
+    assert a["layout"] == b["layout"] == "self-contained"
+    for rel in ("bin/python3.12", "lib/libpython3.12.so.1.0", "lib/python3.12/os.py"):
+        sa = os.stat(Path(a["snapshot_path"]) / rel)
+        sb = os.stat(Path(b["snapshot_path"]) / rel)
+        assert (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino), rel
+        assert sa.st_nlink >= 4  # object pool, interpreter tree, two envs
+        ma, mb = os.stat(mnt / "wf/a" / rel), os.stat(mnt / "wf/b" / rel)
+        assert ma.st_ino == mb.st_ino, f"{rel} is two inodes through the mount"
+    listed = json.loads(env.run("python", "ls", "--json").stdout)
+    assert len(listed) == 1 and listed[0]["envs"] == ["wf/a", "wf/b"]
+    assert listed[0]["version"].startswith("3.12.") and len(listed[0]["digest"]) == 64
+
+
+def test_same_interpreter_in_two_stores_gives_one_digest_and_snapshot_id(
+    tmp_path: Path, wheelhouse: Path
+) -> None:
+    ids = []
+    for where in ("a/store-one", "somewhere/much/deeper/store-two"):
+        env = make_env(tmp_path / where, wheelhouse, seed=False)
+        added = json.loads(env.run("python", "add", PY, "--json").stdout)
+        env.run("build", "wf/a", "extra-a==1.0", "--python", PY)
+        ids.append((added["digest"], env.show("wf/a")["snapshot_id"]))
+        assert "files" not in added and added["libraries"], added
+    assert ids[0] == ids[1]
+
+
+def test_capture_of_an_unresolvable_library_fails_cleanly(tmp_path: Path) -> None:
+    source = Path(os.path.realpath(interpreters.find(PY).path)).parents[1]
+    fake = tmp_path / "python"
+    subprocess.run(["cp", "-al", str(source), str(fake)], check=True, timeout=120)
+    module = next((fake / "lib/python3.12/lib-dynload").glob("_bisect.*.so"))
+    module.unlink()  # a copy of our own, not a hardlink to the real installation
+    shutil.copyfile(next((source / "lib/python3.12/lib-dynload").glob("_bisect.*.so")), module)
+    subprocess.run(
+        [patchelf_binary(), "--add-needed", "libenvfs-missing.so.1", str(module)], check=True
+    )
+    env = make_env(tmp_path / "env", None, seed=False)
+    out = env.run("python", "add", str(fake / "bin/python3.12"), check=False)
+    assert out.returncode == 9, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "libenvfs-missing.so.1" in lines[0] and "_bisect" in lines[0], lines
+    assert env.listing("staging") == set()
+    assert env.listing("interpreters") == {"by-source"}
+    assert env.listing("interpreters/by-source") == set()
+    assert env.listing("objects") == set()
+
+
+def test_snapshot_built_before_capture_is_still_served_as_a_venv(
+    fs: tuple[Env, Path, list[Mount]],  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A layout-1 spec (no captured interpreter: a venv over the node's Python) builds,
+    serves and says what it is, as stores written before this change hold them."""
+    from envfs import builder, spec
+    from envfs.config import Settings
+    from envfs.service import Service
+
+    env, mnt, mounts = fs
+    for key, value in env.vars.items():
+        if key.startswith("UV_"):
+            monkeypatch.setenv(key, value)  # builds in this process use the local wheels
+    svc = Service(Settings.resolve(env.store, env.index))
+    svc.store.ensure()
+    old = interpreters.find(PY)
+    assert old.digest is None
+    files = builder.lock_requirements(svc.store, ["extra-a==1.0"], old)
+    sid = spec.snapshot_id(files, old)
+    info = SpecInfo(
+        snapshot_id=sid,
+        kind="requirements",
+        requirements=["extra-a==1.0"],
+        interpreter=Interpreter(**{**old.model_dump(), "digest": None}),
+        layout_version=1,
+        lock_sha256=spec.lock_digest(files.lock),
+        created=0.0,
+        host="old-node",
+    )
+    svc.store.write_spec(info, files.pyproject, files.lock)
+    svc.ensure_built(sid)
+    svc.bind("wf", "old", sid)
+    assert env.show("wf/old")["layout"] == "venv"
+    assert "layout: venv" in env.run("show", "wf/old").stdout
+    mounts.append(Mount(env, mnt))
+    out = subprocess.run(
+        [mnt / "wf/old/bin/python", "-c", "import sys, extra_a; print(sys.prefix)"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0 and out.stdout.strip() == str(mnt / "wf/old"), out.stderr
+    assert (mnt / "wf/old/pyvenv.cfg").exists()
