@@ -104,11 +104,8 @@ def test_env_runs_as_nobody_with_builder_python_and_store_hidden(
     ]
 
 
-def test_env_runs_in_a_bare_chroot_with_the_mount_at_another_path(
-    built: tuple[Env, Path], tmp_path: Path
-) -> None:
-    _env, mnt = built
-    chroot = tmp_path / "root"
+def run_in_bare_chroot(mnt: Path, chroot: Path, argv: str) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` as nobody in a chroot holding only the host libraries, the mount at /envs."""
     libdir = chroot / "lib/x86_64-linux-gnu"
     for d in (libdir, chroot / "lib64", chroot / "dev", chroot / "proc", chroot / "envs"):
         d.mkdir(parents=True)
@@ -123,13 +120,38 @@ def test_env_runs_in_a_bare_chroot_with_the_mount_at_another_path(
     script = (
         f"mount --rbind /dev '{chroot}/dev' && mount -t proc proc '{chroot}/proc' && "
         f"mount --bind '{mnt}' '{chroot}/envs' && "
-        f"chroot --userspec=65534:65534 '{chroot}' /envs/wf/a/bin/python -c '{PROBE}' /envs/wf/a"
+        f"chroot --userspec=65534:65534 '{chroot}' {argv}"
     )
-    out = subprocess.run(
-        ["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=120
+    return subprocess.run(
+        ["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_env_runs_in_a_bare_chroot_with_the_mount_at_another_path(
+    built: tuple[Env, Path], tmp_path: Path
+) -> None:
+    _env, mnt = built
+    out = run_in_bare_chroot(
+        mnt, tmp_path / "root", f"/envs/wf/a/bin/python -c '{PROBE}' /envs/wf/a"
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok (3, 12) hello from base_lib"
+
+
+@pytest.mark.network
+@pytest.mark.slow
+def test_numpy_computes_in_a_bare_chroot(pypi: Env, tmp_path: Path) -> None:
+    pypi.vars["XDG_RUNTIME_DIR"] = str(tmp_path / "run")
+    pypi.run("build", "wf/np", "numpy==2.1.3", "--python", PY)
+    mnt = tmp_path / "envs"
+    mount = Mount(pypi, mnt)
+    try:
+        code = "import numpy; print(numpy.linalg.inv(numpy.eye(3) * 2).trace())"
+        out = run_in_bare_chroot(mnt, tmp_path / "root", f"/envs/wf/np/bin/python -c '{code}'")
+    finally:
+        mount.stop()
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "1.5"
 
 
 def test_nothing_served_names_the_builder_store_or_staging(built: tuple[Env, Path]) -> None:
