@@ -6,6 +6,7 @@
     bin/python, bin/python3  relative symlinks to it
     lib/libpython3.X.so.1.0  when the installation is a shared build
     lib/python3.X/           the standard library, bytecode compiled unchecked-hash, no tests
+    pyvenv.cfg               no ``home``: only turns the user site off, as in a venv
     lib/python3.X/site-packages/   empty: the locked packages of an env go here
     lib/envfs-libs/          shared libraries beyond glibc/libgcc_s/libstdc++/libz
     include/python3.X/       headers (for packages built from source)
@@ -176,6 +177,7 @@ def capture(
     tree = store.new_interpreter_staging(host)
     try:
         sources, libpython = _copy_installation(layout, tree)
+        (tree / "pyvenv.cfg").write_text(PYVENV_CFG)
         say(f"relocating {len(sources)} ELF files")
         elves, bundled = relocate_elves(tree, sources, libpython)
         old = sorted({str(layout.prefix).encode(), os.path.realpath(layout.prefix).encode()})
@@ -265,6 +267,16 @@ def _copy_installation(layout: Layout, tree: Path) -> tuple[dict[Path, Path], Pa
         if stable.is_file() and stable.name != libpython.name:
             _copy_file(stable, tree / "lib" / stable.name, elves)
     return elves, libpython
+
+
+#: A ``pyvenv.cfg`` without ``home``: Python still finds its prefix from its own executable
+#: (so ``sys.prefix == sys.base_prefix``), and ``site`` turns the user site off, as in a venv.
+#: ``site.py`` itself cannot be patched: 3.11+ runs a frozen copy built into the interpreter.
+PYVENV_CFG = (
+    "# envfs: a complete prefix, not a venv (no home); this file only keeps the user's\n"
+    "# ~/.local site-packages off sys.path, as a venv does\n"
+    "include-system-site-packages = false\n"
+)
 
 
 def _copy_file(src: Path, dest: Path, elves: dict[Path, Path]) -> None:

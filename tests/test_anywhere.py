@@ -175,6 +175,30 @@ def test_nothing_served_names_the_builder_store_or_staging(built: tuple[Env, Pat
     assert files > 1000  # the standard library is served from the mount too
 
 
+def test_the_task_users_own_site_packages_stay_out(built: tuple[Env, Path], tmp_path: Path) -> None:
+    """Like a venv, an env ignores ~/.local/lib/pythonX.Y/site-packages (PYTHONPATH works)."""
+    _env, mnt = built
+    user_site = tmp_path / "home/.local/lib/python3.12/site-packages"
+    user_site.mkdir(parents=True)
+    (user_site / "leaked_from_home.py").write_text("")
+    (tmp_path / "extra").mkdir()
+    (tmp_path / "extra/on_pythonpath.py").write_text("")
+    code = (
+        "import importlib.util as u, site, sys\n"
+        "print(site.ENABLE_USER_SITE, u.find_spec('leaked_from_home') is None,"
+        " u.find_spec('on_pythonpath') is not None)"
+    )
+    out = subprocess.run(
+        [mnt / "wf/a/bin/python", "-c", code],
+        env={"HOME": str(tmp_path / "home"), "PYTHONPATH": str(tmp_path / "extra")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "True", "True"]
+
+
 def test_interpreter_files_are_one_inode_in_every_env(built: tuple[Env, Path]) -> None:
     env, mnt = built
     env.run("build", "wf/b", "extra-b==2.0", "--python", PY)
@@ -269,4 +293,5 @@ def test_snapshot_built_before_capture_is_still_served_as_a_venv(
         timeout=60,
     )
     assert out.returncode == 0 and out.stdout.strip() == str(mnt / "wf/old"), out.stderr
-    assert (mnt / "wf/old/pyvenv.cfg").exists()
+    assert os.path.isabs(os.readlink(mnt / "wf/old/bin/python"))  # the builder's interpreter
+    assert "home = " in (mnt / "wf/old/pyvenv.cfg").read_text()
