@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from envfs.builder import BuildLog, compile_bytecode, dedup_into_objects, scan_tree, tree_digest
-from envfs.errors import BadInput, CaptureFailed, InterpreterNotFound
-from envfs.interpreters import probe
+from envfs.errors import BadInput, CaptureFailed
+from envfs.interpreters import probe, run_probe
 from envfs.model import Interpreter, InterpreterInfo
 from envfs.relocate import (
     PLACEHOLDER,
@@ -104,17 +104,7 @@ class Layout:
 
 def read_layout(python: Path) -> Layout:
     """Ask an interpreter where its parts are; refuse what cannot be captured as a prefix."""
-    try:
-        out = subprocess.run(
-            [str(python), "-I", "-S", "-c", _LAYOUT_PROBE],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        ).stdout
-        data = json.loads(out)
-    except (OSError, subprocess.SubprocessError, ValueError) as exc:
-        raise InterpreterNotFound(f"{python} does not run as a Python interpreter") from exc
+    data = run_probe(python, _LAYOUT_PROBE)
     prefix = Path(data["prefix"])
     executable = Path(data["executable"])
     stdlib = Path(data["stdlib"])

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from envfs.errors import BadInput, InterpreterNotFound
 from envfs.model import Interpreter
@@ -73,6 +74,24 @@ def candidates() -> Iterator[Path]:
             yield path
 
 
+def run_probe(python: Path, script: str) -> dict[str, Any]:
+    """Run ``script`` (which prints one JSON object) in ``python``, isolated and without site."""
+    try:
+        out = subprocess.run(
+            [str(python), "-I", "-S", "-c", script],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+        data = json.loads(out)
+    except (OSError, subprocess.SubprocessError, ValueError) as exc:
+        raise InterpreterNotFound(f"{python} does not run as a Python interpreter") from exc
+    if not isinstance(data, dict):
+        raise InterpreterNotFound(f"{python} does not run as a Python interpreter")
+    return data
+
+
 def _probe_cache_path() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "envfs" / "interpreters.json"
@@ -101,17 +120,7 @@ def probe(path: Path) -> Interpreter:
     key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
     data = _probe_cache.get(key)
     if data is None:
-        try:
-            out = subprocess.run(
-                [str(path), "-I", "-S", "-c", _PROBE],
-                capture_output=True,
-                text=True,
-                timeout=30,
-                check=True,
-            ).stdout
-            data = json.loads(out)
-        except (OSError, subprocess.SubprocessError, ValueError) as exc:
-            raise InterpreterNotFound(f"{path} does not run as a Python interpreter") from exc
+        data = run_probe(path, _PROBE)
         _probe_cache[key] = data
         cache = _probe_cache_path()
         try:

@@ -307,21 +307,8 @@ class Service:
         out = []
         for digest in self.store.interpreter_digests():
             info = self.store.read_interpreter(digest)
-            out.append(
-                InterpreterUse(
-                    digest=digest,
-                    implementation=info.implementation,
-                    version=info.version,
-                    abi=info.abi,
-                    platform=info.platform,
-                    total_bytes=info.total_bytes,
-                    file_count=info.file_count,
-                    libraries=info.libraries,
-                    source=info.source,
-                    captured_at=info.captured_at,
-                    envs=sorted(users.get(digest, [])),
-                )
-            )
+            fields = info.model_dump(include=set(InterpreterUse.model_fields) - {"envs"})
+            out.append(InterpreterUse(**fields, envs=sorted(users.get(digest, []))))
         return out
 
     # -- reading --------------------------------------------------------------------------

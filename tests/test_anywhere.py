@@ -219,13 +219,17 @@ def test_interpreter_files_are_one_inode_in_every_env(built: tuple[Env, Path]) -
 def test_same_interpreter_in_two_stores_gives_one_digest_and_snapshot_id(
     tmp_path: Path, wheelhouse: Path
 ) -> None:
+    """Store one captures on first use (`build`), store two ahead of time (`python add`)."""
     ids = []
-    for where in ("a/store-one", "somewhere/much/deeper/store-two"):
+    for where, add_first in (("a/store-one", False), ("somewhere/much/deeper/store-two", True)):
         env = make_env(tmp_path / where, wheelhouse, seed=False)
-        added = json.loads(env.run("python", "add", PY, "--json").stdout)
+        if add_first:
+            added = json.loads(env.run("python", "add", PY, "--json").stdout)
+            assert "files" not in added and added["libraries"], added
         env.run("build", "wf/a", "extra-a==1.0", "--python", PY)
-        ids.append((added["digest"], env.show("wf/a")["snapshot_id"]))
-        assert "files" not in added and added["libraries"], added
+        (listed,) = json.loads(env.run("python", "ls", "--json").stdout)
+        assert listed["envs"] == ["wf/a"]
+        ids.append((listed["digest"], env.show("wf/a")["snapshot_id"]))
     assert ids[0] == ids[1]
 
 
