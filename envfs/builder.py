@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from envfs import bytecode
 from envfs.errors import BadInput, BuildFailed, EnvironmentProblem
 from envfs.model import Interpreter, InterpreterInfo, Manifest, ManifestEntry
 from envfs.spec import ProjectFiles, render_pyproject
@@ -78,13 +79,32 @@ def python_path(store: Store, interp: Interpreter) -> str:
     return interp.path
 
 
-def lock_requirements(store: Store, reqs: list[str], interp: Interpreter) -> ProjectFiles:
-    """Write a pyproject for ``reqs`` with tomlkit and lock it with uv (nothing else written)."""
+def lock_requirements(
+    store: Store,
+    reqs: list[str],
+    interp: Interpreter,
+    seed: str | None = None,
+    offline_first: bool = False,
+) -> ProjectFiles:
+    """Write a pyproject for ``reqs`` with tomlkit and lock it with uv (nothing else written).
+
+    ``seed``: a known lock of a similar list; uv keeps the versions it names where they
+    still fit, so the new env differs from that one only where the list does.
+    ``offline_first``: try with uv's cache alone (no index round trips) before going online.
+    """
     pyproject = render_pyproject(reqs, interp)
     with tempfile.TemporaryDirectory(dir=store.staging, prefix=".lock-") as tmp:
         (Path(tmp) / "pyproject.toml").write_text(pyproject)
+        if seed is not None:
+            (Path(tmp) / "uv.lock").write_text(seed)
         cmd = [uv_binary(), "lock", "--project", tmp, "--python", python_path(store, interp)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=uv_env(store), check=False)
+        env = uv_env(store)
+        proc = None
+        if offline_first:
+            offline = [*cmd, "--offline"]
+            proc = subprocess.run(offline, capture_output=True, text=True, env=env, check=False)
+        if proc is None or proc.returncode != 0:
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
         if proc.returncode != 0:
             reason = _uv_error(proc.stderr)
             if "fetch" in reason.lower() or "connect" in reason.lower() or "dns" in reason.lower():
@@ -115,12 +135,22 @@ class BuildLog:
 
 
 def _run(cmd: list[str], env: dict[str, str], log: BuildLog, what: str) -> str:
+    """Run uv; its output goes to the build log and, line by line, to the progress."""
     log.step(f"$ {' '.join(cmd)}", show=False)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    log.output(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        raise BuildFailed(f"{what} failed: {_uv_error(proc.stderr or proc.stdout)}")
-    return proc.stderr
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
+    assert proc.stdout is not None
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if log.progress is not None and line.strip():
+            log.progress(f"uv: {line.strip()}")
+    output = "".join(lines)
+    log.output(output)
+    if proc.wait() != 0:
+        raise BuildFailed(f"{what} failed: {_uv_error(output)}")
+    return output
 
 
 def build_into(
@@ -184,22 +214,35 @@ def build_into(
         shutil.rmtree(project, ignore_errors=True)
 
     t0 = time.monotonic()
-    log.step("compiling bytecode (unchecked-hash, neutral paths)")
-    compile_bytecode(python, staged, compile_dir, log)
+    if interp.digest is not None:
+        log.step("bytecode: reusing what earlier builds compiled, compiling the rest")
+
+        def compile_files(sources: list[Path]) -> None:
+            compile_bytecode(python, staged, sources, log)
+
+        stats = bytecode.compile_with_pool(
+            store, staged, compile_dir, interp.digest, info.tag(), compile_files, known, log.step
+        )
+        log.step(stats.summary())
+    else:
+        log.step("compiling bytecode (unchecked-hash, neutral paths)")
+        compile_bytecode(python, staged, [compile_dir], log)
     durations["compile"] = time.monotonic() - t0
 
     t0 = time.monotonic()
     log.step("deduplicating generated files and writing the manifest")
-    dedup_into_objects(store, staged)
+    dedup_into_objects(store, staged, known)
     entries, total = scan_tree(
         staged, forbidden=[str(staged).encode(), str(store.staging).encode()], known=known
     )
+    file_count = sum(e.type == "file" for e in entries)
+    log.step(f"manifest: {file_count} files, {len(known)} digests known before the scan")
     durations["manifest"] = time.monotonic() - t0
     manifest = Manifest(
         snapshot_id=snapshot_id,
         tree_digest=tree_digest(entries),
         files=entries,
-        file_count=sum(e.type == "file" for e in entries),
+        file_count=file_count,
         total_bytes=total,
         builder=host,
         uv_version=uv_version(),
@@ -214,32 +257,37 @@ def build_into(
     return manifest
 
 
-def compile_bytecode(python: str, root: Path, target: Path, log: BuildLog) -> None:
-    """Compile ``target`` reproducibly: unchecked-hash pycs whose paths name no builder dir.
+def compile_bytecode(python: str, root: Path, targets: list[Path], log: BuildLog) -> None:
+    """Compile ``targets`` (files or directories) reproducibly: unchecked-hash pycs whose
+    paths name no builder dir, in parallel.
 
     Paths are compiled in relative to ``root`` (``-s root -p /``).  CPython rewrites a code
     object's file name to the real source path at import time, so the neutral name compiled
     in is harmless and keeps the bytes identical on every builder.
     """
-    cmd = [
-        python,
-        "-I",
-        "-B",  # the compiler's own imports must not leave timestamp pycs that compileall keeps
-        "-m",
-        "compileall",
-        "-q",
-        "-j",
-        "0",
-        "-s",
-        str(root),
-        "-p",
-        "/",
-        "--invalidation-mode",
-        "unchecked-hash",
-        str(target),
-    ]
-    env = {"PATH": os.environ.get("PATH", ""), "PYTHONHASHSEED": "0", "SOURCE_DATE_EPOCH": "0"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    with tempfile.NamedTemporaryFile("w", dir=root.parent, prefix=".compile-", suffix=".txt") as f:
+        f.write("".join(f"{t}\n" for t in targets))
+        f.flush()
+        cmd = [
+            python,
+            "-I",
+            "-B",  # the compiler's own imports must not leave timestamp pycs that compileall keeps
+            "-m",
+            "compileall",
+            "-q",
+            "-j",
+            "0",
+            "-s",
+            str(root),
+            "-p",
+            "/",
+            "--invalidation-mode",
+            "unchecked-hash",
+            "-i",
+            f.name,
+        ]
+        env = {"PATH": os.environ.get("PATH", ""), "PYTHONHASHSEED": "0", "SOURCE_DATE_EPOCH": "0"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     log.output(proc.stdout + proc.stderr)
     # compileall exits 1 if any file fails to compile (some packages ship py2-only tests);
     # those files simply stay uncompiled.
@@ -353,11 +401,14 @@ def _sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
-def dedup_into_objects(store: Store, root: Path) -> int:
+def dedup_into_objects(
+    store: Store, root: Path, known: dict[tuple[int, int], str] | None = None
+) -> int:
     """Hardlink files made by the build (not from uv's cache) into ``objects/``.
 
     Bytecode, RECORDs and entry-point scripts are identical across envs that share a
     package; the content-addressed pool makes them one inode like uv's cache does.
+    The digests computed are added to ``known`` (by device and inode).
     Returns the number of files replaced by an existing object.
     """
     reused = 0
@@ -369,17 +420,10 @@ def dedup_into_objects(store: Store, root: Path) -> int:
                 continue
             mode = stat.S_IMODE(st.st_mode) & ~0o222
             digest = _sha256_file(path)
-            obj_dir = store.objects / digest[:2]
-            obj_dir.mkdir(exist_ok=True)
-            obj = obj_dir / f"{digest}.{mode:o}"
-            try:
-                os.link(path, obj)
-                os.chmod(obj, mode)
-            except FileExistsError:
-                tmp = f"{path}.envfs-dedup"
-                os.link(obj, tmp)
-                os.replace(tmp, path)
-                reused += 1
+            reused += store.pool_file(path, digest, mode)
+            if known is not None:
+                st = os.lstat(path)
+                known[(st.st_dev, st.st_ino)] = digest
     return reused
 
 

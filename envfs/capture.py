@@ -64,6 +64,7 @@ print(json.dumps({
     "ldlibrary": cv("LDLIBRARY") or "",
     "instsoname": cv("INSTSONAME") or "",
     "shared": bool(cv("Py_ENABLE_SHARED")),
+    "cache_tag": sys.implementation.cache_tag or "",
 }))
 """
 
@@ -96,6 +97,7 @@ class Layout:
     include: Path
     libpython: Path | None  # the shared library, if a shared build
     ldlibrary: str  # its link name, e.g. libpython3.12.so
+    cache_tag: str  # sys.implementation.cache_tag, e.g. cpython-312
 
     @property
     def stdlib_rel(self) -> str:
@@ -123,7 +125,15 @@ def read_layout(python: Path) -> Layout:
         if not candidate.is_file():
             raise CaptureFailed(f"{python} is a shared build but {candidate} does not exist")
         libpython = candidate
-    return Layout(prefix, executable, stdlib, Path(data["include"]), libpython, data["ldlibrary"])
+    return Layout(
+        prefix,
+        executable,
+        stdlib,
+        Path(data["include"]),
+        libpython,
+        data["ldlibrary"],
+        data["cache_tag"],
+    )
 
 
 def source_key(interp: Interpreter) -> str:
@@ -185,7 +195,7 @@ def capture(
         say("compiling the standard library (unchecked-hash bytecode)")
         exe = tree / "bin" / layout.executable.name
         log = BuildLog(None, store.root)
-        compile_bytecode(str(exe), tree, tree / layout.stdlib_rel, log)
+        compile_bytecode(str(exe), tree, [tree / layout.stdlib_rel], log)
         _check_runs(exe, tree)
         entries, total = scan_tree(tree, forbidden=[str(tree).encode()])
         sources_only = [e for e in entries if "__pycache__" not in e.path.split("/")]
@@ -199,6 +209,7 @@ def capture(
             executable=f"bin/{layout.executable.name}",
             stdlib=layout.stdlib_rel,
             site_packages=rel_site,
+            cache_tag=layout.cache_tag,
             libraries=bundled,
             file_count=sum(e.type == "file" for e in entries),
             total_bytes=total,

@@ -144,6 +144,7 @@ class InterpreterInfo(Record):
     executable: str  # relative to the tree, e.g. "bin/python3.12"
     stdlib: str  # relative, e.g. "lib/python3.12"
     site_packages: str  # relative, e.g. "lib/python3.12/site-packages"
+    cache_tag: str = ""  # sys.implementation.cache_tag, e.g. "cpython-312"
     libraries: list[str]  # sonames bundled into lib/envfs-libs
     file_count: int
     total_bytes: int
@@ -151,6 +152,13 @@ class InterpreterInfo(Record):
     source: str  # the prefix it was captured from
     host: str
     captured_at: float
+
+    def tag(self) -> str:
+        """The bytecode cache tag (``__pycache__/<module>.<tag>.pyc``)."""
+        if self.cache_tag:
+            return self.cache_tag
+        major, minor = self.version.split(".")[:2]
+        return f"{self.implementation}-{major}{minor}"
 
     def interpreter(self) -> Interpreter:
         return Interpreter(

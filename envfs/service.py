@@ -95,8 +95,7 @@ class Service:
             known = None if inputs.upgrade else self.store.input_lookup(key)
             if known is not None and (self.store.spec_dir(known) / "spec.json").exists():
                 return Resolved(known, interp)
-            self._say(f"locking {len(reqs)} requirement(s) with uv for Python {interp.version}")
-            files = builder.lock_requirements(self.store, reqs, interp)
+            files = self._lock(reqs, interp, upgrade=inputs.upgrade)
         sid = spec.snapshot_id(files, interp)
         info = SpecInfo(
             snapshot_id=sid,
@@ -112,6 +111,31 @@ class Service:
         if inputs.project is None:
             self.store.input_record(spec.input_key(reqs, interp), sid)
         return Resolved(sid, interp)
+
+    def _lock(self, reqs: list[str], interp: Interpreter, upgrade: bool) -> spec.ProjectFiles:
+        """Lock a new requirement list, starting from the most similar known lock.
+
+        Where the list adds or changes only exact pins, uv's cache alone can resolve it
+        (no index round trips); anything else, and ``--upgrade``, asks the index.
+        """
+        what = f"{len(reqs)} requirement(s) with uv for Python {interp.version}"
+        near = (
+            None
+            if upgrade or interp.digest is None
+            else self.store.nearest_spec(reqs, interp.digest)
+        )
+        if near is None:
+            self._say(f"locking {what}")
+            return builder.lock_requirements(self.store, reqs, interp)
+        info, seed = near
+        new = set(reqs) - set(info.requirements)
+        offline = all(spec.is_exact_pin(r) for r in new)
+        shared = len(reqs) - len(new)
+        self._say(
+            f"locking {what}, from the lock of {info.snapshot_id[:12]} ({shared} in common)"
+            + (", from uv's cache first" if offline else "")
+        )
+        return builder.lock_requirements(self.store, reqs, interp, seed=seed, offline_first=offline)
 
     # -- bindings -------------------------------------------------------------------------
 

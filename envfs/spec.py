@@ -69,6 +69,15 @@ def normalize_requirements(reqs: list[str]) -> list[str]:
     return sorted(set(out), key=str.lower)
 
 
+_EXACT_PIN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(\[[^\]]*\])?\s*===?\s*[^\s*,;]+$")
+
+
+def is_exact_pin(req: str) -> bool:
+    """``name==1.2.3`` (extras allowed, no wildcard, no marker): one version, wherever it
+    is resolved, so the cache alone resolves it as well as the index would."""
+    return _EXACT_PIN.match(req) is not None
+
+
 def render_pyproject(reqs: list[str], interp: Interpreter) -> str:
     """The pyproject.toml envfs writes for a requirement list."""
     doc = tomlkit.document()

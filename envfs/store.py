@@ -77,6 +77,7 @@ class Store:
         "leases",
         "failed",
         "objects",
+        "bytecode",
         "interpreters",
         "interpreters/by-source",
         "trash",
@@ -95,6 +96,7 @@ class Store:
         self.leases = root / "leases"
         self.failed = root / "failed"
         self.objects = root / "objects"
+        self.bytecode = root / "bytecode"
         self.interpreters = root / "interpreters"
         self.trash = root / "trash"
         self.audit_path = root / "log" / "audit.jsonl"
@@ -200,6 +202,33 @@ class Store:
         d = self.spec_dir(snapshot_id)
         return (d / "pyproject.toml").read_text(), (d / "uv.lock").read_text()
 
+    def nearest_spec(
+        self, reqs: list[str], interpreter: str, scan: int = 200
+    ) -> tuple[SpecInfo, str] | None:
+        """The requirement-list spec (and its lock) sharing the most requirements with
+        ``reqs`` for this interpreter digest, among the ``scan`` newest specs; None if none
+        shares any."""
+        try:
+            entries = [e for e in os.scandir(self.specs) if e.is_dir(follow_symlinks=False)]
+        except FileNotFoundError:
+            return None
+        entries.sort(key=lambda e: e.stat(follow_symlinks=False).st_mtime, reverse=True)
+        wanted = set(reqs)
+        best: tuple[int, SpecInfo] | None = None
+        for entry in entries[:scan]:
+            try:
+                info = self.read_model(Path(entry.path) / "spec.json", SpecInfo)
+            except (FileNotFoundError, EnvironmentProblem):
+                continue
+            if info.kind != "requirements" or info.interpreter.digest != interpreter:
+                continue
+            score = len(wanted & set(info.requirements))
+            if score and (best is None or score > best[0]):
+                best = (score, info)
+        if best is None:
+            return None
+        return best[1], (self.spec_dir(best[1].snapshot_id) / "uv.lock").read_text()
+
     def input_lookup(self, key: str) -> str | None:
         try:
             return (self.inputs / key).read_text().strip() or None
@@ -302,6 +331,59 @@ class Store:
 
     def record_interpreter_source(self, key: str, digest: str) -> None:
         self.replace_file(self.interpreters / "by-source" / key, digest.encode())
+
+    # -- content pool and bytecode pool ---------------------------------------------------
+
+    def object_path(self, digest: str, mode: int) -> Path:
+        """The pool's file of this content and mode (``objects/<xx>/<sha256>.<mode>``)."""
+        return self.objects / digest[:2] / f"{digest}.{mode:o}"
+
+    def pool_file(self, path: str, digest: str, mode: int, data: bytes | None = None) -> bool:
+        """Make ``path`` one inode with the pool's object of its content.
+
+        The file becomes the object if there is none yet; otherwise it is replaced by a link
+        to the object (True is returned).  With ``data`` (the file's bytes), an existing
+        object is compared first, and one that does not hold them is quarantined.
+        """
+        obj = self.object_path(digest, mode)
+        obj.parent.mkdir(exist_ok=True)
+        for _ in range(2):
+            try:
+                os.link(path, obj)
+                os.chmod(obj, mode)
+                return False
+            except FileExistsError:
+                if data is not None and obj.read_bytes() != data:
+                    self.quarantine(obj)
+                    continue
+                tmp = f"{path}.envfs-dedup"
+                os.link(obj, tmp)
+                os.replace(tmp, path)
+                return True
+        raise EnvironmentProblem(f"cannot pool {path}: {obj} keeps changing")
+
+    def quarantine(self, path: Path) -> Path:
+        """Move a damaged pool file to ``trash/`` (existing hardlinks keep their inode)."""
+        dest = self.trash / f"damaged-{path.name}.{uuid.uuid4().hex[:12]}"
+        os.rename(path, dest)
+        return dest
+
+    def bytecode_object(self, key: str) -> Path | None:
+        """The pooled bytecode compiled for ``key`` (see `envfs.bytecode`), or None."""
+        link = self.bytecode / key[:2] / key
+        try:
+            return link.parent / os.readlink(link)
+        except (FileNotFoundError, OSError):
+            return None
+
+    def record_bytecode(self, key: str, digest: str, mode: int) -> None:
+        """Remember that ``key`` compiles to the pool's object ``digest``/``mode``."""
+        link = self.bytecode / key[:2] / key
+        link.parent.mkdir(exist_ok=True)
+        target = os.path.relpath(self.object_path(digest, mode), link.parent)
+        tmp = link.with_name(f".{key}.{uuid.uuid4().hex[:12]}")
+        os.symlink(target, tmp)
+        os.replace(tmp, link)
 
     # -- failures -------------------------------------------------------------------------
 

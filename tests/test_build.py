@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -266,3 +269,63 @@ def test_real_pypi_packages_build_and_share_inodes(pypi: Env) -> None:
         text=True,
     )
     assert out.returncode == 0, out.stderr
+
+
+def _bytecode_stats(env: Env, target: str) -> tuple[int, int, int]:
+    """(modules, reused, compiled) from the build log of ``target``'s snapshot."""
+    log = (Path(env.show(target)["snapshot_path"]) / ".envfs/build.log").read_text()
+    match = re.search(r"bytecode: (\d+) modules, (\d+) reused, (\d+) compiled", log)
+    assert match is not None, log
+    return int(match[1]), int(match[2]), int(match[3])
+
+
+def _manifest(env: Env, target: str) -> dict[str, Any]:
+    path = Path(env.show(target)["snapshot_path"]) / ".envfs/manifest.json"
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data
+
+
+def test_reused_bytecode_build_is_byte_identical_to_a_fresh_one(
+    tmp_path: Path, wheelhouse: Path
+) -> None:
+    one = make_env(tmp_path / "one", wheelhouse)
+    one.run("build", "wf/a", "extra-a==1.0", "--python", PY)
+    one.run("build", "wf/b", "extra-a==1.0", "tool-pkg==0.1", "--python", PY)
+    modules, reused, compiled = _bytecode_stats(one, "wf/b")
+    assert reused > 0 and compiled > 0 and reused + compiled == modules  # base_lib from wf/a
+    sid = one.show("wf/b")["snapshot_id"]
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in ("pyproject.toml", "uv.lock"):
+        (project / name).write_bytes((one.store / "specs" / sid / name).read_bytes())
+    fresh = make_env(tmp_path / "fresh", wheelhouse)
+    fresh.run("build", "wf/b", "--project", str(project), "--python", PY)
+    assert fresh.show("wf/b")["snapshot_id"] == sid
+    assert _bytecode_stats(fresh, "wf/b") == (modules, 0, modules)
+    a, b = _manifest(one, "wf/b"), _manifest(fresh, "wf/b")
+    assert a["files"] == b["files"] and a["tree_digest"] == b["tree_digest"]
+    assert any(f["path"].endswith(".pyc") for f in a["files"])
+
+
+def test_damaged_bytecode_in_the_pool_is_detected_not_served(local: Env) -> None:
+    local.run("build", "wf/a", "extra-a==1.0", "--python", PY)
+    rel = "lib/python3.12/site-packages/base_lib/__pycache__/__init__.cpython-312.pyc"
+    (entry,) = [f for f in _manifest(local, "wf/a")["files"] if f["path"] == rel]
+    good = entry["sha256"]
+    obj = local.store / "objects" / good[:2] / f"{good}.444"
+    assert os.stat(obj).st_ino == os.stat(Path(local.show("wf/a")["snapshot_path"]) / rel).st_ino
+    os.chmod(obj, 0o644)
+    data = bytearray(obj.read_bytes())
+    data[-3] ^= 0xFF  # a flipped byte in the code object
+    obj.write_bytes(bytes(data))
+    os.chmod(obj, 0o444)
+
+    local.run("build", "wf/b", "extra-a==1.0", "tool-pkg==0.1", "--python", PY)
+    served = Path(local.show("wf/b")["snapshot_path"]) / rel
+    assert hashlib.sha256(served.read_bytes()).hexdigest() == good
+    assert _bytecode_stats(local, "wf/b")[1] > 0  # other modules still came from the pool
+    log = (Path(local.show("wf/b")["snapshot_path"]) / ".envfs/build.log").read_text()
+    assert "damaged bytecode in the pool" in log
+    assert any(n.startswith(f"damaged-{good}") for n in local.listing("trash"))
+    assert local.run("verify", "wf/b").returncode == 0
+    assert local.run("verify", "wf/a", check=False).returncode == 5  # the old one is damaged
