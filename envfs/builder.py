@@ -257,9 +257,30 @@ def build_into(
     return manifest
 
 
+#: Compiles the files listed in argv[2] as ``compileall -s argv[1] -p /`` would, in parallel
+#: (compileall itself compiles files named on its command line one by one).
+_COMPILE_FILES = """
+import compileall, functools, py_compile, sys
+root, listing = sys.argv[1], sys.argv[2]
+with open(listing) as f:
+    files = f.read().splitlines()
+work = functools.partial(
+    compileall.compile_file, force=True, quiet=1, stripdir=root, prependdir="/",
+    invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH,
+)
+if len(files) < 64:
+    ok = all([work(f) for f in files])
+else:
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor() as pool:
+        ok = all(pool.map(work, files, chunksize=16))
+sys.exit(0 if ok else 1)
+"""
+
+
 def compile_bytecode(python: str, root: Path, targets: list[Path], log: BuildLog) -> None:
-    """Compile ``targets`` (files or directories) reproducibly: unchecked-hash pycs whose
-    paths name no builder dir, in parallel.
+    """Compile ``targets`` (all files, or all directories) reproducibly: unchecked-hash pycs
+    whose paths name no builder dir, in parallel.
 
     Paths are compiled in relative to ``root`` (``-s root -p /``).  CPython rewrites a code
     object's file name to the real source path at import time, so the neutral name compiled
@@ -268,24 +289,12 @@ def compile_bytecode(python: str, root: Path, targets: list[Path], log: BuildLog
     with tempfile.NamedTemporaryFile("w", dir=root.parent, prefix=".compile-", suffix=".txt") as f:
         f.write("".join(f"{t}\n" for t in targets))
         f.flush()
-        cmd = [
-            python,
-            "-I",
-            "-B",  # the compiler's own imports must not leave timestamp pycs that compileall keeps
-            "-m",
-            "compileall",
-            "-q",
-            "-j",
-            "0",
-            "-s",
-            str(root),
-            "-p",
-            "/",
-            "--invalidation-mode",
-            "unchecked-hash",
-            "-i",
-            f.name,
-        ]
+        # -B: the compiler's own imports must not leave timestamp pycs that compileall keeps
+        if all(t.is_dir() for t in targets):
+            cmd = [python, "-I", "-B", "-m", "compileall", "-q", "-j", "0", "-s", str(root)]
+            cmd += ["-p", "/", "--invalidation-mode", "unchecked-hash", *map(str, targets)]
+        else:
+            cmd = [python, "-I", "-B", "-c", _COMPILE_FILES, str(root), f.name]
         env = {"PATH": os.environ.get("PATH", ""), "PYTHONHASHSEED": "0", "SOURCE_DATE_EPOCH": "0"}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     log.output(proc.stdout + proc.stderr)

@@ -14,7 +14,7 @@ State = Literal["bound", "building", "ready", "failed"]
 
 
 class Record(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    model_config = ConfigDict(extra="ignore", frozen=True, defer_build=True)
 
 
 class Interpreter(Record):
