@@ -19,6 +19,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from envfs import bytecode
 from envfs.errors import BadInput, BuildFailed, EnvironmentProblem
@@ -161,6 +162,7 @@ def build_into(
     snapshot_id: str,
     host: str,
     log: BuildLog,
+    cache: DigestCache | None = None,
 ) -> Manifest:
     """Build the venv of ``files`` into ``staged`` (an empty staging dir) and write its manifest.
 
@@ -233,7 +235,10 @@ def build_into(
     log.step("deduplicating generated files and writing the manifest")
     dedup_into_objects(store, staged, known)
     entries, total = scan_tree(
-        staged, forbidden=[str(staged).encode(), str(store.staging).encode()], known=known
+        staged,
+        forbidden=[str(staged).encode(), str(store.staging).encode()],
+        known=known,
+        cache=cache,
     )
     file_count = sum(e.type == "file" for e in entries)
     log.step(f"manifest: {file_count} files, {len(known)} digests known before the scan")
@@ -436,16 +441,30 @@ def dedup_into_objects(
     return reused
 
 
+class DigestCache(Protocol):
+    """Digests of files by inode, size and mtime (the node's index keeps them)."""
+
+    def cached_digest(self, st: os.stat_result) -> str | None: ...
+
+    def remember_digests(self, items: list[tuple[os.stat_result, str]]) -> None: ...
+
+
 def scan_tree(
-    root: Path, forbidden: list[bytes], known: dict[tuple[int, int], str] | None = None
+    root: Path,
+    forbidden: list[bytes],
+    known: dict[tuple[int, int], str] | None = None,
+    cache: DigestCache | None = None,
 ) -> tuple[list[ManifestEntry], int]:
     """Every entry under ``root`` (but ``.envfs``), with sha256 of files; check no file
     contains a ``forbidden`` path (the staging dir): that would name the builder.
 
     ``known`` gives digests of files already hashed (by device and inode), such as those
     linked from a captured interpreter: they are neither read again nor searched.
+    ``cache`` does the same across builds for files shared with uv's cache (hardlinks,
+    unchanged since hashed): wheels' files, which cannot name a staging dir.
     """
     known = known or {}
+    learned: list[tuple[os.stat_result, str]] = []
     entries: list[ManifestEntry] = []
     total = 0
     for dirpath, dirnames, filenames in os.walk(root):
@@ -460,31 +479,34 @@ def scan_tree(
             if stat.S_ISLNK(st.st_mode):
                 target = os.readlink(path)
                 entries.append(ManifestEntry(path=rel, type="symlink", mode=0o777, target=target))
-            elif stat.S_ISDIR(st.st_mode):
+                continue
+            if stat.S_ISDIR(st.st_mode):
                 entries.append(ManifestEntry(path=rel, type="dir", mode=mode))
-            elif stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) in known:
-                digest = known[(st.st_dev, st.st_ino)]
-                entries.append(
-                    ManifestEntry(path=rel, type="file", mode=mode, size=st.st_size, sha256=digest)
-                )
-                total += st.st_size
-            elif stat.S_ISREG(st.st_mode):
-                h = hashlib.sha256()
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            digest = known.get((st.st_dev, st.st_ino))
+            shared = st.st_nlink > 1 and cache is not None
+            if digest is None and shared and cache is not None:
+                digest = cache.cached_digest(st)
+            if digest is None:
                 with open(path, "rb") as f:
                     data = f.read()
-                h.update(data)
                 for needle in forbidden:
                     if needle in data:
                         raise BuildFailed(
                             f"{rel} contains the builder path {needle.decode()}: the snapshot "
                             "would not be relocatable (please report this package)"
                         )
-                entries.append(
-                    ManifestEntry(
-                        path=rel, type="file", mode=mode, size=st.st_size, sha256=h.hexdigest()
-                    )
-                )
-                total += st.st_size
+                digest = hashlib.sha256(data).hexdigest()
+                if shared:
+                    learned.append((st, digest))
+            entries.append(
+                ManifestEntry(path=rel, type="file", mode=mode, size=st.st_size, sha256=digest)
+            )
+            total += st.st_size
+    if learned and cache is not None:
+        cache.remember_digests(learned)
     entries.sort(key=lambda e: e.path)
     return entries, total
 

@@ -5,6 +5,8 @@ Databases:
     bindings   "wf/node"      -> current revision (JSON: revision, snapshot_id)
     revs       "wf/node@rev"  -> snapshot id
     snapshots  id             -> "ready" (present only once the snapshot is complete)
+    digests    "dev:ino:size:mtime_ns" -> sha256 of a store file shared with uv's cache, so
+               builds do not hash a wheel's files again (node-local: inodes are)
 
 The index is never the source of truth: a missing, corrupt or foreign index (another store's)
 is rebuilt from the store automatically and gives the same answers.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -63,6 +66,7 @@ class Index:
         self.bindings = self.env.open_db(b"bindings")
         self.revs = self.env.open_db(b"revs")
         self.snaps = self.env.open_db(b"snapshots")
+        self.digests = self.env.open_db(b"digests")
 
     def _valid(self) -> bool:
         with self.env.begin() as txn:
@@ -125,6 +129,23 @@ class Index:
     def mark_ready(self, snapshot_id: str) -> None:
         with self.env.begin(write=True) as txn:
             txn.put(snapshot_id.encode(), b"ready", db=self.snaps)
+
+    # -- file digests (builds) -------------------------------------------------------------
+
+    @staticmethod
+    def _digest_key(st: os.stat_result) -> bytes:
+        return b"%d:%d:%d:%d" % (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def cached_digest(self, st: os.stat_result) -> str | None:
+        """The sha256 a build computed for this very file (same inode, size and mtime)."""
+        with self.env.begin() as txn:
+            value = txn.get(self._digest_key(st), db=self.digests)
+        return value.decode() if value is not None else None
+
+    def remember_digests(self, items: list[tuple[os.stat_result, str]]) -> None:
+        with self.env.begin(write=True) as txn:
+            for st, digest in items:
+                txn.put(self._digest_key(st), digest.encode(), db=self.digests)
 
     # -- reads ----------------------------------------------------------------------------
 

@@ -275,7 +275,7 @@ class Service:
         staged = self.store.new_staging(snapshot_id, self.host)
         try:
             manifest = builder.build_into(
-                self.store, staged, files, interp, snapshot_id, self.host, log
+                self.store, staged, files, interp, snapshot_id, self.host, log, cache=self.index
             )
             self._say("publishing the snapshot")
             published = self.store.publish(staged, snapshot_id)

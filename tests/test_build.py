@@ -329,3 +329,26 @@ def test_damaged_bytecode_in_the_pool_is_detected_not_served(local: Env) -> None
     assert any(n.startswith(f"damaged-{good}") for n in local.listing("trash"))
     assert local.run("verify", "wf/b").returncode == 0
     assert local.run("verify", "wf/a", check=False).returncode == 5  # the old one is damaged
+
+
+def test_wheel_files_are_hashed_once_per_node(local: Env) -> None:
+    """A file shared with uv's cache is hashed by the first build that links it; later
+    builds take its digest from the node's index (same inode, size and mtime)."""
+    from envfs.index import Index
+    from envfs.store import Store
+
+    local.run("build", "wf/a", "extra-a==1.0", "--python", PY)
+    rel = "lib/python3.12/site-packages/base_lib-1.0.dist-info/METADATA"
+    path = Path(local.show("wf/a")["snapshot_path"]) / rel
+    st = os.stat(path)
+    assert st.st_nlink > 1  # linked from uv's cache
+    index = Index(local.index, Store(local.store))
+    try:
+        assert index.cached_digest(st) == hashlib.sha256(path.read_bytes()).hexdigest()
+        index.remember_digests([(st, "0" * 64)])  # what a later build will believe
+    finally:
+        index.close()
+    local.run("build", "wf/b", "extra-a==1.0", "tool-pkg==0.1", "--python", PY)
+    (entry,) = [f for f in _manifest(local, "wf/b")["files"] if f["path"] == rel]
+    assert entry["sha256"] == "0" * 64  # taken from the index, not hashed again
+    assert local.run("verify", "wf/b", check=False).returncode == 5  # and verify rehashes
