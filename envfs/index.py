@@ -1,7 +1,7 @@
 """The node-local LMDB index: a fast, rebuildable view of the store. The only lmdb importer.
 
 Databases:
-    meta       schema version, store uuid, audit offset
+    meta       schema version, store uuid, feed cursor (how far each host's log was read)
     bindings   "wf/node"      -> current revision (JSON: revision, snapshot_id)
     revs       "wf/node@rev"  -> snapshot id
     snapshots  id             -> "ready" (present only once the snapshot is complete)
@@ -19,18 +19,22 @@ import logging
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import lmdb
 
+from envfs import feed
 from envfs.catalog import BindingView
-from envfs.errors import EnvironmentProblem
+from envfs.errors import EnvfsError, EnvironmentProblem
 from envfs.model import Revision
 from envfs.store import Store
 
 log = logging.getLogger(__name__)
 
-SCHEMA = b"1"
+SCHEMA = b"2"  # 2: per-host logs (meta feed_cursor), file digests
+#: Seconds between passes that compare every binding directory with the index.
+RECONCILE_EVERY = 2.0
 MAP_SIZE = 1 << 30  # sparse; grows only as used
 
 
@@ -45,6 +49,8 @@ class Index:
         self.path = path
         self.store = store
         self._lock = threading.Lock()
+        self._reconciled = -RECONCILE_EVERY  # the first follow_changes reconciles
+        self._binding_mtimes: dict[tuple[str, str], int] = {}
         self.rebuilt = False
         try:
             self._open()
@@ -92,7 +98,7 @@ class Index:
 
     def rebuild(self) -> int:
         """Replace the index contents with a fresh scan of the store; returns bindings found."""
-        offset = self.store.audit_size()
+        cursor = self.store.feed_end()
         count = 0
         with self.env.begin(write=True) as txn:
             for db in (self.bindings, self.revs, self.snaps):
@@ -107,15 +113,19 @@ class Index:
                     txn.put(sid.encode(), b"ready", db=self.snaps)
             txn.put(b"schema", SCHEMA, db=self.meta)
             txn.put(b"store_uuid", self.store.uuid.encode(), db=self.meta)
-            txn.put(b"audit_offset", str(offset).encode(), db=self.meta)
+            txn.put(b"feed_cursor", cursor.dumps(), db=self.meta)
         self.rebuilt = True
         return count
 
     def _put_binding(self, txn: lmdb.Transaction, revisions: list[Revision]) -> None:
+        """Record revisions; the current one only moves forward (revisions are append-only,
+        so a writer holding an older list, e.g. from a parallel bind, never wins)."""
         newest = revisions[-1]
         key = _key(newest.workflow, newest.node)
-        value = {"revision": newest.revision, "snapshot_id": newest.snapshot_id}
-        txn.put(key, json.dumps(value).encode(), db=self.bindings)
+        raw = txn.get(key, db=self.bindings)
+        if raw is None or json.loads(bytes(raw))["revision"] <= newest.revision:
+            value = {"revision": newest.revision, "snapshot_id": newest.snapshot_id}
+            txn.put(key, json.dumps(value).encode(), db=self.bindings)
         for rev in revisions:
             txn.put(key + b"@%d" % rev.revision, rev.snapshot_id.encode(), db=self.revs)
 
@@ -200,47 +210,90 @@ class Index:
 
     # -- following the store --------------------------------------------------------------
 
-    def audit_offset(self) -> int:
+    def feed_cursor(self) -> feed.Cursor:
         with self.env.begin() as txn:
-            raw = txn.get(b"audit_offset", db=self.meta)
-        return int(raw or b"0")
+            return feed.Cursor.loads(txn.get(b"feed_cursor", db=self.meta))
 
-    def follow_audit(self) -> list[tuple[str, str]]:
-        """Apply store changes recorded in the audit log since the last call.
+    def follow_changes(self, reconcile_every: float = RECONCILE_EVERY) -> list[tuple[str, str]]:
+        """Apply store changes since the last call; the bindings that changed.
 
-        Returns the bindings named by new ``bound``/``rolled_back`` events (whether or not
-        this process already had them: another process on this node may have written the
-        index first, but a daemon still has to invalidate its kernel entries).
+        Reads every host's log from the stored cursor (bindings named by ``bound`` /
+        ``rolled_back`` events are re-read from their files; ``built`` marks a snapshot
+        ready).  Every ``reconcile_every`` seconds it also compares each binding directory
+        with the index (`reconcile`): the binding files are the truth and a log only a hint,
+        so a bind whose writer died before logging is still seen.  A binding is returned
+        whether or not this process already had it in the index: another process on the
+        node may have written it first, and a daemon still has to invalidate the kernel's
+        entries.
         """
         with self._lock:
-            offset = self.audit_offset()
-            size = self.store.audit_size()
-            if size == offset:
-                return []
-            if size < offset:  # the log was rotated or replaced: start over
-                self.rebuild()
-                return [(b.workflow, b.node) for b in self.all_bindings()]
-            events, new_offset = self.store.audit_events(offset)
+            changes = self.store.changes_since(self.feed_cursor())
+            if changes.skipped:
+                log.warning(
+                    "skipped %d unreadable line(s) in %s", changes.skipped, self.store.log_dir
+                )
+            if changes.reread:
+                log.info("store logs shrank or were replaced, read again: %s", changes.reread)
             changed: dict[tuple[str, str], None] = {}
             ready: set[str] = set()
-            for event in events:
-                kind = event.get("event")
-                if kind in ("bound", "rolled_back") and "workflow" in event:
-                    changed[(str(event["workflow"]), str(event["node"]))] = None
-                elif kind == "built" and event.get("snapshot_id"):
-                    ready.add(str(event["snapshot_id"]))
+            for event in changes.events:
+                if event.event in ("bound", "rolled_back") and event.workflow and event.node:
+                    changed[(event.workflow, event.node)] = None
+                elif event.event == "built" and event.snapshot_id:
+                    ready.add(event.snapshot_id)
             with self.env.begin(write=True) as txn:
-                for wf, node in changed:
-                    revisions = self.store.revisions(wf, node)
-                    if revisions:
+                for wf, node in list(changed):
+                    revisions = self._revisions(wf, node)
+                    if revisions is None:
+                        del changed[(wf, node)]
+                    elif revisions:
                         self._put_binding(txn, revisions)
                     else:
                         txn.delete(_key(wf, node), db=self.bindings)
                 for sid in ready:
                     if self.store.snapshot_ready(sid):
                         txn.put(sid.encode(), b"ready", db=self.snaps)
-                txn.put(b"audit_offset", str(new_offset).encode(), db=self.meta)
+                txn.put(b"feed_cursor", changes.cursor.dumps(), db=self.meta)
+            now = time.monotonic()
+            if now - self._reconciled >= reconcile_every:
+                self._reconciled = now
+                for name in self.reconcile():
+                    changed[name] = None
             return list(changed)
+
+    def _revisions(self, workflow: str, node: str) -> list[Revision] | None:
+        """A binding's revisions; None (and a log line) if one cannot be read: one damaged
+        binding must not keep the others from being followed."""
+        try:
+            return self.store.revisions(workflow, node)
+        except EnvfsError as exc:
+            log.error("cannot read binding %s/%s: %s", workflow, node, exc.message)
+            return None
+
+    def reconcile(self) -> list[tuple[str, str]]:
+        """Bring the index in line with the binding files; the bindings that were behind.
+
+        A binding directory whose mtime is unchanged since the last pass is skipped (a new
+        revision file changes it), so a pass over many unchanged bindings is one ``stat``
+        each.
+        """
+        behind: list[tuple[str, str]] = []
+        for wf, node in self.store.binding_names():
+            try:
+                mtime = os.stat(self.store.binding_dir(wf, node)).st_mtime_ns
+            except FileNotFoundError:
+                continue
+            if self._binding_mtimes.get((wf, node)) == mtime:
+                continue
+            revisions = self._revisions(wf, node)
+            if revisions is None:
+                continue  # unreadable: tried again next pass
+            current = self.current(wf, node)
+            if revisions and (current is None or current.revision < revisions[-1].revision):
+                self.put_binding(revisions)
+                behind.append((wf, node))
+            self._binding_mtimes[(wf, node)] = mtime
+        return behind
 
 
 def open_index(path: Path, store: Store) -> Index:

@@ -125,12 +125,17 @@ class EnvInfo(Record):
 
 
 class AuditEvent(Record):
-    model_config = ConfigDict(extra="allow", frozen=True)
+    """One line of ``log/<host>.jsonl`` (`envfs.feed` owns the format)."""
 
-    event: str
+    model_config = ConfigDict(extra="allow", frozen=True, defer_build=True)
+
+    event: str  # bound, rolled_back, build_started, built, build_failed, lease_broken, ...
     snapshot_id: str | None = None
     host: str
     time: float
+    workflow: str | None = None  # bound, rolled_back
+    node: str | None = None
+    revision: int | None = None
 
 
 class InterpreterInfo(Record):

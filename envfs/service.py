@@ -69,6 +69,9 @@ class Service:
         if self._index is None:
             self.store.ensure()
             self._index = open_index(self.settings.index, self.store)
+            # what other processes and nodes logged since this node's index last looked
+            # (a daemon also reconciles with the binding files; see Index.follow_changes)
+            self._index.follow_changes(reconcile_every=float("inf"))
         return self._index
 
     # -- specs ----------------------------------------------------------------------------
@@ -425,4 +428,4 @@ class StoreCatalog:
         return self.service.ensure_built(snapshot_id)
 
     def refresh(self) -> list[tuple[str, str]]:
-        return self.index.follow_audit()
+        return self.index.follow_changes()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import json
 import os
 import shutil
 import stat
@@ -24,9 +23,11 @@ from typing import Any, TypeVar
 
 import pydantic
 
+from envfs import feed
 from envfs.errors import EnvironmentProblem, NotFound
 from envfs.model import (
     LAYOUT_VERSION,
+    AuditEvent,
     FailureInfo,
     InterpreterInfo,
     LeaseInfo,
@@ -99,7 +100,7 @@ class Store:
         self.bytecode = root / "bytecode"
         self.interpreters = root / "interpreters"
         self.trash = root / "trash"
-        self.audit_path = root / "log" / "audit.jsonl"
+        self.log_dir = root / "log"
         self._uuid: str | None = None
 
     # -- layout ---------------------------------------------------------------------------
@@ -440,39 +441,21 @@ class Store:
             for node in nodes:
                 yield wf, node
 
-    # -- audit log ------------------------------------------------------------------------
+    # -- the change feed (envfs.feed owns its format) ---------------------------------------
 
     def audit(self, event: str, host: str, snapshot_id: str | None = None, **fields: Any) -> None:
-        """Append one JSON line to ``log/audit.jsonl`` (one write() with O_APPEND)."""
-        record = {"event": event, "snapshot_id": snapshot_id, "host": host, "time": time.time()}
-        record.update(fields)
-        line = (json.dumps(record, sort_keys=True) + "\n").encode()
-        fd = os.open(self.audit_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, line)
-        finally:
-            os.close(fd)
+        """Append one event to this host's log (``log/<host>.jsonl``)."""
+        feed.append(self.log_dir, host, event, snapshot_id, **fields)
 
-    def audit_events(self, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
-        """Complete audit lines from byte ``offset`` on, and the offset after the last one."""
-        try:
-            with open(self.audit_path, "rb") as f:
-                f.seek(offset)
-                data = f.read()
-        except FileNotFoundError:
-            return [], 0
-        end = data.rfind(b"\n") + 1
-        events = []
-        for line in data[:end].splitlines():
-            with contextlib.suppress(ValueError):
-                events.append(json.loads(line))
-        return events, offset + end
+    def changes_since(self, cursor: feed.Cursor) -> feed.Changes:
+        return feed.changes_since(self.log_dir, cursor)
 
-    def audit_size(self) -> int:
-        try:
-            return os.stat(self.audit_path).st_size
-        except FileNotFoundError:
-            return 0
+    def feed_end(self) -> feed.Cursor:
+        return feed.end_cursor(self.log_dir)
+
+    def events(self) -> list[AuditEvent]:
+        """Every event of every host, in time order."""
+        return feed.all_events(self.log_dir)
 
     # -- build leases ---------------------------------------------------------------------
 

@@ -88,10 +88,10 @@ class Env:
         return data
 
     def audit(self) -> list[dict[str, Any]]:
-        path = self.store / "log" / "audit.jsonl"
-        if not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        """Every event of every host's log (``log/*.jsonl``), in time order."""
+        from envfs.feed import all_events
+
+        return [e.model_dump() for e in all_events(self.store / "log")]
 
     def built_events(self, snapshot_id: str) -> int:
         return sum(

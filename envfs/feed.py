@@ -1,0 +1,155 @@
+"""The change feed: what happened in the store, one append-only log per host.
+
+``log/<host>.jsonl`` holds one JSON object (`envfs.model.AuditEvent`) per line, written by
+that host only: appends from many NFS clients to one file are not atomic, appends of one
+client are.  Readers follow every host's log from a `Cursor` (per file: its inode and the
+offset read up to), and never stop on what they cannot read: a line that is not a JSON
+object of the right shape is skipped and counted; a file that shrank or was replaced (a
+rotation) is read again from its start; a last line without its newline waits for it.  A
+writer starts its line on a fresh line if a crash left the file without a final newline.
+
+The logs are a hint, the binding files the truth: a bind whose writer died before logging
+is found by the index's reconciliation (`envfs.index.Index.follow_changes`).
+``log/audit.jsonl`` of stores written before per-host logs is read as one more log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pydantic
+
+from envfs.model import AuditEvent
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def log_name(host: str) -> str:
+    """The log file of a host: its id with anything but ``[A-Za-z0-9._-]`` replaced."""
+    return (_UNSAFE.sub("_", host).lstrip(".") or "host") + ".jsonl"
+
+
+def append(log_dir: Path, host: str, event: str, snapshot_id: str | None, **fields: Any) -> None:
+    """Append one event to this host's log: one ``write()`` with ``O_APPEND``."""
+    record = {"event": event, "snapshot_id": snapshot_id, "host": host, "time": time.time()}
+    record.update(fields)
+    line = (json.dumps(record, sort_keys=True) + "\n").encode()
+    fd = os.open(log_dir / log_name(host), os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            line = b"\n" + line  # a writer died mid-line: do not glue onto its fragment
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Cursor:
+    """How far each log has been read: file name -> (inode, offset)."""
+
+    files: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def dumps(self) -> bytes:
+        return json.dumps(self.files, sort_keys=True).encode()
+
+    @classmethod
+    def loads(cls, raw: bytes | None) -> Cursor:
+        try:
+            data = json.loads(raw or b"{}")
+            return cls({str(k): (int(v[0]), int(v[1])) for k, v in data.items()})
+        except (ValueError, TypeError, IndexError, AttributeError):
+            return cls()  # unreadable: read every log again (events are idempotent)
+
+
+@dataclass
+class Changes:
+    events: list[AuditEvent]
+    cursor: Cursor
+    skipped: int  # lines that were not events
+    reread: list[str]  # logs read again from their start (shrunk or replaced)
+
+
+def _logs(log_dir: Path) -> list[os.DirEntry[str]]:
+    try:
+        return sorted(
+            (e for e in os.scandir(log_dir) if e.name.endswith(".jsonl") and e.is_file()),
+            key=lambda e: e.name,
+        )
+    except FileNotFoundError:
+        return []
+
+
+def parse_line(line: bytes) -> AuditEvent | None:
+    """One log line as an event, or None if it is not one (garbage, a fragment)."""
+    try:
+        data = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    try:
+        return AuditEvent.model_validate(data)
+    except pydantic.ValidationError:
+        return None
+
+
+def changes_since(log_dir: Path, cursor: Cursor) -> Changes:
+    """Every complete event appended to any log since ``cursor``, and the new cursor."""
+    events: list[AuditEvent] = []
+    skipped = 0
+    reread: list[str] = []
+    files: dict[str, tuple[int, int]] = {}
+    for entry in _logs(log_dir):
+        try:
+            st = entry.stat()
+        except FileNotFoundError:
+            continue
+        inode, offset = cursor.files.get(entry.name, (st.st_ino, 0))
+        if inode != st.st_ino or st.st_size < offset:
+            reread.append(entry.name)
+            offset = 0
+        if st.st_size == offset:
+            files[entry.name] = (st.st_ino, offset)
+            continue
+        try:
+            with open(entry.path, "rb") as f:
+                f.seek(offset)
+                data = f.read()
+        except FileNotFoundError:
+            continue
+        end = data.rfind(b"\n") + 1  # a last line without its newline is not complete yet
+        for line in data[:end].splitlines():
+            if not line.strip():
+                continue
+            event = parse_line(line)
+            if event is None:
+                skipped += 1
+            else:
+                events.append(event)
+        files[entry.name] = (st.st_ino, offset + end)
+    return Changes(events, Cursor(files), skipped, reread)
+
+
+def end_cursor(log_dir: Path) -> Cursor:
+    """A cursor at the current end of every log (nothing before it needs reading)."""
+    files = {}
+    for entry in _logs(log_dir):
+        try:
+            st = entry.stat()
+        except FileNotFoundError:
+            continue
+        files[entry.name] = (st.st_ino, st.st_size)
+    return Cursor(files)
+
+
+def all_events(log_dir: Path) -> list[AuditEvent]:
+    """Every event in every log, in time order (for reports and tests)."""
+    events = changes_since(log_dir, Cursor()).events
+    return sorted(events, key=lambda e: e.time)

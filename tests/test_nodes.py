@@ -1,0 +1,167 @@
+"""Many nodes, one store: every change reaches every node, whatever happened to the logs.
+
+Nodes are daemons with their own index, host id and mountpoint over one store directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from envfs.model import Revision
+from envfs.store import Store
+from tests.conftest import PY, Env, make_env
+from tests.test_e2e import Mount, py
+
+pytestmark = [
+    pytest.mark.fuse,
+    pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse"),
+]
+
+
+@pytest.fixture
+def nodes(tmp_path: Path, wheelhouse: Path) -> Iterator[tuple[Env, Env, list[Mount]]]:
+    """Node a and node b over a's store; every daemon started is stopped."""
+    a = make_env(tmp_path / "a", wheelhouse, host="node-a")
+    b = make_env(tmp_path / "b", wheelhouse, host="node-b")
+    b.vars["ENVFS_STORE"] = a.vars["ENVFS_STORE"]
+    b.store = a.store
+    for e in (a, b):
+        e.vars["XDG_RUNTIME_DIR"] = str(e.root / "run")
+    mounts: list[Mount] = []
+    yield a, b, mounts
+    for m in mounts:
+        m.stop()
+
+
+def wait_for(check: Callable[[], bool], seconds: float, what: str) -> float:
+    """Poll ``check`` until it holds; the seconds it took.  Fails after ``seconds``."""
+    t0 = time.monotonic()
+    while not check():
+        assert time.monotonic() - t0 < seconds, f"{what} not within {seconds} s"
+        time.sleep(0.1)
+    return time.monotonic() - t0
+
+
+def imports(mnt: Path, target: str, module: str) -> Callable[[], bool]:
+    return lambda: py(mnt, target, f"import {module}", timeout=60).returncode == 0
+
+
+def test_each_host_appends_only_to_its_own_log(nodes: tuple[Env, Env, list[Mount]]) -> None:
+    a, b, _ = nodes
+    a.run("build", "wf/x", "extra-a==1.0", "--python", PY)
+    b.run("bind", "wf/y", "extra-b==2.0", "--python", PY)
+    logs = a.store / "log"
+    assert sorted(os.listdir(logs)) == ["node-a.jsonl", "node-b.jsonl"]
+    for host in ("node-a", "node-b"):
+        lines = (logs / f"{host}.jsonl").read_text().splitlines()
+        assert lines and {json.loads(line)["host"] for line in lines} == {host}
+    assert {(e["event"], e["host"]) for e in a.audit()} >= {
+        ("bound", "node-a"),
+        ("bound", "node-b"),
+    }
+
+
+def test_changes_cross_garbage_and_truncated_log_lines(
+    nodes: tuple[Env, Env, list[Mount]],
+) -> None:
+    a, b, mounts = nodes
+    a.run("build", "wf/x", "extra-a==1.0", "--python", PY)
+    a.run("build", "wf/other", "extra-b==2.0", "--python", PY)
+    mounts.append(Mount(b, b.root / "mnt"))
+    mnt = b.root / "mnt"
+    assert imports(mnt, "wf/x", "extra_a")()
+    for log in (a.store / "log").glob("*.jsonl"):
+        with open(log, "ab") as f:  # what a broken writer or a disk can leave
+            f.write(b'42\n\xff\xfe not json\n{"event": "bound", "host": 7}\n{"event": "bou')
+    a.run("build", "wf/x", "extra-b==2.0", "--python", PY)
+    took = wait_for(imports(mnt, "wf/x", "extra_b"), 5, "node b serving the rebind")
+    assert took < 5 and not imports(mnt, "wf/x", "extra_a")()
+    assert mounts[0].proc.poll() is None  # the daemon lives on
+    assert "skipped" in mounts[0].log()
+
+
+def test_a_bind_whose_writer_died_before_logging_is_seen(
+    nodes: tuple[Env, Env, list[Mount]],
+) -> None:
+    a, b, mounts = nodes
+    a.run("build", "wf/x", "extra-a==1.0", "--python", PY)
+    a.run("build", "wf/other", "extra-b==2.0", "--python", PY)
+    other = a.show("wf/other")["snapshot_id"]
+    mounts.append(Mount(b, b.root / "mnt"))
+    mnt = b.root / "mnt"
+    assert imports(mnt, "wf/x", "extra_a")()
+
+    def revision(number: int) -> Revision:  # as `bind` writes it, then dies before its log line
+        return Revision(
+            workflow="wf",
+            node="x",
+            revision=number,
+            snapshot_id=other,
+            time=0.0,
+            host="a",
+            user="u",
+        )
+
+    Store(a.store).append_revision(revision)
+    wait_for(imports(mnt, "wf/x", "extra_b"), 6, "node b serving an unlogged bind")
+    assert b.show("wf/x")["revision"] == 2
+
+
+def test_logs_replaced_while_a_daemon_was_down(nodes: tuple[Env, Env, list[Mount]]) -> None:
+    a, b, mounts = nodes
+    a.run("build", "wf/x", "extra-a==1.0", "--python", PY)
+    mnt = b.root / "mnt"
+    first = Mount(b, mnt)
+    mounts.append(first)
+    assert imports(mnt, "wf/x", "extra_a")()
+    first.stop()
+    a.run("build", "wf/x", "extra-b==2.0", "--python", PY)
+    for log in (a.store / "log").glob("*.jsonl"):  # rotated: new, shorter files
+        log.rename(log.with_suffix(".old"))
+        log.write_text('{"event": "rotated", "host": "ops", "time": 0}\n')
+    mounts.append(Mount(b, mnt))
+    wait_for(imports(mnt, "wf/x", "extra_b"), 5, "node b serving after a restart")
+
+
+def test_show_agrees_with_history_after_parallel_binds(local: Env) -> None:
+    local.run("build", "wf/seed-a", "extra-a==1.0", "--python", PY)
+    local.run("build", "wf/seed-b", "extra-b==2.0", "--python", PY)
+    specs = [("extra-a==1.0",), ("extra-b==2.0",)]
+    procs = [
+        local.popen("bind", "wf/p", *specs[i % 2], "--python", PY, "--reason", str(i))
+        for i in range(8)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    history = json.loads(local.run("history", "wf/p", "--json").stdout)
+    shown = local.show("wf/p")
+    assert shown["revision"] == history[-1]["revision"]
+    assert shown["snapshot_id"] == history[-1]["snapshot_id"]
+    listed = json.loads(local.run("ls", "--json").stdout)
+    (p,) = [e for e in listed if e["node"] == "p"]
+    assert p["revision"] == history[-1]["revision"]
+
+
+def test_one_unreadable_binding_does_not_stop_the_others(
+    nodes: tuple[Env, Env, list[Mount]],
+) -> None:
+    a, b, mounts = nodes
+    a.run("build", "wf/x", "extra-a==1.0", "--python", PY)
+    a.run("build", "wf/broken", "extra-a==1.0", "--python", PY)
+    mnt = b.root / "mnt"
+    mounts.append(Mount(b, mnt))
+    assert imports(mnt, "wf/x", "extra_a")()
+    revision = a.store / "bindings/wf/broken/1.json"
+    os.chmod(revision, 0o644)
+    revision.write_text("{ not a revision")
+    a.run("build", "wf/broken", "extra-b==2.0", "--python", PY, check=False)
+    a.run("build", "wf/x", "extra-b==2.0", "--python", PY)
+    wait_for(imports(mnt, "wf/x", "extra_b"), 5, "node b serving wf/x next to a broken binding")
+    assert "cannot read binding wf/broken" in mounts[0].log()
