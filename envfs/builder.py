@@ -519,17 +519,6 @@ def tree_digest(entries: list[ManifestEntry]) -> str:
     return h.hexdigest()
 
 
-def verify_tree(root: Path, manifest: Manifest) -> list[str]:
-    """Differences between a snapshot on disk and its manifest (empty when intact)."""
-    entries, _ = scan_tree(root, forbidden=[])
-    want = {e.path: e for e in manifest.files}
-    got = {e.path: e for e in entries}
-    problems = [f"missing: {p}" for p in sorted(want.keys() - got.keys())]
-    problems += [f"unexpected: {p}" for p in sorted(got.keys() - want.keys())]
-    problems += [f"changed: {p}" for p in sorted(want.keys() & got.keys()) if want[p] != got[p]]
-    return problems
-
-
 def remove_staged(staged: Path) -> None:
     with contextlib.suppress(OSError):
         remove_tree(staged)

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -221,14 +220,6 @@ def rollback(ctx: click.Context, target: str, to: int | None) -> None:
     )
 
 
-def _walk_files(root: Path) -> Iterator[os.stat_result]:
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            st = os.lstat(os.path.join(dirpath, name))
-            if stat.S_ISREG(st.st_mode):
-                yield st
-
-
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
@@ -237,39 +228,14 @@ def du(ctx: click.Context, as_json: bool) -> None:
 
     real_bytes sums file sizes of distinct inodes; apparent_bytes counts every env as a copy.
     """
-    svc = _service(ctx, quiet=True)
-    svc.store.ensure()
-    seen: set[tuple[int, int]] = set()
-    per: dict[str, dict[str, int]] = {}
-    real = disk = 0
-    for sid in svc.store.snapshot_ids():
-        apparent = new = 0
-        for st in _walk_files(svc.store.snapshot_dir(sid)):
-            apparent += st.st_size
-            if (st.st_dev, st.st_ino) not in seen:
-                seen.add((st.st_dev, st.st_ino))
-                new += st.st_size
-                disk += st.st_blocks * 512
-        real += new
-        per[sid] = {"apparent_bytes": apparent, "new_bytes": new}
-    cache_extra = sum(
-        st.st_size for st in _walk_files(svc.store.uv_cache) if (st.st_dev, st.st_ino) not in seen
-    )
-    apparent_total = sum(p["apparent_bytes"] for p in per.values())
-    result = {
-        "snapshots": len(per),
-        "real_bytes": real,
-        "disk_bytes": disk,
-        "apparent_bytes": apparent_total,
-        "uv_cache_extra_bytes": cache_extra,
-        "per_snapshot": per,
-    }
+    usage = _service(ctx, quiet=True).disk_usage()
     if as_json:
-        _emit(result)
+        _emit(usage.model_dump())
         return
     click.echo(
-        f"{len(per)} snapshots: {_human(real)} real ({_human(disk)} in blocks, "
-        f"{_human(apparent_total)} if every env were a copy); uv cache adds {_human(cache_extra)}"
+        f"{usage.snapshots} snapshots: {_human(usage.real_bytes)} real "
+        f"({_human(usage.disk_bytes)} in blocks, {_human(usage.apparent_bytes)} if every env "
+        f"were a copy); uv cache adds {_human(usage.uv_cache_extra_bytes)}"
     )
 
 
@@ -283,33 +249,40 @@ def _human(n: int) -> str:
 
 
 @main.command()
-@click.argument("target", metavar="WF/NODE|SNAPSHOT_ID", required=False)
+@click.argument("target", metavar="[WF/NODE|SNAPSHOT_ID]", required=False)
+@click.option("--all", "check_all", is_flag=True, help="Everything (the default without TARGET).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
-def verify(ctx: click.Context, target: str | None, as_json: bool) -> None:
-    """Check snapshots against their manifests (all, one binding's, or one id)."""
-    from envfs.builder import verify_tree
+def verify(ctx: click.Context, target: str | None, check_all: bool, as_json: bool) -> None:
+    """Check snapshots against their manifests; exit 5 naming what is damaged.
 
-    svc = _service(ctx, quiet=True)
-    svc.store.ensure()
-    if target is None:
-        ids = svc.store.snapshot_ids()
-    elif "/" in target:
-        ids = [svc.show(*parse_target(target)).snapshot_id]
-    else:
-        ids = [i for i in svc.store.snapshot_ids() if i.startswith(target)] or [target]
-    report = {}
-    for sid in ids:
-        manifest = svc.store.read_manifest(sid)
-        report[sid] = verify_tree(svc.store.snapshot_dir(sid), manifest)
-    bad = {k: v for k, v in report.items() if v}
+    Without TARGET (or with --all): every snapshot (one unreadable manifest does not stop
+    the others), bindings whose built snapshot is gone, and uv's cache against the wheels'
+    RECORDs. With WF/NODE or a snapshot id (prefix): that snapshot only.
+    """
+    if check_all and target is not None:
+        raise BadInput("give either --all or a TARGET, not both")
+    report = _service(ctx).verify(target)
     if as_json:
-        _emit({"checked": len(report), "damaged": bad})
+        _emit(report.model_dump())
     else:
-        for sid, problems in bad.items():
-            click.echo(f"{sid[:12]}: {len(problems)} problem(s): {'; '.join(problems[:5])}")
-        click.echo(f"{len(report)} snapshot(s) checked, {len(bad)} damaged")
-    if bad:
+        for sid, problems in report.damaged.items():
+            click.echo(f"{sid[:12]}: {len(problems)} problem(s)")
+            for problem in problems[:20]:
+                click.echo(f"  {problem}")
+            if len(problems) > 20:
+                click.echo(f"  ... and {len(problems) - 20} more (--json lists all)")
+        for line in report.gone:
+            click.echo(line)
+        for problem in report.uv_cache[:20]:
+            click.echo(f"uv-cache: {problem}")
+        cache = f", {report.uv_cache_checked} uv cache file(s)" if target is None else ""
+        click.echo(
+            f"{report.checked} snapshot(s){cache} checked: {len(report.damaged)} damaged"
+            + (f", {len(report.gone)} gone" if report.gone else "")
+            + (f", {len(report.uv_cache)} uv cache problem(s)" if report.uv_cache else "")
+        )
+    if not report.ok:
         ctx.exit(5)
 
 

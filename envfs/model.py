@@ -190,3 +190,28 @@ class InterpreterUse(Record):
     source: str
     captured_at: float
     envs: list[str]  # bindings whose current snapshot runs it
+
+
+class VerifyReport(Record):
+    """What ``envfs verify --json`` prints."""
+
+    checked: int  # snapshots checked
+    damaged: dict[str, list[str]]  # snapshot id -> problems (paths relative to the snapshot)
+    gone: list[str] = []  # bindings whose built snapshot is no longer in the store
+    uv_cache_checked: int = 0  # files of unpacked wheels checked against their RECORD
+    uv_cache: list[str] = []  # problems, as paths under uv-cache/
+
+    @property
+    def ok(self) -> bool:
+        return not (self.damaged or self.gone or self.uv_cache)
+
+
+class DiskUsage(Record):
+    """What ``envfs du --json`` prints."""
+
+    snapshots: int
+    real_bytes: int  # file sizes of distinct inodes
+    disk_bytes: int  # blocks of those inodes
+    apparent_bytes: int  # as if every env were a copy
+    uv_cache_extra_bytes: int  # uv cache files no snapshot links
+    per_snapshot: dict[str, dict[str, int]]

@@ -8,8 +8,9 @@ from __future__ import annotations
 import getpass
 import os
 import random
+import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from envfs.config import Settings
 from envfs.errors import BadInput, BuildFailed, Busy, EnvfsError, NotFound
 from envfs.index import Index, open_index
 from envfs.model import (
+    DiskUsage,
     EnvInfo,
     FailureInfo,
     Interpreter,
@@ -28,7 +30,9 @@ from envfs.model import (
     Revision,
     SpecInfo,
     State,
+    VerifyReport,
 )
+from envfs.names import parse_target
 from envfs.store import Store
 
 Progress = Callable[[str], None]
@@ -338,6 +342,70 @@ class Service:
             out.append(InterpreterUse(**fields, envs=sorted(users.get(digest, []))))
         return out
 
+    # -- checking and measuring the store ---------------------------------------------------
+
+    def verify(self, target: str | None = None) -> VerifyReport:
+        """Check snapshots against their manifests: all of them (and bindings whose snapshot
+        is gone, and uv's cache) without ``target``; else one binding's or one id's."""
+        from envfs import verify
+
+        self.store.ensure()
+        if target is None:
+            ids = self.store.snapshot_ids()
+        elif "/" in target:
+            ids = [self.show(*parse_target(target)).snapshot_id]
+        else:
+            ids = [i for i in self.store.snapshot_ids() if i.startswith(target)] or [target]
+        damaged = {}
+        for i, sid in enumerate(ids, 1):
+            self._say(f"verifying snapshot {i}/{len(ids)}: {sid[:12]}")
+            problems = verify.snapshot_problems(self.store, sid)
+            if problems:
+                damaged[sid] = problems
+        if target is not None:
+            return VerifyReport(checked=len(ids), damaged=damaged)
+        built = {e.snapshot_id for e in self.store.events() if e.event == "built"}
+        gone = [
+            f"{v.workflow}/{v.node}@{v.revision}: snapshot {v.snapshot_id[:12]} is gone"
+            for v in self.index.all_bindings()
+            if v.snapshot_id in built and not self.store.snapshot_ready(v.snapshot_id)
+        ]
+        self._say("verifying uv's cache against the wheels' RECORDs")
+        checked, cache = verify.uv_cache_problems(self.store)
+        return VerifyReport(
+            checked=len(ids), damaged=damaged, gone=gone, uv_cache_checked=checked, uv_cache=cache
+        )
+
+    def disk_usage(self) -> DiskUsage:
+        """Real bytes of the snapshots, each hardlinked file counted once."""
+        self.store.ensure()
+        seen: set[tuple[int, int]] = set()
+        per: dict[str, dict[str, int]] = {}
+        real = disk = 0
+        for sid in self.store.snapshot_ids():
+            apparent = new = 0
+            for st in _regular_files(self.store.snapshot_dir(sid)):
+                apparent += st.st_size
+                if (st.st_dev, st.st_ino) not in seen:
+                    seen.add((st.st_dev, st.st_ino))
+                    new += st.st_size
+                    disk += st.st_blocks * 512
+            real += new
+            per[sid] = {"apparent_bytes": apparent, "new_bytes": new}
+        cache_extra = sum(
+            st.st_size
+            for st in _regular_files(self.store.uv_cache)
+            if (st.st_dev, st.st_ino) not in seen
+        )
+        return DiskUsage(
+            snapshots=len(per),
+            real_bytes=real,
+            disk_bytes=disk,
+            apparent_bytes=sum(p["apparent_bytes"] for p in per.values()),
+            uv_cache_extra_bytes=cache_extra,
+            per_snapshot=per,
+        )
+
     # -- reading --------------------------------------------------------------------------
 
     def show(self, workflow: str, node: str, revision: int | None = None) -> EnvInfo:
@@ -381,6 +449,14 @@ class Service:
 
     def list_envs(self) -> list[EnvInfo]:
         return [self.describe(v) for v in self.index.all_bindings()]
+
+
+def _regular_files(root: Path) -> Iterator[os.stat_result]:
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            st = os.lstat(os.path.join(dirpath, name))
+            if stat.S_ISREG(st.st_mode):
+                yield st
 
 
 def _user() -> str:

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from envfs.store import remove_tree
 from tests.conftest import PY, Env, make_env
 
 
@@ -352,3 +353,40 @@ def test_wheel_files_are_hashed_once_per_node(local: Env) -> None:
     (entry,) = [f for f in _manifest(local, "wf/b")["files"] if f["path"] == rel]
     assert entry["sha256"] == "0" * 64  # taken from the index, not hashed again
     assert local.run("verify", "wf/b", check=False).returncode == 5  # and verify rehashes
+
+
+def test_verify_all_goes_on_past_damage_and_names_every_kind(local: Env) -> None:
+    for name, spec in (("a", "extra-a==1.0"), ("b", "tool-pkg==0.1"), ("gone", "extra-b==2.0")):
+        local.run("build", f"wf/{name}", spec, "--python", PY)
+    a, b, gone = (local.show(f"wf/{n}") for n in ("a", "b", "gone"))
+    assert local.run("verify", "--all").returncode == 0
+
+    manifest = Path(a["snapshot_path"]) / ".envfs/manifest.json"
+    os.chmod(manifest.parent, 0o755)
+    os.chmod(manifest, 0o644)
+    manifest.write_text("{ not json")  # one unreadable manifest must not stop the others
+    root = Path(b["snapshot_path"])
+    site = root / "lib/python3.12/site-packages"
+    os.chmod(site, 0o755)
+    os.mkfifo(site / "a-fifo")
+    os.chmod(site / "tool_pkg", 0o755)
+    (site / "tool_pkg/__init__.py").unlink()
+    remove_tree(Path(gone["snapshot_path"]))  # bound, built, and now gone
+    cached = next((local.store / "uv-cache/archive-v0").glob("*/base_lib/data.py"))
+    os.chmod(cached, 0o644)
+    cached.write_text("# tampered\n")  # a uv cache file that no longer matches its RECORD
+
+    out = local.run("verify", "--all", "--json", check=False)
+    assert out.returncode == 5
+    report = json.loads(out.stdout)
+    assert report["damaged"][a["snapshot_id"]][0].startswith("manifest unreadable")
+    problems = report["damaged"][b["snapshot_id"]]
+    assert "special file (a FIFO): lib/python3.12/site-packages/a-fifo" in problems
+    assert "missing: lib/python3.12/site-packages/tool_pkg/__init__.py" in problems
+    assert report["gone"] == [f"wf/gone@1: snapshot {gone['snapshot_id'][:12]} is gone"]
+    assert any(p.startswith("changed: archive-v0/") and p.endswith("base_lib/data.py")
+               for p in report["uv_cache"])  # fmt: skip
+    text = local.run("verify", check=False)
+    assert text.returncode == 5 and "tool_pkg/__init__.py" in text.stdout
+    one = local.run("verify", "wf/b", check=False)
+    assert one.returncode == 5 and "gone" not in one.stdout

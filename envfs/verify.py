@@ -1,0 +1,112 @@
+"""Checking the store: snapshots against their manifests, uv's cache against wheels' RECORDs.
+
+Every check reports what it finds and goes on: one unreadable manifest does not stop the
+others.  Problems name paths relative to the snapshot (or to ``uv-cache/``), so an operator
+knows what to rebuild.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import hashlib
+import io
+import os
+import stat
+from pathlib import Path
+
+from envfs.errors import EnvfsError
+from envfs.model import Manifest, ManifestEntry
+from envfs.store import META, Store
+
+_SPECIAL = {
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
+
+
+def snapshot_problems(store: Store, snapshot_id: str) -> list[str]:
+    """What differs between ``snapshots/<id>`` and its manifest (empty when intact)."""
+    root = store.snapshot_dir(snapshot_id)
+    try:
+        manifest = store.read_manifest(snapshot_id)
+    except EnvfsError as exc:
+        return [f"manifest unreadable: {exc.message}"]
+    return tree_problems(root, manifest)
+
+
+def tree_problems(root: Path, manifest: Manifest) -> list[str]:
+    want = {e.path: e for e in manifest.files}
+    problems: list[str] = []
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = os.path.relpath(dirpath, root)
+        if rel_dir == ".":
+            dirnames[:] = [d for d in dirnames if d != META]
+        for name in sorted(dirnames + filenames):
+            rel = os.path.normpath(os.path.join(rel_dir, name))
+            seen.add(rel)
+            got = _entry(Path(dirpath, name), rel)
+            if isinstance(got, str):
+                problems.append(f"{got}: {rel}")
+            elif rel not in want:
+                problems.append(f"unexpected: {rel}")
+            elif got != want[rel]:
+                problems.append(f"changed: {rel}")
+    problems += [f"missing: {p}" for p in sorted(want.keys() - seen)]
+    return problems
+
+
+def _entry(path: Path, rel: str) -> ManifestEntry | str:
+    st = os.lstat(path)
+    kind = stat.S_IFMT(st.st_mode)
+    mode = stat.S_IMODE(st.st_mode) & ~0o222
+    if kind in _SPECIAL:
+        return f"special file ({_SPECIAL[kind]})"
+    if stat.S_ISLNK(st.st_mode):
+        return ManifestEntry(path=rel, type="symlink", mode=0o777, target=os.readlink(path))
+    if stat.S_ISDIR(st.st_mode):
+        return ManifestEntry(path=rel, type="dir", mode=mode)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return ManifestEntry(
+        path=rel, type="file", mode=mode, size=st.st_size, sha256=digest.hexdigest()
+    )
+
+
+def uv_cache_problems(store: Store) -> tuple[int, list[str]]:
+    """Files of unpacked wheels in uv's cache that differ from their ``RECORD``.
+
+    Returns how many files were checked and the problems, as paths under ``uv-cache/``.
+    """
+    checked = 0
+    problems: list[str] = []
+    archives = store.uv_cache / "archive-v0"
+    try:
+        entries = sorted(os.scandir(archives), key=lambda e: e.name)
+    except FileNotFoundError:
+        return 0, []
+    for archive in entries:
+        if not archive.is_dir(follow_symlinks=False):
+            continue
+        root = Path(archive.path)
+        for record in sorted(root.glob("*.dist-info/RECORD")):
+            for row in csv.reader(io.StringIO(record.read_text(errors="replace"))):
+                if len(row) < 2 or not row[1].startswith("sha256="):
+                    continue
+                path = root / row[0]
+                rel = f"archive-v0/{archive.name}/{row[0]}"
+                checked += 1
+                try:
+                    data = path.read_bytes()
+                except FileNotFoundError:
+                    problems.append(f"missing: {rel}")
+                    continue
+                digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=")
+                if digest.decode() != row[1].removeprefix("sha256="):
+                    problems.append(f"changed: {rel}")
+    return checked, problems
