@@ -240,6 +240,7 @@ def build_into(
         known=known,
         cache=cache,
     )
+    check_records(staged, entries)
     file_count = sum(e.type == "file" for e in entries)
     log.step(f"manifest: {file_count} files, {len(known)} digests known before the scan")
     durations["manifest"] = time.monotonic() - t0
@@ -509,6 +510,29 @@ def scan_tree(
         cache.remember_digests(learned)
     entries.sort(key=lambda e: e.path)
     return entries, total
+
+
+def check_records(root: Path, entries: list[ManifestEntry]) -> None:
+    """Every installed file must match its wheel's ``RECORD``: a damaged uv cache entry fails
+    the build naming the file, instead of being hardlinked into the snapshot and blessed by
+    its manifest.  (Digests come from the manifest scan: nothing is hashed twice.)"""
+    digests = {e.path: e.sha256 for e in entries if e.type == "file"}
+    for record in sorted(root.glob("lib/python*/site-packages/*.dist-info/RECORD")):
+        site = record.parent.parent
+        for row in csv.reader(io.StringIO(record.read_text(errors="replace"))):
+            if len(row) < 2 or not row[1].startswith("sha256="):
+                continue
+            rel = os.path.normpath(os.path.relpath(site / row[0], root))
+            got = digests.get(rel)
+            b64 = row[1].removeprefix("sha256=")
+            want = base64.urlsafe_b64decode(b64 + "=" * (-len(b64) % 4)).hex()
+            if got is not None and got != want:
+                dist = record.parent.name.split("-")[0]
+                raise BuildFailed(
+                    f"{rel} does not match its wheel's RECORD (the uv cache entry of {dist} "
+                    f"is damaged): run `UV_CACHE_DIR=<store>/uv-cache uv cache clean {dist}` "
+                    "and build again"
+                )
 
 
 def tree_digest(entries: list[ManifestEntry]) -> str:

@@ -87,9 +87,11 @@ def compile_with_pool(
                 continue
             digest = hashlib.sha256(source.read_bytes()).hexdigest()
             known[(st.st_dev, st.st_ino)] = digest
+            pyc = Path(dirpath, "__pycache__", f"{name[:-3]}.{cache_tag}.pyc")
+            if pyc.exists():
+                continue  # the wheel ships it (and its RECORD names it): leave it be
             stats.sources += 1
             key = key_of(interpreter, "/" + str(source.relative_to(root)), digest)
-            pyc = Path(dirpath, "__pycache__", f"{name[:-3]}.{cache_tag}.pyc")
             obj = store.bytecode_object(key)
             if obj is not None and _link_verified(store, obj, pyc, known, stats, say):
                 stats.reused += 1

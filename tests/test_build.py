@@ -332,27 +332,38 @@ def test_damaged_bytecode_in_the_pool_is_detected_not_served(local: Env) -> None
     assert local.run("verify", "wf/a", check=False).returncode == 5  # the old one is damaged
 
 
-def test_wheel_files_are_hashed_once_per_node(local: Env) -> None:
+def test_wheel_files_are_hashed_once_per_node(local: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     """A file shared with uv's cache is hashed by the first build that links it; later
     builds take its digest from the node's index (same inode, size and mtime)."""
+    from envfs.config import Settings
     from envfs.index import Index
-    from envfs.store import Store
+    from envfs.service import Inputs, Service
 
     local.run("build", "wf/a", "extra-a==1.0", "--python", PY)
     rel = "lib/python3.12/site-packages/base_lib-1.0.dist-info/METADATA"
     path = Path(local.show("wf/a")["snapshot_path"]) / rel
     st = os.stat(path)
     assert st.st_nlink > 1  # linked from uv's cache
-    index = Index(local.index, Store(local.store))
-    try:
-        assert index.cached_digest(st) == hashlib.sha256(path.read_bytes()).hexdigest()
-        index.remember_digests([(st, "0" * 64)])  # what a later build will believe
-    finally:
-        index.close()
-    local.run("build", "wf/b", "extra-a==1.0", "tool-pkg==0.1", "--python", PY)
-    (entry,) = [f for f in _manifest(local, "wf/b")["files"] if f["path"] == rel]
-    assert entry["sha256"] == "0" * 64  # taken from the index, not hashed again
-    assert local.run("verify", "wf/b", check=False).returncode == 5  # and verify rehashes
+    hits: list[int] = []
+    real = Index.cached_digest
+
+    def counting(self: Index, st: os.stat_result) -> str | None:
+        digest = real(self, st)
+        if digest is not None:
+            hits.append(st.st_ino)
+        return digest
+
+    monkeypatch.setattr(Index, "cached_digest", counting)
+    for key, value in local.vars.items():
+        if key.startswith("UV_"):
+            monkeypatch.setenv(key, value)  # the in-process build uses the local wheels
+    svc = Service(Settings.resolve(local.store, local.index))
+    resolved = svc.resolve(Inputs(packages=("extra-a==1.0", "tool-pkg==0.1"), python=PY))
+    svc.ensure_built(resolved.snapshot_id)
+    assert st.st_ino in hits  # METADATA's digest came from the index
+    assert svc.index.cached_digest(st) == hashlib.sha256(path.read_bytes()).hexdigest()
+    svc.bind("wf", "b", resolved.snapshot_id)
+    assert local.run("verify", "wf/b").returncode == 0
 
 
 def test_verify_all_goes_on_past_damage_and_names_every_kind(local: Env) -> None:
@@ -390,3 +401,19 @@ def test_verify_all_goes_on_past_damage_and_names_every_kind(local: Env) -> None
     assert text.returncode == 5 and "tool_pkg/__init__.py" in text.stdout
     one = local.run("verify", "wf/b", check=False)
     assert one.returncode == 5 and "gone" not in one.stdout
+
+
+def test_a_damaged_uv_cache_file_fails_the_build_naming_it(local: Env) -> None:
+    local.run("build", "wf/a", "extra-a==1.0", "--python", PY)
+    cached = next((local.store / "uv-cache/archive-v0").glob("*/base_lib/data.py"))
+    os.chmod(cached, 0o644)
+    data = bytearray(cached.read_bytes())
+    data[0] ^= 0x01  # one flipped bit in a file every later env of base_lib links
+    cached.write_bytes(bytes(data))
+    before = local.listing("snapshots")
+    out = local.run("build", "wf/b", "extra-a==1.0", "tool-pkg==0.1", "--python", PY, check=False)
+    assert out.returncode == 5
+    (line,) = out.stderr.strip().splitlines()
+    assert "base_lib/data.py" in line and "RECORD" in line and "uv cache clean base_lib" in line
+    assert local.listing("snapshots") == before  # nothing blessed the damage
+    assert not [n for n in local.listing("staging") if not n.startswith(".")]
