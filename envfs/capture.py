@@ -6,7 +6,7 @@
     bin/python, bin/python3  relative symlinks to it
     lib/libpython3.X.so.1.0  when the installation is a shared build
     lib/python3.X/           the standard library, bytecode compiled unchecked-hash, no tests
-    pyvenv.cfg               no ``home``: only turns the user site off, as in a venv
+    lib/python3.X/site-packages/00-envfs-no-user-site.pth   the user site off, as in a venv
     lib/python3.X/site-packages/   empty: the locked packages of an env go here
     lib/envfs-libs/          shared libraries beyond glibc/libgcc_s/libstdc++/libz
     include/python3.X/       headers (for packages built from source)
@@ -177,7 +177,7 @@ def capture(
     tree = store.new_interpreter_staging(host)
     try:
         sources, libpython = _copy_installation(layout, tree)
-        (tree / "pyvenv.cfg").write_text(PYVENV_CFG)
+        (tree / layout.stdlib_rel / "site-packages" / NO_USER_SITE_PTH).write_text(NO_USER_SITE)
         say(f"relocating {len(sources)} ELF files")
         elves, bundled = relocate_elves(tree, sources, libpython)
         old = sorted({str(layout.prefix).encode(), os.path.realpath(layout.prefix).encode()})
@@ -270,14 +270,17 @@ def _copy_installation(layout: Layout, tree: Path) -> tuple[dict[Path, Path], Pa
     return elves, libpython
 
 
-#: A ``pyvenv.cfg`` without ``home``: Python still finds its prefix from its own executable
-#: (so ``sys.prefix == sys.base_prefix``), and ``site`` turns the user site off, as in a venv.
-#: ``site.py`` itself cannot be patched: 3.11+ runs a frozen copy built into the interpreter.
-PYVENV_CFG = (
-    "# envfs: a complete prefix, not a venv (no home); this file only keeps the user's\n"
-    "# ~/.local site-packages off sys.path, as a venv does\n"
-    "include-system-site-packages = false\n"
+#: A ``.pth`` line in the interpreter's (otherwise empty) site-packages: keeps the task
+#: user's ``~/.local/lib/pythonX.Y/site-packages`` off ``sys.path``, as a venv does.  Not a
+#: ``pyvenv.cfg``: Python anchors ``sys.prefix`` at the unresolved path of a venv, which would
+#: undo the pinning of a process to one revision (see `envfs.vfs`).  Not a patched
+#: ``site.py``: 3.11+ runs a frozen copy.  ``site`` adds the user site before it reads the
+#: ``.pth`` files of site-packages, so this takes it out again and skips usercustomize.
+NO_USER_SITE = (
+    "import sys, site; site.ENABLE_USER_SITE = False; "
+    "sys.path[:] = [p for p in sys.path if not (site.USER_SITE and p.startswith(site.USER_SITE))]\n"
 )
+NO_USER_SITE_PTH = "00-envfs-no-user-site.pth"
 
 
 def _copy_file(src: Path, dest: Path, elves: dict[Path, Path]) -> None:

@@ -63,3 +63,11 @@ class Catalog(Protocol):
         Returns the ``(workflow, node)`` pairs whose current revision changed since the last call.
         """
         ...
+
+    def hold(self, snapshot_ids: list[str]) -> None:
+        """Blocking. Mark these snapshots as served by this node (so gc keeps them)."""
+        ...
+
+    def release(self, snapshot_ids: list[str]) -> None:
+        """Blocking. This node no longer serves these snapshots."""
+        ...

@@ -111,9 +111,10 @@ def _bind_command(
     wf, node = parse_target(target)
     svc = _service(ctx)
     resolved = svc.resolve(inputs)
-    if build:
-        svc.ensure_built(resolved.snapshot_id)
-    rev = svc.bind(wf, node, resolved.snapshot_id, reason)
+    with svc.store.gc_fence():  # no sweep between building a snapshot and binding it
+        if build:
+            svc.ensure_built(resolved.snapshot_id)
+        rev = svc.bind(wf, node, resolved.snapshot_id, reason)
     info = svc.show(wf, node)
     if as_json:
         _emit(info.model_dump())
@@ -284,6 +285,80 @@ def verify(ctx: click.Context, target: str | None, check_all: bool, as_json: boo
         )
     if not report.ok:
         ctx.exit(5)
+
+
+def _duration(text: str) -> float:
+    """Seconds from ``90``, ``30s``, ``10m``, ``2h`` or ``7d``."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
+    try:
+        value = float(number)
+    except ValueError:
+        raise BadInput(f"{text!r} is not a duration; use e.g. 90, 30s, 10m, 2h or 7d") from None
+    if value < 0:
+        raise BadInput(f"{text!r} is negative; durations are 0 or more")
+    return value * units[unit]
+
+
+@main.command(name="gc")
+@click.option("--dry-run", is_flag=True, help="Report what would be swept; change nothing.")
+@click.option(
+    "--keep",
+    type=click.IntRange(min=0),
+    default=2,
+    show_default=True,
+    help="Earlier revisions of each binding kept besides the current one.",
+)
+@click.option(
+    "--min-age",
+    default="1h",
+    show_default=True,
+    help="Keep snapshots built more recently than this (e.g. 0, 30m, 2h, 7d).",
+)
+@click.option(
+    "--quarantine",
+    default="1d",
+    show_default=True,
+    help="How long swept snapshots stay in trash/ before they are deleted.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def gc_cmd(
+    ctx: click.Context, dry_run: bool, keep: int, min_age: str, quarantine: str, as_json: bool
+) -> None:
+    """Sweep snapshots nothing needs into trash/, delete old trash, prune the pools.
+
+    Kept: each binding's current revision and its last --keep ones, snapshots younger than
+    --min-age, snapshots a node serves (its daemon's leases/<id>/<host>), and every captured
+    interpreter. Builds and binds wait while a sweep runs (and the reverse).
+    """  # fmt: skip
+    report = _service(ctx).gc(keep, _duration(min_age), _duration(quarantine), dry_run)
+    if as_json:
+        _emit(report.model_dump())
+        return
+    verb = "would sweep" if dry_run else "swept"
+    for sid in report.swept:
+        click.echo(f"{verb} {sid[:12]}")
+    click.echo(
+        f"{verb} {len(report.swept)} snapshot(s), about {_human(report.freed_bytes)}; "
+        f"kept {len(report.kept)}"
+        + (
+            ""
+            if dry_run
+            else f"; deleted {report.trash_deleted} from trash, {report.objects_deleted} pool "
+            f"object(s), {report.links_deleted} bytecode link(s)"
+        )
+    )
+
+
+@main.command(name="rm")
+@click.argument("target", metavar="WF/NODE")
+@click.pass_context
+def rm_cmd(ctx: click.Context, target: str) -> None:
+    """Remove a binding (its revisions go to trash/); `gc` then sweeps what it used."""
+    wf, node = parse_target(target)
+    count = _service(ctx).remove(wf, node)
+    click.echo(f"removed {wf}/{node} ({count} revision(s) moved to trash/)")
 
 
 @main.group()

@@ -136,6 +136,16 @@ class Index:
             with self.env.begin(write=True) as txn:
                 self._put_binding(txn, revisions)
 
+    def forget_binding(self, workflow: str, node: str) -> None:
+        """Drop a removed binding (its ``@rev`` entries too)."""
+        key = _key(workflow, node)
+        with self.env.begin(write=True) as txn:
+            txn.delete(key, db=self.bindings)
+            cursor = txn.cursor(db=self.revs)
+            ok = cursor.set_range(key + b"@")
+            while ok and bytes(cursor.key()).startswith(key + b"@"):
+                ok = cursor.delete()
+
     def mark_ready(self, snapshot_id: str) -> None:
         with self.env.begin(write=True) as txn:
             txn.put(snapshot_id.encode(), b"ready", db=self.snaps)
@@ -237,7 +247,11 @@ class Index:
             changed: dict[tuple[str, str], None] = {}
             ready: set[str] = set()
             for event in changes.events:
-                if event.event in ("bound", "rolled_back") and event.workflow and event.node:
+                if (
+                    event.event in ("bound", "rolled_back", "removed")
+                    and event.workflow
+                    and event.node
+                ):
                     changed[(event.workflow, event.node)] = None
                 elif event.event == "built" and event.snapshot_id:
                     ready.add(event.snapshot_id)
@@ -249,7 +263,7 @@ class Index:
                     elif revisions:
                         self._put_binding(txn, revisions)
                     else:
-                        txn.delete(_key(wf, node), db=self.bindings)
+                        txn.delete(_key(wf, node), db=self.bindings)  # removed
                 for sid in ready:
                     if self.store.snapshot_ready(sid):
                         txn.put(sid.encode(), b"ready", db=self.snaps)
@@ -278,7 +292,12 @@ class Index:
         each.
         """
         behind: list[tuple[str, str]] = []
-        for wf, node in self.store.binding_names():
+        present = set(self.store.binding_names())
+        for view in self.all_bindings():
+            if (view.workflow, view.node) not in present:  # removed, its log line missed
+                self.forget_binding(view.workflow, view.node)
+                behind.append((view.workflow, view.node))
+        for wf, node in present:
             try:
                 mtime = os.stat(self.store.binding_dir(wf, node)).st_mtime_ns
             except FileNotFoundError:

@@ -215,3 +215,15 @@ class DiskUsage(Record):
     apparent_bytes: int  # as if every env were a copy
     uv_cache_extra_bytes: int  # uv cache files no snapshot links
     per_snapshot: dict[str, dict[str, int]]
+
+
+class GcReport(Record):
+    """What ``envfs gc --json`` prints."""
+
+    dry_run: bool
+    swept: list[str]  # snapshot ids moved to trash/ (or that would be)
+    kept: dict[str, str]  # snapshot id -> why it is a root
+    freed_bytes: int  # about: bytes whose last links were in the swept snapshots
+    trash_deleted: int = 0
+    objects_deleted: int = 0
+    links_deleted: int = 0

@@ -35,7 +35,7 @@ import trio
 from envfs import fuse_loop
 from envfs.builds import RETRY_AFTER, BuildQueue
 from envfs.catalog import Catalog
-from envfs.errors import EnvfsError, EnvironmentProblem
+from envfs.errors import BadInput, EnvfsError, EnvironmentProblem
 from envfs.fuse_ops import EnvfsOperations
 from envfs.vfs import Namespace
 
@@ -43,6 +43,10 @@ log = logging.getLogger(__name__)
 
 #: pyfuse3 worker tasks: each in-flight request (including one waiting on a build) holds one.
 MAX_TASKS = 512
+#: Seconds between checks for newly attached snapshots to lease, and between full refreshes
+#: of every lease (well inside `envfs.store.SERVE_LEASE_TTL`).
+LEASE_CHECK = 1.0
+LEASE_REFRESH = 60.0
 #: Seconds between status-file refreshes (also written at once when a build starts or ends).
 STATUS_INTERVAL = 1.0
 #: Seconds the daemon waits for in-flight requests after SIGTERM before cancelling them.
@@ -66,8 +70,29 @@ def is_stale_mount(path: Path) -> bool:
     return False
 
 
+def mount_type(mountpoint: Path) -> str | None:
+    """The file-system type mounted at ``mountpoint`` (the topmost), from mountinfo."""
+    found = None
+    target = os.fsencode(os.path.abspath(mountpoint))
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index(b"-")
+            point = fields[4].replace(b"\\040", b" ").replace(b"\\011", b"\t")
+            if point == target:
+                found = fields[sep + 1].decode(errors="replace")
+    return found
+
+
 def unmount(mountpoint: Path) -> None:
-    """Unmount ``mountpoint``: ``fusermount3 -u``, then a lazy ``-u -z`` if it is busy."""
+    """Unmount envfs at ``mountpoint``: ``fusermount3 -u``, then a lazy ``-u -z`` if busy.
+
+    Refuses anything that is not an envfs mount (an operator's typo must not unmount a
+    tmpfs or a NAS).
+    """
+    kind = mount_type(mountpoint)
+    if kind != "fuse.envfs":
+        raise BadInput(f"{mountpoint} is a {kind or 'not a'} mount, not envfs's; not unmounting it")
     first = subprocess.run(
         ["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True, check=False
     )
@@ -238,6 +263,7 @@ class Daemon:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_signals, nursery.cancel_scope)
             nursery.start_soon(self._refresh_loop)
+            nursery.start_soon(self._lease_loop)
             if self.status_path is not None:
                 nursery.start_soon(self._status_loop, self.status_path)
             fuse_loop.install()
@@ -247,6 +273,37 @@ class Daemon:
                 fuse_loop.uninstall()
             log.info("FUSE session ended")
             nursery.cancel_scope.cancel()
+
+    async def _lease_loop(self) -> None:
+        """Keep ``leases/<id>/<host>`` fresh for every snapshot this daemon has attached.
+
+        Files of one content are one inode here, read through whichever attached snapshot
+        showed them first; so every attached snapshot stays leased for the daemon's life
+        (gc keeps leased snapshots), and the leases go when the daemon exits cleanly.
+        """
+        held: set[str] = set()
+        last_full = time.monotonic()
+        try:
+            while True:
+                await trio.sleep(LEASE_CHECK)
+                attached = set(self.namespace.attached_snapshots())
+                full = time.monotonic() - last_full >= LEASE_REFRESH
+                todo = sorted(attached if full else attached - held)
+                if not todo:
+                    continue
+                try:
+                    await trio.to_thread.run_sync(self.catalog.hold, todo)
+                except Exception as e:  # keep serving; gc may then sweep what we serve
+                    log.error("cannot refresh serve leases: %s: %s", type(e).__name__, e)
+                    continue
+                held |= set(todo)
+                if full:
+                    last_full = time.monotonic()
+        finally:
+            with trio.CancelScope(shield=True):
+                if held:
+                    with contextlib.suppress(Exception):
+                        await trio.to_thread.run_sync(self.catalog.release, sorted(held))
 
     async def _watch_signals(self, cancel_scope: trio.CancelScope) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

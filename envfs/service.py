@@ -24,6 +24,7 @@ from envfs.model import (
     DiskUsage,
     EnvInfo,
     FailureInfo,
+    GcReport,
     Interpreter,
     InterpreterInfo,
     InterpreterUse,
@@ -68,10 +69,19 @@ class Service:
         if self.progress is not None:
             self.progress(message)
 
+    def require_store(self) -> None:
+        """Only `build`, `bind` and `python add` create a store; everything else needs one."""
+        if not self.store.exists():
+            raise NotFound(
+                f"no envfs store at {self.store.root}; pass the right --store (ENVFS_STORE), "
+                "or create it with `envfs build`, `envfs bind` or `envfs python add`"
+            )
+        self.store.ensure()  # a store of an older version may lack newer directories
+
     @property
     def index(self) -> Index:
         if self._index is None:
-            self.store.ensure()
+            self.require_store()
             self._index = open_index(self.settings.index, self.store)
             # what other processes and nodes logged since this node's index last looked
             # (a daemon also reconciles with the binding files; see Index.follow_changes)
@@ -199,7 +209,8 @@ class Service:
                 **fields,
             )
 
-        rev = self.store.append_revision(make)
+        with self.store.gc_fence():  # gc must not sweep what this revision names meanwhile
+            rev = self.store.append_revision(make)
         extra = {"to": rev.rollback_to} if rev.rollback_to is not None else {}
         self.store.audit(
             event,
@@ -268,7 +279,12 @@ class Service:
             delay = min(delay * 1.5, 2.0)
 
     def _build_locked(self, snapshot_id: str) -> None:
-        """Build while holding the lease: stage, build, publish, audit."""
+        """Build while holding the lease (and the gc fence, shared)."""
+        with self.store.gc_fence():
+            self._build_and_publish(snapshot_id)
+
+    def _build_and_publish(self, snapshot_id: str) -> None:
+        """Stage, build, publish, audit."""
         info = self.store.read_spec(snapshot_id)
         self.store.clean_staging(held_id=snapshot_id)
         interp = info.interpreter
@@ -342,6 +358,33 @@ class Service:
             out.append(InterpreterUse(**fields, envs=sorted(users.get(digest, []))))
         return out
 
+    # -- garbage collection ---------------------------------------------------------------
+
+    def gc(self, keep: int, min_age: float, quarantine: float, dry_run: bool) -> GcReport:
+        from envfs import gc
+
+        self.require_store()
+        return gc.collect(
+            self.store,
+            self.host,
+            keep=keep,
+            min_age=min_age,
+            quarantine=quarantine,
+            dry_run=dry_run,
+            say=self._say,
+            uv=builder.uv_binary(),
+            uv_env=builder.uv_env(self.store),
+        )
+
+    def remove(self, workflow: str, node: str) -> int:
+        """Remove a binding (its revisions go to ``trash/``); the revisions it had."""
+        revisions = self.revisions(workflow, node)
+        with self.store.gc_fence():
+            self.store.trash_binding(workflow, node, self.store.store_now())
+            self.store.audit("removed", self.host, None, workflow=workflow, node=node)
+            self.index.forget_binding(workflow, node)
+        return len(revisions)
+
     # -- checking and measuring the store ---------------------------------------------------
 
     def verify(self, target: str | None = None) -> VerifyReport:
@@ -349,7 +392,7 @@ class Service:
         is gone, and uv's cache) without ``target``; else one binding's or one id's."""
         from envfs import verify
 
-        self.store.ensure()
+        self.require_store()
         if target is None:
             ids = self.store.snapshot_ids()
         elif "/" in target:
@@ -378,7 +421,7 @@ class Service:
 
     def disk_usage(self) -> DiskUsage:
         """Real bytes of the snapshots, each hardlinked file counted once."""
-        self.store.ensure()
+        self.require_store()
         seen: set[tuple[int, int]] = set()
         per: dict[str, dict[str, int]] = {}
         real = disk = 0
@@ -505,3 +548,9 @@ class StoreCatalog:
 
     def refresh(self) -> list[tuple[str, str]]:
         return self.index.follow_changes()
+
+    def hold(self, snapshot_ids: list[str]) -> None:
+        self.store.hold_snapshots(snapshot_ids, self.service.host)
+
+    def release(self, snapshot_ids: list[str]) -> None:
+        self.store.release_snapshots(snapshot_ids, self.service.host)

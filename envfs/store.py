@@ -41,6 +41,8 @@ R = TypeVar("R", bound=Record)
 
 LEASE_HEARTBEAT = 5.0  # seconds between a builder's heartbeats
 LEASE_STALE = 60.0  # a lease not heartbeaten for this long is broken by waiters
+#: A node's ``leases/<id>/<host>`` older than this (store clock) no longer keeps ``<id>``.
+SERVE_LEASE_TTL = 300.0
 META = ".envfs"  # metadata directory inside a snapshot (manifest, build log); not served
 
 
@@ -385,6 +387,88 @@ class Store:
         tmp = link.with_name(f".{key}.{uuid.uuid4().hex[:12]}")
         os.symlink(target, tmp)
         os.replace(tmp, link)
+
+    # -- garbage collection: serve leases, the gc fence, trash -------------------------------
+
+    def store_now(self) -> float:
+        """The store's clock: the mtime a file written now gets there (not this node's)."""
+        probe = self.leases / f".clock.{uuid.uuid4().hex[:12]}"
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            return os.fstat(fd).st_mtime
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+
+    def _serve_lease(self, snapshot_id: str, host: str) -> Path:
+        return self.leases / snapshot_id / feed.log_name(host).removesuffix(".jsonl")
+
+    def hold_snapshots(self, snapshot_ids: list[str], host: str) -> None:
+        """Mark (or refresh) ``leases/<id>/<host>``: this node serves these snapshots."""
+        for sid in snapshot_ids:
+            path = self._serve_lease(sid, host)
+            path.parent.mkdir(exist_ok=True)
+            with open(path, "a"):
+                pass
+            os.utime(path)
+
+    def release_snapshots(self, snapshot_ids: list[str], host: str) -> None:
+        for sid in snapshot_ids:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._serve_lease(sid, host))
+
+    def served_snapshots(self, now: float, ttl: float = SERVE_LEASE_TTL) -> dict[str, list[str]]:
+        """Snapshots some node marked as served within ``ttl`` of ``now`` (store clock)."""
+        served: dict[str, list[str]] = {}
+        try:
+            dirs = list(os.scandir(self.leases))
+        except FileNotFoundError:
+            return served
+        for d in dirs:
+            if not d.is_dir(follow_symlinks=False):
+                continue
+            for lease in os.scandir(d.path):
+                with contextlib.suppress(FileNotFoundError):
+                    if lease.stat().st_mtime >= now - ttl:
+                        served.setdefault(d.name, []).append(lease.name)
+        return served
+
+    @contextlib.contextmanager
+    def gc_fence(self, exclusive: bool = False) -> Iterator[None]:
+        """Builds and binds hold it shared, a sweep exclusively (``flock`` on locks/gc)."""
+        import fcntl
+
+        fd = os.open(self.locks / "gc", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)
+
+    def trash_snapshot(self, snapshot_id: str, now: float) -> Path:
+        """Move a snapshot to ``trash/`` (one rename); the name records when (store clock)."""
+        dest = self.trash / f"snapshot-{snapshot_id}.{int(now)}.{uuid.uuid4().hex[:8]}"
+        os.rename(self.snapshot_dir(snapshot_id), dest)
+        return dest
+
+    def trash_binding(self, workflow: str, node: str, now: float) -> Path:
+        """Move a binding's revisions to ``trash/`` (one rename)."""
+        dest = self.trash / f"binding-{workflow}-{node}.{int(now)}.{uuid.uuid4().hex[:8]}"
+        os.rename(self.binding_dir(workflow, node), dest)
+        return dest
+
+    def trashed(self) -> list[tuple[Path, float]]:
+        """Entries of ``trash/`` with the store time they were put there (0 if unknown)."""
+        out: list[tuple[Path, float]] = []
+        try:
+            entries = list(os.scandir(self.trash))
+        except FileNotFoundError:
+            return out
+        for e in entries:
+            parts = e.name.split(".")
+            when = float(parts[-2]) if len(parts) >= 3 and parts[-2].isdigit() else 0.0
+            out.append((Path(e.path), when))
+        return out
 
     # -- failures -------------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import threading
 import time
@@ -51,6 +52,8 @@ NEGATIVE_TTL = 3.0
 SNAPSHOT_TIME_NS = 946_684_800 * 10**9  # 2000-01-01T00:00:00Z
 
 _DIR_MODE = stat.S_IFDIR | 0o555
+#: The interpreter's executable in a snapshot's ``bin/`` (served pinned in current views).
+_INTERPRETER = re.compile(rb"^python3\.\d+t?$")
 
 CACHE_LONG = 0
 CACHE_SHORT = 1
@@ -349,6 +352,11 @@ class Namespace:
             "store_lookups": self.store_lookups,
         }
 
+    def attached_snapshots(self) -> list[str]:
+        """Snapshots whose tree this namespace has loaded (it may serve their files)."""
+        with self._lock:
+            return list(self._roots)
+
     def views(self) -> list[View]:
         out = []
         for ino in list(self._views.values()):
@@ -524,6 +532,15 @@ class Namespace:
             if child is None:
                 return None
         if isinstance(child, _File):
+            view = node.view
+            if (
+                view is not None
+                and view.kind == "current"
+                and backing.rel == b"bin"
+                and child.target is None
+                and _INTERPRETER.match(name)
+            ):
+                return self._pinned(backing, name, view).attr
             return child.attr
         ino = node.subdirs.get(name)
         if ino is None:
@@ -565,6 +582,26 @@ class Namespace:
                     self._inodes[ino] = child
             backing.children[name] = child
             return child
+
+    def _pinned(self, backing: _Backing, name: bytes, view: View) -> _File:
+        """``<node>/bin/python3.X`` of a current view, as a link into its pinned revision.
+
+        Python takes its prefix from the real path of its executable, so a process started
+        as ``/envs/wf/node/bin/python`` runs with ``sys.prefix`` ``/envs/wf/node@REV``: every
+        later import walks that immutable view, and a rebind while it runs cannot mix two
+        revisions in one process.  New processes follow the binding as before.
+        """
+        target = f"../../{view.node}@{view.revision}/bin/".encode() + name
+        key = (os.fsdecode(target), stat.S_IFLNK)
+        with self._lock:
+            link = self._files.get(key)
+            if link is None:
+                ino = self._alloc()
+                attr = _tree_attr(backing.tree, ino, stat.S_IFLNK | 0o777, 1, len(target))
+                link = _File(attr, backing, name, target)
+                self._files[key] = link
+                self._inodes[ino] = link
+        return link
 
     def _alloc(self) -> int:
         """A fresh inode number; call with the lock held.  Numbers are never reused."""

@@ -119,6 +119,12 @@ class JsonCatalog:
         self._published[snapshot_id] = spec["dir"]
         return Path(spec["dir"])
 
+    def hold(self, snapshot_ids: list[str]) -> None:
+        pass  # no store: nothing to collect
+
+    def release(self, snapshot_ids: list[str]) -> None:
+        pass
+
     def refresh(self) -> list[tuple[str, str]]:
         self._load()
         current = self._currents()

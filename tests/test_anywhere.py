@@ -29,10 +29,10 @@ pytestmark = [
 STDLIB = "ssl, sqlite3, ctypes, lzma, bz2, zlib, readline, uuid, decimal, hashlib, json"
 PROBE = f"""
 import sys, {STDLIB}
-root = sys.argv[1]
-outside = [p for p in sys.path[1:] if p and not p.startswith(root + "/")]
+root, pinned = sys.argv[1], sys.argv[1] + "@1"  # started as WF/NODE, runs in WF/NODE@REV
+outside = [p for p in sys.path[1:] if p and not p.startswith(pinned + "/")]
 assert not outside, f"sys.path outside the env: {{outside}}"
-assert sys.prefix == sys.base_prefix == root, (sys.prefix, sys.base_prefix)
+assert sys.prefix == sys.base_prefix == pinned, (sys.prefix, sys.base_prefix)
 assert sys.executable.startswith(root + "/"), sys.executable
 sqlite3.connect(":memory:").execute("select 1")
 ctypes.CDLL(None)
@@ -100,7 +100,7 @@ def test_env_runs_as_nobody_with_builder_python_and_store_hidden(
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == [
         "ok (3, 12) hello from base_lib",
-        f"tool {root}",
+        f"tool {root}@1",
     ]
 
 
@@ -158,7 +158,7 @@ def test_nothing_served_names_the_builder_store_or_staging(built: tuple[Env, Pat
     env, mnt = built
     root = mnt / "wf/a"
     python = os.path.realpath(root / "bin/python")
-    assert python == str(root / "bin/python3.12") and os.path.isfile(python)
+    assert python == str(mnt / "wf/a@1/bin/python3.12") and os.path.isfile(python)  # pinned
     source = Path(interpreters.find(PY).path).resolve().parents[1]
     needles = [str(source).encode(), str(env.store).encode()]
     files = 0

@@ -83,6 +83,12 @@ class FakeCatalog:
         self.snapshots[snapshot_id] = self.buildable[snapshot_id]
         return self.buildable[snapshot_id]
 
+    def hold(self, snapshot_ids: list[str]) -> None:
+        pass  # no store: nothing to collect
+
+    def release(self, snapshot_ids: list[str]) -> None:
+        pass
+
     def refresh(self) -> list[tuple[str, str]]:
         return []
 

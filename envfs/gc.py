@@ -1,0 +1,137 @@
+"""Garbage collection: sweep snapshots nothing needs, into ``trash/``, then delete them.
+
+Roots (kept): each binding's current revision and its last ``keep`` earlier ones, snapshots
+younger than ``min_age``, and snapshots a node serves (``leases/<id>/<host>``, refreshed by
+every daemon for each snapshot it has attached, judged by the store's clock).  Captured
+interpreters are always kept.  The sweep moves snapshots to ``trash/`` (one rename each),
+deletes trash older than ``quarantine``, then pool objects and bytecode links nothing uses
+any more, then runs ``uv cache prune``; all under the store's gc fence (exclusive), which
+builds and binds hold shared, so a build and a sweep never race.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+from envfs.errors import EnvfsError, EnvironmentProblem
+from envfs.model import GcReport
+from envfs.store import META, Store, remove_tree
+
+
+def _manifest_age(store: Store, snapshot_id: str, now: float) -> float:
+    try:
+        return now - os.stat(store.snapshot_dir(snapshot_id) / META / "manifest.json").st_mtime
+    except FileNotFoundError:
+        return float("inf")  # no manifest: an incomplete snapshot, never a root
+
+
+def roots(store: Store, keep: int) -> dict[str, str]:
+    """Snapshot id -> why it is kept, from the bindings (current and last ``keep``)."""
+    why: dict[str, str] = {}
+    for wf, node in store.binding_names():
+        try:
+            revisions = store.revisions(wf, node)
+        except EnvfsError as exc:  # unknown references: sweeping could break this binding
+            raise EnvironmentProblem(
+                f"binding {wf}/{node} is unreadable ({exc.message}); fix or remove it before gc"
+            ) from exc
+        if not revisions:
+            continue
+        why.setdefault(revisions[-1].snapshot_id, f"current revision of {wf}/{node}")
+        for rev in revisions[-(keep + 1) : -1] if keep else []:
+            why.setdefault(rev.snapshot_id, f"revision {rev.revision} of {wf}/{node}")
+    return why
+
+
+def _freed_bytes(store: Store, swept: list[str]) -> int:
+    """Bytes whose last links (but the pool's) are in the swept snapshots."""
+    count: Counter[tuple[int, int]] = Counter()
+    size: dict[tuple[int, int], tuple[int, int]] = {}
+    for sid in swept:
+        for dirpath, _dirs, files in os.walk(store.snapshot_dir(sid)):
+            for name in files:
+                st = os.lstat(os.path.join(dirpath, name))
+                if stat.S_ISREG(st.st_mode):
+                    key = (st.st_dev, st.st_ino)
+                    count[key] += 1
+                    size[key] = (st.st_size, st.st_nlink)
+    return sum(s for key, (s, nlink) in size.items() if nlink - count[key] <= 1)
+
+
+def collect(
+    store: Store,
+    host: str,
+    *,
+    keep: int,
+    min_age: float,
+    quarantine: float,
+    dry_run: bool,
+    say: Callable[[str], None],
+    uv: str | None = None,
+    uv_env: dict[str, str] | None = None,
+) -> GcReport:
+    with store.gc_fence(exclusive=True):
+        now = store.store_now()
+        kept = roots(store, keep)
+        served = store.served_snapshots(now)
+        swept: list[str] = []
+        for sid in store.snapshot_ids():
+            if sid in kept:
+                continue
+            if sid in served:
+                kept[sid] = f"served by {', '.join(sorted(served[sid]))}"
+                continue
+            if _manifest_age(store, sid, now) < min_age:
+                kept[sid] = "younger than --min-age"
+                continue
+            swept.append(sid)
+        freed = _freed_bytes(store, swept)
+        say(f"gc: {len(swept)} snapshot(s) to sweep, {len(kept)} kept, about {freed} bytes")
+        report = GcReport(
+            dry_run=dry_run,
+            swept=swept,
+            kept=dict(sorted(kept.items())),
+            freed_bytes=freed,
+        )
+        if dry_run:
+            return report
+        for sid in swept:
+            store.trash_snapshot(sid, now)
+            store.audit("gc_swept", host, sid)
+        deleted = 0
+        for path, when in store.trashed():
+            if now - when >= quarantine:
+                remove_tree(path)
+                deleted += 1
+        objects, links = _prune_pools(store)
+        if uv is not None:
+            subprocess.run(
+                [uv, "cache", "prune"], env=uv_env, capture_output=True, text=True, check=False
+            )
+        return report.model_copy(
+            update={"trash_deleted": deleted, "objects_deleted": objects, "links_deleted": links}
+        )
+
+
+def _prune_pools(store: Store) -> tuple[int, int]:
+    """Delete pool objects only the pool links, and bytecode links whose object is gone."""
+    objects = 0
+    for dirpath, _dirs, files in os.walk(store.objects):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            if os.lstat(path).st_nlink == 1:
+                os.unlink(path)
+                objects += 1
+    links = 0
+    for dirpath, _dirs, files in os.walk(store.bytecode):
+        for name in files:
+            link = Path(dirpath, name)
+            if link.is_symlink() and not link.exists():
+                link.unlink()
+                links += 1
+    return objects, links
