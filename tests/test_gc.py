@@ -1,0 +1,129 @@
+"""Garbage collection, one revision per process, and no accidents (real CLI, real mounts)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import PY, Env
+from tests.fusehelpers import force_unmount
+from tests.test_e2e import Mount, fs, py  # noqa: F401  (fixture)
+
+pytestmark = [
+    pytest.mark.fuse,
+    pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse"),
+]
+
+
+def _sid(env: Env, target: str) -> str:
+    return str(env.show(target)["snapshot_id"])
+
+
+def test_gc_sweeps_what_no_binding_keeps_and_dry_run_changes_nothing(local: Env) -> None:
+    local.run("build", "wf/g", "extra-a==1.0", "--python", PY)
+    first = _sid(local, "wf/g")
+    local.run("build", "wf/g", "extra-b==2.0", "--python", PY)
+    second = _sid(local, "wf/g")
+    local.run("build", "wf/g", "tool-pkg==0.1", "--python", PY)
+    current = _sid(local, "wf/g")
+    snapshots = local.store / "snapshots"
+
+    dry = json.loads(local.run("gc", "--keep", "1", "--min-age", "0", "--dry-run", "--json").stdout)
+    assert dry["dry_run"] and dry["swept"] == [first] and dry["freed_bytes"] > 0
+    assert {first, second, current} <= set(os.listdir(snapshots))  # nothing moved
+
+    young = json.loads(local.run("gc", "--keep", "0", "--json").stdout)  # default min-age 1h
+    assert young["swept"] == [] and "younger" in young["kept"][first]
+
+    done = json.loads(local.run("gc", "--keep", "1", "--min-age", "0", "--json").stdout)
+    assert done["swept"] == [first]
+    assert set(os.listdir(snapshots)) == {second, current}
+    assert any(n.startswith(f"snapshot-{first}") for n in local.listing("trash"))
+    assert local.run("verify", "--all").returncode == 0
+    assert "gc_swept" in [e["event"] for e in local.audit()]
+
+    # past the quarantine, trash is deleted and pool objects nothing links any more go
+    out = json.loads(local.run("gc", "--keep", "0", "--min-age", "0", "--quarantine", "0",
+                               "--json").stdout)  # fmt: skip
+    assert out["swept"] == [second] and out["trash_deleted"] == 2 and out["objects_deleted"] > 0
+    assert local.listing("trash") == set()
+    for dirpath, _dirs, files in os.walk(local.store / "objects"):
+        for name in files:
+            assert os.lstat(os.path.join(dirpath, name)).st_nlink > 1
+    # a swept revision comes back on demand: its spec stays, so a rollback rebuilds it
+    local.run("rollback", "wf/g", "--to", "1")
+    local.run("build", "wf/g2", "extra-a==1.0", "--python", PY)
+    assert _sid(local, "wf/g2") == first
+
+
+def test_rm_removes_a_binding_and_gc_then_sweeps_its_snapshot(local: Env) -> None:
+    local.run("build", "wf/r", "extra-a==1.0", "--python", PY)
+    sid = _sid(local, "wf/r")
+    assert "removed wf/r" in local.run("rm", "wf/r").stdout
+    assert local.run("show", "wf/r", check=False).returncode == 4
+    assert json.loads(local.run("ls", "--json").stdout) == []
+    out = json.loads(local.run("gc", "--min-age", "0", "--json").stdout)
+    assert out["swept"] == [sid]
+
+
+def test_a_served_snapshot_survives_gc_and_a_process_keeps_its_revision(
+    fs: tuple[Env, Path, list[Mount]],  # noqa: F811
+) -> None:
+    env, mnt, mounts = fs
+    env.run("build", "wf/u", "extra-a==1.0", "--python", PY)
+    old = _sid(env, "wf/u")
+    mounts.append(Mount(env, mnt))
+    code = (
+        "import sys, time, base_lib; print(sys.prefix, flush=True); "
+        "time.sleep(4); import extra_a; print('late import ok', flush=True)"
+    )
+    proc = subprocess.Popen(
+        [mnt / "wf/u/bin/python", "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().decode().strip() == str(mnt / "wf/u@1")  # pinned
+    env.run("build", "wf/u", "extra-b==2.0", "--python", PY)  # a flip while it runs
+    deadline = time.monotonic() + 5
+    leases = env.store / "leases" / old
+    while not (leases.is_dir() and os.listdir(leases)):
+        assert time.monotonic() < deadline, "the daemon did not lease the snapshot it serves"
+        time.sleep(0.2)
+    out = json.loads(env.run("gc", "--keep", "0", "--min-age", "0", "--json").stdout)
+    assert old not in out["swept"] and out["kept"][old].startswith("served by")
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr.decode()
+    assert stdout.decode().strip() == "late import ok"
+    assert py(mnt, "wf/u", "import extra_b").returncode == 0  # new processes: new revision
+    mounts[0].stop()
+    assert not leases.exists() or not os.listdir(leases)  # released on a clean exit
+
+
+def test_read_commands_and_mount_never_create_a_store(tmp_path: Path, local: Env) -> None:
+    typo = tmp_path / "typo" / "store"
+    for args in (["ls"], ["show", "wf/x"], ["verify"], ["du"], ["gc", "--dry-run"]):
+        out = local.run("--store", str(typo), *args, check=False)
+        assert out.returncode == 4, (args, out.stderr)
+        assert len(out.stderr.strip().splitlines()) == 1 and "no envfs store" in out.stderr
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    out = local.run("--store", str(typo), "mount", str(mnt), "--foreground", check=False)
+    assert out.returncode == 4 and not os.path.ismount(mnt)
+    assert not (tmp_path / "typo").exists()
+
+
+def test_umount_refuses_a_mount_that_is_not_envfs(tmp_path: Path, local: Env) -> None:
+    target = tmp_path / "tfs"
+    target.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "none", str(target)], check=True)
+    try:
+        out = local.run("umount", str(target), check=False)
+        assert out.returncode == 3 and "not envfs" in out.stderr
+        assert os.path.ismount(target)
+    finally:
+        subprocess.run(["umount", str(target)], check=False)
+        force_unmount(target)
