@@ -72,6 +72,33 @@ def _uv_error(stderr: str) -> str:
     return lines[-1] if lines else "uv failed without a message"
 
 
+#: How uv's top-level error starts when the index could not be reached (its ``cause:`` lines
+#: below may name packages, so only this line is looked at).
+_UV_NETWORK_ERRORS = (
+    "Request failed",
+    "Failed to fetch",
+    "Failed to download",
+    "Could not connect",
+)
+
+
+def _uv_network_failure(stderr: str) -> bool:
+    """Whether uv failed to reach the index, from the structure of its output."""
+    for line in map(str.strip, stderr.splitlines()):
+        for prefix in ("error:", "\u00d7"):
+            if line.startswith(prefix):
+                return line.removeprefix(prefix).strip().startswith(_UV_NETWORK_ERRORS)
+    return False
+
+
+def _uv_hint(stderr: str) -> str:
+    """uv's own ``hint:`` line, kept when its error is passed on."""
+    for line in stderr.splitlines():
+        if line.strip().startswith("hint:"):
+            return f" (hint: {line.strip().removeprefix('hint:').strip()})"
+    return ""
+
+
 def python_path(store: Store, interp: Interpreter) -> str:
     """The interpreter to run for ``interp``: its captured copy in the store, if it has one."""
     if interp.digest is not None:
@@ -107,8 +134,8 @@ def lock_requirements(
         if proc is None or proc.returncode != 0:
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
         if proc.returncode != 0:
-            reason = _uv_error(proc.stderr)
-            if "fetch" in reason.lower() or "connect" in reason.lower() or "dns" in reason.lower():
+            reason = _uv_error(proc.stderr) + _uv_hint(proc.stderr)
+            if _uv_network_failure(proc.stderr):
                 raise EnvironmentProblem(f"cannot reach the package index: {reason}")
             raise BadInput(f"cannot resolve the requirements: {reason}")
         return ProjectFiles(pyproject=pyproject, lock=(Path(tmp) / "uv.lock").read_text())

@@ -48,7 +48,7 @@ from envfs.store import META, Store, remove_tree
 Progress = Callable[[str], None]
 
 #: Bumped when the captured tree changes for the same installation (a new digest follows).
-CAPTURE_VERSION = 1
+CAPTURE_VERSION = 2
 
 _LAYOUT_PROBE = r"""
 import json, os, sys, sysconfig
@@ -278,8 +278,8 @@ def _copy_installation(layout: Layout, tree: Path) -> tuple[dict[Path, Path], Pa
 #: ``.pth`` files of site-packages, so this takes it out again and skips usercustomize.
 NO_USER_SITE = (
     "import sys, site; site.ENABLE_USER_SITE = False; "
-    "sys.path[:] = [p for p in sys.path if not (site.USER_SITE and p.startswith(site.USER_SITE))]\n"
-)
+    "site.USER_SITE in sys.path and sys.path.remove(site.USER_SITE)\n"
+)  # one statement line, no comprehension: 3.11 runs it in a scope a comprehension cannot see
 NO_USER_SITE_PTH = "00-envfs-no-user-site.pth"
 
 

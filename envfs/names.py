@@ -7,7 +7,7 @@ import re
 from envfs.errors import BadInput
 
 MAX_NAME = 128
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+-]*$")
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]*")  # fullmatch: "$" would let a final newline in
 
 
 def validate_name(name: str, what: str = "name") -> str:
@@ -22,7 +22,7 @@ def validate_name(name: str, what: str = "name") -> str:
         raise BadInput(
             f"{what} {name!r} starts with a dot; names must start with a letter or digit"
         )
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise BadInput(f"{what} {name!r} has characters other than letters, digits and ._+-")
     return name
 

@@ -88,3 +88,33 @@ def test_missing_interpreter_names_what_is_there() -> None:
     assert "3.99" in err.value.message and "found:" in err.value.message
     with pytest.raises(BadInput):
         interpreters.find("latest")
+
+
+def test_uv_failures_are_classified_by_structure_not_package_names() -> None:
+    from envfs.builder import _uv_network_failure
+
+    missing = (
+        "Using CPython 3.12.1\n"
+        "error: No solution found when resolving dependencies\n"
+        "  cause: Because dns-connect-fetch-pkg was not found in the package registry and your"
+        " project depends on dns-connect-fetch-pkg==1.0, we can conclude that ...\n"
+    )
+    offline = (
+        "error: Request failed after 3 retries in 10.8s\n"
+        "  cause: Failed to fetch: http://127.0.0.1:9/simple/six/\n"
+        "  cause: Connection refused (os error 111)\n"
+    )
+    fancy = "  \u00d7 Failed to fetch: `https://pypi.org/simple/connectorx/`\n"
+    assert not _uv_network_failure(missing)
+    assert _uv_network_failure(offline)
+    assert _uv_network_failure(fancy)
+    assert not _uv_network_failure("")
+
+
+def test_a_name_ending_in_a_newline_is_refused() -> None:
+    from envfs.errors import BadInput
+    from envfs.names import validate_name
+
+    assert validate_name("prep") == "prep"
+    with pytest.raises(BadInput):
+        validate_name("prep\n")
