@@ -34,10 +34,14 @@ from envfs.model import (
     VerifyReport,
 )
 from envfs.names import parse_target
-from envfs.store import Store
+from envfs.store import Lease, Store
 
 Progress = Callable[[str], None]
 BUILD_WAIT = 3600.0  # how long a waiter waits for another node's build
+
+
+class LeaseLost(EnvfsError):
+    """This builder's lease was broken (it was stopped too long); another one builds."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,7 +264,7 @@ class Service:
                 with lease:
                     if self.store.snapshot_ready(snapshot_id):  # published while we raced
                         continue
-                    self._build_locked(snapshot_id)
+                    self._build_locked(snapshot_id, lease)
                 continue
             held = self.store.read_lease(snapshot_id)
             if held is not None and self.store.lease_is_stale(held[0], held[1], self.host):
@@ -278,13 +282,18 @@ class Service:
             time.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 1.5, 2.0)
 
-    def _build_locked(self, snapshot_id: str) -> None:
+    def _build_locked(self, snapshot_id: str, lease: Lease) -> None:
         """Build while holding the lease (and the gc fence, shared)."""
         with self.store.gc_fence():
-            self._build_and_publish(snapshot_id)
+            self._build_and_publish(snapshot_id, lease)
 
-    def _build_and_publish(self, snapshot_id: str) -> None:
-        """Stage, build, publish, audit."""
+    def _build_and_publish(self, snapshot_id: str, lease: Lease) -> None:
+        """Stage, build, publish, audit.
+
+        A builder stopped past the lease's staleness and resumed finds its lease taken over
+        (and maybe its staging dir cleaned by the new holder): it abandons its build without
+        a failure record, touches nothing of the new holder's, and the caller waits for it.
+        """
         info = self.store.read_spec(snapshot_id)
         self.store.clean_staging(held_id=snapshot_id)
         interp = info.interpreter
@@ -300,10 +309,18 @@ class Service:
             manifest = builder.build_into(
                 self.store, staged, files, interp, snapshot_id, self.host, log, cache=self.index
             )
+            if not lease.held():
+                raise LeaseLost(snapshot_id)
             self._say("publishing the snapshot")
             published = self.store.publish(staged, snapshot_id)
-        except EnvfsError as exc:
+        except (EnvfsError, OSError) as exc:
             builder.remove_staged(staged)
+            if not lease.held():  # whatever failed, it was no longer our build
+                self._say("lost the build lease to another builder; waiting for its build")
+                self.store.audit("lease_lost", self.host, snapshot_id)
+                return
+            if not isinstance(exc, EnvfsError):
+                raise
             log.step(f"FAILED: {exc.message}")
             self.store.record_failure(
                 FailureInfo(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import logging
 import os
 import shutil
 import stat
@@ -38,9 +39,12 @@ from envfs.model import (
 )
 
 R = TypeVar("R", bound=Record)
+log = logging.getLogger(__name__)
 
-LEASE_HEARTBEAT = 5.0  # seconds between a builder's heartbeats
-LEASE_STALE = 60.0  # a lease not heartbeaten for this long is broken by waiters
+#: A lease not heartbeaten for this long (store clock) is broken by waiters;
+#: ``ENVFS_LEASE_STALE`` overrides it (tests).  Holders beat four times as often.
+LEASE_STALE = float(os.environ.get("ENVFS_LEASE_STALE") or 60.0)
+LEASE_HEARTBEAT = LEASE_STALE / 4
 #: A node's ``leases/<id>/<host>`` older than this (store clock) no longer keeps ``<id>``.
 SERVE_LEASE_TTL = 300.0
 META = ".envfs"  # metadata directory inside a snapshot (manifest, build log); not served
@@ -560,7 +564,7 @@ class Store:
         path = self.lease_path(snapshot_id)
         if not self.create_file(path, info.model_dump_json().encode()):
             return None
-        return Lease(path, info)
+        return Lease(path, info, self.locks)
 
     def read_lease(self, snapshot_id: str) -> tuple[LeaseInfo, float] | None:
         """The lease holder and the time of its last heartbeat, or None."""
@@ -572,10 +576,11 @@ class Store:
             return None
 
     def lease_is_stale(self, info: LeaseInfo, heartbeat: float, host: str) -> bool:
-        """Stale: no heartbeat for LEASE_STALE, or its holder on this host is gone."""
+        """Stale: no heartbeat for LEASE_STALE by the store's clock (the lease's mtime is the
+        store's too, so nodes' clocks do not matter), or its holder on this host is gone."""
         if info.host == host and pid_start_time(info.pid) != info.pid_start:
             return True
-        return time.time() - heartbeat > LEASE_STALE
+        return self.store_now() - heartbeat > LEASE_STALE
 
     def break_lease(self, snapshot_id: str, seen: LeaseInfo) -> bool:
         """Break a stale lease by rename (never by two deleters); True if we broke it.
@@ -622,37 +627,76 @@ class Store:
             except FileNotFoundError:
                 continue
             if ours or old:
-                remove_tree(Path(entry.path))
+                # renamed first: a builder stopped and resumed past its lease then fails
+                # on its own paths instead of racing this removal
+                aside = self.trash / f"staging-{entry.name}.{int(now)}.{uuid.uuid4().hex[:8]}"
+                try:
+                    os.rename(entry.path, aside)
+                except FileNotFoundError:
+                    continue
+                try:
+                    remove_tree(aside)
+                except OSError as exc:  # still being written: gc deletes it from trash later
+                    log.warning("could not remove the dead build dir %s yet: %s", aside, exc)
                 removed.append(Path(entry.path))
         return removed
 
 
 class Lease:
-    """A held build lease; a daemon thread touches it so that waiters see the holder alive."""
+    """A held build lease; a daemon thread touches it so that waiters see the holder alive.
 
-    def __init__(self, path: Path, info: LeaseInfo) -> None:
+    The lease is this file with our nonce: a holder that was stopped past ``LEASE_STALE``
+    and resumed finds the path holding someone else's lease, and then neither touches nor
+    removes it (`held` says so; the builder abandons its build).
+    """
+
+    def __init__(self, path: Path, info: LeaseInfo, locks: Path) -> None:
         self.path = path
         self.info = info
+        self.locks = locks
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="lease-heartbeat", daemon=True)
         self._thread.start()
 
+    def held(self) -> bool:
+        """Whether the lease file is still ours (its nonce; inode numbers get reused)."""
+        return _lease_nonce(self.path) == self.info.nonce
+
     def _beat(self) -> None:
         while not self._stop.wait(LEASE_HEARTBEAT):
+            if not self.held():
+                return  # broken while we were stopped: it is someone else's now
             with contextlib.suppress(OSError):
                 os.utime(self.path)
 
     def release(self) -> None:
+        """Remove the lease if it is still ours (by rename, so a new holder's is never lost)."""
         self._stop.set()
         self._thread.join()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        if not self.held():
+            return
+        aside = self.locks / f"{self.path.name}.released.{uuid.uuid4().hex[:12]}"
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return
+        if _lease_nonce(aside) != self.info.nonce:  # taken over between check and rename
+            with contextlib.suppress(FileExistsError):
+                os.link(aside, self.path)
+        os.unlink(aside)
 
     def __enter__(self) -> Lease:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def _lease_nonce(path: Path) -> str | None:
+    try:
+        return LeaseInfo.model_validate_json(path.read_bytes()).nonce
+    except (OSError, pydantic.ValidationError):
+        return None
 
 
 def make_read_only(root: Path) -> None:

@@ -417,3 +417,45 @@ def test_a_damaged_uv_cache_file_fails_the_build_naming_it(local: Env) -> None:
     assert "base_lib/data.py" in line and "RECORD" in line and "uv cache clean base_lib" in line
     assert local.listing("snapshots") == before  # nothing blessed the damage
     assert not [n for n in local.listing("staging") if not n.startswith(".")]
+
+
+def test_a_builder_resumed_past_its_lease_leaves_the_new_holder_alone(local: Env) -> None:
+    """Stopped past the lease's staleness, then resumed: it must not delete the new holder's
+    lease or staging dir, nor publish over it; exactly one build, and both commands succeed."""
+    local.vars["ENVFS_LEASE_STALE"] = "3"
+    first = local.popen("build", "wf/k", "slow-pkg==1.0", "--python", PY, start_new_session=True)
+    locks = local.store / "locks"
+    deadline = time.monotonic() + 60
+    while not list(locks.glob("*.lease")) if locks.exists() else True:
+        assert time.monotonic() < deadline and first.poll() is None, "no lease taken"
+        time.sleep(0.05)
+    (lease,) = locks.glob("*.lease")
+    os.killpg(first.pid, signal.SIGSTOP)  # the whole build, uv included, as a frozen node
+    try:
+        time.sleep(4.5)
+        second = local.popen("build", "wf/k2", "slow-pkg==1.0", "--python", PY)
+        deadline = time.monotonic() + 60
+        while True:  # the second builder breaks the stale lease and takes its own
+            try:
+                holder = json.loads(lease.read_text())["pid"]
+            except (FileNotFoundError, ValueError):
+                holder = None
+            if holder not in (None, first.pid):
+                break
+            assert time.monotonic() < deadline and second.poll() is None, "lease not taken over"
+            time.sleep(0.05)
+    finally:
+        os.killpg(first.pid, signal.SIGCONT)
+    _, err2 = second.communicate(timeout=300)
+    _, err1 = first.communicate(timeout=300)
+    assert second.returncode == 0, err2
+    assert first.returncode == 0, err1
+    assert "Traceback" not in err1 + err2
+    sid = local.show("wf/k")["snapshot_id"]
+    assert local.show("wf/k2")["snapshot_id"] == sid and local.show("wf/k")["state"] == "ready"
+    assert local.built_events(sid) == 1
+    events = [e["event"] for e in local.audit()]
+    assert events.count("lease_broken") == 1 and events.count("lease_lost") == 1
+    assert not list(locks.glob(f"{sid}*"))
+    assert not [n for n in local.listing("staging") if n.startswith(sid)]
+    assert local.run("verify", "wf/k").returncode == 0
