@@ -529,7 +529,7 @@ def umount(mountpoint: Path) -> None:
     unmount(mountpoint)
     status = _status_file(mountpoint)
     data = read_status(status)
-    pid = data.get("pid") if data else None
+    pid = data.pid if data else None
     deadline = time.monotonic() + 10
     while isinstance(pid, int) and _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -556,22 +556,33 @@ def status(as_json: bool) -> None:
     mounts = []
     for path in sorted((runtime_dir() / "mounts").glob("*.json")):
         data = read_status(path)
-        if data is None:
-            continue
-        pid = data.get("pid")
-        data["alive"] = isinstance(pid, int) and _alive(pid)
-        mounts.append(data)
+        if data is not None:
+            mounts.append(data.model_copy(update={"alive": _alive(data.pid)}))
     if as_json:
-        _emit({"mounts": mounts})
+        _emit({"mounts": [m.model_dump() for m in mounts]})
         return
     if not mounts:
         click.echo("no envfs mounts on this node")
     for m in mounts:
-        state = "serving" if m["alive"] else "DEAD (run `envfs mount` again to clean up)"
-        click.echo(f"{m.get('mountpoint')}: pid {m.get('pid')} {state}")
-        for key in ("envs_served", "builds", "cache"):
-            if key in m:
-                click.echo(f"  {key}: {json.dumps(m[key], sort_keys=True)}")
+        state = "serving" if m.alive else "DEAD (run `envfs mount` again to clean up)"
+        click.echo(f"{m.mountpoint}: pid {m.pid} {state}, since {m.started}")
+        click.echo(f"  envs served: {len(m.envs)}")
+        for env in m.envs[:20]:
+            click.echo(f"    {env.path} -> {env.snapshot_id[:12]}")
+        if len(m.envs) > 20:
+            click.echo(f"    ... and {len(m.envs) - 20} more (--json lists all)")
+        b = m.builds
+        click.echo(
+            f"  builds: {len(b.running)} running, {len(b.failed)} failed, {b.completed} done"
+        )
+        for r in b.running:
+            click.echo(f"    building {r.snapshot_id[:12]}")
+        for f in b.failed:
+            click.echo(f"    failed {f.snapshot_id[:12]}: {f.reason}")
+        hits, cold = m.cache.get("hits", 0), m.cache.get("cold", 0)
+        click.echo(
+            f"  cache: {m.cache.get('inodes', 0)} inodes, {hits} lookups from memory, {cold} cold"
+        )
 
 
 def run() -> None:  # pragma: no cover - console entry for `python -m envfs`

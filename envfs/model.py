@@ -227,3 +227,39 @@ class GcReport(Record):
     trash_deleted: int = 0
     objects_deleted: int = 0
     links_deleted: int = 0
+
+
+class ServedEnv(Record):
+    path: str  # below the mountpoint: wf/node, wf/node@rev or .snapshots/<id>
+    snapshot_id: str
+
+
+class RunningBuild(Record):
+    snapshot_id: str
+    since: float
+
+
+class FailedBuild(Record):
+    snapshot_id: str
+    errno: int
+    reason: str
+    at: float
+
+
+class BuildStats(Record):
+    running: list[RunningBuild] = []
+    failed: list[FailedBuild] = []
+    completed: int = 0
+
+
+class DaemonStatus(Record):
+    """``$XDG_RUNTIME_DIR/envfs/mounts/<hash>.json``, written by a daemon (`envfs.mount`)."""
+
+    mountpoint: str
+    pid: int
+    started: str
+    envs: list[ServedEnv] = []
+    builds: BuildStats = BuildStats()
+    cache: dict[str, int] = {}
+    refresh: dict[str, float | str | None] = {}
+    alive: bool | None = None  # filled in by `envfs status`, not by the daemon

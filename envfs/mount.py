@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import gc
-import json
 import logging
 import os
 import signal
@@ -27,8 +26,8 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
+import pydantic
 import pyfuse3
 import trio
 
@@ -37,6 +36,7 @@ from envfs.builds import RETRY_AFTER, BuildQueue
 from envfs.catalog import Catalog
 from envfs.errors import BadInput, EnvfsError, EnvironmentProblem
 from envfs.fuse_ops import EnvfsOperations
+from envfs.model import BuildStats, DaemonStatus, ServedEnv
 from envfs.vfs import Namespace
 
 log = logging.getLogger(__name__)
@@ -106,13 +106,12 @@ def unmount(mountpoint: Path) -> None:
         raise EnvironmentProblem(f"cannot unmount {mountpoint}: {reason}")
 
 
-def read_status(status_path: Path) -> dict[str, Any] | None:
+def read_status(status_path: Path) -> DaemonStatus | None:
     """The status a daemon last wrote, or None if there is no readable status file."""
     try:
-        data = json.loads(status_path.read_text())
-    except (OSError, ValueError):
+        return DaemonStatus.model_validate_json(status_path.read_bytes())
+    except (OSError, pydantic.ValidationError):
         return None
-    return data if isinstance(data, dict) else None
 
 
 def run_daemon(
@@ -342,20 +341,19 @@ class Daemon:
     def _status_changed(self) -> None:
         self._status_dirty.set()
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> DaemonStatus:
         """What ``envfs status`` shows: mount, envs served, builds, cache statistics."""
-        return {
-            "mountpoint": str(self.mountpoint),
-            "pid": os.getpid(),
-            "started": datetime.fromtimestamp(self.started, UTC).isoformat(),
-            "envs": [
-                {"path": view.path, "snapshot_id": view.snapshot_id}
-                for view in self.namespace.views()
+        return DaemonStatus(
+            mountpoint=str(self.mountpoint),
+            pid=os.getpid(),
+            started=datetime.fromtimestamp(self.started, UTC).isoformat(),
+            envs=[
+                ServedEnv(path=v.path, snapshot_id=v.snapshot_id) for v in self.namespace.views()
             ],
-            "builds": self.builds.statistics(),
-            "cache": {**self.namespace.statistics(), **self.ops.statistics()},
-            "refresh": {"last_ok": self.last_refresh, "error": self.refresh_error},
-        }
+            builds=BuildStats.model_validate(self.builds.statistics()),
+            cache={**self.namespace.statistics(), **self.ops.statistics()},
+            refresh={"last_ok": self.last_refresh, "error": self.refresh_error},
+        )
 
     async def _status_loop(self, path: Path) -> None:
         last: str | None = None
@@ -363,8 +361,7 @@ class Daemon:
             # A fresh event before reading the state: a change during the write below must
             # wake the next round, not be forgotten with the old event.
             self._status_dirty = trio.Event()
-            status = self.status()
-            text = json.dumps(status, indent=2, sort_keys=True)
+            text = self.status().model_dump_json(indent=2)
             if text != last:
                 try:
                     await trio.to_thread.run_sync(_write_atomically, path, text)

@@ -261,6 +261,11 @@ def test_background_mount_status_and_umount(fs: tuple[Env, Path, list[Mount]]) -
         status = json.loads(env.run("status", "--json").stdout)["mounts"]
         assert [m["mountpoint"] for m in status] == [str(mnt)] and status[0]["alive"]
         pid = status[0]["pid"]
+        deadline = time.monotonic() + 5
+        while "wf/a@1 -> " not in (text := env.run("status").stdout):  # written within ~1 s
+            assert time.monotonic() < deadline, text
+            time.sleep(0.2)
+        assert "envs served: " in text and "builds: 0 running, 0 failed" in text
         env.run("umount", str(mnt))
         assert not is_mounted(mnt)
         deadline = time.monotonic() + 10
