@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 #: pyfuse3 worker tasks: each in-flight request (including one waiting on a build) holds one.
 MAX_TASKS = 512
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 #: Seconds between checks for newly attached snapshots to lease, and between full refreshes
 #: of every lease (well inside `envfs.store.SERVE_LEASE_TTL`).
 LEASE_CHECK = 1.0
@@ -232,9 +233,13 @@ class Daemon:
         }
         if self.allow_other:
             options.add("allow_other")
+        # SIGTERM/SIGINT wait (blocked) until the signal watcher runs: one that came right
+        # after the mount appeared used to kill the daemon and leave a dead mount
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         try:
             pyfuse3.init(self.ops, str(self.mountpoint), options)
         except RuntimeError as e:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
             raise EnvironmentProblem(
                 f"cannot mount envfs at {self.mountpoint} ({e}): check /dev/fuse and fusermount3"
             ) from e
@@ -305,7 +310,8 @@ class Daemon:
                         await trio.to_thread.run_sync(self.catalog.release, sorted(held))
 
     async def _watch_signals(self, cancel_scope: trio.CancelScope) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # pending ones arrive now
             async for signum in signals:
                 log.info("received %s: unmounting", signal.Signals(signum).name)
                 pyfuse3.terminate()

@@ -51,11 +51,20 @@ class Mount:
                 raise AssertionError(f"mount did not come up:\n{self.log()}")
             time.sleep(0.05)
 
+    killed = False  # set by tests that kill the daemon on purpose
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
         stop_daemon(self.proc, self.path)
+
+    def check_clean_exit(self) -> None:
+        """A daemon a test started must exit 0 with no traceback in its log."""
+        if self.killed:
+            return
+        assert self.proc.returncode == 0, f"daemon exited {self.proc.returncode}:\n{self.log()}"
+        assert "Traceback" not in self.log(), self.log()
 
 
 @pytest.fixture
@@ -64,9 +73,11 @@ def fs(local: Env, tmp_path: Path) -> Iterator[tuple[Env, Path, list[Mount]]]:
     local.vars["XDG_RUNTIME_DIR"] = str(tmp_path / "run")
     mounts: list[Mount] = []
     yield local, tmp_path / "envs", mounts
-    for m in mounts:
+    for m in reversed(mounts):  # the live daemon first: stopping a dead one unmounts the path
         m.stop()
     force_unmount(tmp_path / "envs")
+    for m in mounts:
+        m.check_clean_exit()
 
 
 def py(mnt: Path, target: str, code: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -242,6 +253,7 @@ def test_sigterm_unmounts_and_sigkill_recovers(fs: tuple[Env, Path, list[Mount]]
     second = Mount(env, mnt)
     mounts.append(second)
     assert py(mnt, "wf/a", "import extra_a").returncode == 0
+    second.killed = True
     second.proc.kill()
     second.proc.wait(timeout=10)
     # cached attributes may still answer; anything that needs the daemon gets ENOTCONN
@@ -300,6 +312,8 @@ def test_two_nodes_share_one_store_and_build_once(tmp_path: Path, wheelhouse: Pa
     finally:
         ma.stop()
         mb.stop()
+    ma.check_clean_exit()
+    mb.check_clean_exit()
     assert a.built_events(sid) == 1
     hosts = {e["host"] for e in a.audit() if e["event"] in ("built", "build_started")}
     assert len(hosts) == 1

@@ -35,8 +35,10 @@ def nodes(tmp_path: Path, wheelhouse: Path) -> Iterator[tuple[Env, Env, list[Mou
         e.vars["XDG_RUNTIME_DIR"] = str(e.root / "run")
     mounts: list[Mount] = []
     yield a, b, mounts
-    for m in mounts:
+    for m in reversed(mounts):  # the live daemon first: stopping a dead one unmounts the path
         m.stop()
+    for m in mounts:
+        m.check_clean_exit()
 
 
 def wait_for(check: Callable[[], bool], seconds: float, what: str) -> float:

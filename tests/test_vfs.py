@@ -249,6 +249,7 @@ def test_cold_lookups_ask_for_a_thread_and_warm_ones_never_touch_the_disk(
     for name in ("stat", "lstat", "scandir", "readlink", "listdir", "open"):
         monkeypatch.setattr(os, name, no_io)
     monkeypatch.setattr("builtins.open", no_io)
+    before = world.ns.statistics()
     ino = ROOT_INODE
     for part in ("wf", "one", "lib", "site-packages", "shared.py"):
         attr = world.ns.lookup(ino, part.encode())
@@ -263,7 +264,7 @@ def test_cold_lookups_ask_for_a_thread_and_warm_ones_never_touch_the_disk(
     pinned = world.walk(".snapshots/A/lib/site-packages/shared.py")  # another view of A
     assert pinned is not None and pinned.ino == shared_ino
     stats = world.ns.statistics()
-    assert stats["hits"] == stats["lookups"] - stats["cold"]
+    assert stats["lookups"] > before["lookups"] and stats["cold"] == before["cold"]  # all warm
 
 
 def test_binding_flip_gives_a_new_root_inode_and_an_invalidation(world: World) -> None:
@@ -373,11 +374,11 @@ def test_concurrent_first_accesses_share_one_build(world: World) -> None:
         async with trio.open_nursery() as nursery:
             for _ in range(16):
                 nursery.start_soon(access)
-            await trio.sleep(0.1)
+            t0 = time.monotonic()
+            await trio.sleep(0.1)  # the build (0.3 s) runs in a thread meanwhile
+            assert time.monotonic() - t0 < 0.25, "the event loop waited for the build"
             running = queue.statistics()["running"]
             assert isinstance(running, list) and len(running) == 1
-            with trio.fail_after(0.05):  # the event loop is not blocked by the build
-                await trio.sleep(0)
 
     trio.run(main)
     assert world.catalog.build_calls == ["C"]
