@@ -97,6 +97,8 @@ def spec_options(f: F) -> F:
                      help="Interpreter: 3.12, 3.12.1 or a path (captured into the store)."),
         click.option("--upgrade", is_flag=True,
                      help="Re-resolve a requirement list instead of reusing its earlier lock."),
+        click.option("--allow-local", is_flag=True,
+                     help="Accept requirements naming local paths (pkg @ file:///dir)."),
         click.option("--reason", default="", help="Why (kept in the binding's history)."),
     ]  # fmt: skip
     for option in reversed(options):
@@ -480,6 +482,13 @@ def mount(
             status_path=status,
         )
         return
+    from envfs.mount import is_stale_mount
+
+    if os.path.ismount(mountpoint) and not is_stale_mount(mountpoint):
+        raise EnvironmentProblem(
+            f"{mountpoint} is already a mount point: run `envfs umount {mountpoint}` first"
+        )
+    _service(ctx, quiet=True).require_store()  # fail here, not in a detached daemon
     _spawn_daemon(ctx, mountpoint, allow_other, log_file or status.with_suffix(".log"))
 
 

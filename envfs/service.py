@@ -53,6 +53,7 @@ class Inputs:
     project: Path | None = None
     python: str | None = None
     upgrade: bool = False
+    allow_local: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +108,7 @@ class Service:
             raw = list(inputs.packages)
             if inputs.requirements_file is not None:
                 raw += spec.read_requirements_file(inputs.requirements_file)
-            reqs = spec.normalize_requirements(raw)
+            reqs = spec.normalize_requirements(raw, allow_local=inputs.allow_local)
         interp = interpreters.find(inputs.python)
         self.store.ensure()
         interp = capture.ensure_captured(self.store, interp, self.host, self.progress)

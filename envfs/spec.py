@@ -52,8 +52,17 @@ def read_requirements_file(path: Path) -> list[str]:
     return reqs
 
 
-def normalize_requirements(reqs: list[str]) -> list[str]:
-    """Validate the shape of requirements and put them in a canonical order."""
+#: ``name @ <url>`` where the URL is a local file or directory (``file:``, or a path).
+_LOCAL_URL = re.compile(r"@\s*(file:|/|\.{1,2}/|~)")
+
+
+def normalize_requirements(reqs: list[str], allow_local: bool = False) -> list[str]:
+    """Validate the shape of requirements and put them in a canonical order.
+
+    A requirement naming a local path (``pkg @ file:///dir``) is refused unless
+    ``allow_local``: its content is not part of the lock or the snapshot id, so a changed
+    source would build under the same id (and its build backend runs on this node).
+    """
     out = []
     for req in reqs:
         req = " ".join(req.split())
@@ -62,6 +71,11 @@ def normalize_requirements(reqs: list[str]) -> list[str]:
         if not _REQ_START.match(req) or "\0" in req:
             raise BadInput(
                 f"{req!r} is not a requirement; give names like 'numpy' or 'six==1.16.0'"
+            )
+        if not allow_local and _LOCAL_URL.search(req.split(";", 1)[0]):
+            raise BadInput(
+                f"{req!r} names a local path, whose content is not part of the env's id; "
+                "publish it to an index, or pass --allow-local"
             )
         out.append(req)
     if not out:

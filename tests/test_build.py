@@ -217,6 +217,9 @@ def test_verify_detects_a_damaged_snapshot(local: Env) -> None:
         (["wf/x", "extra-a==1.0", "--python", "3.99"], 6, "not installed"),
         (["wf/x", "--project", "/nonexistent-dir"], 3, "pyproject.toml"),
         (["wf/x"], 3, "no packages"),
+        (["wf/x", "extra-a @ file:///tmp/extra-a"], 3, "--allow-local"),
+        (["wf/x", "extra-a@./src"], 3, "local path"),
+        (["wf/x\n", "extra-a==1.0"], 3, "characters"),
     ],
 )
 def test_bad_input_is_one_line_and_leaves_nothing(

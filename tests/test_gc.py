@@ -127,3 +127,14 @@ def test_umount_refuses_a_mount_that_is_not_envfs(tmp_path: Path, local: Env) ->
     finally:
         subprocess.run(["umount", str(target)], check=False)
         force_unmount(target)
+
+
+def test_mounting_twice_at_one_path_is_refused(fs: tuple[Env, Path, list[Mount]]) -> None:  # noqa: F811
+    env, mnt, mounts = fs
+    env.run("build", "wf/a", "extra-a==1.0", "--python", PY)
+    mounts.append(Mount(env, mnt))
+    again = env.run("mount", str(mnt), check=False)
+    assert again.returncode == 8 and "already a mount point" in again.stderr
+    foreground = env.run("mount", str(mnt), "--foreground", check=False)
+    assert foreground.returncode == 8 and "already a mount point" in foreground.stderr
+    assert py(mnt, "wf/a", "import extra_a").returncode == 0  # the first one still serves
