@@ -47,6 +47,9 @@ SNAPSHOTS_NAME = b".snapshots"
 METADATA_NAME = b".envfs"
 #: How long an unknown ``<wf>/<node>`` stays unknown before the store is asked again.
 NEGATIVE_TTL = 3.0
+#: At most this many missing names are remembered, and looked up in the store per second.
+MAX_NEGATIVE = 4096
+STORE_LOOKUP_RATE = 50.0
 #: The mtime and ctime of everything inside a snapshot: the same on every node and every run
 #: (bytecode is unchecked-hash, so no reader compares source and bytecode times).
 SNAPSHOT_TIME_NS = 946_684_800 * 10**9  # 2000-01-01T00:00:00Z
@@ -216,6 +219,7 @@ class Namespace:
         self._files: dict[tuple[str | None, int], _File] = {}  # (sha256 or target, mode) -> file
         self._built: dict[str, bytes] = {}  # snapshot id -> dir, from builds this process ran
         self._negative: dict[tuple[str, str], float] = {}  # (wf, node) -> expiry
+        self._lookup_tokens = (STORE_LOOKUP_RATE, clock())  # token bucket: (tokens, at)
         self._placeholders: dict[tuple[str, str], int] = {}  # (wf, node) -> inode
         self.lookups = 0
         self.cold = 0
@@ -400,13 +404,14 @@ class Namespace:
                 return None
             if not io:
                 raise WouldBlock
+            if not self._take_store_lookup():
+                return None  # over the rate: the index (refreshed from the store) answers
             self.store_lookups += 1
             binding = self._catalog.lookup_store(wf, node)
             if binding is not None and revision is not None:
                 binding = self._catalog.at_revision(wf, node, revision)
             if binding is None:
-                with self._lock:
-                    self._negative[(wf, node)] = self._clock() + NEGATIVE_TTL
+                self._remember_missing(wf, node)
                 return None
         if revision is None:
             view = View("current", binding.snapshot_id, wf, node, binding.revision)
@@ -416,6 +421,31 @@ class Namespace:
             key = ("revision", wf, node, revision)
         cache = CACHE_SHORT if revision is None else CACHE_LONG
         return self._view_root(key, view, parent.attr.ino, io, cache)
+
+    def _take_store_lookup(self) -> bool:
+        """A token for one store lookup of an unknown name (at most `STORE_LOOKUP_RATE` a
+        second, bursts of as many): a flood of missing names (a scanner, a typo in a loop)
+        must not turn into as many NAS round trips."""
+        with self._lock:
+            now = self._clock()
+            tokens, last = self._lookup_tokens
+            tokens = min(STORE_LOOKUP_RATE, tokens + (now - last) * STORE_LOOKUP_RATE)
+            if tokens < 1:
+                self._lookup_tokens = (tokens, now)
+                return False
+            self._lookup_tokens = (tokens - 1, now)
+            return True
+
+    def _remember_missing(self, wf: str, node: str) -> None:
+        """Cache a missing binding for `NEGATIVE_TTL`, keeping at most `MAX_NEGATIVE` names."""
+        with self._lock:
+            now = self._clock()
+            if len(self._negative) >= MAX_NEGATIVE:
+                for key in [k for k, expiry in self._negative.items() if expiry <= now]:
+                    del self._negative[key]
+                while len(self._negative) >= MAX_NEGATIVE:
+                    del self._negative[next(iter(self._negative))]  # the oldest
+            self._negative[(wf, node)] = now + NEGATIVE_TTL
 
     def _binding(self, wf: str, node: str, revision: int | None) -> BindingView | None:
         if revision is None:

@@ -434,3 +434,19 @@ def test_a_crashing_builder_becomes_an_eio_build_failure(world: World) -> None:
             await queue.wait_for_build("C")
 
     trio.run(main)
+
+
+def test_a_flood_of_missing_names_is_bounded_in_memory_and_store_lookups(world: World) -> None:
+    from envfs.vfs import MAX_NEGATIVE, STORE_LOOKUP_RATE
+
+    wf = world.walk("wf")
+    assert wf is not None
+    for i in range(3 * MAX_NEGATIVE):
+        assert world.ns.lookup(wf.ino, f"missing-{i}".encode(), io=True) is None
+        world.now += 0.001  # 3 * 4096 names in about 12 s
+    calls = len(world.catalog.store_calls)
+    assert calls <= STORE_LOOKUP_RATE * (12.3 + 1) and calls < 3 * MAX_NEGATIVE / 10
+    assert len(world.ns._negative) <= MAX_NEGATIVE
+    world.now += 10  # the bucket refills: a name bound meanwhile is found at once
+    world.catalog.store[("wf", "late")] = ["A"]
+    assert world.ns.lookup(wf.ino, b"late", io=True) is not None
