@@ -82,6 +82,10 @@ _UV_NETWORK_ERRORS = (
 )
 
 
+#: How uv reports ENOSPC (an OS error code, not text a package name could contain).
+_UV_DISK_FULL = "(os error 28)"
+
+
 def _uv_network_failure(stderr: str) -> bool:
     """Whether uv failed to reach the index, from the structure of its output."""
     for line in map(str.strip, stderr.splitlines()):
@@ -137,6 +141,8 @@ def lock_requirements(
             reason = _uv_error(proc.stderr) + _uv_hint(proc.stderr)
             if _uv_network_failure(proc.stderr):
                 raise EnvironmentProblem(f"cannot reach the package index: {reason}")
+            if _UV_DISK_FULL in proc.stderr:
+                raise EnvironmentProblem(f"the store is full: {reason}")
             raise BadInput(f"cannot resolve the requirements: {reason}")
         return ProjectFiles(pyproject=pyproject, lock=(Path(tmp) / "uv.lock").read_text())
 
@@ -177,6 +183,8 @@ def _run(cmd: list[str], env: dict[str, str], log: BuildLog, what: str) -> str:
     output = "".join(lines)
     log.output(output)
     if proc.wait() != 0:
+        if _UV_DISK_FULL in output:
+            raise EnvironmentProblem(f"the store is full: {what} failed: {_uv_error(output)}")
         raise BuildFailed(f"{what} failed: {_uv_error(output)}")
     return output
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -47,6 +48,19 @@ class EnvfsGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("envfs: interrupted", err=True)
             ctx.exit(130)
+        except OSError as exc:
+            if exc.errno not in _FULL:
+                raise  # anything else is a bug: keep its traceback
+            click.echo(
+                f"envfs: error: {exc.strerror}: free space on the store "
+                "(`envfs gc`, `envfs du`) and run the command again",
+                err=True,
+            )
+            ctx.exit(EnvironmentProblem.exit_code)
+
+
+#: The store is full (or over quota): an operator's problem, told in one line.
+_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 @click.group(cls=EnvfsGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -5,6 +5,8 @@ cli -> service -> store / index / builder.  ``StoreCatalog`` is the daemon's vie
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import getpass
 import os
 import random
@@ -18,7 +20,7 @@ from typing import Any
 from envfs import builder, capture, interpreters, spec
 from envfs.catalog import BindingView
 from envfs.config import Settings
-from envfs.errors import BadInput, BuildFailed, Busy, EnvfsError, NotFound
+from envfs.errors import BadInput, BuildFailed, Busy, EnvfsError, EnvironmentProblem, NotFound
 from envfs.index import Index, open_index
 from envfs.model import (
     DiskUsage,
@@ -320,20 +322,22 @@ class Service:
                 self._say("lost the build lease to another builder; waiting for its build")
                 self.store.audit("lease_lost", self.host, snapshot_id)
                 return
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                exc = EnvironmentProblem(f"{exc.strerror} while building on the store")
             if not isinstance(exc, EnvfsError):
                 raise
             log.step(f"FAILED: {exc.message}")
-            self.store.record_failure(
-                FailureInfo(
-                    snapshot_id=snapshot_id,
-                    host=self.host,
-                    time=time.time(),
-                    reason=exc.message,
-                    log=log.text()[-20000:],
-                )
+            failure = FailureInfo(
+                snapshot_id=snapshot_id,
+                host=self.host,
+                time=time.time(),
+                reason=exc.message,
+                log=log.text()[-20000:],
             )
-            self.store.audit("build_failed", self.host, snapshot_id, reason=exc.message)
-            raise
+            with contextlib.suppress(OSError):  # a full store may refuse the records too
+                self.store.record_failure(failure)
+                self.store.audit("build_failed", self.host, snapshot_id, reason=exc.message)
+            raise exc from None
         except BaseException:
             builder.remove_staged(staged)
             raise

@@ -462,3 +462,36 @@ def test_a_builder_resumed_past_its_lease_leaves_the_new_holder_alone(local: Env
     assert not list(locks.glob(f"{sid}*"))
     assert not [n for n in local.listing("staging") if n.startswith(sid)]
     assert local.run("verify", "wf/k").returncode == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs")
+def test_a_full_store_is_one_line_and_leaves_nothing_half_written(
+    tmp_path: Path, wheelhouse: Path
+) -> None:
+    env = make_env(tmp_path / "small", wheelhouse, seed=False)
+    env.store.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "none", str(env.store)], check=True)
+    try:
+        out = env.run("build", "wf/a", "extra-a==1.0", "--python", PY, check=False)
+        assert out.returncode == 8, out.stderr  # the interpreter and the cache do not fit
+        (line,) = out.stderr.strip().splitlines()
+        assert ("No space left" in line or "full" in line) and "Traceback" not in out.stderr
+        assert [p for p in env.listing("interpreters") if p != "by-source"] == []
+        assert [n for n in env.listing("staging") if not n.startswith(".")] == []
+        subprocess.run(["umount", str(env.store)], check=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160m", "none", str(env.store)],
+                       check=True)  # fmt: skip
+        env.run("python", "add", PY)
+        free = os.statvfs(env.store).f_bavail * os.statvfs(env.store).f_frsize
+        with open(env.store / "filler", "wb") as f:  # leave ~64 KiB: the build runs out
+            f.truncate(0)
+            f.write(b"\0" * max(0, free - 64 * 1024))
+        out = env.run("build", "wf/a", "extra-a==1.0", "--python", PY, check=False)
+        assert out.returncode == 8, out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+        assert env.listing("snapshots") == set()  # no incomplete snapshot
+        os.unlink(env.store / "filler")
+        env.run("build", "wf/a", "extra-a==1.0", "--python", PY)  # space again: it builds
+        assert env.run("verify", "--all").returncode == 0
+    finally:
+        subprocess.run(["umount", "-l", str(env.store)], check=False)
