@@ -14,13 +14,16 @@ is rebuilt from the store automatically and gives the same answers.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import lmdb
 
@@ -36,6 +39,24 @@ SCHEMA = b"2"  # 2: per-host logs (meta feed_cursor), file digests
 #: Seconds between passes that compare every binding directory with the index.
 RECONCILE_EVERY = 2.0
 MAP_SIZE = 1 << 30  # sparse; grows only as used
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _rebuilds_on_garbage(method: F) -> F:
+    """A read that meets a value it cannot decode rebuilds the index and reads again: the
+    index is only a view of the store, so damage to it must never reach a caller."""
+
+    @functools.wraps(method)
+    def wrapper(self: Index, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except (ValueError, KeyError, TypeError, IndexError) as exc:  # UnicodeDecodeError too
+            self._reset_and_rebuild(f"a value does not decode ({type(exc).__name__}: {exc})")
+            return method(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _key(workflow: str, node: str) -> bytes:
@@ -156,6 +177,7 @@ class Index:
     def _digest_key(st: os.stat_result) -> bytes:
         return b"%d:%d:%d:%d" % (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
+    @_rebuilds_on_garbage
     def cached_digest(self, st: os.stat_result) -> str | None:
         """The sha256 a build computed for this very file (same inode, size and mtime)."""
         with self.env.begin() as txn:
@@ -169,6 +191,7 @@ class Index:
 
     # -- reads ----------------------------------------------------------------------------
 
+    @_rebuilds_on_garbage
     def current(self, workflow: str, node: str) -> BindingView | None:
         with self.env.begin() as txn:
             raw = txn.get(_key(workflow, node), db=self.bindings)
@@ -177,6 +200,7 @@ class Index:
         value = json.loads(raw)
         return BindingView(workflow, node, value["revision"], value["snapshot_id"])
 
+    @_rebuilds_on_garbage
     def at_revision(self, workflow: str, node: str, revision: int) -> BindingView | None:
         with self.env.begin() as txn:
             raw = txn.get(_key(workflow, node) + b"@%d" % revision, db=self.revs)
@@ -186,6 +210,7 @@ class Index:
         with self.env.begin() as txn:
             return txn.get(snapshot_id.encode(), db=self.snaps) is not None
 
+    @_rebuilds_on_garbage
     def all_bindings(self) -> list[BindingView]:
         out = []
         with self.env.begin() as txn:
@@ -195,6 +220,7 @@ class Index:
                 out.append(BindingView(wf, node, value["revision"], value["snapshot_id"]))
         return out
 
+    @_rebuilds_on_garbage
     def workflows(self) -> list[str]:
         """Distinct workflow names, jumping over each workflow's nodes (O(workflows))."""
         out: list[str] = []
@@ -207,6 +233,7 @@ class Index:
                 ok = cursor.set_range(wf + b"0")  # '0' sorts right after '/'
         return out
 
+    @_rebuilds_on_garbage
     def nodes(self, workflow: str) -> list[str]:
         prefix = workflow.encode() + b"/"
         out = []

@@ -495,3 +495,20 @@ def test_a_full_store_is_one_line_and_leaves_nothing_half_written(
         assert env.run("verify", "--all").returncode == 0
     finally:
         subprocess.run(["umount", "-l", str(env.store)], check=False)
+
+
+def test_index_values_that_do_not_decode_rebuild_the_index(local: Env) -> None:
+    import lmdb
+
+    local.run("build", "wf/a", "extra-a==1.0", "--python", PY)
+    want = local.show("wf/a")
+    env = lmdb.open(str(local.index), max_dbs=8)
+    try:
+        with env.begin(write=True) as txn:
+            txn.put(b"wf/a", b"\xff not json", db=env.open_db(b"bindings", txn=txn))
+    finally:
+        env.close()
+    out = local.run("ls", "--json")
+    assert "Traceback" not in out.stderr and "rebuilding the index" in out.stderr
+    assert json.loads(out.stdout)[0]["snapshot_id"] == want["snapshot_id"]
+    assert local.show("wf/a") == want
