@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Protocol
 
 from envfs import bytecode
+from envfs.config import node_time
 from envfs.errors import BadInput, BuildFailed, EnvironmentProblem
 from envfs.model import Interpreter, InterpreterInfo, Manifest, ManifestEntry
 from envfs.spec import ProjectFiles, render_pyproject
@@ -288,7 +289,7 @@ def build_into(
         builder=host,
         uv_version=uv_version(),
         interpreter=interp,
-        built_at=time.time(),
+        built_at=node_time(),
         durations=durations,
     )
     meta = staged / META

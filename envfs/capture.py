@@ -26,12 +26,12 @@ import os
 import shutil
 import stat
 import subprocess
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from envfs.builder import BuildLog, compile_bytecode, dedup_into_objects, scan_tree, tree_digest
+from envfs.config import node_time
 from envfs.errors import BadInput, CaptureFailed
 from envfs.interpreters import probe, run_probe
 from envfs.model import Interpreter, InterpreterInfo
@@ -216,7 +216,7 @@ def capture(
             files=entries,
             source=str(layout.prefix),
             host=host,
-            captured_at=time.time(),
+            captured_at=node_time(),
         )
         if store.interpreter_ready(info.digest):
             remove_tree(tree)

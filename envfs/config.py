@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,13 @@ def runtime_dir() -> Path:
     """Where daemons leave their status files: ``$XDG_RUNTIME_DIR/envfs`` or a /tmp fallback."""
     base = os.environ.get("XDG_RUNTIME_DIR")
     return Path(base) / "envfs" if base else Path(f"/tmp/envfs-{os.getuid()}")
+
+
+def node_time() -> float:
+    """This node's wall clock, as stamped into records (``ENVFS_CLOCK_OFFSET`` skews it, to
+    test that nothing across nodes depends on it: staleness and ordering use the store's
+    clock, file mtimes written by the store)."""
+    return time.time() + float(os.environ.get("ENVFS_CLOCK_OFFSET") or 0)
 
 
 def host_id() -> str:

@@ -18,13 +18,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pydantic
 
+from envfs.config import node_time
 from envfs.model import AuditEvent
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
@@ -37,7 +37,7 @@ def log_name(host: str) -> str:
 
 def append(log_dir: Path, host: str, event: str, snapshot_id: str | None, **fields: Any) -> None:
     """Append one event to this host's log: one ``write()`` with ``O_APPEND``."""
-    record = {"event": event, "snapshot_id": snapshot_id, "host": host, "time": time.time()}
+    record = {"event": event, "snapshot_id": snapshot_id, "host": host, "time": node_time()}
     record.update(fields)
     line = (json.dumps(record, sort_keys=True) + "\n").encode()
     fd = os.open(log_dir / log_name(host), os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)

@@ -19,7 +19,7 @@ from typing import Any
 
 from envfs import builder, capture, interpreters, spec
 from envfs.catalog import BindingView
-from envfs.config import Settings
+from envfs.config import Settings, node_time
 from envfs.errors import BadInput, BuildFailed, Busy, EnvfsError, EnvironmentProblem, NotFound
 from envfs.index import Index, open_index
 from envfs.model import (
@@ -128,7 +128,7 @@ class Service:
             source=str(inputs.project or inputs.requirements_file or "") or None,
             interpreter=interp,
             lock_sha256=spec.lock_digest(files.lock),
-            created=time.time(),
+            created=node_time(),
             host=self.host,
         )
         self.store.write_spec(info, files.pyproject, files.lock)
@@ -210,7 +210,7 @@ class Service:
                 node=node,
                 revision=number,
                 snapshot_id=snapshot_id,
-                time=time.time(),
+                time=node_time(),
                 host=self.host,
                 user=user,
                 **fields,
@@ -255,7 +255,7 @@ class Service:
         """Build a snapshot, or wait for whoever builds it; exactly one build across nodes."""
         path = self.store.snapshot_dir(snapshot_id)
         deadline = time.monotonic() + timeout
-        started = time.time()
+        started = self.store.store_now()  # failures are stamped with the store clock too
         delay = 0.05
         announced = False
         while True:
@@ -330,7 +330,7 @@ class Service:
             failure = FailureInfo(
                 snapshot_id=snapshot_id,
                 host=self.host,
-                time=time.time(),
+                time=self.store.store_now(),
                 reason=exc.message,
                 log=log.text()[-20000:],
             )

@@ -16,7 +16,6 @@ import os
 import shutil
 import stat
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any, TypeVar
 import pydantic
 
 from envfs import feed
+from envfs.config import node_time
 from envfs.errors import EnvironmentProblem, NotFound
 from envfs.model import (
     LAYOUT_VERSION,
@@ -559,7 +559,7 @@ class Store:
             pid=pid,
             pid_start=pid_start_time(pid),
             nonce=uuid.uuid4().hex,
-            started=time.time(),
+            started=node_time(),
         )
         path = self.lease_path(snapshot_id)
         if not self.create_file(path, info.model_dump_json().encode()):
@@ -615,7 +615,7 @@ class Store:
         ``max_age`` is removed too.
         """
         removed: list[Path] = []
-        now = time.time()
+        now = self.store_now()
         try:
             entries = list(os.scandir(self.staging))
         except FileNotFoundError:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -167,3 +168,39 @@ def test_one_unreadable_binding_does_not_stop_the_others(
     a.run("build", "wf/x", "extra-b==2.0", "--python", PY)
     wait_for(imports(mnt, "wf/x", "extra_b"), 5, "node b serving wf/x next to a broken binding")
     assert "cannot read binding wf/broken" in mounts[0].log()
+
+
+def test_four_skewed_nodes_times_eight_first_accesses_build_once(
+    tmp_path: Path, wheelhouse: Path
+) -> None:
+    """Node clocks hours apart must not matter: leases are judged by the store's clock."""
+    offsets = [-3600, 0, 1800, 7200]
+    envs = [make_env(tmp_path / f"n{i}", wheelhouse, host=f"node-{i}") for i in range(4)]
+    for env, offset in zip(envs, offsets, strict=True):
+        env.vars["ENVFS_STORE"] = envs[0].vars["ENVFS_STORE"]
+        env.store = envs[0].store
+        env.vars["XDG_RUNTIME_DIR"] = str(env.root / "run")
+        env.vars["ENVFS_CLOCK_OFFSET"] = str(offset)
+    envs[0].run("bind", "wf/lazy", "slow-pkg==1.0", "--python", PY)
+    sid = envs[0].show("wf/lazy")["snapshot_id"]
+    mounts = [Mount(env, env.root / "mnt") for env in envs]
+    try:
+        procs = [
+            subprocess.Popen(
+                [m.path / "wf/lazy/bin/python", "-c", "import slow_pkg"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+            for m in mounts
+            for _ in range(8)
+        ]
+        for p in procs:
+            _, err = p.communicate(timeout=300)
+            assert p.returncode == 0, err.decode()
+    finally:
+        for m in reversed(mounts):
+            m.stop()
+    for m in mounts:
+        m.check_clean_exit()
+    assert envs[0].built_events(sid) == 1
+    assert "lease_broken" not in [e["event"] for e in envs[0].audit()]
