@@ -148,6 +148,26 @@ def lock_requirements(
         return ProjectFiles(pyproject=pyproject, lock=(Path(tmp) / "uv.lock").read_text())
 
 
+def check_lock(store: Store, project: Path, interp: Interpreter) -> None:
+    """Refuse a project whose ``uv.lock`` does not match its ``pyproject.toml``, as
+    ``uv sync --locked`` would: envfs builds a project exactly as locked (uv's cache first,
+    the index only if the cache cannot tell)."""
+    cmd = [uv_binary(), "lock", "--check", "--project", str(project)]
+    cmd += ["--python", python_path(store, interp)]
+    env = uv_env(store)
+    proc = subprocess.run([*cmd, "--offline"], capture_output=True, text=True, env=env)
+    if proc.returncode != 0 and "needs to be updated" not in proc.stderr:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if proc.returncode == 0:
+        return
+    if _uv_network_failure(proc.stderr):
+        raise EnvironmentProblem(f"cannot reach the package index: {_uv_error(proc.stderr)}")
+    raise BadInput(
+        f"{project}/uv.lock does not match its pyproject.toml ({_uv_error(proc.stderr)}); "
+        "run `uv lock` in it: envfs builds a project exactly as locked"
+    )
+
+
 class BuildLog:
     """The build log: kept with the snapshot (``.envfs/build.log``) or the failure record."""
 

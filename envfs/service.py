@@ -114,6 +114,8 @@ class Service:
         interp = interpreters.find(inputs.python)
         self.store.ensure()
         interp = capture.ensure_captured(self.store, interp, self.host, self.progress)
+        if inputs.project is not None:
+            builder.check_lock(self.store, inputs.project, interp)
         if files is None:
             key = spec.input_key(reqs, interp)
             known = None if inputs.upgrade else self.store.input_lookup(key)

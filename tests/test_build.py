@@ -512,3 +512,21 @@ def test_index_values_that_do_not_decode_rebuild_the_index(local: Env) -> None:
     assert "Traceback" not in out.stderr and "rebuilding the index" in out.stderr
     assert json.loads(out.stdout)[0]["snapshot_id"] == want["snapshot_id"]
     assert local.show("wf/a") == want
+
+
+def test_a_project_whose_lock_does_not_match_is_refused(local: Env, tmp_path: Path) -> None:
+    local.run("build", "wf/a", "extra-a==1.0", "--python", PY)
+    sid = local.show("wf/a")["snapshot_id"]
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in ("pyproject.toml", "uv.lock"):
+        (project / name).write_bytes((local.store / "specs" / sid / name).read_bytes())
+    local.run("build", "wf/p", "--project", str(project), "--python", PY)  # as locked: fine
+    pyproject = project / "pyproject.toml"
+    pyproject.write_text(pyproject.read_text().replace("extra-a==1.0", "extra-b==2.0"))
+    before = local.listing("specs")
+    out = local.run("build", "wf/q", "--project", str(project), "--python", PY, check=False)
+    assert out.returncode == 3, out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    assert "does not match its pyproject.toml" in line and "uv lock" in line
+    assert local.listing("specs") == before
