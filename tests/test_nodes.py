@@ -70,15 +70,22 @@ def test_each_host_appends_only_to_its_own_log(nodes: tuple[Env, Env, list[Mount
     }
 
 
-def test_changes_cross_garbage_and_truncated_log_lines(
-    nodes: tuple[Env, Env, list[Mount]],
-) -> None:
+def serving_x(nodes: tuple[Env, Env, list[Mount]]) -> Path:
+    """Node a builds wf/x (extra-a) and wf/other (extra-b); node b mounts and serves wf/x."""
     a, b, mounts = nodes
     a.run("build", "wf/x", "extra-a==1.0", "--python", PY)
     a.run("build", "wf/other", "extra-b==2.0", "--python", PY)
-    mounts.append(Mount(b, b.root / "mnt"))
     mnt = b.root / "mnt"
+    mounts.append(Mount(b, mnt))
     assert imports(mnt, "wf/x", "extra_a")()
+    return mnt
+
+
+def test_changes_cross_garbage_and_truncated_log_lines(
+    nodes: tuple[Env, Env, list[Mount]],
+) -> None:
+    a, _b, mounts = nodes
+    mnt = serving_x(nodes)
     for log in (a.store / "log").glob("*.jsonl"):
         with open(log, "ab") as f:  # what a broken writer or a disk can leave
             f.write(b'42\n\xff\xfe not json\n{"event": "bound", "host": 7}\n{"event": "bou')
@@ -92,13 +99,9 @@ def test_changes_cross_garbage_and_truncated_log_lines(
 def test_a_bind_whose_writer_died_before_logging_is_seen(
     nodes: tuple[Env, Env, list[Mount]],
 ) -> None:
-    a, b, mounts = nodes
-    a.run("build", "wf/x", "extra-a==1.0", "--python", PY)
-    a.run("build", "wf/other", "extra-b==2.0", "--python", PY)
+    a, b, _mounts = nodes
+    mnt = serving_x(nodes)
     other = a.show("wf/other")["snapshot_id"]
-    mounts.append(Mount(b, b.root / "mnt"))
-    mnt = b.root / "mnt"
-    assert imports(mnt, "wf/x", "extra_a")()
 
     def revision(number: int) -> Revision:  # as `bind` writes it, then dies before its log line
         return Revision(
@@ -155,12 +158,9 @@ def test_show_agrees_with_history_after_parallel_binds(local: Env) -> None:
 def test_one_unreadable_binding_does_not_stop_the_others(
     nodes: tuple[Env, Env, list[Mount]],
 ) -> None:
-    a, b, mounts = nodes
-    a.run("build", "wf/x", "extra-a==1.0", "--python", PY)
+    a, _b, mounts = nodes
     a.run("build", "wf/broken", "extra-a==1.0", "--python", PY)
-    mnt = b.root / "mnt"
-    mounts.append(Mount(b, mnt))
-    assert imports(mnt, "wf/x", "extra_a")()
+    mnt = serving_x(nodes)
     revision = a.store / "bindings/wf/broken/1.json"
     os.chmod(revision, 0o644)
     revision.write_text("{ not a revision")
