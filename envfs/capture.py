@@ -32,13 +32,12 @@ from pathlib import Path
 
 from envfs.builder import BuildLog, compile_bytecode, dedup_into_objects, scan_tree, tree_digest
 from envfs.config import node_time
-from envfs.errors import BadInput, CaptureFailed
+from envfs.errors import BadInput, BuildFailed, CaptureFailed
 from envfs.interpreters import probe, run_probe
 from envfs.model import Interpreter, InterpreterInfo
 from envfs.relocate import (
     PLACEHOLDER,
     closure_problems,
-    files_naming,
     is_elf,
     relocate_elves,
     replace_prefix,
@@ -187,17 +186,15 @@ def capture(
         problems = closure_problems(tree, elves)
         if problems:
             raise CaptureFailed(f"relocation incomplete: {problems[0]}")
-        leftover = next(files_naming(tree, old), None)
-        if leftover is not None:
-            raise CaptureFailed(
-                f"{leftover.relative_to(tree)} still names {layout.prefix} after relocation"
-            )
         say("compiling the standard library (unchecked-hash bytecode)")
         exe = tree / "bin" / layout.executable.name
         log = BuildLog(None, store.root)
         compile_bytecode(str(exe), tree, [tree / layout.stdlib_rel], log)
         _check_runs(exe, tree)
-        entries, total = scan_tree(tree, forbidden=[str(tree).encode()])
+        try:  # one read of the tree: digests, and no file naming the source or staging dir
+            entries, total = scan_tree(tree, forbidden=[str(tree).encode(), *old])
+        except BuildFailed as exc:
+            raise CaptureFailed(f"relocation incomplete: {exc.message}") from exc
         sources_only = [e for e in entries if "__pycache__" not in e.path.split("/")]
         rel_site = f"{layout.stdlib_rel}/site-packages"
         info = InterpreterInfo(

@@ -16,7 +16,6 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,6 +86,7 @@ class Dependencies:
     needed: tuple[str, ...]  # DT_NEEDED, host libraries left out
     resolved: dict[str, Path]  # every non-host library in its closure -> real path
     unresolved: tuple[str, ...]  # sonames nowhere to be found
+    needs: dict[str, tuple[str, ...]]  # each resolved library's own DT_NEEDED, hosts left out
 
 
 def dependencies(path: Path) -> Dependencies:
@@ -98,6 +98,7 @@ def dependencies(path: Path) -> Dependencies:
     except Exception as exc:  # pyelftools raises its own errors on odd files
         raise CaptureFailed(f"cannot read the ELF file {path}: {exc}") from exc
     resolved: dict[str, Path] = {}
+    needs: dict[str, tuple[str, ...]] = {}
     unresolved: list[str] = []
     for soname, lib in tree.libraries.items():
         if is_host_library(soname) or _LIBPYTHON.match(soname):
@@ -106,20 +107,8 @@ def dependencies(path: Path) -> Dependencies:
             unresolved.append(soname)
         else:
             resolved[soname] = Path(lib.realpath)
-    return Dependencies(tuple(tree.needed), resolved, tuple(sorted(unresolved)))
-
-
-def _direct_needed(path: Path) -> tuple[str, ...]:
-    """DT_NEEDED of one ELF file (read with pyelftools)."""
-    from elftools.elf.dynamic import DynamicSegment
-    from elftools.elf.elffile import ELFFile
-
-    with open(path, "rb") as f:
-        for segment in ELFFile(f).iter_segments():
-            if isinstance(segment, DynamicSegment):
-                tags = [t for t in segment.iter_tags() if t.entry.d_tag == "DT_NEEDED"]
-                return tuple(t.needed for t in tags)  # type: ignore[attr-defined]
-    return ()
+            needs[soname] = tuple(lib.needed)
+    return Dependencies(tuple(tree.needed), resolved, tuple(sorted(unresolved)), needs)
 
 
 def _no_ldpaths() -> dict[str, list[str]]:
@@ -167,18 +156,12 @@ def closure_problems(tree: Path, elves: list[Path]) -> list[str]:
         for soname, lib in result.libraries.items():
             if is_host_library(soname):
                 continue
-            if lib.realpath is None and _LIBPYTHON.match(soname):
-                lib_path = _find_libpython(tree, soname)
-                if lib_path is not None:
-                    continue
+            libpython = lib.realpath is None and _LIBPYTHON.match(soname)
+            if libpython and (tree / "lib" / soname).exists():
+                continue  # lddtree does not resolve libpython; ours sits in lib/
             if lib.realpath is None or not os.path.realpath(lib.realpath).startswith(root + "/"):
                 problems.append(f"{elf.relative_to(tree)} needs {soname} from outside the tree")
     return problems
-
-
-def _find_libpython(tree: Path, soname: str) -> Path | None:
-    candidate = tree / "lib" / soname
-    return candidate if candidate.exists() else None
 
 
 def relocate_elves(
@@ -195,6 +178,8 @@ def relocate_elves(
     if libpython is not None:
         where[libpython.name] = libpython
     bundle: dict[str, Path] = {}
+    needed: dict[Path, tuple[str, ...]] = {}  # every ELF in the tree -> its DT_NEEDED
+    library_needs: dict[str, tuple[str, ...]] = {}
     for dest, source in sorted(sources.items()):
         deps = dependencies(source)
         if deps.unresolved:
@@ -203,6 +188,8 @@ def relocate_elves(
                 f"{dest.relative_to(tree)}: install it on this node or use another interpreter"
             )
         bundle.update(deps.resolved)
+        library_needs.update(deps.needs)
+        needed[dest] = deps.needed
     libs_dir = tree / LIBS_DIR
     if bundle:
         libs_dir.mkdir(parents=True)
@@ -211,10 +198,10 @@ def relocate_elves(
         shutil.copyfile(real, dest)
         os.chmod(dest, 0o755)
         where[soname] = dest
-        sources[dest] = dest
-    elves = sorted(sources)
+        needed[dest] = library_needs[soname]
+    elves = sorted(needed)
     for elf in elves:
-        set_run_path(patchelf, elf, run_path_for(elf, _direct_needed(elf), where))
+        set_run_path(patchelf, elf, run_path_for(elf, needed[elf], where))
     return elves, sorted(bundle)
 
 
@@ -241,15 +228,3 @@ def replace_prefix(path: Path, old: list[bytes], new: bytes, binary: bool) -> bo
     os.chmod(path, 0o644 | (mode & 0o111))
     path.write_bytes(data)
     return True
-
-
-def files_naming(tree: Path, needles: list[bytes]) -> Iterator[Path]:
-    """Regular files under ``tree`` that contain any of ``needles``."""
-    for dirpath, _dirs, names in os.walk(tree):
-        for name in names:
-            path = Path(dirpath, name)
-            if path.is_symlink():
-                continue
-            data = path.read_bytes()
-            if any(n in data for n in needles):
-                yield path
