@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -568,6 +568,19 @@ def scan_tree(
     return entries, total
 
 
+def record_digests(record: Path) -> Iterator[tuple[str, str | None]]:
+    """(path relative to site-packages, sha256 hex) of each hashed row of a wheel's
+    ``RECORD``; the digest is None when the row's hash does not decode (it matches nothing)."""
+    for row in csv.reader(io.StringIO(record.read_text(errors="replace"))):
+        if len(row) < 2 or not row[1].startswith("sha256="):
+            continue
+        b64 = row[1].removeprefix("sha256=")
+        try:
+            yield row[0], base64.urlsafe_b64decode(b64 + "=" * (-len(b64) % 4)).hex()
+        except ValueError:
+            yield row[0], None
+
+
 def check_records(root: Path, entries: list[ManifestEntry]) -> None:
     """Every installed file must match its wheel's ``RECORD``: a damaged uv cache entry fails
     the build naming the file, instead of being hardlinked into the snapshot and blessed by
@@ -575,13 +588,9 @@ def check_records(root: Path, entries: list[ManifestEntry]) -> None:
     digests = {e.path: e.sha256 for e in entries if e.type == "file"}
     for record in sorted(root.glob("lib/python*/site-packages/*.dist-info/RECORD")):
         site = record.parent.parent
-        for row in csv.reader(io.StringIO(record.read_text(errors="replace"))):
-            if len(row) < 2 or not row[1].startswith("sha256="):
-                continue
-            rel = os.path.normpath(os.path.relpath(site / row[0], root))
+        for path, want in record_digests(record):
+            rel = os.path.normpath(os.path.relpath(site / path, root))
             got = digests.get(rel)
-            b64 = row[1].removeprefix("sha256=")
-            want = base64.urlsafe_b64decode(b64 + "=" * (-len(b64) % 4)).hex()
             if got is not None and got != want:
                 dist = record.parent.name.split("-")[0]
                 raise BuildFailed(

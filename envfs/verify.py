@@ -7,14 +7,12 @@ knows what to rebuild.
 
 from __future__ import annotations
 
-import base64
-import csv
 import hashlib
-import io
 import os
 import stat
 from pathlib import Path
 
+from envfs.builder import record_digests
 from envfs.errors import EnvfsError
 from envfs.model import Manifest, ManifestEntry
 from envfs.store import META, Store
@@ -95,18 +93,14 @@ def uv_cache_problems(store: Store) -> tuple[int, list[str]]:
             continue
         root = Path(archive.path)
         for record in sorted(root.glob("*.dist-info/RECORD")):
-            for row in csv.reader(io.StringIO(record.read_text(errors="replace"))):
-                if len(row) < 2 or not row[1].startswith("sha256="):
-                    continue
-                path = root / row[0]
-                rel = f"archive-v0/{archive.name}/{row[0]}"
+            for name, want in record_digests(record):
+                rel = f"archive-v0/{archive.name}/{name}"
                 checked += 1
                 try:
-                    data = path.read_bytes()
+                    data = (root / name).read_bytes()
                 except FileNotFoundError:
                     problems.append(f"missing: {rel}")
                     continue
-                digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=")
-                if digest.decode() != row[1].removeprefix("sha256="):
+                if hashlib.sha256(data).hexdigest() != want:
                     problems.append(f"changed: {rel}")
     return checked, problems
