@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _envfs import EnvfsHarness
+
 from envfs import interpreters
 from envfs.builder import uv_binary
 
@@ -49,55 +51,10 @@ def say(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-class Bench:
+class Bench(EnvfsHarness):
     def __init__(self, root: Path, python: str) -> None:
-        self.root = root
-        self.python = python
+        super().__init__(root, python)
         self.base_python = interpreters.find(python).path
-        self.mnt = root / "mnt"
-        self.env = dict(
-            os.environ,
-            ENVFS_STORE=str(root / "store"),
-            ENVFS_INDEX=str(root / "index"),
-            XDG_RUNTIME_DIR=str(root / "run"),
-        )
-        self.run_env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-        self.run_env.pop("VIRTUAL_ENV", None)
-        self.daemon: subprocess.Popen[bytes] | None = None
-
-    def cli(self, *args: str) -> str:
-        cmd = [sys.executable, "-m", "envfs", *args]
-        done = subprocess.run(cmd, env=self.env, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            raise RuntimeError(f"envfs {' '.join(args)}: {done.stderr.strip()}")
-        return done.stdout
-
-    def mount(self) -> None:
-        self.mnt.mkdir(exist_ok=True)
-        log = open(self.root / "daemon.log", "ab")  # noqa: SIM115 (the daemon keeps it)
-        self.daemon = subprocess.Popen(
-            [sys.executable, "-m", "envfs", "mount", str(self.mnt), "--foreground"],
-            env=self.env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-        )
-        deadline = time.monotonic() + 30
-        while not os.path.ismount(self.mnt):
-            if self.daemon.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the daemon did not mount; see {self.root / 'daemon.log'}")
-            time.sleep(0.05)
-
-    def umount(self) -> None:
-        if os.path.ismount(self.mnt):
-            subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], check=False)
-        if self.daemon is not None:
-            try:
-                self.daemon.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.daemon.kill()
-                self.daemon.wait()
-            self.daemon = None
 
     def ours(self, node: str, code: str, pkgs: list[str]) -> tuple[float, float, dict[str, float]]:
         """Seconds for bind and for the first import (which builds); the build's phases."""

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from _envfs import EnvfsHarness
+
 from envfs.config import Settings
 from envfs.service import Service
 
@@ -72,35 +74,16 @@ class Row:
         )
 
 
-class Bench:
+class Bench(EnvfsHarness):
     def __init__(self, root: Path, python: str) -> None:
-        self.root = root
-        self.python = python
-        self.mnt = root / "mnt"
-        self.env = dict(
-            os.environ,
-            ENVFS_STORE=str(root / "store"),
-            ENVFS_INDEX=str(root / "index"),
-            XDG_RUNTIME_DIR=str(root / "run"),
-        )
-        # What the timed interpreters see: nothing of this process's venv, and no bytecode
-        # writes (we are root: a write would succeed in the read-only local snapshot).
-        self.run_env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-        self.run_env.pop("VIRTUAL_ENV", None)
+        super().__init__(root, python)
+        # no bytecode writes by the timed interpreters (we are root: a write would succeed
+        # in the read-only local snapshot)
         self.run_env["PYTHONDONTWRITEBYTECODE"] = "1"
-        self.daemon: subprocess.Popen[bytes] | None = None
-        self.log = root / "daemon.log"
         self.local: dict[str, Path] = {}
         self.sids: dict[str, str] = {}
 
     # -- envfs --------------------------------------------------------------------------------
-
-    def cli(self, *args: str) -> str:
-        cmd = [sys.executable, "-m", "envfs", *args]
-        done = subprocess.run(cmd, env=self.env, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            raise RuntimeError(f"envfs {' '.join(args)}: {done.stderr.strip()}")
-        return done.stdout
 
     def build(self) -> None:
         for node, _module, reqs in SETS:
@@ -112,50 +95,8 @@ class Bench:
             self.sids[node] = info["snapshot_id"]
             say(f"built bench/{node} in {time.monotonic() - t0:.0f} s -> {info['snapshot_path']}")
 
-    def mount(self) -> None:
-        self.mnt.mkdir(exist_ok=True)
-        with open(self.log, "ab") as out:
-            self.daemon = subprocess.Popen(
-                [sys.executable, "-m", "envfs", "mount", str(self.mnt), "--foreground"],
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=out,
-            )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.daemon.poll() is not None:
-                raise RuntimeError(f"daemon exited ({self.daemon.returncode}); see {self.log}")
-            try:
-                if os.path.ismount(self.mnt) and os.listdir(self.mnt / "bench"):
-                    return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"{self.mnt}/bench not listable after 30 s; see {self.log}")
-
-    def umount(self) -> None:
-        if os.path.ismount(self.mnt):
-            subprocess.run(
-                [sys.executable, "-m", "envfs", "umount", str(self.mnt)],
-                env=self.env,
-                capture_output=True,
-                check=False,
-                timeout=60,
-            )
-        if os.path.ismount(self.mnt):
-            subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], check=False)
-        if self.daemon is not None:
-            try:
-                self.daemon.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.daemon.terminate()
-                try:
-                    self.daemon.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    self.daemon.kill()
-                    self.daemon.wait()
-            self.daemon = None
+    def mount(self, ready: Callable[[], bool] | None = None) -> None:
+        super().mount(ready or (lambda: bool(os.listdir(self.mnt / "bench"))))
 
     def stats(self) -> dict[str, int]:
         """The daemon's cache counters (its status file is rewritten within a second)."""
