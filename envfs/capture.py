@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 import shutil
-import stat
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,7 +41,7 @@ from envfs.relocate import (
     relocate_elves,
     replace_prefix,
 )
-from envfs.store import META, Store, remove_tree
+from envfs.store import META, Store, regular_files, remove_tree
 
 Progress = Callable[[str], None]
 
@@ -181,7 +180,7 @@ def capture(
         elves, bundled = relocate_elves(tree, sources, libpython)
         old = sorted({str(layout.prefix).encode(), os.path.realpath(layout.prefix).encode()})
         elf_set = set(elves)
-        for path in _regular_files(tree):
+        for path, _st in list(regular_files(tree)):
             replace_prefix(path, old, PLACEHOLDER.encode(), binary=path in elf_set)
         problems = closure_problems(tree, elves)
         if problems:
@@ -322,16 +321,6 @@ def _copy_symlink(path: Path, target: Path, prefix: Path | None, elves: dict[Pat
         os.symlink(os.path.relpath(resolved, path.parent), target)
     elif resolved.is_file():
         _copy_file(resolved, target, elves)
-
-
-def _regular_files(tree: Path) -> list[Path]:
-    out = []
-    for dirpath, _dirs, names in os.walk(tree):
-        for name in names:
-            path = Path(dirpath, name)
-            if stat.S_ISREG(os.lstat(path).st_mode):
-                out.append(path)
-    return out
 
 
 def _check_runs(exe: Path, tree: Path) -> None:

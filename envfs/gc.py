@@ -12,7 +12,6 @@ builds and binds hold shared, so a build and a sweep never race.
 from __future__ import annotations
 
 import os
-import stat
 import subprocess
 from collections import Counter
 from collections.abc import Callable
@@ -20,7 +19,7 @@ from pathlib import Path
 
 from envfs.errors import EnvfsError, EnvironmentProblem
 from envfs.model import GcReport
-from envfs.store import META, Store, remove_tree
+from envfs.store import META, Store, regular_files, remove_tree
 
 
 def _manifest_age(store: Store, snapshot_id: str, now: float) -> float:
@@ -53,13 +52,10 @@ def _freed_bytes(store: Store, swept: list[str]) -> int:
     count: Counter[tuple[int, int]] = Counter()
     size: dict[tuple[int, int], tuple[int, int]] = {}
     for sid in swept:
-        for dirpath, _dirs, files in os.walk(store.snapshot_dir(sid)):
-            for name in files:
-                st = os.lstat(os.path.join(dirpath, name))
-                if stat.S_ISREG(st.st_mode):
-                    key = (st.st_dev, st.st_ino)
-                    count[key] += 1
-                    size[key] = (st.st_size, st.st_nlink)
+        for _path, st in regular_files(store.snapshot_dir(sid)):
+            key = (st.st_dev, st.st_ino)
+            count[key] += 1
+            size[key] = (st.st_size, st.st_nlink)
     return sum(s for key, (s, nlink) in size.items() if nlink - count[key] <= 1)
 
 

@@ -10,9 +10,8 @@ import errno
 import getpass
 import os
 import random
-import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ from envfs.model import (
     VerifyReport,
 )
 from envfs.names import parse_target
-from envfs.store import Lease, Store
+from envfs.store import Lease, Store, regular_files
 
 Progress = Callable[[str], None]
 BUILD_WAIT = 3600.0  # how long a waiter waits for another node's build
@@ -451,7 +450,7 @@ class Service:
         real = disk = 0
         for sid in self.store.snapshot_ids():
             apparent = new = 0
-            for st in _regular_files(self.store.snapshot_dir(sid)):
+            for _path, st in regular_files(self.store.snapshot_dir(sid)):
                 apparent += st.st_size
                 if (st.st_dev, st.st_ino) not in seen:
                     seen.add((st.st_dev, st.st_ino))
@@ -461,7 +460,7 @@ class Service:
             per[sid] = {"apparent_bytes": apparent, "new_bytes": new}
         cache_extra = sum(
             st.st_size
-            for st in _regular_files(self.store.uv_cache)
+            for _path, st in regular_files(self.store.uv_cache)
             if (st.st_dev, st.st_ino) not in seen
         )
         return DiskUsage(
@@ -516,14 +515,6 @@ class Service:
 
     def list_envs(self) -> list[EnvInfo]:
         return [self.describe(v) for v in self.index.all_bindings()]
-
-
-def _regular_files(root: Path) -> Iterator[os.stat_result]:
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            st = os.lstat(os.path.join(dirpath, name))
-            if stat.S_ISREG(st.st_mode):
-                yield st
 
 
 def _user() -> str:

@@ -699,6 +699,16 @@ def _lease_nonce(path: Path) -> str | None:
         return None
 
 
+def regular_files(root: Path) -> Iterator[tuple[Path, os.stat_result]]:
+    """Every regular file under ``root`` with its ``lstat`` (links are not followed)."""
+    for dirpath, _dirs, names in os.walk(root):
+        for name in names:
+            path = Path(dirpath, name)
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode):
+                yield path, st
+
+
 def make_read_only(root: Path) -> None:
     """Drop write permission on every file and directory under ``root`` (bottom-up)."""
     for dirpath, dirnames, filenames in os.walk(root, topdown=False):
