@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
-from envfs import bytecode
+from envfs import bytecode, crashpoints
 from envfs.config import node_time
 from envfs.errors import BadInput, BuildFailed, EnvironmentProblem
 from envfs.model import Interpreter, InterpreterInfo, Manifest, ManifestEntry
@@ -29,6 +29,24 @@ from envfs.spec import ProjectFiles, render_pyproject
 from envfs.store import META, Store, remove_tree
 
 Progress = Callable[[str], None]
+
+#: Children (uv, the bytecode compiler) get SIGKILL when the builder dies, so a killed build
+#: leaves no orphan writing into its staging dir after the next builder cleaned it away.
+_DIE_WITH_US = ["setpriv", "--pdeathsig", "KILL", "--"] if shutil.which("setpriv") else []
+
+
+def tool_command(cmd: list[str]) -> list[str]:
+    """``cmd`` made to die with this process (``setpriv --pdeathsig``, where there is one)."""
+    return [*_DIE_WITH_US, *cmd]
+
+
+def _crash_while_running(phase: str, cmd: list[str], env: dict[str, str]) -> None:
+    """Crash point of a phase that runs a tool: start the tool, then die (see crashpoints)."""
+    if crashpoints.armed(phase):
+        quiet = subprocess.DEVNULL
+        subprocess.Popen(tool_command(cmd), env=env, stdout=quiet, stderr=quiet)
+        time.sleep(0.2)
+    crashpoints.reached(phase)
 
 
 def uv_binary() -> str:
@@ -132,12 +150,15 @@ def lock_requirements(
             (Path(tmp) / "uv.lock").write_text(seed)
         cmd = [uv_binary(), "lock", "--project", tmp, "--python", python_path(store, interp)]
         env = uv_env(store)
+        _crash_while_running("lock", cmd, env)
         proc = None
         if offline_first:
-            offline = [*cmd, "--offline"]
+            offline = tool_command([*cmd, "--offline"])
             proc = subprocess.run(offline, capture_output=True, text=True, env=env, check=False)
         if proc is None or proc.returncode != 0:
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+            proc = subprocess.run(
+                tool_command(cmd), capture_output=True, text=True, env=env, check=False
+            )
         if proc.returncode != 0:
             reason = _uv_error(proc.stderr) + _uv_hint(proc.stderr)
             if _uv_network_failure(proc.stderr):
@@ -189,13 +210,15 @@ class BuildLog:
         return ("\n".join(self.lines) + "\n").replace(self.store_root, "<store>")
 
 
-def _run(cmd: list[str], env: dict[str, str], log: BuildLog, what: str) -> str:
+def _run(cmd: list[str], env: dict[str, str], log: BuildLog, what: str, phase: str = "") -> str:
     """Run uv; its output goes to the build log and, line by line, to the progress."""
     log.step(f"$ {' '.join(cmd)}", show=False)
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+        tool_command(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
     )
     assert proc.stdout is not None
+    if phase:
+        crashpoints.reached(phase)
     lines = []
     for line in proc.stdout:
         lines.append(line)
@@ -243,6 +266,7 @@ def build_into(
             info = store.read_interpreter(interp.digest)
             log.step(f"linking the captured Python {interp.version} ({interp.digest[:12]})")
             known = link_interpreter(store.interpreter_dir(interp.digest), info, staged)
+            crashpoints.reached("venv")
             python = str(staged / info.executable)
             compile_dir = staged / info.site_packages
         else:  # layout 1: a venv over the node's interpreter (specs written before capture)
@@ -258,7 +282,7 @@ def build_into(
         sync_env = dict(env, UV_PROJECT_ENVIRONMENT=str(staged))
         sync = [uv, "sync", "--frozen", "--no-install-project", "--link-mode", "hardlink"]
         stderr = _run(
-            [*sync, "--project", str(project), "--python", python], sync_env, log, "uv sync"
+            [*sync, "--project", str(project), "--python", python], sync_env, log, "uv sync", "sync"
         )
         if "falling back" in stderr.lower() and "copy" in stderr.lower():
             raise EnvironmentProblem(
@@ -290,6 +314,7 @@ def build_into(
     t0 = time.monotonic()
     log.step("deduplicating generated files and writing the manifest")
     dedup_into_objects(store, staged, known)
+    crashpoints.reached("dedup")
     entries, total = scan_tree(
         staged,
         forbidden=[str(staged).encode(), str(store.staging).encode()],
@@ -315,6 +340,7 @@ def build_into(
     meta = staged / META
     meta.mkdir()
     (meta / "manifest.json").write_text(manifest.model_dump_json(indent=1))
+    crashpoints.reached("manifest")
     (meta / "build.log").write_text(log.text())
     return manifest
 
@@ -333,8 +359,18 @@ work = functools.partial(
 if len(files) < 64:
     ok = all([work(f) for f in files])
 else:
+    import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
-    with ProcessPoolExecutor() as pool:
+
+    def die_with_parent():  # workers of a killed build must not write on into its tree
+        try:
+            import ctypes
+            ctypes.CDLL(None).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+        except Exception:
+            pass
+
+    fork = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(mp_context=fork, initializer=die_with_parent) as pool:
         ok = all(pool.map(work, files, chunksize=16))
 sys.exit(0 if ok else 1)
 """
@@ -358,7 +394,10 @@ def compile_bytecode(python: str, root: Path, targets: list[Path], log: BuildLog
         else:
             cmd = [python, "-I", "-B", "-c", _COMPILE_FILES, str(root), f.name]
         env = {"PATH": os.environ.get("PATH", ""), "PYTHONHASHSEED": "0", "SOURCE_DATE_EPOCH": "0"}
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+        _crash_while_running("compile", cmd, env)
+        proc = subprocess.run(
+            tool_command(cmd), capture_output=True, text=True, env=env, check=False
+        )
     log.output(proc.stdout + proc.stderr)
     # compileall exits 1 if any file fails to compile (some packages ship py2-only tests);
     # those files simply stay uncompiled.

@@ -172,6 +172,13 @@ def capture(
     layout = read_layout(Path(os.path.realpath(python)))
     say(f"capturing Python {interp.version} from {layout.prefix} into the store (once)")
     store.ensure()
+    with store.gc_fence():  # a sweep takes every staging dir it sees for a crashed build's
+        return _capture_fenced(store, interp, layout, host, say)
+
+
+def _capture_fenced(
+    store: Store, interp: Interpreter, layout: Layout, host: str, say: Progress
+) -> InterpreterInfo:
     tree = store.new_interpreter_staging(host)
     try:
         sources, libpython = _copy_installation(layout, tree)

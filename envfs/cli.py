@@ -346,7 +346,8 @@ def gc_cmd(
 
     Kept: each binding's current revision and its last --keep ones, snapshots younger than
     --min-age, snapshots a node serves (its daemon's leases/<id>/<host>), and every captured
-    interpreter. Builds and binds wait while a sweep runs (and the reverse).
+    interpreter. Staging dirs and build leases of crashed builds are removed too.
+    Builds and binds wait while a sweep runs (and the reverse).
     """  # fmt: skip
     report = _service(ctx).gc(keep, _duration(min_age), _duration(quarantine), dry_run)
     if as_json:
@@ -355,6 +356,13 @@ def gc_cmd(
     verb = "would sweep" if dry_run else "swept"
     for sid in report.swept:
         click.echo(f"{verb} {sid[:12]}")
+    leftovers = len(report.dead_builds) + len(report.stale_leases)
+    if leftovers:
+        what = "would remove" if dry_run else "removed"
+        click.echo(
+            f"{what} {len(report.dead_builds)} dead build dir(s) and "
+            f"{len(report.stale_leases)} stale build lease(s) left by crashed builds"
+        )
     click.echo(
         f"{verb} {len(report.swept)} snapshot(s), about {_human(report.freed_bytes)}; "
         f"kept {len(report.kept)}"

@@ -4,7 +4,8 @@ Roots (kept): each binding's current revision and its last ``keep`` earlier ones
 younger than ``min_age``, and snapshots a node serves (``leases/<id>/<host>``, refreshed by
 every daemon for each snapshot it has attached, judged by the store's clock).  Captured
 interpreters are always kept.  The sweep moves snapshots to ``trash/`` (one rename each),
-deletes trash older than ``quarantine``, then pool objects and bytecode links nothing uses
+removes what crashed builds left (their staging dirs and stale build leases), deletes
+trash older than ``quarantine``, then pool objects and bytecode links nothing uses
 any more, then runs ``uv cache prune``; all under the store's gc fence (exclusive), which
 builds and binds hold shared, so a build and a sweep never race.
 """
@@ -86,6 +87,8 @@ def collect(
                 kept[sid] = "younger than --min-age"
                 continue
             swept.append(sid)
+        dead = store.dead_staging(fenced=True)  # no build runs while we hold the fence
+        stale = store.stale_leases(host)
         freed = _freed_bytes(store, swept)
         say(f"gc: {len(swept)} snapshot(s) to sweep, {len(kept)} kept, about {freed} bytes")
         report = GcReport(
@@ -93,12 +96,18 @@ def collect(
             swept=swept,
             kept=dict(sorted(kept.items())),
             freed_bytes=freed,
+            dead_builds=[p.name for p in dead],
+            stale_leases=[f"{x.snapshot_id} ({x.host}, pid {x.pid})" for x in stale],
         )
         if dry_run:
             return report
         for sid in swept:
             store.trash_snapshot(sid, now)
             store.audit("gc_swept", host, sid)
+        store.remove_staging(dead)
+        for lease in stale:
+            if store.break_lease(lease.snapshot_id, lease):
+                store.audit("lease_broken", host, lease.snapshot_id, holder=lease.host)
         deleted = 0
         for path, when in store.trashed():
             if now - when >= quarantine:

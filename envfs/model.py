@@ -224,6 +224,8 @@ class GcReport(Record):
     swept: list[str]  # snapshot ids moved to trash/ (or that would be)
     kept: dict[str, str]  # snapshot id -> why it is a root
     freed_bytes: int  # about: bytes whose last links were in the swept snapshots
+    dead_builds: list[str] = []  # staging dirs crashed builds left (removed, or would be)
+    stale_leases: list[str] = []  # build leases whose holder is gone (broken, or would be)
     trash_deleted: int = 0
     objects_deleted: int = 0
     links_deleted: int = 0

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from envfs import builder, capture, interpreters, spec
+from envfs import builder, capture, crashpoints, interpreters, spec
 from envfs.catalog import BindingView
 from envfs.config import Settings, node_time
 from envfs.errors import BadInput, BuildFailed, Busy, EnvfsError, EnvironmentProblem, NotFound
@@ -308,6 +308,7 @@ class Service:
         self.store.audit("build_started", self.host, snapshot_id, pid=os.getpid())
         log = builder.BuildLog(self.progress, self.store.root)
         t0 = time.monotonic()
+        room = self.store.reserve_failure_record(snapshot_id, self.host)
         staged = self.store.new_staging(snapshot_id, self.host)
         try:
             manifest = builder.build_into(
@@ -317,6 +318,7 @@ class Service:
                 raise LeaseLost(snapshot_id)
             self._say("publishing the snapshot")
             published = self.store.publish(staged, snapshot_id)
+            crashpoints.reached("rename")
         except (EnvfsError, OSError) as exc:
             builder.remove_staged(staged)
             if not lease.held():  # whatever failed, it was no longer our build
@@ -324,7 +326,7 @@ class Service:
                 self.store.audit("lease_lost", self.host, snapshot_id)
                 return
             if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                exc = EnvironmentProblem(f"{exc.strerror} while building on the store")
+                exc = EnvironmentProblem(f"the store is full ({exc.strerror}) while building")
             if not isinstance(exc, EnvfsError):
                 raise
             log.step(f"FAILED: {exc.message}")
@@ -335,13 +337,16 @@ class Service:
                 reason=exc.message,
                 log=log.text()[-20000:],
             )
-            with contextlib.suppress(OSError):  # a full store may refuse the records too
-                self.store.record_failure(failure)
+            with contextlib.suppress(OSError):  # a full store may refuse the log line
+                self.store.record_failure(failure, room)
                 self.store.audit("build_failed", self.host, snapshot_id, reason=exc.message)
             raise exc from None
         except BaseException:
             builder.remove_staged(staged)
             raise
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(room)
         self.store.clear_failure(snapshot_id)
         if published:
             self.store.audit(

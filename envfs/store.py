@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import pydantic
 
-from envfs import feed
+from envfs import crashpoints, feed
 from envfs.config import node_time
 from envfs.errors import EnvironmentProblem, NotFound
 from envfs.model import (
@@ -47,6 +47,8 @@ LEASE_STALE = float(os.environ.get("ENVFS_LEASE_STALE") or 60.0)
 LEASE_HEARTBEAT = LEASE_STALE / 4
 #: A node's ``leases/<id>/<host>`` older than this (store clock) no longer keeps ``<id>``.
 SERVE_LEASE_TTL = 300.0
+#: Bytes set aside for a build's failure record (its log is cut to fit).
+FAILURE_ROOM = 64 * 1024
 META = ".envfs"  # metadata directory inside a snapshot (manifest, build log); not served
 
 
@@ -476,8 +478,29 @@ class Store:
 
     # -- failures -------------------------------------------------------------------------
 
-    def record_failure(self, info: FailureInfo) -> None:
-        self.replace_file(self.failed / f"{info.snapshot_id}.json", info.model_dump_json().encode())
+    def reserve_failure_record(self, snapshot_id: str, host: str) -> Path:
+        """Set aside room for a build's failure record (a staging file of FAILURE_ROOM bytes),
+        so that a build failing because the store is full can still say so to every node."""
+        path = self.staging / f"{snapshot_id}.{host}.{uuid.uuid4().hex[:12]}.failure"
+        with open(path, "wb") as f:
+            f.write(b"\0" * FAILURE_ROOM)
+        return path
+
+    def record_failure(self, info: FailureInfo, room: Path | None = None) -> None:
+        """Write a failure record, into the reserved ``room`` if there is one (overwriting
+        blocks already allocated needs no free space), else as a new file."""
+        data = info.model_dump_json().encode()
+        if len(data) > FAILURE_ROOM:
+            short = info.model_copy(update={"log": (info.log or "")[-4000:]})
+            data = short.model_dump_json().encode()
+        final = self.failed / f"{info.snapshot_id}.json"
+        if room is None or len(data) > FAILURE_ROOM:
+            self.replace_file(final, data)
+            return
+        with open(room, "r+b") as f:
+            f.write(data)
+            f.truncate(len(data))
+        os.replace(room, final)
 
     def failure(self, snapshot_id: str) -> FailureInfo | None:
         try:
@@ -514,6 +537,7 @@ class Store:
             number = max(existing, default=0) + 1
             rev: Revision = make(number)
             if self.create_file(d / f"{number}.json", rev.model_dump_json(indent=2).encode()):
+                crashpoints.reached("bind")
                 return rev
 
     def binding_names(self) -> Iterator[tuple[str, str]]:
@@ -607,39 +631,69 @@ class Store:
 
     # -- maintenance ----------------------------------------------------------------------
 
-    def clean_staging(self, held_id: str | None = None, max_age: float = 24 * 3600) -> list[Path]:
-        """Remove staging dirs of dead builds and return them.
+    def dead_staging(
+        self, held_id: str | None = None, max_age: float = 24 * 3600, fenced: bool = False
+    ) -> list[Path]:
+        """Staging entries of dead builds.
 
         Only a lease holder builds a snapshot, so while we hold ``held_id``'s lease every
         staging dir of that id (from any host) is a crashed build's. Anything older than
-        ``max_age`` is removed too.
+        ``max_age`` is dead too. ``fenced``: the caller holds the gc fence exclusively, so
+        no build or capture runs anywhere and every staging dir is dead; the scratch
+        entries (dot names: lock dirs, written outside the fence) only after an hour.
         """
-        removed: list[Path] = []
+        dead: list[Path] = []
         now = self.store_now()
         try:
             entries = list(os.scandir(self.staging))
         except FileNotFoundError:
-            return removed
+            return dead
         for entry in entries:
             ours = held_id is not None and entry.name.startswith(held_id + ".")
             try:
-                old = now - entry.stat(follow_symlinks=False).st_mtime > max_age
+                age = now - entry.stat(follow_symlinks=False).st_mtime
             except FileNotFoundError:
                 continue
-            if ours or old:
-                # renamed first: a builder stopped and resumed past its lease then fails
-                # on its own paths instead of racing this removal
-                aside = self.trash / f"staging-{entry.name}.{int(now)}.{uuid.uuid4().hex[:8]}"
-                try:
-                    os.rename(entry.path, aside)
-                except FileNotFoundError:
-                    continue
-                try:
-                    remove_tree(aside)
-                except OSError as exc:  # still being written: gc deletes it from trash later
-                    log.warning("could not remove the dead build dir %s yet: %s", aside, exc)
-                removed.append(Path(entry.path))
-        return removed
+            scratch = entry.name.startswith(".")
+            if ours or age > max_age or (fenced and (not scratch or age > 3600)):
+                dead.append(Path(entry.path))
+        return dead
+
+    def remove_staging(self, dead: list[Path]) -> None:
+        """Remove dead staging entries: renamed into ``trash/`` first, so a builder stopped
+        and resumed past its lease fails on its own paths instead of racing the removal."""
+        now = self.store_now()
+        for path in dead:
+            aside = self.trash / f"staging-{path.name}.{int(now)}.{uuid.uuid4().hex[:8]}"
+            try:
+                os.rename(path, aside)
+            except FileNotFoundError:
+                continue
+            try:
+                remove_tree(aside)
+            except OSError as exc:  # still being written: gc deletes it from trash later
+                log.warning("could not remove the dead build dir %s yet: %s", aside, exc)
+
+    def clean_staging(self, held_id: str | None = None, max_age: float = 24 * 3600) -> list[Path]:
+        """Remove the staging dirs of dead builds (see `dead_staging`) and return them."""
+        dead = self.dead_staging(held_id, max_age)
+        self.remove_staging(dead)
+        return dead
+
+    def stale_leases(self, host: str) -> list[LeaseInfo]:
+        """Build leases whose holder is gone (see `lease_is_stale`): a builder killed after
+        publishing leaves one that no later build of its snapshot looks at."""
+        stale: list[LeaseInfo] = []
+        try:
+            names = os.listdir(self.locks)
+        except FileNotFoundError:
+            return stale
+        for name in names:
+            if name.endswith(".lease"):
+                held = self.read_lease(name[: -len(".lease")])
+                if held is not None and self.lease_is_stale(held[0], held[1], host):
+                    stale.append(held[0])
+        return stale
 
 
 class Lease:
