@@ -552,29 +552,17 @@ def umount(mountpoint: Path) -> None:
     """Unmount MOUNTPOINT; its daemon exits."""
     import time
 
-    from envfs.mount import read_status, unmount
+    from envfs.mount import daemon_alive, read_status, unmount
 
     mountpoint = mountpoint.absolute()
     if not os.path.ismount(mountpoint):
         raise NotFound(f"{mountpoint} is not mounted")
     unmount(mountpoint)
-    status = _status_file(mountpoint)
-    data = read_status(status)
-    pid = data.pid if data else None
+    data = read_status(_status_file(mountpoint))
     deadline = time.monotonic() + 10
-    while isinstance(pid, int) and _alive(pid) and time.monotonic() < deadline:
+    while data is not None and daemon_alive(data) and time.monotonic() < deadline:
         time.sleep(0.05)
     click.echo(f"unmounted {mountpoint}")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @main.command()
@@ -582,13 +570,13 @@ def _alive(pid: int) -> bool:
 def status(as_json: bool) -> None:
     """Mounts on this node: envs served, builds running and failed, cache statistics."""
     from envfs.config import runtime_dir
-    from envfs.mount import read_status
+    from envfs.mount import daemon_alive, read_status
 
     mounts = []
     for path in sorted((runtime_dir() / "mounts").glob("*.json")):
         data = read_status(path)
         if data is not None:
-            mounts.append(data.model_copy(update={"alive": _alive(data.pid)}))
+            mounts.append(data.model_copy(update={"alive": daemon_alive(data)}))
     if as_json:
         _emit({"mounts": [m.model_dump() for m in mounts]})
         return

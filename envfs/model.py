@@ -259,6 +259,7 @@ class DaemonStatus(Record):
 
     mountpoint: str
     pid: int
+    pid_start: int = 0  # the pid's start time (clock ticks since boot): a reused pid differs
     started: str
     envs: list[ServedEnv] = []
     builds: BuildStats = BuildStats()

@@ -37,6 +37,7 @@ from envfs.catalog import Catalog
 from envfs.errors import BadInput, EnvfsError, EnvironmentProblem
 from envfs.fuse_ops import EnvfsOperations
 from envfs.model import BuildStats, DaemonStatus, ServedEnv
+from envfs.store import pid_start_time
 from envfs.vfs import Namespace
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,14 @@ def read_status(status_path: Path) -> DaemonStatus | None:
         return DaemonStatus.model_validate_json(status_path.read_bytes())
     except (OSError, pydantic.ValidationError):
         return None
+
+
+def daemon_alive(status: DaemonStatus) -> bool:
+    """Whether the daemon that wrote ``status`` still runs (not just some process that was
+    given its pid since: the pid's start time must match too)."""
+    if not status.pid_start:  # written before the start time was recorded
+        return pid_start_time(status.pid) != 0
+    return pid_start_time(status.pid) == status.pid_start
 
 
 def run_daemon(
@@ -352,6 +361,7 @@ class Daemon:
         return DaemonStatus(
             mountpoint=str(self.mountpoint),
             pid=os.getpid(),
+            pid_start=pid_start_time(os.getpid()),
             started=datetime.fromtimestamp(self.started, UTC).isoformat(),
             envs=[
                 ServedEnv(path=v.path, snapshot_id=v.snapshot_id) for v in self.namespace.views()

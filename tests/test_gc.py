@@ -138,3 +138,28 @@ def test_mounting_twice_at_one_path_is_refused(fs: tuple[Env, Path, list[Mount]]
     foreground = env.run("mount", str(mnt), "--foreground", check=False)
     assert foreground.returncode == 8 and "already a mount point" in foreground.stderr
     assert py(mnt, "wf/a", "import extra_a").returncode == 0  # the first one still serves
+
+
+def test_a_dead_daemons_reused_pid_is_not_taken_for_it(
+    fs: tuple[Env, Path, list[Mount]],  # noqa: F811
+) -> None:
+    env, mnt, mounts = fs
+    env.run("python", "add", PY)  # makes the store
+    mounts.append(Mount(env, mnt))
+    mounts[0].proc.kill()  # SIGKILL: its status file stays
+    mounts[0].proc.wait(timeout=10)
+    mounts[0].killed = True
+    (status_file,) = (Path(env.vars["XDG_RUNTIME_DIR"]) / "envfs" / "mounts").glob("*.json")
+    stranger = subprocess.Popen(["sleep", "60"])  # the pid's next owner
+    try:
+        data = json.loads(status_file.read_text())
+        assert data["pid_start"] > 0
+        status_file.write_text(json.dumps(dict(data, pid=stranger.pid)))
+        shown = json.loads(env.run("status", "--json").stdout)["mounts"]
+        assert [m["alive"] for m in shown] == [False]
+        out = env.run("umount", str(mnt))  # the stale mount goes; nobody waits on the stranger
+        assert out.returncode == 0 and not os.path.ismount(mnt)
+        assert stranger.poll() is None
+    finally:
+        stranger.kill()
+        stranger.wait()
