@@ -43,6 +43,7 @@ from pyfuse3 import (
 from envfs.builds import BuildQueue
 from envfs.errors import EnvfsError
 from envfs.nowait import open_cached, read_cached
+from envfs.store import SnapshotUnreadable
 from envfs.vfs import (
     CACHE_LONG,
     CACHE_NONE,
@@ -50,7 +51,6 @@ from envfs.vfs import (
     Attr,
     Namespace,
     NeedsBuild,
-    SnapshotUnreadable,
     WouldBlock,
 )
 

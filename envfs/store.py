@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import json
 import logging
 import os
 import shutil
@@ -19,7 +20,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import pydantic
 
@@ -792,3 +793,49 @@ def remove_tree(root: Path) -> None:
         shutil.rmtree(root, onerror=onerror)
     elif root.exists() or root.is_symlink():
         root.unlink()
+
+
+class SnapshotUnreadable(EnvironmentProblem):
+    """A built snapshot whose manifest cannot be read or makes no sense (EIO to a reader)."""
+
+
+class ListingEntry(NamedTuple):
+    """One manifest entry as readers of a snapshot keep it."""
+
+    type: str  # "file", "dir" or "symlink"
+    mode: int
+    size: int
+    sha256: str | None
+    target: str | None  # a symlink's target
+
+
+#: A snapshot's entries by directory: relative dir (b"" is the root) -> name -> entry.
+Listing = dict[bytes, dict[bytes, ListingEntry]]
+
+
+def read_listing(snapshot_path: bytes) -> Listing:
+    """A built snapshot's manifest, by directory (`Manifest` is the format; this reader
+    skips pydantic because it is on the path of a first access to thousands of entries).
+
+    Raises `SnapshotUnreadable` if the manifest is missing or does not make sense.
+    """
+    manifest = snapshot_path + b"/" + META.encode() + b"/manifest.json"
+    try:
+        with open(manifest, "rb") as f:
+            files = json.loads(f.read())["files"]
+        listing: Listing = {b"": {}}
+        for e in files:
+            rel = os.fsencode(e["path"])
+            parent, _, name = rel.rpartition(b"/")
+            kind = e["type"]
+            listing.setdefault(parent, {})[name] = ListingEntry(
+                kind, e["mode"], e["size"], e["sha256"], e["target"]
+            )
+            if kind == "dir":
+                listing.setdefault(rel, {})
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SnapshotUnreadable(
+            f"snapshot {os.fsdecode(snapshot_path)}: unreadable manifest "
+            f"({type(e).__name__}: {e}); run `envfs verify`"
+        ) from e
+    return listing

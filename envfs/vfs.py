@@ -16,7 +16,8 @@ The snapshot metadata directory ``.envfs`` is hidden.
 
 Snapshots are immutable and every one carries a manifest (``.envfs/manifest.json``) that lists
 each entry with its type, mode, size, digest and link target.  The first access inside a
-snapshot reads that one file; from then on lookups, listings, attributes and link targets are
+snapshot reads that one file (through `envfs.store.read_listing`: the store owns the format,
+the namespace parses nothing); from then on lookups, listings, attributes and link targets are
 answered from memory, for every view of it, without touching the store.  Methods that may need
 store I/O take ``io``: with ``io=False`` (the event loop) they raise `WouldBlock` instead of
 touching the disk, and the caller repeats the call in a worker thread with ``io=True``.  Binding
@@ -27,7 +28,6 @@ Mutations of the tables happen under one lock, never held across I/O.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import stat
@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from envfs.catalog import BindingView, Catalog
-from envfs.errors import EnvironmentProblem
 from envfs.nowait import blocking_is_cheap
+from envfs.store import Listing, read_listing
 
 ROOT_INODE = 1
 SNAPSHOTS_INODE = 2
@@ -117,14 +117,6 @@ class View:
         return f"{self.workflow}/{self.node}"
 
 
-class SnapshotUnreadable(EnvironmentProblem):
-    """A built snapshot whose manifest cannot be read or makes no sense (EIO to the caller)."""
-
-
-#: A manifest entry as the namespace keeps it: (type, mode, size, sha256, link target).
-_Entry = tuple[str, int, int, str | None, str | None]
-
-
 @dataclass(slots=True, eq=False)
 class _Tree:
     """One snapshot's entries, from its manifest, by directory: read once, shared by views."""
@@ -132,7 +124,7 @@ class _Tree:
     path: bytes  # the snapshot directory in the store
     uid: int
     gid: int
-    listing: dict[bytes, dict[bytes, _Entry]]  # relative dir (b"" is the root) -> name -> entry
+    listing: Listing  # relative dir (b"" is the root) -> name -> entry
     blocking_is_cheap: bool  # on a local file system: see `envfs.nowait.blocking_is_cheap`
 
 
@@ -641,36 +633,10 @@ class Namespace:
 
 
 def _load_tree(path: bytes, cheap: bool) -> tuple[_Tree, Attr]:
-    """Read a built snapshot's manifest into a `_Tree` (and the root directory's attributes);
-    ``cheap``: whether its store may be read on the event loop.
-
-    Raw JSON, not the pydantic model: this is on the path of a first access, and a
-    snapshot's manifest has thousands of entries.
-    """
+    """A built snapshot's `_Tree` (and the root directory's attributes); ``cheap``: whether
+    its store may be read on the event loop."""
     st = os.stat(path)
-    manifest = path + b"/" + METADATA_NAME + b"/manifest.json"
-    try:
-        with open(manifest, "rb") as f:
-            files = json.loads(f.read())["files"]
-        listing: dict[bytes, dict[bytes, _Entry]] = {b"": {}}
-        for e in files:
-            rel = os.fsencode(e["path"])
-            parent, _, name = rel.rpartition(b"/")
-            kind = e["type"]
-            listing.setdefault(parent, {})[name] = (
-                kind,
-                e["mode"],
-                e["size"],
-                e["sha256"],
-                e["target"],
-            )
-            if kind == "dir":
-                listing.setdefault(rel, {})
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise SnapshotUnreadable(
-            f"snapshot {os.fsdecode(path)}: unreadable manifest ({type(e).__name__}: {e}); "
-            "run `envfs verify`"
-        ) from e
+    listing = read_listing(path)
     listing[b""].pop(METADATA_NAME, None)
     tree = _Tree(path, st.st_uid, st.st_gid, listing, cheap)
     return tree, _dir_attr(tree, b"", st.st_mode & 0o555)

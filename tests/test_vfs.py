@@ -17,6 +17,7 @@ from envfs.builds import BuildQueue
 from envfs.catalog import BindingView
 from envfs.errors import BuildFailed, NotFound
 from envfs.nowait import INLINE_IO_ENV
+from envfs.store import SnapshotUnreadable
 from envfs.vfs import (
     CACHE_LONG,
     CACHE_NONE,
@@ -28,7 +29,6 @@ from envfs.vfs import (
     Attr,
     Namespace,
     NeedsBuild,
-    SnapshotUnreadable,
     WouldBlock,
 )
 from tests.fusehelpers import write_manifest
