@@ -470,9 +470,22 @@ def _status_file(mountpoint: Path) -> Path:
     type=click.Path(path_type=Path),
     help="Where a background daemon logs (default next to its status file).",
 )
+@click.option(
+    "--kernel-mounts/--no-kernel-mounts",
+    default=True,
+    show_default=True,
+    help="Hand each pinned view of a built env (WF/NODE@REV, .snapshots/ID) to the kernel as "
+    "a read-only bind mount, so its files are served with no daemon round trip. Needs "
+    "CAP_SYS_ADMIN; without it FUSE serves everything.",
+)
 @click.pass_context
 def mount(
-    ctx: click.Context, mountpoint: Path, foreground: bool, allow_other: bool, log_file: Path | None
+    ctx: click.Context,
+    mountpoint: Path,
+    foreground: bool,
+    allow_other: bool,
+    log_file: Path | None,
+    kernel_mounts: bool,
 ) -> None:
     """Mount the envs filesystem at MOUNTPOINT (default /envs).
 
@@ -502,6 +515,7 @@ def mount(
             allow_other=allow_other or os.geteuid() == 0,
             foreground=True,
             status_path=status,
+            kernel_mounts=kernel_mounts,
         )
         return
     from envfs.mount import is_stale_mount
@@ -511,10 +525,13 @@ def mount(
             f"{mountpoint} is already a mount point: run `envfs umount {mountpoint}` first"
         )
     _service(ctx, quiet=True).require_store()  # fail here, not in a detached daemon
-    _spawn_daemon(ctx, mountpoint, allow_other, log_file or status.with_suffix(".log"))
+    log = log_file or status.with_suffix(".log")
+    _spawn_daemon(ctx, mountpoint, allow_other, kernel_mounts, log)
 
 
-def _spawn_daemon(ctx: click.Context, mountpoint: Path, allow_other: bool, log: Path) -> None:
+def _spawn_daemon(
+    ctx: click.Context, mountpoint: Path, allow_other: bool, kernel_mounts: bool, log: Path
+) -> None:
     """Start `envfs mount --foreground` detached, and return once it serves."""
     import subprocess
     import time
@@ -528,6 +545,7 @@ def _spawn_daemon(ctx: click.Context, mountpoint: Path, allow_other: bool, log: 
     if opts.get("index"):
         cmd += ["--index", str(opts["index"])]
     cmd += ["mount", str(mountpoint), "--foreground"] + (["--allow-other"] if allow_other else [])
+    cmd += [] if kernel_mounts else ["--no-kernel-mounts"]
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         proc = subprocess.Popen(
@@ -585,9 +603,11 @@ def status(as_json: bool) -> None:
     for m in mounts:
         state = "serving" if m.alive else "DEAD (run `envfs mount` again to clean up)"
         click.echo(f"{m.mountpoint}: pid {m.pid} {state}, since {m.started}")
-        click.echo(f"  envs served: {len(m.envs)}")
+        kernel = sum(e.kernel for e in m.envs)
+        click.echo(f"  envs served: {len(m.envs)} ({kernel} by the kernel, the rest by FUSE)")
         for env in m.envs[:20]:
-            click.echo(f"    {env.path} -> {env.snapshot_id[:12]}")
+            how = "kernel" if env.kernel else "fuse"
+            click.echo(f"    {env.path} -> {env.snapshot_id[:12]} ({how})")
         if len(m.envs) > 20:
             click.echo(f"    ... and {len(m.envs) - 20} more (--json lists all)")
         b = m.builds

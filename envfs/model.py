@@ -234,6 +234,7 @@ class GcReport(Record):
 class ServedEnv(Record):
     path: str  # below the mountpoint: wf/node, wf/node@rev or .snapshots/<id>
     snapshot_id: str
+    kernel: bool = False  # a read-only bind mount serves it (envfs.kernel), not FUSE
 
 
 class RunningBuild(Record):

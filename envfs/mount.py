@@ -31,7 +31,7 @@ import pydantic
 import pyfuse3
 import trio
 
-from envfs import fuse_loop
+from envfs import fuse_loop, kernel
 from envfs.builds import RETRY_AFTER, BuildQueue
 from envfs.catalog import Catalog
 from envfs.errors import BadInput, EnvfsError, EnvironmentProblem
@@ -53,6 +53,8 @@ LEASE_REFRESH = 60.0
 STATUS_INTERVAL = 1.0
 #: Seconds the daemon waits for in-flight requests after SIGTERM before cancelling them.
 SHUTDOWN_GRACE = 2.0
+#: Seconds between looks for pinned views to hand to the kernel.
+KERNEL_CHECK = 0.2
 
 
 def is_stale_mount(path: Path) -> bool:
@@ -134,6 +136,7 @@ def run_daemon(
     refresh_interval: float = 0.5,
     build_retry_after: float = RETRY_AFTER,
     max_tasks: int = MAX_TASKS,
+    kernel_mounts: bool = True,
 ) -> None:
     """Mount envfs at ``mountpoint`` and serve until SIGTERM/SIGINT or an external unmount.
 
@@ -141,17 +144,30 @@ def run_daemon(
     already mounted there.  ``Catalog.refresh`` runs every ``refresh_interval`` seconds in a
     thread and changed bindings are invalidated in the kernel.  With ``status_path``, a JSON
     status (see `Daemon.status`) is kept there and removed on a clean exit.
+    ``kernel_mounts``: hand pinned views of built snapshots to the kernel (`envfs.kernel`).
     """
     mountpoint = Path(os.path.abspath(mountpoint))
     _prepare_mountpoint(mountpoint)
     if foreground:
-        Daemon(catalog, mountpoint, allow_other, status_path, refresh_interval, build_retry_after)(
-            max_tasks, ready=None
-        )
+        Daemon(
+            catalog,
+            mountpoint,
+            allow_other,
+            status_path,
+            refresh_interval,
+            build_retry_after,
+            kernel_mounts,
+        )(max_tasks, ready=None)
         return
     _run_detached(
         lambda ready: Daemon(
-            catalog, mountpoint, allow_other, status_path, refresh_interval, build_retry_after
+            catalog,
+            mountpoint,
+            allow_other,
+            status_path,
+            refresh_interval,
+            build_retry_after,
+            kernel_mounts,
         )(max_tasks, ready=ready)
     )
 
@@ -215,6 +231,7 @@ class Daemon:
         status_path: Path | None,
         refresh_interval: float,
         build_retry_after: float,
+        kernel_mounts: bool = True,
     ) -> None:
         self.catalog = catalog
         self.mountpoint = mountpoint
@@ -230,6 +247,10 @@ class Daemon:
         self.refresh_error: str | None = None
         self.last_refresh: float | None = None
         self._status_dirty = trio.Event()
+        self.kernel_mounts = kernel_mounts
+        self.kernel_views: dict[str, str] = {}  # view path -> snapshot id, kernel-served
+        self._kernel_failed: set[str] = set()
+        self._stopping = False
 
     def __call__(self, max_tasks: int, ready: Callable[[], None] | None) -> None:
         options = {
@@ -277,6 +298,8 @@ class Daemon:
             nursery.start_soon(self._watch_signals, nursery.cancel_scope)
             nursery.start_soon(self._refresh_loop)
             nursery.start_soon(self._lease_loop)
+            if self.kernel_mounts:
+                nursery.start_soon(self._kernel_loop)
             if self.status_path is not None:
                 nursery.start_soon(self._status_loop, self.status_path)
             fuse_loop.install()
@@ -323,11 +346,52 @@ class Daemon:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # pending ones arrive now
             async for signum in signals:
                 log.info("received %s: unmounting", signal.Signals(signum).name)
+                await self._detach_kernel_views()  # while FUSE still answers their lookups
                 pyfuse3.terminate()
                 break
         await trio.sleep(SHUTDOWN_GRACE)
         log.warning("requests still in flight after %.0fs: cancelling them", SHUTDOWN_GRACE)
         cancel_scope.cancel()
+
+    async def _kernel_loop(self) -> None:
+        """Bind each pinned view's built snapshot read-only onto the view (`envfs.kernel`).
+
+        Without the privilege (EPERM: no CAP_SYS_ADMIN) FUSE serves everything, as it does
+        for processes in mount namespaces the bind mounts do not propagate to.
+        """
+        while not self._stopping:
+            await trio.sleep(KERNEL_CHECK)
+            for view, source in self.namespace.kernel_candidates():
+                if view.path in self.kernel_views or view.path in self._kernel_failed:
+                    continue
+                if self._stopping:
+                    return
+                target = self.mountpoint / view.path
+                bind = kernel.bind_read_only
+                try:
+                    await trio.to_thread.run_sync(bind, os.fsdecode(source), target)
+                except OSError as e:
+                    if e.errno in (errno.EPERM, errno.EACCES):
+                        log.warning("no kernel mounts (%s): FUSE serves every view", e.strerror)
+                        return
+                    log.warning("cannot hand %s to the kernel: %s", view.path, e)
+                    self._kernel_failed.add(view.path)
+                    continue
+                except Exception as e:  # a bug: FUSE goes on serving everything
+                    log.error("kernel mounts stopped: %s: %s", type(e).__name__, e)
+                    return
+                log.info("%s is kernel-served (%s)", view.path, view.snapshot_id[:12])
+                self.kernel_views[view.path] = view.snapshot_id
+                self._status_changed()
+
+    async def _detach_kernel_views(self) -> None:
+        self._stopping = True
+        for path in sorted(self.kernel_views, reverse=True):
+            try:
+                await trio.to_thread.run_sync(kernel.detach, self.mountpoint / path)
+            except OSError as e:  # the FUSE unmount detaches it with everything else
+                log.warning("cannot detach the kernel mount at %s: %s", path, e)
+        self.kernel_views.clear()
 
     async def _refresh_loop(self) -> None:
         while True:
@@ -364,7 +428,10 @@ class Daemon:
             pid_start=pid_start_time(os.getpid()),
             started=datetime.fromtimestamp(self.started, UTC).isoformat(),
             envs=[
-                ServedEnv(path=v.path, snapshot_id=v.snapshot_id) for v in self.namespace.views()
+                ServedEnv(
+                    path=v.path, snapshot_id=v.snapshot_id, kernel=v.path in self.kernel_views
+                )
+                for v in self.namespace.views()
             ],
             builds=BuildStats.model_validate(self.builds.statistics()),
             cache={**self.namespace.statistics(), **self.ops.statistics()},

@@ -353,6 +353,21 @@ class Namespace:
         with self._lock:
             return list(self._roots)
 
+    def kernel_candidates(self) -> list[tuple[View, bytes]]:
+        """Pinned views (a revision, a snapshot by id) whose snapshot tree is loaded, with
+        the snapshot's directory: what the daemon may hand to the kernel (`envfs.kernel`)."""
+        out = []
+        with self._lock:
+            for ino in self._views.values():
+                node = self._inodes[ino]
+                view = node.view if isinstance(node, _Dir) else None
+                if view is None or view.kind == "current":
+                    continue
+                backing = self._roots.get(view.snapshot_id)
+                if backing is not None:
+                    out.append((view, backing.tree.path))
+        return out
+
     def views(self) -> list[View]:
         out = []
         for ino in list(self._views.values()):

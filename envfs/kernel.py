@@ -1,0 +1,93 @@
+"""Kernel-served views: read-only bind mounts of built snapshots placed on their pinned
+views inside the FUSE mount (``/envs/wf/node@REV``, ``/envs/.snapshots/<id>``).
+
+FUSE stays the namespace, the build trigger and the fallback; once a pinned view's snapshot
+is built and its tree loaded, the daemon binds the snapshot directory read-only (``nosuid``,
+``nodev``) onto the view, and from then on the kernel serves every lookup, open and read
+below it with no daemon round trip.  A process started from ``/envs/wf/node/bin/python``
+runs from ``node@REV`` (see `envfs.vfs`), so its imports are kernel-served too.
+
+This module owns the mount syscalls and the reading of ``/proc/self/mountinfo``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+from pathlib import Path
+
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_REMOUNT = 32
+MS_BIND = 4096
+MNT_DETACH = 2
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_void_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+
+def _check(result: int, what: str, path: bytes) -> None:
+    if result != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}", os.fsdecode(path))
+
+
+def bind_read_only(source: os.PathLike[str] | str, target: os.PathLike[str] | str) -> None:
+    """Bind ``source`` onto ``target`` read-only (two steps: Linux ignores ``MS_RDONLY`` on
+    the bind itself).  Raises `OSError` (``EPERM`` without CAP_SYS_ADMIN) with nothing left
+    mounted.
+
+    The whole snapshot directory is bound, so a kernel view also shows the snapshot's
+    ``.envfs`` (manifest and build log, read-only), which FUSE views hide; hiding it would
+    take a second mount per view.
+    """
+    src, dst = os.fsencode(source), os.fsencode(target)
+    _check(_libc.mount(src, dst, None, MS_BIND, None), "bind mount", dst)
+    flags = MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV
+    try:
+        _check(_libc.mount(None, dst, None, flags, None), "read-only remount", dst)
+    except OSError:
+        detach(dst)
+        raise
+
+
+def detach(target: os.PathLike[str] | str | bytes) -> bool:
+    """Detach the mount at ``target`` and every mount below it (lazily: users keep what they
+    have open); False if nothing is mounted there."""
+    dst = os.fsencode(target)
+    if _libc.umount2(dst, MNT_DETACH) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOENT):
+        return False
+    raise OSError(err, f"unmount: {os.strerror(err)}", os.fsdecode(dst))
+
+
+def _unescape(field: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as ``\\ooo``."""
+    if "\\" not in field:
+        return field
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def mounts_under(root: Path) -> list[Path]:
+    """Mount points strictly below ``root`` in this mount namespace, deepest first."""
+    prefix = str(root).rstrip("/") + "/"
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            point = _unescape(line.split(" ", 5)[4])
+            if point.startswith(prefix):
+                found.append(Path(point))
+    return sorted(found, key=lambda p: len(p.parts), reverse=True)
