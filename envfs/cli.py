@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -570,14 +571,21 @@ def umount(mountpoint: Path) -> None:
     """Unmount MOUNTPOINT; its daemon exits."""
     import time
 
-    from envfs.mount import daemon_alive, read_status, unmount
+    from envfs.mount import daemon_alive, mount_type, read_status, unmount
 
     mountpoint = mountpoint.absolute()
     if not os.path.ismount(mountpoint):
         raise NotFound(f"{mountpoint} is not mounted")
-    unmount(mountpoint)
     data = read_status(_status_file(mountpoint))
+    alive = data is not None and data.mountpoint == str(mountpoint) and daemon_alive(data)
     deadline = time.monotonic() + 10
+    if alive and data is not None and mount_type(mountpoint) == "fuse.envfs":
+        # the daemon unmounts itself: its kernel-served views first, while it still answers
+        os.kill(data.pid, signal.SIGTERM)
+        while os.path.ismount(mountpoint) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    if os.path.ismount(mountpoint):
+        unmount(mountpoint)
     while data is not None and daemon_alive(data) and time.monotonic() < deadline:
         time.sleep(0.05)
     click.echo(f"unmounted {mountpoint}")

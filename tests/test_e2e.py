@@ -32,13 +32,13 @@ pytestmark = [
 class Mount:
     """One `envfs mount --foreground` daemon of an Env, at ``path``."""
 
-    def __init__(self, env: Env, path: Path) -> None:
+    def __init__(self, env: Env, path: Path, *args: str) -> None:
         self.env, self.path = env, path
         path.mkdir(parents=True, exist_ok=True)
         self.log_path = env.root / f"daemon-{path.name}-{time.monotonic_ns()}.log"
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [*ENVFS, "mount", str(path), "--foreground"],
+                [*ENVFS, "mount", str(path), "--foreground", *args],
                 env=env.vars,
                 stdout=log,
                 stderr=log,
