@@ -25,11 +25,12 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from envfs.builder import BuildLog, compile_bytecode, dedup_into_objects, scan_tree, tree_digest
+from envfs.builder import BuildLog, compile_bytecode, scan_tree, tree_digest
 from envfs.config import node_time
 from envfs.errors import BadInput, BuildFailed, CaptureFailed
 from envfs.interpreters import probe, run_probe
@@ -179,72 +180,86 @@ def capture(
 def _capture_fenced(
     store: Store, interp: Interpreter, layout: Layout, host: str, say: Progress
 ) -> InterpreterInfo:
-    tree = store.new_interpreter_staging(host)
+    """Capture in a node-local scratch dir (the copy, relocation, compile and scan read and
+    write every file several times: on a NAS that would be minutes of round trips), then
+    write the finished tree into the store once, in parallel."""
+    scratch = Path(tempfile.mkdtemp(prefix="envfs-capture-"))
     try:
-        sources, libpython = _copy_installation(layout, tree)
-        (tree / layout.stdlib_rel / "site-packages" / NO_USER_SITE_PTH).write_text(NO_USER_SITE)
-        say(f"relocating {len(sources)} ELF files")
-        elves, bundled = relocate_elves(tree, sources, libpython)
-        old = sorted({str(layout.prefix).encode(), os.path.realpath(layout.prefix).encode()})
-        elf_set = set(elves)
-        for path, _st in list(regular_files(tree)):
-            replace_prefix(path, old, PLACEHOLDER.encode(), binary=path in elf_set)
-        problems = closure_problems(tree, elves)
-        if problems:
-            raise CaptureFailed(f"relocation incomplete: {problems[0]}")
-        say("compiling the standard library (unchecked-hash bytecode)")
-        exe = tree / "bin" / layout.executable.name
-        log = BuildLog(None, store.root)
-        compile_bytecode(str(exe), tree, [tree / layout.stdlib_rel], log)
-        _check_runs(exe, tree)
-        try:  # one read of the tree: digests, and no file naming the source or staging dir
-            entries, total = scan_tree(tree, forbidden=[str(tree).encode(), *old])
-        except BuildFailed as exc:
-            raise CaptureFailed(f"relocation incomplete: {exc.message}") from exc
-        sources_only = [e for e in entries if "__pycache__" not in e.path.split("/")]
-        rel_site = f"{layout.stdlib_rel}/site-packages"
-        info = InterpreterInfo(
-            digest=tree_digest(sources_only),
-            implementation=interp.implementation,
-            version=interp.version,
-            abi=interp.abi,
-            platform=interp.platform,
-            executable=f"bin/{layout.executable.name}",
-            stdlib=layout.stdlib_rel,
-            site_packages=rel_site,
-            cache_tag=layout.cache_tag,
-            libraries=bundled,
-            file_count=sum(e.type == "file" for e in entries),
-            total_bytes=total,
-            files=entries,
-            source=str(layout.prefix),
-            host=host,
-            captured_at=node_time(),
-        )
-        if store.interpreter_ready(info.digest):
-            remove_tree(tree)
-            say(f"interpreter {info.digest[:12]} was already in the store")
-            return store.read_interpreter(info.digest)
-        dedup_into_objects(store, tree)
-        meta = tree / META
+        return _capture_in(store, interp, layout, host, say, scratch / "python")
+    finally:
+        remove_tree(scratch)
+
+
+def _capture_in(
+    store: Store, interp: Interpreter, layout: Layout, host: str, say: Progress, tree: Path
+) -> InterpreterInfo:
+    tree.mkdir()
+    sources, libpython = _copy_installation(layout, tree)
+    (tree / layout.stdlib_rel / "site-packages" / NO_USER_SITE_PTH).write_text(NO_USER_SITE)
+    say(f"relocating {len(sources)} ELF files")
+    elves, bundled = relocate_elves(tree, sources, libpython)
+    old = sorted({str(layout.prefix).encode(), os.path.realpath(layout.prefix).encode()})
+    elf_set = set(elves)
+    for path, _st in list(regular_files(tree)):
+        replace_prefix(path, old, PLACEHOLDER.encode(), binary=path in elf_set)
+    problems = closure_problems(tree, elves)
+    if problems:
+        raise CaptureFailed(f"relocation incomplete: {problems[0]}")
+    say("compiling the standard library (unchecked-hash bytecode)")
+    exe = tree / "bin" / layout.executable.name
+    log = BuildLog(None, store.root)
+    compile_bytecode(str(exe), tree, [tree / layout.stdlib_rel], log)
+    _check_runs(exe, tree)
+    try:  # one read of the tree: digests, and no file naming the source or staging dir
+        entries, total = scan_tree(tree, forbidden=[str(tree).encode(), *old])
+    except BuildFailed as exc:
+        raise CaptureFailed(f"relocation incomplete: {exc.message}") from exc
+    sources_only = [e for e in entries if "__pycache__" not in e.path.split("/")]
+    rel_site = f"{layout.stdlib_rel}/site-packages"
+    info = InterpreterInfo(
+        digest=tree_digest(sources_only),
+        implementation=interp.implementation,
+        version=interp.version,
+        abi=interp.abi,
+        platform=interp.platform,
+        executable=f"bin/{layout.executable.name}",
+        stdlib=layout.stdlib_rel,
+        site_packages=rel_site,
+        cache_tag=layout.cache_tag,
+        libraries=bundled,
+        file_count=sum(e.type == "file" for e in entries),
+        total_bytes=total,
+        files=entries,
+        source=str(layout.prefix),
+        host=host,
+        captured_at=node_time(),
+    )
+    if store.interpreter_ready(info.digest):
+        say(f"interpreter {info.digest[:12]} was already in the store")
+        return store.read_interpreter(info.digest)
+    say(f"writing {info.file_count} files into the store")
+    staged = store.new_interpreter_staging(host)
+    try:
+        store.receive_tree(tree, staged, entries)
+        meta = staged / META
         meta.mkdir()
         (meta / "interpreter.json").write_text(info.model_dump_json(indent=1))
-        if not store.publish_interpreter(tree, info.digest):
+        if not store.publish_interpreter(staged, info.digest):
             return store.read_interpreter(info.digest)
-        store.audit(
-            "interpreter_captured",
-            host,
-            None,
-            interpreter=info.digest,
-            version=info.version,
-            source=info.source,
-            libraries=info.libraries,
-        )
-        say(f"captured Python {info.version} as {info.digest[:12]}")
-        return info
     except BaseException:
-        remove_tree(tree)
+        remove_tree(staged)
         raise
+    store.audit(
+        "interpreter_captured",
+        host,
+        None,
+        interpreter=info.digest,
+        version=info.version,
+        source=info.source,
+        libraries=info.libraries,
+    )
+    say(f"captured Python {info.version} as {info.digest[:12]}")
+    return info
 
 
 def _copy_installation(layout: Layout, tree: Path) -> tuple[dict[Path, Path], Path | None]:

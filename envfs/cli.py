@@ -10,7 +10,7 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -18,6 +18,9 @@ from envfs.config import Settings
 from envfs.errors import BadInput, EnvfsError, EnvironmentProblem, NotFound
 from envfs.names import parse_target
 from envfs.service import Inputs, Service
+
+if TYPE_CHECKING:
+    from envfs.cache import NodeCache
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -479,6 +482,21 @@ def _status_file(mountpoint: Path) -> Path:
     "a read-only bind mount, so its files are served with no daemon round trip. Needs "
     "CAP_SYS_ADMIN; without it FUSE serves everything.",
 )
+@click.option(
+    "--cache",
+    "cache_dir",
+    default="auto",
+    show_default=True,
+    help="Where this node keeps a local copy of every env it serves (served from there, "
+    "so a NAS outage does not stop them): a directory, `off`, or `auto` (INDEX/cache when "
+    "the store is not on a local disk, off when it is).",
+)
+@click.option(
+    "--cache-size",
+    default="50G",
+    show_default=True,
+    help="Bound of the node cache (K, M, G, T); least recently used envs not in use go first.",
+)
 @click.pass_context
 def mount(
     ctx: click.Context,
@@ -487,6 +505,8 @@ def mount(
     allow_other: bool,
     log_file: Path | None,
     kernel_mounts: bool,
+    cache_dir: str,
+    cache_size: str,
 ) -> None:
     """Mount the envs filesystem at MOUNTPOINT (default /envs).
 
@@ -496,6 +516,7 @@ def mount(
     A stale mount left by a killed daemon is cleaned first.
     """
     mountpoint = mountpoint.absolute()
+    max_bytes = _size(cache_size)  # bad input fails before anything else
     status = _status_file(mountpoint)
     if foreground:
         import logging
@@ -509,7 +530,8 @@ def mount(
         )
         mountpoint.mkdir(parents=True, exist_ok=True)
         status.parent.mkdir(parents=True, exist_ok=True)
-        catalog = StoreCatalog(_service(ctx, quiet=True))
+        svc = _service(ctx, quiet=True)
+        catalog = StoreCatalog(svc)
         run_daemon(
             catalog,
             mountpoint,
@@ -517,6 +539,7 @@ def mount(
             foreground=True,
             status_path=status,
             kernel_mounts=kernel_mounts,
+            cache=_node_cache(svc, cache_dir, max_bytes),
         )
         return
     from envfs.mount import is_stale_mount
@@ -527,11 +550,42 @@ def mount(
         )
     _service(ctx, quiet=True).require_store()  # fail here, not in a detached daemon
     log = log_file or status.with_suffix(".log")
-    _spawn_daemon(ctx, mountpoint, allow_other, kernel_mounts, log)
+    extra = [] if kernel_mounts else ["--no-kernel-mounts"]
+    extra += ["--cache", cache_dir, "--cache-size", cache_size]
+    _spawn_daemon(ctx, mountpoint, allow_other, extra, log)
+
+
+def _node_cache(svc: Service, where: str, max_bytes: int) -> NodeCache | None:
+    """The node cache `mount --cache` asks for (see its help)."""
+    from envfs.cache import NodeCache
+    from envfs.nowait import blocking_is_cheap
+
+    if where == "off":
+        return None
+    if where == "auto":
+        if blocking_is_cheap(os.fsencode(svc.store.root)):
+            return None  # a store on a local disk is its own node-local copy
+        return NodeCache(svc.settings.index / "cache", max_bytes)
+    return NodeCache(Path(where).absolute(), max_bytes)
+
+
+def _size(text: str) -> int:
+    """Bytes of a size such as ``500M`` or ``20G`` (a plain number is bytes)."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    number, unit = text.strip().upper().rstrip("B"), ""
+    if number and number[-1] in units:
+        number, unit = number[:-1], number[-1]
+    try:
+        value = float(number) * units[unit]
+    except ValueError:
+        raise BadInput(f"bad size {text!r}: use a number with K, M, G or T (e.g. 20G)") from None
+    if value <= 0:
+        raise BadInput(f"bad size {text!r}: must be more than 0")
+    return int(value)
 
 
 def _spawn_daemon(
-    ctx: click.Context, mountpoint: Path, allow_other: bool, kernel_mounts: bool, log: Path
+    ctx: click.Context, mountpoint: Path, allow_other: bool, extra: list[str], log: Path
 ) -> None:
     """Start `envfs mount --foreground` detached, and return once it serves."""
     import subprocess
@@ -546,7 +600,7 @@ def _spawn_daemon(
     if opts.get("index"):
         cmd += ["--index", str(opts["index"])]
     cmd += ["mount", str(mountpoint), "--foreground"] + (["--allow-other"] if allow_other else [])
-    cmd += [] if kernel_mounts else ["--no-kernel-mounts"]
+    cmd += extra
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         proc = subprocess.Popen(

@@ -285,6 +285,10 @@ class EnvfsOperations(pyfuse3.Operations):
         """Close every cached descriptor (after the main loop has ended)."""
         self._fds.close_all()
 
+    def backing_moved(self) -> None:
+        """Snapshots are served from new paths (the node cache): reopen files there."""
+        self._fds.invalidate()
+
     # -- extended attributes --------------------------------------------------------------
 
     @_guarded
@@ -380,6 +384,7 @@ class _Descriptors:
         self._limit = limit
         self._fds: OrderedDict[int, int] = OrderedDict()  # inode -> fd
         self._busy: dict[int, int] = {}  # inode -> reads in progress
+        self._retired: list[int] = []  # forgotten while a read used them
 
     def __len__(self) -> int:
         return len(self._fds)
@@ -397,6 +402,16 @@ class _Descriptors:
             self._busy[ino] = left
         else:
             del self._busy[ino]
+
+    def invalidate(self) -> None:
+        """Forget every descriptor: idle ones are closed, ones a read in flight uses are
+        closed with the rest at `close_all` (a handful at most)."""
+        for ino, fd in self._fds.items():
+            if ino in self._busy:
+                self._retired.append(fd)
+            else:
+                os.close(fd)
+        self._fds.clear()
 
     def add(self, ino: int, fd: int, busy: bool = False) -> int:
         """Keep ``fd`` for ``ino`` (and `acquire` it if ``busy``); returns the one kept."""
@@ -416,10 +431,11 @@ class _Descriptors:
         return fd
 
     def close_all(self) -> None:
-        for fd in self._fds.values():
+        for fd in [*self._fds.values(), *self._retired]:
             os.close(fd)
         self._fds.clear()
         self._busy.clear()
+        self._retired.clear()
 
 
 def _open_and_read(path: bytes, off: int, size: int) -> tuple[int, bytes]:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 MS_RDONLY = 1
@@ -66,28 +68,34 @@ def detach(target: os.PathLike[str] | str | bytes) -> bool:
     raise OSError(err, f"unmount: {os.strerror(err)}", os.fsdecode(dst))
 
 
-def _unescape(field: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as ``\\ooo``."""
-    if "\\" not in field:
-        return field
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and field[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
+_OCTAL_ESCAPE = re.compile(rb"\\([0-7]{3})")  # mountinfo writes " " as "\040"
+
+
+@dataclass(frozen=True, slots=True)
+class MountEntry:
+    """One line of ``/proc/self/mountinfo``."""
+
+    point: bytes  # where it is mounted
+    fstype: str  # e.g. "ext4", "fuse.envfs"
+
+
+def mount_table() -> list[MountEntry]:
+    """This mount namespace's mounts, in mount order (a later one covers an earlier one)."""
+    table = []
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = line.split()
+            try:
+                sep = fields.index(b"-", 6)
+            except ValueError:
+                continue
+            point = _OCTAL_ESCAPE.sub(lambda m: bytes([int(m[1], 8)]), fields[4])
+            table.append(MountEntry(point, fields[sep + 1].decode(errors="replace")))
+    return table
 
 
 def mounts_under(root: Path) -> list[Path]:
     """Mount points strictly below ``root`` in this mount namespace, deepest first."""
-    prefix = str(root).rstrip("/") + "/"
-    found = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            point = _unescape(line.split(" ", 5)[4])
-            if point.startswith(prefix):
-                found.append(Path(point))
+    prefix = os.fsencode(root).rstrip(b"/") + b"/"
+    found = [Path(os.fsdecode(m.point)) for m in mount_table() if m.point.startswith(prefix)]
     return sorted(found, key=lambda p: len(p.parts), reverse=True)

@@ -33,6 +33,7 @@ import trio
 
 from envfs import fuse_loop, kernel
 from envfs.builds import RETRY_AFTER, BuildQueue
+from envfs.cache import NodeCache
 from envfs.catalog import Catalog
 from envfs.errors import BadInput, EnvfsError, EnvironmentProblem
 from envfs.fuse_ops import EnvfsOperations
@@ -55,6 +56,10 @@ STATUS_INTERVAL = 1.0
 SHUTDOWN_GRACE = 2.0
 #: Seconds between looks for pinned views to hand to the kernel.
 KERNEL_CHECK = 0.2
+#: Seconds between looks for attached snapshots to copy into the node cache, and the wait
+#: before trying again a copy that failed (the store was unreachable, say).
+CACHE_CHECK = 1.0
+CACHE_RETRY = 30.0
 
 
 def is_stale_mount(path: Path) -> bool:
@@ -76,16 +81,9 @@ def is_stale_mount(path: Path) -> bool:
 
 def mount_type(mountpoint: Path) -> str | None:
     """The file-system type mounted at ``mountpoint`` (the topmost), from mountinfo."""
-    found = None
     target = os.fsencode(os.path.abspath(mountpoint))
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index(b"-")
-            point = fields[4].replace(b"\\040", b" ").replace(b"\\011", b"\t")
-            if point == target:
-                found = fields[sep + 1].decode(errors="replace")
-    return found
+    types = [m.fstype for m in kernel.mount_table() if m.point == target]
+    return types[-1] if types else None
 
 
 def unmount(mountpoint: Path) -> None:
@@ -137,6 +135,7 @@ def run_daemon(
     build_retry_after: float = RETRY_AFTER,
     max_tasks: int = MAX_TASKS,
     kernel_mounts: bool = True,
+    cache: NodeCache | None = None,
 ) -> None:
     """Mount envfs at ``mountpoint`` and serve until SIGTERM/SIGINT or an external unmount.
 
@@ -145,6 +144,7 @@ def run_daemon(
     thread and changed bindings are invalidated in the kernel.  With ``status_path``, a JSON
     status (see `Daemon.status`) is kept there and removed on a clean exit.
     ``kernel_mounts``: hand pinned views of built snapshots to the kernel (`envfs.kernel`).
+    ``cache``: keep a node-local copy of every snapshot served, and serve from it.
     """
     mountpoint = Path(os.path.abspath(mountpoint))
     _prepare_mountpoint(mountpoint)
@@ -157,6 +157,7 @@ def run_daemon(
             refresh_interval,
             build_retry_after,
             kernel_mounts,
+            cache,
         )(max_tasks, ready=None)
         return
     _run_detached(
@@ -168,6 +169,7 @@ def run_daemon(
             refresh_interval,
             build_retry_after,
             kernel_mounts,
+            cache,
         )(max_tasks, ready=ready)
     )
 
@@ -232,13 +234,16 @@ class Daemon:
         refresh_interval: float,
         build_retry_after: float,
         kernel_mounts: bool = True,
+        cache: NodeCache | None = None,
     ) -> None:
         self.catalog = catalog
+        self.cache = cache
+        self.cached: set[str] = set()  # snapshots served from the node cache
         self.mountpoint = mountpoint
         self.allow_other = allow_other
         self.status_path = status_path
         self.refresh_interval = refresh_interval
-        self.namespace = Namespace(catalog)
+        self.namespace = Namespace(catalog, local_copy=cache.path if cache else None)
         self.builds = BuildQueue(
             catalog, retry_after=build_retry_after, on_change=self._status_changed
         )
@@ -300,6 +305,8 @@ class Daemon:
             nursery.start_soon(self._lease_loop)
             if self.kernel_mounts:
                 nursery.start_soon(self._kernel_loop)
+            if self.cache is not None:
+                nursery.start_soon(self._cache_loop, self.cache)
             if self.status_path is not None:
                 nursery.start_soon(self._status_loop, self.status_path)
             fuse_loop.install()
@@ -364,6 +371,8 @@ class Daemon:
             for view, source in self.namespace.kernel_candidates():
                 if view.path in self.kernel_views or view.path in self._kernel_failed:
                     continue
+                if self.cache is not None and view.snapshot_id not in self.cached:
+                    continue  # the kernel serves the node's copy, once it is made
                 if self._stopping:
                     return
                 target = self.mountpoint / view.path
@@ -382,6 +391,36 @@ class Daemon:
                     return
                 log.info("%s is kernel-served (%s)", view.path, view.snapshot_id[:12])
                 self.kernel_views[view.path] = view.snapshot_id
+                self._status_changed()
+
+    async def _cache_loop(self, cache: NodeCache) -> None:
+        """Copy each attached snapshot into the node cache (in the background: FUSE serves
+        from the store meanwhile), then serve it from there; evict what is not in use."""
+        retry_at: dict[str, float] = {}
+        while True:
+            await trio.sleep(CACHE_CHECK)
+            attached = self.namespace.attached_snapshots()
+            for sid in attached:
+                if sid in self.cached or retry_at.get(sid, 0.0) > time.monotonic():
+                    continue
+                source = self.namespace.snapshot_source(sid)
+                if source is None:
+                    continue
+                try:
+                    copy = await trio.to_thread.run_sync(cache.fill, sid, Path(os.fsdecode(source)))
+                except (OSError, EnvfsError) as e:
+                    log.warning("cannot copy %s to the node cache (retrying later): %s", sid, e)
+                    retry_at[sid] = time.monotonic() + CACHE_RETRY
+                    continue
+                if os.fsencode(copy) != source:
+                    self.namespace.relocate(sid, copy)
+                    self.ops.backing_moved()
+                self.cached.add(sid)
+                await trio.to_thread.run_sync(cache.touch, sid)
+                try:
+                    await trio.to_thread.run_sync(cache.evict, set(attached))
+                except OSError as e:
+                    log.warning("node cache eviction failed: %s", e)
                 self._status_changed()
 
     async def _detach_kernel_views(self) -> None:
@@ -434,7 +473,11 @@ class Daemon:
                 for v in self.namespace.views()
             ],
             builds=BuildStats.model_validate(self.builds.statistics()),
-            cache={**self.namespace.statistics(), **self.ops.statistics()},
+            cache={
+                **self.namespace.statistics(),
+                **self.ops.statistics(),
+                "node_cache_copies": len(self.cached),
+            },
             refresh={"last_ok": self.last_refresh, "error": self.refresh_error},
         )
 

@@ -23,8 +23,9 @@ import ctypes
 import errno
 import functools
 import os
-import re
 import sys
+
+from envfs import kernel
 
 _SYS_OPENAT2 = 437  # the same number on every Linux architecture (the generic table)
 _RESOLVE_CACHED = 0x20
@@ -34,7 +35,6 @@ _RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
 LOCAL_FILE_SYSTEMS = frozenset(
     {"ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "zfs", "bcachefs", "tmpfs", "ramfs"}
 )
-_OCTAL_ESCAPE = re.compile(rb"\\([0-7]{3})")  # /proc/self/mounts writes " " as "\040"
 #: ``always`` or ``never`` overrides the file-system check of `blocking_is_cheap`.
 INLINE_IO_ENV = "ENVFS_INLINE_IO"
 
@@ -112,21 +112,17 @@ def blocking_is_cheap(path: bytes) -> bool:
 
 @functools.lru_cache(maxsize=256)
 def file_system_type(path: bytes) -> str | None:
-    """The type of the file system holding ``path`` (from /proc/self/mounts), None if unknown.
+    """The type of the file system holding ``path`` (from the mount table), None if unknown.
 
     Cached: callers ask about a few directories (the store's), many times."""
     real = os.path.realpath(path)
     best, best_type = b"", None
     try:
-        with open("/proc/self/mounts", "rb") as f:
-            for line in f:
-                fields = line.split()
-                if len(fields) < 3:
-                    continue
-                mountpoint = _OCTAL_ESCAPE.sub(lambda m: bytes([int(m[1], 8)]), fields[1])
-                inside = real == mountpoint or real.startswith(mountpoint.rstrip(b"/") + b"/")
-                if inside and len(mountpoint) >= len(best):
-                    best, best_type = mountpoint, fields[2].decode(errors="replace")
+        table = kernel.mount_table()
     except OSError:
         return None
+    for m in table:
+        inside = real == m.point or real.startswith(m.point.rstrip(b"/") + b"/")
+        if inside and len(m.point) >= len(best):
+            best, best_type = m.point, m.fstype
     return best_type

@@ -19,6 +19,7 @@ import stat
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
@@ -34,6 +35,7 @@ from envfs.model import (
     InterpreterInfo,
     LeaseInfo,
     Manifest,
+    ManifestEntry,
     Record,
     Revision,
     SpecInfo,
@@ -371,6 +373,50 @@ class Store:
                 os.replace(tmp, path)
                 return True
         raise EnvironmentProblem(f"cannot pool {path}: {obj} keeps changing")
+
+    def receive_tree(
+        self, src: Path, dest: Path, entries: list[ManifestEntry], threads: int = 16
+    ) -> None:
+        """Write a finished local tree (``src``, described by ``entries``) into the store at
+        ``dest`` (an empty directory): its directories and links, and each file as, or linked
+        to, the pool's object of its content.  Files go in from several threads: on a NAS
+        each costs a few round trips, and those overlap."""
+        files = []
+        for e in entries:
+            target = dest / e.path
+            if e.type == "dir":
+                target.mkdir(mode=0o755)
+            elif e.type == "symlink":
+                assert e.target is not None
+                os.symlink(e.target, target)
+            else:
+                files.append(e)
+        with ThreadPoolExecutor(threads, thread_name_prefix="receive") as pool:
+            list(pool.map(lambda e: self._receive_file(src / e.path, dest / e.path, e), files))
+        for e in reversed(entries):
+            if e.type == "dir":
+                os.chmod(dest / e.path, stat.S_IMODE(e.mode))
+
+    def _receive_file(self, src: Path, dest: Path, entry: ManifestEntry) -> None:
+        mode = stat.S_IMODE(entry.mode) & ~0o222
+        if entry.size == 0 or entry.sha256 is None:
+            _copy_file_data(src, dest, mode)
+            return
+        obj = self.object_path(entry.sha256, mode)
+        try:
+            os.link(obj, dest)  # the content is pooled already
+            return
+        except FileNotFoundError:
+            pass
+        obj.parent.mkdir(exist_ok=True)
+        tmp = obj.with_name(f".{obj.name}.{uuid.uuid4().hex[:8]}")
+        _copy_file_data(src, tmp, mode)
+        try:
+            with contextlib.suppress(FileExistsError):  # another writer pooled it meanwhile
+                os.link(tmp, obj)
+            os.link(obj, dest)
+        finally:
+            os.unlink(tmp)
 
     def quarantine(self, path: Path) -> Path:
         """Move a damaged pool file to ``trash/`` (existing hardlinks keep their inode)."""
@@ -762,6 +808,23 @@ def regular_files(root: Path) -> Iterator[tuple[Path, os.stat_result]]:
             st = os.lstat(path)
             if stat.S_ISREG(st.st_mode):
                 yield path, st
+
+
+def _copy_file_data(src: Path, dest: Path, mode: int) -> None:
+    """Copy one file's bytes into a new file ``dest`` with ``mode``."""
+    with open(src, "rb") as fin:
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            size = os.fstat(fin.fileno()).st_size
+            sent = 0
+            while sent < size:
+                n = os.sendfile(fd, fin.fileno(), sent, size - sent)
+                if n == 0:
+                    break
+                sent += n
+            os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
 
 
 def make_read_only(root: Path) -> None:

@@ -194,8 +194,15 @@ def _decode_name(name: bytes) -> str | None:
 class Namespace:
     """Inode table and lookups for one mount.  Thread-safe; see the module docstring."""
 
-    def __init__(self, catalog: Catalog, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        catalog: Catalog,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        local_copy: Callable[[str], os.PathLike[str] | None] | None = None,
+    ) -> None:
         self._catalog = catalog
+        self._local_copy = local_copy  # the node cache's copy of a snapshot, if any
         self._clock = clock
         self._lock = threading.Lock()
         now_ns = time.time_ns()
@@ -353,6 +360,22 @@ class Namespace:
         with self._lock:
             return list(self._roots)
 
+    def snapshot_source(self, snapshot_id: str) -> bytes | None:
+        """The directory an attached snapshot is served from, or None if not attached."""
+        backing = self._roots.get(snapshot_id)
+        return None if backing is None else backing.tree.path
+
+    def relocate(self, snapshot_id: str, path: os.PathLike[str]) -> None:
+        """Serve an attached snapshot from ``path`` from now on (a complete copy of it: the
+        node cache's); files already open stay open where they are."""
+        raw = os.fsencode(path)
+        cheap = blocking_is_cheap(os.path.dirname(raw))
+        with self._lock:
+            backing = self._roots.get(snapshot_id)
+            if backing is not None:
+                backing.tree.path = raw
+                backing.tree.blocking_is_cheap = cheap
+
     def kernel_candidates(self) -> list[tuple[View, bytes]]:
         """Pinned views (a revision, a snapshot by id) whose snapshot tree is loaded, with
         the snapshot's directory: what the daemon may hand to the kernel (`envfs.kernel`)."""
@@ -473,6 +496,10 @@ class Namespace:
         path = self._built.get(snapshot_id)
         if path is not None:
             return path
+        if self._local_copy is not None:
+            local = self._local_copy(snapshot_id)
+            if local is not None:
+                return os.fsencode(local)
         found = self._catalog.snapshot_dir(snapshot_id)
         return None if found is None else os.fsencode(found)
 

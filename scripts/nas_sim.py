@@ -8,8 +8,12 @@ once mounted.  Like a NAS it is slow and uncached:
 
 - every request waits MS milliseconds (default 1.0) before it is served (0: no wait; the
   event loop's timers have ~1 ms granularity, so smaller waits last about 1 ms);
-- the kernel caches no entries and no attributes (timeouts 0), and files are opened without
-  ``keep_cache``, so every path walk, stat and open is a round trip (NFS close-to-open);
+- the kernel caches no attributes (timeout 0) and files are opened without ``keep_cache``,
+  so every stat and open is a round trip (NFS close-to-open); names are cached for
+  ``--entry-timeout`` seconds (default 1; 0: every path walk is a round trip per component),
+  as an NFS client caches them;
+- permissions are checked by nas-sim on open and access (mode bits; root may do anything),
+  as an NFS server does, not by the kernel on every directory walked;
 - inode numbers are the backing ones, so hardlinks share an inode through the mount.
 
 Signals:
@@ -132,8 +136,9 @@ class NasSim(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
 
-    def __init__(self, backing: str, latency: float) -> None:
+    def __init__(self, backing: str, latency: float, entry_timeout: float = 1.0) -> None:
         super().__init__()
+        self.entry_timeout = entry_timeout
         self.root = os.fsencode(backing)
         st = os.lstat(self.root)
         self.dev, self.root_ino = st.st_dev, st.st_ino
@@ -225,7 +230,7 @@ class NasSim(pyfuse3.Operations):
         attr = EntryAttributes()
         attr.st_ino = self._ino(st)
         attr.generation = 0
-        attr.entry_timeout = 0
+        attr.entry_timeout = self.entry_timeout
         attr.attr_timeout = 0
         attr.st_mode = st.st_mode
         attr.st_nlink = st.st_nlink
@@ -395,7 +400,11 @@ class NasSim(pyfuse3.Operations):
 
     @_op()
     async def open(self, inode: InodeT, flags: FlagT, ctx: RequestContext) -> FileInfo:
-        fd = os.open(self._path(inode), flags & ~os.O_NOFOLLOW)
+        path = self._path(inode)
+        want = {os.O_RDONLY: 4, os.O_WRONLY: 2, os.O_RDWR: 6}[flags & os.O_ACCMODE]
+        if not _permitted(os.lstat(path), ctx, want):
+            raise FUSEError(errno.EACCES)
+        fd = os.open(path, flags & ~os.O_NOFOLLOW)
         return self._opened(inode, fd)
 
     def _opened(self, inode: int, fd: int) -> FileInfo:
@@ -484,8 +493,7 @@ class NasSim(pyfuse3.Operations):
 
     @_op()
     async def access(self, inode: InodeT, mode: ModeT, ctx: RequestContext) -> bool:
-        self._node(inode)
-        return True  # default_permissions: the kernel checks the mode bits
+        return _permitted(os.lstat(self._path(inode)), ctx, mode & 7)
 
     # -- control --------------------------------------------------------------------------
 
@@ -525,6 +533,19 @@ async def _serve(sim: NasSim, counts_path: str | None) -> None:
         nursery.cancel_scope.cancel()
 
 
+def _permitted(st: os.stat_result, ctx: RequestContext, want: int) -> bool:
+    """The server-side permission check of an NFS export (mode bits; root may do anything)."""
+    if ctx.uid == 0:
+        return True
+    if st.st_uid == ctx.uid:
+        bits = st.st_mode >> 6
+    elif st.st_gid == ctx.gid:
+        bits = st.st_mode >> 3
+    else:
+        bits = st.st_mode
+    return bits & want & 7 == want
+
+
 def _allow_other() -> bool:
     if os.geteuid() == 0:
         return True
@@ -543,13 +564,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("mountpoint", help="where to mount it")
     parser.add_argument("--latency-ms", type=float, default=1.0, help="delay of every request")
     parser.add_argument("--counts", metavar="FILE", help="where SIGUSR2 and exit write counts")
+    parser.add_argument(
+        "--entry-timeout",
+        type=float,
+        default=1.0,
+        help="seconds the kernel may cache a name (NFS caches names, not attributes)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="nas-sim: %(message)s")
     backing = os.path.realpath(args.backing)
     if not os.path.isdir(backing):
         parser.error(f"not a directory: {args.backing}")
-    sim = NasSim(backing, latency=max(args.latency_ms, 0.0) / 1000)
-    options = {"fsname=nas-sim", "subtype=nas-sim", "default_permissions"}
+    sim = NasSim(backing, max(args.latency_ms, 0.0) / 1000, max(args.entry_timeout, 0.0))
+    # no default_permissions: with uncached attributes the kernel would fetch them for every
+    # directory of every path walked; like an NFS server, nas-sim checks opens itself
+    options = {"fsname=nas-sim", "subtype=nas-sim"}
     if _allow_other():
         options.add("allow_other")
     os.umask(0)  # modes arrive masked by the client's umask already

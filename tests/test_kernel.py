@@ -133,7 +133,7 @@ def test_a_namespace_that_does_not_see_the_kernel_mounts_is_served_by_fuse(
         if unseen.poll() is None:
             unseen.kill()
             unseen.wait()
-    rc, module_dev, fuse_dev, kernel_mounts, stderr = (out.split(" ", 4) + [""])[:5]
+    rc, module_dev, fuse_dev, kernel_mounts = [*out.split(" ", 4), "", "", ""][:4]
     assert rc == "0", (out, err)
     assert module_dev == fuse_dev and kernel_mounts == "0", out
 

@@ -1,0 +1,239 @@
+"""The node-local cache: a copy of every snapshot a node serves, so that serving it touches
+no NAS (no round trip per open, nothing lost in an outage).
+
+Layout (this module owns it)::
+
+    <cache>/objects/<xx>/<sha256>.<mode>  one file per content and mode, shared by every copy
+    <cache>/snapshots/<id>/                a complete copy: files hardlinked from objects/,
+                                           its manifest in .envfs/ (as in the store)
+    <cache>/staging/<id>.<nonce>/          a copy being made
+
+A copy is made in the background after a snapshot's first use (FUSE serves from the store
+meanwhile): the manifest is read, every file whose content the node lacks is copied from the
+store by several threads (directory file descriptors, so a NAS sees one lookup per file, not
+one per path component) and checked against the manifest's sha256 as it is written, then the
+tree appears by one rename.  One copy of numpy per node, whatever the number of envs using it.
+
+The cache is bounded (``max_bytes``, counting each content once): after a copy, the least
+recently used snapshots that are not in use are evicted, then objects nothing links.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import stat
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from envfs.errors import EnvironmentProblem
+from envfs.store import META, Listing, ListingEntry, make_read_only, read_listing, remove_tree
+
+log = logging.getLogger(__name__)
+
+#: Threads copying one snapshot: a NAS answers many requests at once, each after its latency.
+COPY_THREADS = 16
+_CHUNK = 1 << 20
+
+
+class CacheDamage(EnvironmentProblem):
+    """A store file does not match its manifest: the copy is refused (run `envfs verify`)."""
+
+
+class NodeCache:
+    """Complete local copies of snapshots, under ``root``."""
+
+    def __init__(self, root: Path, max_bytes: int | None = None) -> None:
+        self.root = root
+        self.max_bytes = max_bytes
+        self.objects = root / "objects"
+        self.snapshots = root / "snapshots"
+        self.staging = root / "staging"
+        for d in (self.objects, self.snapshots, self.staging):
+            d.mkdir(parents=True, exist_ok=True)
+        for leftover in os.listdir(self.staging):  # copies a killed daemon did not finish
+            remove_tree(self.staging / leftover)
+
+    def path(self, snapshot_id: str) -> Path | None:
+        """The complete copy of ``snapshot_id``, or None."""
+        path = self.snapshots / snapshot_id
+        return path if (path / META / "manifest.json").exists() else None
+
+    def copies(self) -> list[str]:
+        return sorted(os.listdir(self.snapshots))
+
+    def touch(self, snapshot_id: str) -> None:
+        """Record a use of a copy (its directory's mtime orders eviction)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(self.snapshots / snapshot_id)
+
+    def fill(self, snapshot_id: str, source: Path) -> Path:
+        """Copy the built snapshot at ``source`` (its store directory) into the cache, checked
+        against its manifest; the copy's path.  Raises `CacheDamage` or `OSError` (the store
+        is unreachable, the cache's disk is full) with nothing half-made left visible."""
+        done = self.path(snapshot_id)
+        if done is not None:
+            return done
+        t0 = time.monotonic()
+        listing = read_listing(os.fsencode(source))
+        staged = self.staging / f"{snapshot_id}.{uuid.uuid4().hex[:12]}"
+        try:
+            copied = self._build(listing, source, staged)
+            manifest = source / META / "manifest.json"
+            (staged / META).mkdir(exist_ok=True)
+            shutil.copyfile(manifest, staged / META / "manifest.json")
+            make_read_only(staged)
+            final = self.snapshots / snapshot_id
+            try:
+                os.rename(staged, final)
+            except OSError:  # another copy won (a second daemon on this cache)
+                if self.path(snapshot_id) is None:
+                    raise
+                remove_tree(staged)
+        except BaseException:
+            remove_tree(staged)
+            raise
+        log.info(
+            "snapshot %s copied to the node cache in %.1fs (%d files copied, the rest shared)",
+            snapshot_id[:12],
+            time.monotonic() - t0,
+            copied,
+        )
+        return final
+
+    def _build(
+        self, listing: dict[bytes, dict[bytes, ListingEntry]], source: Path, dest: Path
+    ) -> int:
+        """Make the tree of ``listing`` at ``dest``; the number of files copied from the store."""
+        dest.mkdir()
+        dirs = sorted(rel for rel in listing if rel)
+        for rel in dirs:
+            os.mkdir(os.path.join(os.fsencode(dest), rel))
+        files: list[tuple[bytes, bytes, ListingEntry]] = []
+        for rel, entries in listing.items():
+            for name, entry in entries.items():
+                if rel == b"" and name == META.encode():
+                    continue
+                path = os.path.join(rel, name) if rel else name
+                if entry.type == "symlink":
+                    assert entry.target is not None
+                    os.symlink(entry.target, os.path.join(os.fsencode(dest), path))
+                elif entry.type == "file":
+                    files.append((rel, name, entry))
+        missing = [f for f in files if not self._object(f[2]).exists()]
+        by_dir: dict[bytes, list[tuple[bytes, ListingEntry]]] = {}
+        for rel, name, entry in missing:
+            by_dir.setdefault(rel, []).append((name, entry))
+        with ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="cache-fill") as pool:
+            list(pool.map(lambda item: self._copy_dir(source, *item), by_dir.items()))
+        for rel, name, entry in files:
+            path = (
+                os.path.join(os.fsencode(dest), rel, name)
+                if rel
+                else os.path.join(os.fsencode(dest), name)
+            )
+            os.link(self._object(entry), path)
+        for rel in dirs:  # directory modes as in the store (writable until make_read_only)
+            mode = _dir_mode(listing, rel)
+            os.chmod(os.path.join(os.fsencode(dest), rel), mode | 0o200)
+        return len(missing)
+
+    def _object(self, entry: ListingEntry) -> Path:
+        assert entry.sha256 is not None
+        return self.objects / entry.sha256[:2] / f"{entry.sha256}.{stat.S_IMODE(entry.mode):o}"
+
+    def _copy_dir(self, source: Path, rel: bytes, entries: list[tuple[bytes, ListingEntry]]) -> int:
+        """Copy one store directory's missing files into objects/ (one open of the directory,
+        then one lookup per file)."""
+        dfd = os.open(os.path.join(os.fsencode(source), rel), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for name, entry in entries:
+                self._copy_file(dfd, name, entry)
+        finally:
+            os.close(dfd)
+        return len(entries)
+
+    def _copy_file(self, dfd: int, name: bytes, entry: ListingEntry) -> None:
+        target = self._object(entry)
+        if target.exists():
+            return
+        target.parent.mkdir(exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}")
+        digest = hashlib.sha256()
+        src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dfd)
+        try:
+            with open(tmp, "wb") as out:
+                while chunk := os.read(src, _CHUNK):
+                    digest.update(chunk)
+                    out.write(chunk)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        finally:
+            os.close(src)
+        if digest.hexdigest() != entry.sha256:
+            tmp.unlink()
+            raise CacheDamage(
+                f"{os.fsdecode(name)} in the store does not match its manifest; "
+                "run `envfs verify` on the store"
+            )
+        os.chmod(tmp, stat.S_IMODE(entry.mode) & ~0o222)
+        os.replace(tmp, target)
+
+    # -- bounds -----------------------------------------------------------------------------
+
+    def size(self) -> int:
+        """Bytes the cache holds (each content once)."""
+        total = 0
+        for dirpath, _dirs, names in os.walk(self.objects):
+            for name in names:
+                with contextlib.suppress(FileNotFoundError):
+                    total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+        return total
+
+    def evict(self, in_use: set[str]) -> list[str]:
+        """Remove least recently used copies not in ``in_use`` until the cache fits
+        ``max_bytes``; the ids removed."""
+        if self.max_bytes is None:
+            return []
+        removed: list[str] = []
+        size = self.size()
+        if size <= self.max_bytes:
+            return removed
+        by_age = sorted(
+            (os.lstat(self.snapshots / sid).st_mtime, sid)
+            for sid in self.copies()
+            if sid not in in_use
+        )
+        for _mtime, sid in by_age:
+            if size <= self.max_bytes:
+                break
+            remove_tree(self.snapshots / sid)
+            removed.append(sid)
+            self.prune()
+            size = self.size()
+        if removed:
+            log.info("node cache: evicted %d snapshot(s), %d bytes held", len(removed), size)
+        return removed
+
+    def prune(self) -> int:
+        """Delete objects no copy links; how many."""
+        count = 0
+        for dirpath, _dirs, names in os.walk(self.objects):
+            for name in names:
+                path = os.path.join(dirpath, name)
+                if os.lstat(path).st_nlink == 1:
+                    os.unlink(path)
+                    count += 1
+        return count
+
+
+def _dir_mode(listing: Listing, rel: bytes) -> int:
+    parent, _, name = rel.rpartition(b"/")
+    entry = listing.get(parent, {}).get(name)
+    return stat.S_IMODE(entry.mode) if entry is not None else 0o555

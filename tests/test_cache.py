@@ -1,0 +1,133 @@
+"""The node-local cache: a node serves the envs it has used from its own copy, through a
+NAS outage too (the store on scripts/nas-sim), and keeps the copies within a bound."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from envfs.cache import CacheDamage, NodeCache
+from envfs.kernel import mounts_under
+from envfs.store import Store
+from tests.conftest import PY, Env, make_env, seed_store
+from tests.test_e2e import Mount, py
+from tests.test_nas_sim import NasSim
+from tests.test_nodes import wait_for
+
+pytestmark = [
+    pytest.mark.fuse,
+    pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse"),
+]
+
+
+def _status(env: Env) -> dict[str, object]:
+    (mount,) = json.loads(env.run("status", "--json").stdout)["mounts"]
+    status: dict[str, object] = mount
+    return status
+
+
+def _copies(env: Env) -> int:
+    cache = _status(env)["cache"]
+    assert isinstance(cache, dict)
+    return int(cache["node_cache_copies"])
+
+
+@pytest.fixture
+def nas_node(tmp_path: Path, wheelhouse: Path) -> Iterator[tuple[Env, NasSim, list[Mount]]]:
+    """A node whose store is on nas-sim; every daemon and the NAS are stopped after."""
+    backing, nas_mnt = tmp_path / "backing", tmp_path / "nas"
+    backing.mkdir()
+    nas_mnt.mkdir()
+    seed_store(backing / "store")  # the captured interpreter, put there behind the NAS's back
+    nas = NasSim(backing, nas_mnt, "--latency-ms", "0")
+    env = make_env(tmp_path / "node", wheelhouse, seed=False)
+    env.vars["ENVFS_STORE"] = str(nas_mnt / "store")
+    env.store = nas_mnt / "store"
+    env.vars["XDG_RUNTIME_DIR"] = str(env.root / "run")
+    mounts: list[Mount] = []
+    try:
+        yield env, nas, mounts
+        for m in reversed(mounts):
+            m.stop()
+        for m in mounts:
+            m.check_clean_exit()
+        nas.stop()
+    finally:
+        for m in mounts:
+            m.stop()
+        nas.cleanup()
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "fuse-only"])
+def test_used_envs_keep_working_through_a_store_outage(
+    nas_node: tuple[Env, NasSim, list[Mount]], tmp_path: Path, kernel: bool
+) -> None:
+    env, nas, mounts = nas_node
+    env.run("build", "wf/n", "extra-a==1.0", "--python", PY)
+    mnt = tmp_path / "envs"
+    mounts.append(Mount(env, mnt, *([] if kernel else ["--no-kernel-mounts"])))
+    assert py(mnt, "wf/n", "import extra_a").returncode == 0  # first use: from the NAS
+    wait_for(lambda: _copies(env) == 1, 60, "the node's copy")
+    copy = env.index / "cache" / "snapshots" / env.show("wf/n")["snapshot_id"]
+    assert (copy / "lib/python3.12/site-packages/base_lib/data.py").is_file()
+    if kernel:  # the kernel serves the node's copy, not the NAS
+        wait_for(lambda: mnt / "wf/n@1" in mounts_under(mnt), 10, "the kernel mount")
+        module = mnt / "wf/n@1/lib/python3.12/site-packages/extra_a/__init__.py"
+        assert os.stat(module).st_dev == os.stat(env.index).st_dev
+
+    nas.signal(signal.SIGUSR1)  # outage: every NAS request fails with EIO
+    try:
+        wait_for(lambda: not os.path.exists(env.store / "envfs.toml"), 5, "the outage")  # EIO
+        # modules never imported before, from the env and its standard library
+        out = py(mnt, "wf/n", "import base_lib.data, email.mime.text, sqlite3; print('ok')")
+        assert out.stdout.strip() == "ok", out.stderr
+    finally:
+        nas.signal(signal.SIGUSR1)
+    wait_for(lambda: os.path.exists(env.store / "envfs.toml"), 5, "the end of the outage")
+
+
+def test_the_cache_is_bounded_and_evicts_what_is_not_in_use(local: Env, tmp_path: Path) -> None:
+    ids = []
+    for i, pkg in enumerate(["extra-a==1.0", "extra-b==2.0", "tool-pkg==0.1"]):
+        local.run("build", f"wf/c{i}", pkg, "--python", PY)
+        ids.append(local.show(f"wf/c{i}")["snapshot_id"])
+    store = Store(local.store)
+    unbounded = NodeCache(tmp_path / "probe")
+    unbounded.fill(ids[0], store.snapshot_dir(ids[0]))
+    one = unbounded.size()  # an env: mostly the interpreter, which every env shares
+
+    cache = NodeCache(tmp_path / "cache", max_bytes=one)  # room for one env and no more
+    for sid in ids:
+        cache.fill(sid, store.snapshot_dir(sid))
+        cache.evict(in_use={ids[0], sid})  # the first one stays in use all along
+    assert cache.path(ids[0]) is not None  # in use: kept however old
+    assert cache.path(ids[1]) is None  # least recently used, not in use: evicted
+    assert cache.path(ids[2]) is not None  # in use (just made)
+    shared = cache.path(ids[0]) / "bin/python3.12"  # type: ignore[operator]
+    assert os.stat(shared).st_nlink == 3  # pool + two copies: one inode per content
+
+
+def test_a_copy_is_checked_against_the_manifest(local: Env, tmp_path: Path) -> None:
+    local.run("build", "wf/d", "extra-a==1.0", "--python", PY)
+    sid = local.show("wf/d")["snapshot_id"]
+    victim = local.store / "snapshots" / sid / "lib/python3.12/site-packages/base_lib/data.py"
+    os.chmod(victim, 0o644)
+    with open(victim, "r+b") as f:  # one flipped byte in the store
+        f.write(b"#")
+    cache = NodeCache(tmp_path / "cache")
+    with pytest.raises(CacheDamage, match="does not match its manifest"):
+        cache.fill(sid, local.store / "snapshots" / sid)
+    assert cache.path(sid) is None and os.listdir(tmp_path / "cache" / "staging") == []
+
+
+def test_a_bad_cache_size_is_one_line(local: Env, tmp_path: Path) -> None:
+    out = local.run("mount", str(tmp_path / "m"), "--cache-size", "lots", check=False)
+    assert out.returncode == 3 and "bad size" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert subprocess.run(["mountpoint", "-q", str(tmp_path / "m")]).returncode != 0
