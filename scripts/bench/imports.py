@@ -2,14 +2,17 @@
 
 Sets: `python -c pass` (start-up), pandas+numpy, sympy.
 
-Builds two real envs in a throwaway store, mounts it, and times `python -c "import M"` through
-MNT/WF/NODE/bin/python against the very same snapshot read directly from the store (the same
-bytes on local disk). Interleaved runs, medians, ratios, for: warm caches (target <= 1.25x,
-aim 1.10x), the first run after a fresh mount (<= 1.5x), a cold page cache after drop_caches
-(<= 1.3x, both sides cold). Then binds 100 workflow nodes to the two snapshots, imports through
-each of them and reads the daemon's RSS (target < 150 MB). Always exits 0: it measures.
+Builds real envs in a throwaway store, mounts it, and times `python -c "import M"` through
+MNT/WF/NODE/bin/python against the very same snapshot on local disk (read directly from a
+local store; with --nas, the node cache's copy). Interleaved runs, medians, ratios, for:
+warm caches (target <= 1.05x), the first run after a fresh mount (<= 1.15x), a cold page
+cache after drop_caches (<= 1.15x, both sides cold), 1/4/16 processes at once (<= 1.10x at
+16); the daemon's CPU per warm `import numpy` (<= 3 ms); with --nas, the store on
+scripts/nas-sim (1 ms a request) and the NAS requests per warm import once the node holds
+the env (target 0). Then binds 100 workflow nodes to the snapshots, imports through each
+and reads the daemon's RSS (target < 150 MB). Always exits 0: it measures.
 Usage: scripts/bench/imports [--runs N] [--rounds K] [--envs E] [--skip-cold] [--python V]
-                             [--root DIR]
+                             [--root DIR] [--nas] [--plot PNG]
 With --root the store is kept in DIR and reused by the next run (builds are then instant).
 """
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -40,7 +44,12 @@ SETS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("pandas", "pandas", ("pandas==2.2.3", "numpy==2.1.3")),
     ("sympy", "sympy", ("sympy==1.13.3",)),
 )
-WARM_TARGET, WARM_AIM, FIRST_TARGET, COLD_TARGET = 1.25, 1.10, 1.5, 1.3
+WARM_TARGET, WARM_AIM, FIRST_TARGET, COLD_TARGET = 1.05, 1.05, 1.15, 1.15
+CONCURRENCY = (1, 4, 16)
+CONC_TARGET = 1.10  # at 16 processes
+CPU_TARGET_MS = 3.0  # daemon CPU per warm `import numpy`
+NAS_LATENCY_MS = 1.0
+SCRIPTS = Path(__file__).resolve().parent.parent
 RSS_TARGET_MB = 150.0
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 WARMUP = 3
@@ -75,8 +84,12 @@ class Row:
 
 
 class Bench(EnvfsHarness):
-    def __init__(self, root: Path, python: str) -> None:
+    def __init__(self, root: Path, python: str, nas: bool = False) -> None:
         super().__init__(root, python)
+        self.nas: subprocess.Popen[bytes] | None = None
+        self.nas_log = root / "nas-sim.log"
+        if nas:
+            self.start_nas()
         # no bytecode writes by the timed interpreters (we are root: a write would succeed
         # in the read-only local snapshot)
         self.run_env["PYTHONDONTWRITEBYTECODE"] = "1"
@@ -97,6 +110,59 @@ class Bench(EnvfsHarness):
 
     def mount(self, ready: Callable[[], bool] | None = None) -> None:
         super().mount(ready or (lambda: bool(os.listdir(self.mnt / "bench"))))
+
+    # -- the store on nas-sim -----------------------------------------------------------------
+
+    def start_nas(self) -> None:
+        """Put the store on scripts/nas-sim (NAS_LATENCY_MS a request, no attribute cache)."""
+        backing, mnt = self.root / "nas-backing", self.root / "nas"
+        backing.mkdir(exist_ok=True)
+        mnt.mkdir(exist_ok=True)
+        with open(self.nas_log, "ab") as log:
+            self.nas = subprocess.Popen(
+                [str(SCRIPTS / "nas-sim"), str(backing), str(mnt), "--latency-ms",
+                 str(NAS_LATENCY_MS)],
+                stdout=subprocess.DEVNULL, stderr=log,
+            )  # fmt: skip
+        deadline = time.monotonic() + 60
+        while not os.path.ismount(mnt):
+            if self.nas.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"nas-sim did not mount; see {self.nas_log}")
+            time.sleep(0.2)
+        self.env["ENVFS_STORE"] = str(mnt / "store")
+        say(f"store on nas-sim ({NAS_LATENCY_MS} ms a request) at {mnt}")
+
+    def stop_nas(self) -> None:
+        if self.nas is not None and self.nas.poll() is None:
+            self.nas.terminate()
+            self.nas.wait(timeout=30)
+
+    def nas_counts(self) -> dict[str, int]:
+        """nas-sim's request counts so far (SIGUSR2 makes it print them)."""
+        assert self.nas is not None
+        before = self.nas_log.read_text().count("\n{")
+        self.nas.send_signal(signal.SIGUSR2)
+        deadline = time.monotonic() + 10
+        while self.nas_log.read_text().count("\n{") == before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        lines = [x for x in self.nas_log.read_text().splitlines() if x.startswith("{")]
+        counts: dict[str, int] = json.loads(lines[-1])
+        return counts
+
+    def use_node_copies(self) -> None:
+        """With the store on the NAS, the local-disk side is the node cache's copy (the same
+        bytes); wait until the daemon has made it for every set."""
+        for node, module, _ in SETS:
+            self.timed(self.through_mount(node), module)  # first use: the copy starts
+        deadline = time.monotonic() + 600
+        for node, _module, _ in SETS:
+            copy = self.root / "index" / "cache" / "snapshots" / self.sids[node]
+            while not (copy / ".envfs" / "manifest.json").exists():
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"no node cache copy of bench/{node} after 10 minutes")
+                time.sleep(1)
+            self.local[node] = copy / "bin" / "python"
+        say("the node holds a copy of every env; local side = those copies")
 
     def stats(self) -> dict[str, int]:
         """The daemon's cache counters (its status file is rewritten within a second)."""
@@ -224,6 +290,112 @@ def cold(b: Bench, rounds: int, rows: list[Row]) -> None:
         print(f"       {node:7s} daemon requests for a cold import: {counts}", flush=True)
 
 
+def concurrent(b: Bench, rounds: int, rows: list[Row]) -> None:
+    """1, 4 and 16 processes importing pandas at once: wall time until the last is done."""
+    node, module = "pandas", "pandas"
+    say(f"concurrency: {rounds} interleaved rounds of {CONCURRENCY} processes at once")
+
+    def burst(python: Path, n: int) -> float:
+        t0 = time.perf_counter()
+        procs = [
+            subprocess.Popen(
+                [str(python), "-c", f"import {module}"],
+                env=b.run_env,
+                cwd="/",
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for _ in range(n)
+        ]
+        if any(p.wait() != 0 for p in procs):
+            raise RuntimeError(f"{python}: a concurrent import of {module} failed")
+        return time.perf_counter() - t0
+
+    for n in CONCURRENCY:
+        m: list[float] = []
+        loc: list[float] = []
+        for k in range(rounds):
+            pairs: Series = [(b.through_mount(node), m), (b.local[node], loc)]
+            for python, out in pairs if k % 2 == 0 else pairs[::-1]:
+                out.append(burst(python, n))
+        row = Row(f"conc{n}", node, statistics.median(m), statistics.median(loc), CONC_TARGET)
+        rows.append(row)
+        print(row.line(), flush=True)
+
+
+def daemon_cpu(b: Bench, imports: int = 20) -> float:
+    """Milliseconds of daemon CPU per warm `import numpy` (the daemon and its threads)."""
+    assert b.daemon is not None
+    python = b.through_mount("pandas")
+    for _ in range(WARMUP):
+        b.timed(python, "numpy")
+    stat = Path(f"/proc/{b.daemon.pid}/stat")
+
+    def ticks() -> int:
+        return sum(int(x) for x in stat.read_text().rsplit(")", 1)[1].split()[11:15])
+
+    t0 = ticks()
+    for _ in range(imports):
+        b.timed(python, "numpy")
+    ms = (ticks() - t0) * 1000 / os.sysconf("SC_CLK_TCK") / imports
+    verdict = "OK" if ms <= CPU_TARGET_MS else "OVER"
+    print(f"cpu    daemon CPU per warm `import numpy`: {ms:.2f} ms  target <= "
+          f"{CPU_TARGET_MS:.0f} ms {verdict}", flush=True)  # fmt: skip
+    return ms
+
+
+def nas_requests(b: Bench, imports: int = 5) -> float:
+    """NAS requests per warm `import pandas` once the node holds the env."""
+    python = b.through_mount("pandas")
+    b.timed(python, "pandas")
+    before = b.nas_counts()
+    for _ in range(imports):
+        b.timed(python, "pandas")
+    after = b.nas_counts()
+    total = sum(after.values()) - sum(before.values())
+    per = total / imports
+    verdict = "OK" if per == 0 else "OVER"
+    print(f"nas    NAS requests per warm `import pandas`: {per:.1f}  target 0 {verdict}",
+          flush=True)  # fmt: skip
+    return per
+
+
+def plot(rows: list[Row], path: Path, title: str) -> None:
+    """Ratios (mount / local disk) by measure and set, with each measure's target."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("no plot: matplotlib is not installed (scripts/setup installs it)", flush=True)
+        return
+    measures = list(dict.fromkeys(r.measure for r in rows))
+    names = list(dict.fromkeys(r.name for r in rows))
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        xs, ys = [], []
+        for j, measure in enumerate(measures):
+            row = next((r for r in rows if r.measure == measure and r.name == name), None)
+            if row is not None:
+                xs.append(j + i * width)
+                ys.append(row.ratio)
+        ax.bar(xs, ys, width, label=name)
+    for j, measure in enumerate(measures):
+        target = next(r.target for r in rows if r.measure == measure)
+        ax.hlines(target, j - width / 2, j + 0.8 - width / 2, colors="black", linestyles="dashed")
+    ax.axhline(1.0, color="grey", linewidth=0.5)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(measures))], measures)
+    ax.set_ylabel("mount / local disk (median)")
+    ax.set_title(title + " (dashed: target)")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    print(f"plot written to {path}", flush=True)
+
+
 def daemon_rss(b: Bench, envs: int) -> tuple[float, float, int]:
     say(f"daemon RSS: binding bench100/e000..e{envs - 1:03d} and importing through each")
     svc = Service(Settings.resolve(b.root / "store", b.root / "index"))
@@ -275,12 +447,14 @@ def main() -> None:
     parser.add_argument("--skip-cold", action="store_true", help="skip the drop_caches runs")
     parser.add_argument("--python", default="3.12")
     parser.add_argument("--root", type=Path, help="keep the store here and reuse it")
+    parser.add_argument("--nas", action="store_true", help="put the store on scripts/nas-sim")
+    parser.add_argument("--plot", type=Path, help="write the ratios as a PNG bar chart here")
     args = parser.parse_args()
     keep = args.root is not None
     if keep:
         args.root.mkdir(parents=True, exist_ok=True)
     root = args.root.resolve() if keep else Path(tempfile.mkdtemp(prefix="envfs-bench-imports."))
-    b = Bench(root, args.python)
+    b = Bench(root, args.python, nas=args.nas)
     rows: list[Row] = []
     rss: tuple[float, float, int] | None = None
     t0 = time.monotonic()
@@ -288,11 +462,17 @@ def main() -> None:
     try:
         b.build()
         b.mount()
+        if args.nas:
+            b.use_node_copies()
         check_paths(b)
         steps: list[Callable[[], Any]] = [
             lambda: warm(b, args.runs, rows),
-            lambda: first_after_mount(b, args.rounds, rows),
+            lambda: concurrent(b, args.rounds, rows),
+            lambda: daemon_cpu(b),
         ]
+        if args.nas:
+            steps.append(lambda: nas_requests(b))
+        steps.append(lambda: first_after_mount(b, args.rounds, rows))
         if skipped is None:
             steps.append(lambda: cold(b, args.rounds, rows))
         else:
@@ -307,6 +487,7 @@ def main() -> None:
             print("daemon log tail:\n  " + "\n  ".join(tail), flush=True)
     finally:
         b.umount()
+        b.stop_nas()
         if os.path.ismount(b.mnt):
             print(f"warning: {b.mnt} is still mounted; keeping {root}", file=sys.stderr)
         elif not keep:
@@ -330,6 +511,10 @@ def main() -> None:
             f"{'rss':8s} daemon after serving {args.envs} envs ({views} views): "
             f"{value:.1f} MB (peak {peak:.1f} MB)  < {RSS_TARGET_MB:.0f} MB {verdict}"
         )
+
+    if args.plot is not None and rows:
+        where = "store on nas-sim" if args.nas else "store on local disk"
+        plot(rows, args.plot, f"imports through envfs, {where}")
 
 
 if __name__ == "__main__":
