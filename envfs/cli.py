@@ -684,6 +684,8 @@ def status(as_json: bool) -> None:
         click.echo(
             f"  cache: {m.cache.get('inodes', 0)} inodes, {hits} lookups from memory, {cold} cold"
         )
+        if "node_cache_copies" in m.cache:
+            click.echo(f"  node cache: {m.cache['node_cache_copies']} env(s) served from it")
 
 
 def run() -> None:  # pragma: no cover - console entry for `python -m envfs`

@@ -476,7 +476,7 @@ class Daemon:
             cache={
                 **self.namespace.statistics(),
                 **self.ops.statistics(),
-                "node_cache_copies": len(self.cached),
+                **({"node_cache_copies": len(self.cached)} if self.cache is not None else {}),
             },
             refresh={"last_ok": self.last_refresh, "error": self.refresh_error},
         )
