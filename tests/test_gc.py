@@ -12,6 +12,7 @@ import pytest
 
 from tests.conftest import PY, Env
 from tests.fusehelpers import force_unmount
+from tests.test_nodes import wait_for
 from tests.test_e2e import Mount, fs, py  # noqa: F401  (fixture)
 
 pytestmark = [
@@ -146,10 +147,12 @@ def test_a_dead_daemons_reused_pid_is_not_taken_for_it(
     env, mnt, mounts = fs
     env.run("python", "add", PY)  # makes the store
     mounts.append(Mount(env, mnt))
+    status_dir = Path(env.vars["XDG_RUNTIME_DIR"]) / "envfs" / "mounts"
+    wait_for(lambda: any(status_dir.glob("*.json")), 10, "the daemon's status file")
     mounts[0].proc.kill()  # SIGKILL: its status file stays
     mounts[0].proc.wait(timeout=10)
     mounts[0].killed = True
-    (status_file,) = (Path(env.vars["XDG_RUNTIME_DIR"]) / "envfs" / "mounts").glob("*.json")
+    (status_file,) = status_dir.glob("*.json")
     stranger = subprocess.Popen(["sleep", "60"])  # the pid's next owner
     try:
         data = json.loads(status_file.read_text())
