@@ -18,7 +18,7 @@ import errno
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from functools import wraps
 from typing import Any, ParamSpec, TypeVar
 
@@ -104,9 +104,15 @@ class EnvfsOperations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, namespace: Namespace, builds: BuildQueue) -> None:
+    def __init__(
+        self,
+        namespace: Namespace,
+        builds: BuildQueue,
+        on_attach: Callable[[int], Awaitable[None]] | None = None,
+    ) -> None:
         super().__init__()
         self._ns = namespace
+        self._on_attach = on_attach  # awaited after a request loaded a snapshot
         self._builds = builds
         self._entries: dict[int, EntryAttributes] = {}
         self._negative_long = self._negative(LONG_TIMEOUT)
@@ -168,7 +174,10 @@ class EnvfsOperations(pyfuse3.Operations):
         self, parent_inode: InodeT, name: FileNameT, ctx: RequestContext
     ) -> EntryAttributes:
         ns = self._ns
+        attached = ns.attach_count
         attr = await self._resolve(lambda ino, io: ns.lookup(ino, name, io), parent_inode)
+        if ns.attach_count != attached and self._on_attach is not None:
+            await self._on_attach(parent_inode)
         if attr is not None:
             return self._entry(attr)
         if ns.is_binding_level(parent_inode):

@@ -39,7 +39,7 @@ from envfs.errors import BadInput, EnvfsError, EnvironmentProblem
 from envfs.fuse_ops import EnvfsOperations
 from envfs.model import BuildStats, DaemonStatus, ServedEnv
 from envfs.store import pid_start_time
-from envfs.vfs import Namespace
+from envfs.vfs import Namespace, View
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,8 @@ STATUS_INTERVAL = 1.0
 SHUTDOWN_GRACE = 2.0
 #: Seconds between looks for pinned views to hand to the kernel.
 KERNEL_CHECK = 0.2
+#: Longest a request that loaded a snapshot waits for its kernel mounts before replying.
+KERNEL_WAIT = 2.0
 #: Seconds between looks for attached snapshots to copy into the node cache, and the wait
 #: before trying again a copy that failed (the store was unreachable, say).
 CACHE_CHECK = 1.0
@@ -247,7 +249,7 @@ class Daemon:
         self.builds = BuildQueue(
             catalog, retry_after=build_retry_after, on_change=self._status_changed
         )
-        self.ops = EnvfsOperations(self.namespace, self.builds)
+        self.ops = EnvfsOperations(self.namespace, self.builds, on_attach=self._attached)
         self.started = time.time()
         self.refresh_error: str | None = None
         self.last_refresh: float | None = None
@@ -255,6 +257,7 @@ class Daemon:
         self.kernel_mounts = kernel_mounts
         self.kernel_views: dict[str, str] = {}  # view path -> snapshot id, kernel-served
         self._kernel_failed: set[str] = set()
+        self._pending: set[str] = set()  # views being bound (in worker threads)
         self._stopping = False
 
     def __call__(self, max_tasks: int, ready: Callable[[], None] | None) -> None:
@@ -361,37 +364,63 @@ class Daemon:
         cancel_scope.cancel()
 
     async def _kernel_loop(self) -> None:
-        """Bind each pinned view's built snapshot read-only onto the view (`envfs.kernel`).
+        """Hand pinned views to the kernel: every KERNEL_CHECK, and (see `_attached`) at once
+        when a request loads a snapshot."""
+        while not self._stopping and self.kernel_mounts:
+            await trio.sleep(KERNEL_CHECK)
+            await self._place_kernel_views()
+
+    async def _attached(self, request_dir: int) -> None:
+        """A request in directory ``request_dir`` loaded a snapshot: bind its pinned views
+        now, before the reply, so that the process it serves runs kernel-served (it is about
+        to walk into ``wf/node@REV``).  Never a view whose directory is ``request_dir``: the
+        mount would wait for this very request (the kernel locks a mount point's inode)."""
+        if self.kernel_mounts and not self._stopping:
+            with trio.move_on_after(KERNEL_WAIT):
+                await self._place_kernel_views(skip=request_dir)
+
+    async def _place_kernel_views(self, skip: int | None = None) -> None:
+        """Bind each candidate view's snapshot read-only onto the view (`envfs.kernel`).
 
         Without the privilege (EPERM: no CAP_SYS_ADMIN) FUSE serves everything, as it does
         for processes in mount namespaces the bind mounts do not propagate to.
         """
-        while not self._stopping:
-            await trio.sleep(KERNEL_CHECK)
-            for view, source in self.namespace.kernel_candidates():
-                if view.path in self.kernel_views or view.path in self._kernel_failed:
-                    continue
-                if self.cache is not None and view.snapshot_id not in self.cached:
-                    continue  # the kernel serves the node's copy, once it is made
-                if self._stopping:
-                    return
-                target = self.mountpoint / view.path
-                bind = kernel.bind_read_only
-                try:
-                    await trio.to_thread.run_sync(bind, os.fsdecode(source), target)
-                except OSError as e:
-                    if e.errno in (errno.EPERM, errno.EACCES):
-                        log.warning("no kernel mounts (%s): FUSE serves every view", e.strerror)
-                        return
-                    log.warning("cannot hand %s to the kernel: %s", view.path, e)
-                    self._kernel_failed.add(view.path)
-                    continue
-                except Exception as e:  # a bug: FUSE goes on serving everything
-                    log.error("kernel mounts stopped: %s: %s", type(e).__name__, e)
-                    return
-                log.info("%s is kernel-served (%s)", view.path, view.snapshot_id[:12])
-                self.kernel_views[view.path] = view.snapshot_id
-                self._status_changed()
+        for view, source, ino in self.namespace.kernel_candidates():
+            path = view.path
+            if path in self.kernel_views or path in self._kernel_failed or path in self._pending:
+                continue
+            if ino is not None and ino == skip:
+                continue
+            if self.cache is not None and view.snapshot_id not in self.cached:
+                continue  # the kernel serves the node's copy, once it is made
+            if self._stopping or not self.kernel_mounts:
+                return
+            self._pending.add(path)
+            # abandoned if the caller stops waiting: the thread records the outcome itself
+            await trio.to_thread.run_sync(
+                self._bind_view, view, os.fsdecode(source), abandon_on_cancel=True
+            )
+
+    def _bind_view(self, view: View, source: str) -> None:
+        """In a worker thread: one bind mount, its outcome recorded (see _place_kernel_views)."""
+        try:
+            kernel.bind_read_only(source, self.mountpoint / view.path)
+        except OSError as e:
+            if e.errno in (errno.EPERM, errno.EACCES):
+                if self.kernel_mounts:
+                    log.warning("no kernel mounts (%s): FUSE serves every view", e.strerror)
+                self.kernel_mounts = False
+            else:
+                log.warning("cannot hand %s to the kernel: %s", view.path, e)
+                self._kernel_failed.add(view.path)
+        except Exception as e:  # a bug: FUSE goes on serving everything
+            log.error("kernel mounts stopped: %s: %s", type(e).__name__, e)
+            self.kernel_mounts = False
+        else:
+            self.kernel_views[view.path] = view.snapshot_id
+            log.info("%s is kernel-served (%s)", view.path, view.snapshot_id[:12])
+        finally:
+            self._pending.discard(view.path)
 
     async def _cache_loop(self, cache: NodeCache) -> None:
         """Copy each attached snapshot into the node cache (in the background: FUSE serves

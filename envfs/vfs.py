@@ -376,20 +376,37 @@ class Namespace:
                 backing.tree.path = raw
                 backing.tree.blocking_is_cheap = cheap
 
-    def kernel_candidates(self) -> list[tuple[View, bytes]]:
-        """Pinned views (a revision, a snapshot by id) whose snapshot tree is loaded, with
-        the snapshot's directory: what the daemon may hand to the kernel (`envfs.kernel`)."""
-        out = []
+    def kernel_candidates(self) -> list[tuple[View, bytes, int | None]]:
+        """Pinned views the daemon may hand to the kernel (`envfs.kernel`), with the directory
+        their snapshot is served from and their root inode (None: not looked up yet).
+
+        Those are the pinned views (a revision, a snapshot by id) whose snapshot tree is
+        loaded, and the revision view behind each loaded current view: a process started
+        from ``wf/node/bin/python`` is about to run from ``wf/node@REV``.
+        """
+        out: dict[str, tuple[View, bytes, int | None]] = {}
         with self._lock:
             for ino in self._views.values():
                 node = self._inodes[ino]
                 view = node.view if isinstance(node, _Dir) else None
-                if view is None or view.kind == "current":
+                backing = self._roots.get(view.snapshot_id) if view is not None else None
+                if view is None or backing is None:
                     continue
-                backing = self._roots.get(view.snapshot_id)
-                if backing is not None:
-                    out.append((view, backing.tree.path))
-        return out
+                if view.kind == "current":
+                    pinned = View("revision", view.snapshot_id, view.workflow, view.node,
+                                  view.revision)  # fmt: skip
+                    rev_key = ("revision", view.workflow, view.node, view.revision)
+                    out.setdefault(
+                        pinned.path, (pinned, backing.tree.path, self._views.get(rev_key))
+                    )
+                else:
+                    out[view.path] = (view, backing.tree.path, ino)
+        return list(out.values())
+
+    @property
+    def attach_count(self) -> int:
+        """How many snapshots this namespace has loaded (grows by one per first attach)."""
+        return len(self._roots)
 
     def views(self) -> list[View]:
         out = []
