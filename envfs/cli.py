@@ -540,6 +540,7 @@ def mount(
             status_path=status,
             kernel_mounts=kernel_mounts,
             cache=_node_cache(svc, cache_dir, max_bytes),
+            served_path=svc.settings.index / "served.json",
         )
         return
     from envfs.mount import is_stale_mount

@@ -56,6 +56,8 @@ STATUS_INTERVAL = 1.0
 SHUTDOWN_GRACE = 2.0
 #: Seconds between looks for pinned views to hand to the kernel.
 KERNEL_CHECK = 0.2
+#: Most envs a daemon loads at start because the last one served them.
+PRELOAD_MAX = 32
 #: Longest a request that loaded a snapshot waits for its kernel mounts before replying.
 KERNEL_WAIT = 2.0
 #: Seconds between looks for attached snapshots to copy into the node cache, and the wait
@@ -118,6 +120,13 @@ def read_status(status_path: Path) -> DaemonStatus | None:
         return None
 
 
+class ServedBindings(pydantic.BaseModel):
+    """``<index>/served.json``: the bindings (``wf/node``) a node's daemon served, written by
+    it and read by the next one at start."""
+
+    bindings: list[str]
+
+
 def daemon_alive(status: DaemonStatus) -> bool:
     """Whether the daemon that wrote ``status`` still runs (not just some process that was
     given its pid since: the pid's start time must match too)."""
@@ -138,6 +147,7 @@ def run_daemon(
     max_tasks: int = MAX_TASKS,
     kernel_mounts: bool = True,
     cache: NodeCache | None = None,
+    served_path: Path | None = None,
 ) -> None:
     """Mount envfs at ``mountpoint`` and serve until SIGTERM/SIGINT or an external unmount.
 
@@ -147,6 +157,8 @@ def run_daemon(
     status (see `Daemon.status`) is kept there and removed on a clean exit.
     ``kernel_mounts``: hand pinned views of built snapshots to the kernel (`envfs.kernel`).
     ``cache``: keep a node-local copy of every snapshot served, and serve from it.
+    ``served_path``: where the daemon remembers the snapshots it served, to load them again
+    before it mounts next time (a restarted node serves them at once).
     """
     mountpoint = Path(os.path.abspath(mountpoint))
     _prepare_mountpoint(mountpoint)
@@ -160,6 +172,7 @@ def run_daemon(
             build_retry_after,
             kernel_mounts,
             cache,
+            served_path,
         )(max_tasks, ready=None)
         return
     _run_detached(
@@ -172,6 +185,7 @@ def run_daemon(
             build_retry_after,
             kernel_mounts,
             cache,
+            served_path,
         )(max_tasks, ready=ready)
     )
 
@@ -237,8 +251,10 @@ class Daemon:
         build_retry_after: float,
         kernel_mounts: bool = True,
         cache: NodeCache | None = None,
+        served_path: Path | None = None,
     ) -> None:
         self.catalog = catalog
+        self.served_path = served_path
         self.cache = cache
         self.cached: set[str] = set()  # snapshots served from the node cache
         self.mountpoint = mountpoint
@@ -271,6 +287,7 @@ class Daemon:
         }
         if self.allow_other:
             options.add("allow_other")
+        self._preload()
         # SIGTERM/SIGINT wait (blocked) until the signal watcher runs: one that came right
         # after the mount appeared used to kill the daemon and leave a dead mount
         signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
@@ -320,6 +337,35 @@ class Daemon:
             log.info("FUSE session ended")
             nursery.cancel_scope.cancel()
 
+    def _preload(self) -> None:
+        """Load the current snapshots of the bindings the last daemon here served (before
+        mounting: the first process after a restart finds them loaded, kernel-served at once).
+        """
+        if self.served_path is None:
+            return
+        try:
+            served = ServedBindings.model_validate_json(self.served_path.read_bytes())
+        except (OSError, pydantic.ValidationError):
+            return
+        t0 = time.monotonic()
+        loaded = 0
+        for path in served.bindings[:PRELOAD_MAX]:
+            wf, _, node = path.partition("/")
+            try:
+                binding = self.catalog.current(wf, node)
+                loaded += binding is not None and self.namespace.preload(binding.snapshot_id)
+            except EnvfsError:
+                continue
+        if loaded:
+            log.info("loaded %d env(s) served before in %.2fs", loaded, time.monotonic() - t0)
+
+    def _remember_served(self) -> None:
+        """Write the bindings served, for `_preload` next time."""
+        if self.served_path is not None:
+            paths = sorted({v.path for v in self.namespace.views() if v.kind == "current"})
+            data = ServedBindings(bindings=paths[:PRELOAD_MAX]).model_dump_json()
+            _write_atomically(self.served_path, data)
+
     async def _lease_loop(self) -> None:
         """Keep ``leases/<id>/<host>`` fresh for every snapshot this daemon has attached.
 
@@ -343,6 +389,10 @@ class Daemon:
                     log.error("cannot refresh serve leases: %s: %s", type(e).__name__, e)
                     continue
                 held |= set(todo)
+                try:
+                    await trio.to_thread.run_sync(self._remember_served)
+                except OSError as e:
+                    log.warning("cannot remember the snapshots served: %s", e)
                 if full:
                     last_full = time.monotonic()
         finally:
@@ -391,7 +441,7 @@ class Daemon:
                 continue
             if ino is not None and ino == skip:
                 continue
-            if self.cache is not None and view.snapshot_id not in self.cached:
+            if self.cache is not None and not self._in_cache(source):
                 continue  # the kernel serves the node's copy, once it is made
             if self._stopping or not self.kernel_mounts:
                 return
@@ -400,6 +450,11 @@ class Daemon:
             await trio.to_thread.run_sync(
                 self._bind_view, view, os.fsdecode(source), abandon_on_cancel=True
             )
+
+    def _in_cache(self, source: bytes) -> bool:
+        """Whether a snapshot is served from the node cache's copy (not from the store)."""
+        assert self.cache is not None
+        return source.startswith(os.fsencode(self.cache.snapshots) + b"/")
 
     def _bind_view(self, view: View, source: str) -> None:
         """In a worker thread: one bind mount, its outcome recorded (see _place_kernel_views)."""

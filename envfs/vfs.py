@@ -39,7 +39,7 @@ from typing import TypeVar
 
 from envfs.catalog import BindingView, Catalog
 from envfs.nowait import blocking_is_cheap
-from envfs.store import Listing, read_listing
+from envfs.store import Listing, SnapshotUnreadable, read_listing
 
 ROOT_INODE = 1
 SNAPSHOTS_INODE = 2
@@ -223,6 +223,7 @@ class Namespace:
         self.lookups = 0
         self.cold = 0
         self.store_lookups = 0
+        self._view_attaches = 0
 
     # -- queries --------------------------------------------------------------------------
 
@@ -360,6 +361,22 @@ class Namespace:
         with self._lock:
             return list(self._roots)
 
+    def preload(self, snapshot_id: str) -> bool:
+        """Load a built snapshot's tree ahead of any access (False if it is not built or not
+        readable), so that its first access costs no manifest parse."""
+        if snapshot_id in self._roots:
+            return False
+        path = self._snapshot_path(snapshot_id)
+        if path is None:
+            return False
+        try:
+            tree, attr = _load_tree(path, blocking_is_cheap(os.path.dirname(path)))
+        except (OSError, SnapshotUnreadable):
+            return False
+        with self._lock:
+            self._roots.setdefault(snapshot_id, _Backing(tree, b"", attr))
+        return True
+
     def snapshot_source(self, snapshot_id: str) -> bytes | None:
         """The directory an attached snapshot is served from, or None if not attached."""
         backing = self._roots.get(snapshot_id)
@@ -405,8 +422,8 @@ class Namespace:
 
     @property
     def attach_count(self) -> int:
-        """How many snapshots this namespace has loaded (grows by one per first attach)."""
-        return len(self._roots)
+        """How many view roots got their snapshot (grows by one at each view's first use)."""
+        return self._view_attaches
 
     def views(self) -> list[View]:
         out = []
@@ -538,7 +555,7 @@ class Namespace:
             self._views,
             key,
             cache,
-            lambda a: _Dir(a, parent, view, self._roots.get(view.snapshot_id)),
+            lambda a: _Dir(a, parent, view),  # attached by the first use inside it
         )
         return self._inodes[ino].attr
 
@@ -559,6 +576,8 @@ class Namespace:
             tree, attr = _load_tree(path, cheap)
             with self._lock:
                 backing = self._roots.setdefault(snapshot_id, _Backing(tree, b"", attr))
+        if node.backing is None:
+            self._view_attaches += 1
         node.backing = backing
         return backing
 

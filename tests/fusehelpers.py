@@ -309,6 +309,7 @@ def main() -> None:
             status_path=args.status,
             refresh_interval=args.refresh,
             build_retry_after=args.retry_after,
+            kernel_mounts=False,  # these test FUSE serving; tests/test_kernel.py the kernel's
         )
 
 

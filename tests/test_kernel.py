@@ -154,3 +154,21 @@ def test_a_killed_daemons_kernel_mounts_are_cleaned_by_the_next_mount(
     assert mounts_under(mnt) == []
     assert py(mnt, "wf/k", "import extra_a").returncode == 0
     wait_for(lambda: mnt / "wf/k@1" in mounts_under(mnt), 10, "a new kernel mount")
+
+
+def test_a_restarted_daemon_has_what_it_served_loaded_before_it_mounts(
+    fs: tuple[Env, Path, list[Mount]],  # noqa: F811
+) -> None:
+    env, mnt, mounts = fs
+    env.run("build", "wf/k", "extra-a==1.0", "--python", PY)
+    mounts.append(Mount(env, mnt))
+    assert py(mnt, "wf/k", "import extra_a").returncode == 0
+    served = env.index / "served.json"
+    wait_for(lambda: served.exists() and "wf/k" in served.read_text(), 10, "served.json")
+    mounts[0].stop()
+    mounts.append(Mount(env, mnt))
+    assert "loaded 1 env(s) served before" in mounts[1].log()
+    out = py(mnt, "wf/k", "import extra_a, os; print(os.stat(extra_a.__file__).st_dev)")
+    assert out.stdout.strip() == str(os.stat(env.store).st_dev), out.stderr  # kernel at once
+    (mount,) = json.loads(env.run("status", "--json").stdout)["mounts"]
+    assert mount["cache"]["cold"] == 0  # no manifest was read on the way
