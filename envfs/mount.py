@@ -274,6 +274,7 @@ class Daemon:
         self.kernel_views: dict[str, str] = {}  # view path -> snapshot id, kernel-served
         self._kernel_failed: set[str] = set()
         self._pending: set[str] = set()  # views being bound (in worker threads)
+        self._warm_views: list[str] = []  # pinned views of the envs loaded at start
         self._stopping = False
 
     def __call__(self, max_tasks: int, ready: Callable[[], None] | None) -> None:
@@ -353,9 +354,11 @@ class Daemon:
             wf, _, node = path.partition("/")
             try:
                 binding = self.catalog.current(wf, node)
-                loaded += binding is not None and self.namespace.preload(binding.snapshot_id)
             except EnvfsError:
                 continue
+            if binding is not None and self.namespace.preload(binding.snapshot_id):
+                loaded += 1
+                self._warm_views.append(f"{wf}/{node}@{binding.revision}")
         if loaded:
             log.info("loaded %d env(s) served before in %.2fs", loaded, time.monotonic() - t0)
 
@@ -416,6 +419,10 @@ class Daemon:
     async def _kernel_loop(self) -> None:
         """Hand pinned views to the kernel: every KERNEL_CHECK, and (see `_attached`) at once
         when a request loads a snapshot."""
+        for path in self._warm_views:  # what the last daemon served: kernel-served at once
+            with contextlib.suppress(OSError):  # a walk through our own mount makes the view
+                await trio.to_thread.run_sync(os.stat, self.mountpoint / path / "bin")
+        await self._place_kernel_views()
         while not self._stopping and self.kernel_mounts:
             await trio.sleep(KERNEL_CHECK)
             await self._place_kernel_views()
