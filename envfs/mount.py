@@ -399,6 +399,8 @@ class Daemon:
                 if full:
                     last_full = time.monotonic()
         finally:
+            with contextlib.suppress(OSError):  # what this daemon served, for the next one
+                self._remember_served()
             with trio.CancelScope(shield=True):
                 if held:
                     with contextlib.suppress(Exception):
