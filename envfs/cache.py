@@ -32,7 +32,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from envfs.errors import EnvironmentProblem
-from envfs.store import META, Listing, ListingEntry, make_read_only, read_listing, remove_tree
+from envfs.store import (
+    META,
+    Listing,
+    ListingEntry,
+    make_read_only,
+    read_listing,
+    remove_tree,
+    remove_unshared,
+)
 
 log = logging.getLogger(__name__)
 
@@ -223,14 +231,7 @@ class NodeCache:
 
     def prune(self) -> int:
         """Delete objects no copy links; how many."""
-        count = 0
-        for dirpath, _dirs, names in os.walk(self.objects):
-            for name in names:
-                path = os.path.join(dirpath, name)
-                if os.lstat(path).st_nlink == 1:
-                    os.unlink(path)
-                    count += 1
-        return count
+        return remove_unshared(self.objects)
 
 
 def _dir_mode(listing: Listing, rel: bytes) -> int:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from envfs.errors import EnvfsError, EnvironmentProblem
 from envfs.model import GcReport
-from envfs.store import META, Store, regular_files, remove_tree
+from envfs.store import META, Store, regular_files, remove_tree, remove_unshared
 
 
 def _manifest_age(store: Store, snapshot_id: str, now: float) -> float:
@@ -125,13 +125,7 @@ def collect(
 
 def _prune_pools(store: Store) -> tuple[int, int]:
     """Delete pool objects only the pool links, and bytecode links whose object is gone."""
-    objects = 0
-    for dirpath, _dirs, files in os.walk(store.objects):
-        for name in files:
-            path = os.path.join(dirpath, name)
-            if os.lstat(path).st_nlink == 1:
-                os.unlink(path)
-                objects += 1
+    objects = remove_unshared(store.objects)
     links = 0
     for dirpath, _dirs, files in os.walk(store.bytecode):
         for name in files:

@@ -162,32 +162,21 @@ def run_daemon(
     """
     mountpoint = Path(os.path.abspath(mountpoint))
     _prepare_mountpoint(mountpoint)
-    if foreground:
-        Daemon(
-            catalog,
-            mountpoint,
-            allow_other,
-            status_path,
-            refresh_interval,
-            build_retry_after,
-            kernel_mounts,
-            cache,
-            served_path,
-        )(max_tasks, ready=None)
-        return
-    _run_detached(
-        lambda ready: Daemon(
-            catalog,
-            mountpoint,
-            allow_other,
-            status_path,
-            refresh_interval,
-            build_retry_after,
-            kernel_mounts,
-            cache,
-            served_path,
-        )(max_tasks, ready=ready)
+    daemon = Daemon(
+        catalog,
+        mountpoint,
+        allow_other,
+        status_path,
+        refresh_interval,
+        build_retry_after,
+        kernel_mounts,
+        cache,
+        served_path,
     )
+    if foreground:
+        daemon(max_tasks, ready=None)
+    else:
+        _run_detached(lambda ready: daemon(max_tasks, ready=ready))
 
 
 def _prepare_mountpoint(mountpoint: Path) -> None:

@@ -827,6 +827,19 @@ def _copy_file_data(src: Path, dest: Path, mode: int) -> None:
             os.close(fd)
 
 
+def remove_unshared(root: Path) -> int:
+    """Delete the files under ``root`` that nothing else links (a content pool's objects
+    no tree uses any more); how many."""
+    count = 0
+    for dirpath, _dirs, names in os.walk(root):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            if os.lstat(path).st_nlink == 1:
+                os.unlink(path)
+                count += 1
+    return count
+
+
 def make_read_only(root: Path) -> None:
     """Drop write permission on every file and directory under ``root`` (bottom-up)."""
     for dirpath, dirnames, filenames in os.walk(root, topdown=False):
