@@ -35,6 +35,7 @@ from typing import Any
 from _envfs import EnvfsHarness
 
 from envfs.config import Settings
+from envfs.errors import EnvfsError
 from envfs.service import Service
 
 #: (node name, module to import, requirements); module "" times `python -c pass` (start-up:
@@ -405,7 +406,7 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
 
 def daemon_rss(b: Bench, envs: int) -> tuple[float, float, int]:
     say(f"daemon RSS: binding bench100/e000..e{envs - 1:03d} and importing through each")
-    svc = Service(Settings.resolve(b.root / "store", b.root / "index"))
+    svc = Service(Settings.resolve(Path(b.env["ENVFS_STORE"]), b.root / "index"))
     for i in range(envs):
         node, _module, _ = SETS[i % len(SETS)]
         svc.bind("bench100", f"e{i:03d}", b.sids[node])
@@ -487,7 +488,7 @@ def main() -> None:
         for step in steps:
             step()
         rss = daemon_rss(b, args.envs)
-    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+    except (RuntimeError, OSError, subprocess.SubprocessError, EnvfsError) as e:
         print(f"benchmark stopped: {e}", flush=True)
         if b.log.exists():
             tail = b.log.read_text(errors="replace").strip().splitlines()[-5:]
