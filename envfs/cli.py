@@ -187,25 +187,110 @@ def ls_cmd(ctx: click.Context, as_json: bool) -> None:
 @main.command()
 @click.argument("target", metavar="WF/NODE[@REV]")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--packages", is_flag=True, help="Also list the packages installed (from the lock).")
 @click.pass_context
-def show(ctx: click.Context, target: str, as_json: bool) -> None:
+def show(ctx: click.Context, target: str, as_json: bool, packages: bool) -> None:
     """Show a binding: revision, snapshot id, state, snapshot path, python."""
     name, _, rev = target.partition("@")
     wf, node = parse_target(name)
     revision = _revision(rev) if rev else None
-    info = _service(ctx).show(wf, node, revision)
+    svc = _service(ctx)
+    info = svc.show(wf, node, revision)
+    pkgs = svc.packages(info.snapshot_id) if packages else None
     if as_json:
-        _emit(info.model_dump())
+        data: dict[str, Any] = info.model_dump()
+        if pkgs is not None:
+            data["packages"] = [{"name": n, "version": v} for n, v in pkgs]
+        _emit(data)
         return
     for key, value in info.model_dump().items():
         if value is not None:
             click.echo(f"{key}: {value}")
+    if pkgs is not None:
+        click.echo(f"packages: {len(pkgs)}")
+        for n, v in pkgs:
+            click.echo(f"  {n}=={v}")
 
 
 def _revision(text: str) -> int:
     if not text.isdigit():
         raise BadInput(f"revision {text!r} is not a number; see `envfs history`")
     return int(text)
+
+
+def _mount_of(svc: Service, mount: Path | None) -> Path:
+    """Where this node serves ``svc``'s store: ``mount``, else the mount of a live daemon
+    of this store (from the daemons' status files)."""
+    from envfs.config import runtime_dir
+    from envfs.mount import daemon_alive, mount_type, read_status
+
+    if mount is not None:
+        if mount_type(mount.absolute()) != "fuse.envfs":
+            raise NotFound(f"{mount} is not an envfs mount")
+        return mount.absolute()
+    store = str(svc.store.root.resolve())
+    for path in sorted((runtime_dir() / "mounts").glob("*.json")):
+        status = read_status(path)
+        if status is not None and status.store == store and daemon_alive(status):
+            return Path(status.mountpoint)
+    raise NotFound(
+        f"no envfs mount of the store {store} on this node: run `envfs mount`, or pass --mount"
+    )
+
+
+_MOUNT_OPTION = click.option(
+    "--mount",
+    type=click.Path(path_type=Path),
+    help="The envfs mount to use (default: the mount of this store on this node).",
+)
+
+
+@main.command()
+@click.argument("target", metavar="WF/NODE")
+@_MOUNT_OPTION
+@click.pass_context
+def resolve(ctx: click.Context, target: str, mount: Path | None) -> None:
+    """Print the pinned path of WF/NODE's current revision under the mount (MNT/WF/NODE@REV).
+
+    For launchers that need strict consistency: every process started from that path runs
+    that revision, whatever binds come after.
+    """
+    wf, node = parse_target(target)
+    svc = _service(ctx)
+    info = svc.show(wf, node)
+    click.echo(str(_mount_of(svc, mount) / wf / f"{node}@{info.revision}"))
+
+
+@main.command(
+    name="run",
+    context_settings={"ignore_unknown_options": True},
+)
+@click.argument("target", metavar="WF/NODE")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.option("--pinned", is_flag=True, help="Run the revision current now (WF/NODE@REV).")
+@_MOUNT_OPTION
+@click.pass_context
+def run_in_env(
+    ctx: click.Context, target: str, command: tuple[str, ...], pinned: bool, mount: Path | None
+) -> None:
+    """Run COMMAND in WF/NODE's env: envfs run etl/prep -- python -m mytask.
+
+    The env's bin/ comes first on PATH (so `python` is the env's) and VIRTUAL_ENV names the
+    env; the command replaces this process. Without --pinned it runs from MNT/WF/NODE
+    (the process pins itself to the revision current when it starts).
+    """
+    wf, node = parse_target(target)
+    svc = _service(ctx)
+    root = _mount_of(svc, mount) / wf / node
+    if pinned:
+        root = root.with_name(f"{node}@{svc.show(wf, node).revision}")
+    env = dict(os.environ, VIRTUAL_ENV=str(root))
+    env["PATH"] = f"{root / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    env.pop("PYTHONHOME", None)
+    try:
+        os.execvpe(command[0], list(command), env)
+    except OSError as exc:
+        raise BadInput(f"cannot run {command[0]!r} in {wf}/{node}: {exc.strerror}") from exc
 
 
 @main.command()
@@ -541,6 +626,7 @@ def mount(
             kernel_mounts=kernel_mounts,
             cache=_node_cache(svc, cache_dir, max_bytes),
             served_path=svc.settings.index / "served.json",
+            store=svc.store.root.resolve(),
         )
         return
     from envfs.mount import is_stale_mount

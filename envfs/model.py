@@ -261,6 +261,7 @@ class DaemonStatus(Record):
     mountpoint: str
     pid: int
     pid_start: int = 0  # the pid's start time (clock ticks since boot): a reused pid differs
+    store: str | None = None  # the store it serves (absolute path)
     started: str
     envs: list[ServedEnv] = []
     builds: BuildStats = BuildStats()

@@ -148,6 +148,7 @@ def run_daemon(
     kernel_mounts: bool = True,
     cache: NodeCache | None = None,
     served_path: Path | None = None,
+    store: Path | None = None,
 ) -> None:
     """Mount envfs at ``mountpoint`` and serve until SIGTERM/SIGINT or an external unmount.
 
@@ -173,6 +174,7 @@ def run_daemon(
         cache,
         served_path,
     )
+    daemon.store = store
     if foreground:
         daemon(max_tasks, ready=None)
     else:
@@ -244,6 +246,7 @@ class Daemon:
     ) -> None:
         self.catalog = catalog
         self.served_path = served_path
+        self.store: Path | None = None  # the store served, as status shows it
         self.cache = cache
         self.cached: set[str] = set()  # snapshots served from the node cache
         self.mountpoint = mountpoint
@@ -547,6 +550,7 @@ class Daemon:
             mountpoint=str(self.mountpoint),
             pid=os.getpid(),
             pid_start=pid_start_time(os.getpid()),
+            store=str(self.store) if self.store is not None else None,
             started=datetime.fromtimestamp(self.started, UTC).isoformat(),
             envs=[
                 ServedEnv(

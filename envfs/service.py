@@ -500,6 +500,11 @@ class Service:
             raise NotFound(f"no binding {what}; see `envfs ls`")
         return self.describe(view)
 
+    def packages(self, snapshot_id: str) -> list[tuple[str, str]]:
+        """(name, version) of the packages a snapshot's lock installs."""
+        _pyproject, lock = self.store.spec_files(snapshot_id)
+        return spec.locked_packages(lock)
+
     def describe(self, view: BindingView) -> EnvInfo:
         state, reason = self.state(view.snapshot_id)
         try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,6 +107,22 @@ def render_pyproject(reqs: list[str], interp: Interpreter) -> str:
     project.add("dependencies", deps)
     doc.add("project", project)
     return tomlkit.dumps(doc)
+
+
+def locked_packages(lock: str) -> list[tuple[str, str]]:
+    """(name, version) of every package a ``uv.lock`` installs, by name; the project itself
+    (a virtual or editable source) is not one of them."""
+    try:
+        data = tomllib.loads(lock)
+    except tomllib.TOMLDecodeError as exc:
+        raise BadInput(f"unreadable uv.lock: {exc}") from exc
+    out = []
+    for pkg in data.get("package", []):
+        source = pkg.get("source", {})
+        if "virtual" in source or "editable" in source:
+            continue
+        out.append((str(pkg.get("name", "?")), str(pkg.get("version", "?"))))
+    return sorted(out)
 
 
 def read_project(directory: Path) -> ProjectFiles:
