@@ -77,6 +77,7 @@ class MountEntry:
 
     point: bytes  # where it is mounted
     fstype: str  # e.g. "ext4", "fuse.envfs"
+    shared: bool = False  # in a peer group: mounts below it propagate to its peers
 
 
 def mount_table() -> list[MountEntry]:
@@ -90,7 +91,8 @@ def mount_table() -> list[MountEntry]:
             except ValueError:
                 continue
             point = _OCTAL_ESCAPE.sub(lambda m: bytes([int(m[1], 8)]), fields[4])
-            table.append(MountEntry(point, fields[sep + 1].decode(errors="replace")))
+            shared = any(f.startswith(b"shared:") for f in fields[6:sep])
+            table.append(MountEntry(point, fields[sep + 1].decode(errors="replace"), shared))
     return table
 
 

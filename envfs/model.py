@@ -268,3 +268,17 @@ class DaemonStatus(Record):
     cache: dict[str, int] = {}
     refresh: dict[str, float | str | None] = {}
     alive: bool | None = None  # filled in by `envfs status`, not by the daemon
+
+
+class DoctorFinding(Record):
+    name: str
+    level: Literal["ok", "warn", "error"]
+    detail: str
+    hint: str | None = None  # what to do about it
+
+
+class DoctorReport(Record):
+    """What ``envfs doctor --json`` prints."""
+
+    ok: bool  # no finding is an error
+    findings: list[DoctorFinding]

@@ -49,3 +49,31 @@ def test_show_packages_lists_the_locked_packages(local: Env) -> None:
     assert {"name": "base-lib", "version": "1.0"} in data["packages"]
     assert all(p["name"] != "envfs-env" for p in data["packages"])
     assert "packages" not in json.loads(local.run("show", "wf/p", "--json").stdout)
+
+
+def test_doctor_passes_here_and_names_what_is_broken(
+    fs: tuple[Env, Path, list[Mount]],  # noqa: F811
+) -> None:
+    env, mnt, mounts = fs
+    fresh = env.run("--store", str(env.root / "none-yet"), "doctor", "--json")
+    report = json.loads(fresh.stdout)
+    assert report["ok"] is True
+    levels = {f["name"]: f["level"] for f in report["findings"]}
+    assert levels["fuse device"] == levels["uv"] == levels["kernel"] == "ok"
+    assert levels["store"] == "warn"  # not made yet: not an error
+
+    env.run("build", "wf/d", "extra-a==1.0", "--python", PY)
+    mounts.append(Mount(env, mnt))
+    mounts[0].proc.kill()  # a dead daemon leaves a stale mount
+    mounts[0].proc.wait(timeout=10)
+    mounts[0].killed = True
+    cache = env.store / "uv-cache"
+    subprocess.run(["mount", "-t", "tmpfs", "none", str(cache)], check=True)
+    try:
+        out = env.run("doctor", check=False)
+    finally:
+        subprocess.run(["umount", str(cache)], check=True)
+    assert out.returncode == 8, out.stdout
+    assert f"ERROR mount: {mnt}: stale" in out.stdout
+    assert "ERROR hardlinks from the uv cache" in out.stdout
+    assert "fix: keep uv-cache inside the store" in out.stdout
