@@ -102,13 +102,16 @@ class Service:
             raise BadInput("give either --project DIR or packages / -r FILE, not both")
         # validate everything cheap before touching the store
         reqs: list[str] = []
+        hashes: dict[str, frozenset[str]] = {}
         files: spec.ProjectFiles | None = None
         if inputs.project is not None:
             files = spec.read_project(inputs.project)
         else:
             raw = list(inputs.packages)
             if inputs.requirements_file is not None:
-                raw += spec.read_requirements_file(inputs.requirements_file)
+                from_file = spec.read_requirements_file(inputs.requirements_file)
+                raw += from_file.requirements
+                hashes = from_file.hashes
             reqs = spec.normalize_requirements(raw, allow_local=inputs.allow_local)
         interp = interpreters.find(inputs.python)
         self.store.ensure()
@@ -116,11 +119,14 @@ class Service:
         if inputs.project is not None:
             builder.check_lock(self.store, inputs.project, interp)
         if files is None:
+            source = str(inputs.requirements_file)
             key = spec.input_key(reqs, interp)
             known = None if inputs.upgrade else self.store.input_lookup(key)
             if known is not None and (self.store.spec_dir(known) / "spec.json").exists():
+                spec.check_hashes(self.store.spec_files(known)[1], hashes, source)
                 return Resolved(known, interp)
             files = self._lock(reqs, interp, upgrade=inputs.upgrade)
+            spec.check_hashes(files.lock, hashes, source)
         sid = spec.snapshot_id(files, interp)
         info = SpecInfo(
             snapshot_id=sid,

@@ -33,24 +33,105 @@ class ProjectFiles:
     lock: str
 
 
-def read_requirements_file(path: Path) -> list[str]:
-    """Requirements from a ``-r`` file: one per line, ``#`` comments; pip options refused."""
+@dataclass(frozen=True)
+class RequirementsFile:
+    """A ``-r`` file: its requirements, and the hashes each may have (by normalized name),
+    as ``uv export`` and ``pip-compile --generate-hashes`` write them."""
+
+    requirements: list[str]
+    hashes: dict[str, frozenset[str]]
+
+
+_HASH = re.compile(r"^--hash[= ](sha256:[0-9a-f]{64})$")
+
+
+def read_requirements_file(path: Path) -> RequirementsFile:
+    """Requirements from a ``-r`` file: one per line (``\\`` continues a line), ``#``
+    comments, ``--hash=sha256:...`` options kept; other pip options refused."""
     try:
         text = path.read_text()
     except OSError as exc:
         raise BadInput(f"cannot read requirements file {path}: {exc.strerror}") from exc
-    reqs = []
+    reqs: list[str] = []
+    hashes: dict[str, frozenset[str]] = {}
+    logical: list[tuple[int, str]] = []
+    pending, start = "", 0
     for number, raw in enumerate(text.splitlines(), 1):
         line = raw.split(" #", 1)[0].strip()
-        if not line or line.startswith("#"):
+        if line.startswith("#"):
+            line = ""
+        start = start or number
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
             continue
-        if line.startswith("-"):
+        logical.append((start, pending + line))
+        pending, start = "", 0
+    if pending:
+        logical.append((start, pending))
+    for number, line in logical:
+        words = line.split()
+        if not words:
+            continue
+        if words[0].startswith("-"):
             raise BadInput(
-                f"{path}:{number}: pip option {line.split()[0]!r} is not supported; "
-                "list plain requirements, or use --project with a uv project"
+                f"{path}:{number}: pip option {words[0]!r} is not supported; "
+                "list requirements (with --hash options if you like), or use --project"
             )
-        reqs.append(line)
-    return reqs
+        options = [w for w in words if w.startswith("--")]
+        req = " ".join(w for w in words if not w.startswith("--"))
+        allowed = set()
+        for option in " ".join(options).replace("--hash ", "--hash=").split():
+            match = _HASH.match(option)
+            if match is None:
+                raise BadInput(f"{path}:{number}: option {option!r} is not supported here")
+            allowed.add(match[1])
+        reqs.append(req)
+        if allowed:
+            hashes[project_name(req)] = frozenset(allowed)
+    return RequirementsFile(reqs, hashes)
+
+
+def _file_digest(path: object) -> str | None:
+    """``sha256:<hex>`` of a local artifact a lock names by path (no hash recorded)."""
+    if not isinstance(path, str):
+        return None
+    try:
+        with open(path, "rb") as f:
+            return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError:
+        return None
+
+
+def project_name(req: str) -> str:
+    """A requirement's project name, normalized (PEP 503)."""
+    match = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", req)
+    return re.sub(r"[-_.]+", "-", match[1]).lower() if match else req
+
+
+def check_hashes(lock: str, hashes: dict[str, frozenset[str]], source: str) -> None:
+    """Refuse a lock that could install a file the requirements' hashes do not allow: with
+    hashes given, every locked package needs them, and every artifact the lock may install
+    for it must be one of them (as pip's --require-hashes)."""
+    if not hashes:
+        return
+    data = tomllib.loads(lock)
+    for pkg in data.get("package", []):
+        source_kind = pkg.get("source", {})
+        if "virtual" in source_kind or "editable" in source_kind:
+            continue
+        name = project_name(str(pkg.get("name", "")))
+        allowed = hashes.get(name)
+        if allowed is None:
+            raise BadInput(f"{source}: {name} has no --hash line (all requirements need one)")
+        artifacts = [pkg["sdist"]] if "sdist" in pkg else []
+        artifacts += pkg.get("wheels", [])
+        for artifact in artifacts:
+            digest = artifact.get("hash") or _file_digest(artifact.get("path"))
+            if digest not in allowed:
+                raise BadInput(
+                    f"{source}: {name} {pkg.get('version')}: {digest} is not one of its "
+                    "--hash values; the index offers a file the requirements do not allow"
+                )
 
 
 #: ``name @ <url>`` where the URL is a local file or directory (``file:``, or a path).
