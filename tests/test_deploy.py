@@ -1,0 +1,96 @@
+"""docs/deploy: every file parses, and every envfs command and option it names exists."""
+
+from __future__ import annotations
+
+import configparser
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+import yaml
+
+from envfs.cli import main
+
+DEPLOY = Path(__file__).resolve().parent.parent / "docs" / "deploy"
+
+
+def _options(command: click.Command) -> set[str]:
+    return {opt for p in command.params for opt in (*p.opts, *p.secondary_opts)}
+
+
+def _check_calls(text: str, where: str) -> int:
+    """Each call of the envfs executable (``.../bin/envfs SUBCOMMAND args``, in a unit, a
+    manifest's command list or a script) names a real subcommand and only options it has;
+    how many calls."""
+    calls = 0
+    for line in text.splitlines():
+        if "bin/envfs" not in line or line.lstrip().startswith("#"):
+            continue
+        rest = line.split("bin/envfs", 1)[1]
+        tokens = [t for t in re.split(r"[\s,\[\]\")']+", rest) if t]
+        sub = tokens[0]
+        assert sub in main.commands, f"{where}: `envfs {sub}` is not a command"
+        known = _options(main.commands[sub])
+        for token in tokens[1:]:
+            if token.startswith("--"):
+                assert token in known, f"{where}: `envfs {sub}` has no option {token}"
+        calls += 1
+    return calls
+
+
+def test_the_systemd_unit() -> None:
+    unit = DEPLOY / "envfs.service"
+    parser = configparser.ConfigParser(strict=False, interpolation=None)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read_string(unit.read_text())
+    assert {"Unit", "Service", "Install"} <= set(parser.sections())
+    service = parser["Service"]
+    assert "mount /envs --foreground" in service["ExecStart"]
+    assert "umount /envs" in service["ExecStop"] and service["KillSignal"] == "SIGTERM"
+    assert _check_calls(unit.read_text(), unit.name) == 3
+
+
+def _manifests(name: str) -> list[dict[str, Any]]:
+    docs = [d for d in yaml.safe_load_all((DEPLOY / name).read_text()) if d]
+    assert docs, name
+    return docs
+
+
+def test_the_daemonset_mounts_envs_with_bidirectional_propagation() -> None:
+    (ds,) = _manifests("daemonset.yaml")
+    assert ds["kind"] == "DaemonSet" and ds["apiVersion"] == "apps/v1"
+    pod = ds["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["securityContext"]["privileged"] is True
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert mounts["/envs"]["mountPropagation"] == "Bidirectional"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes[mounts["/dev/fuse"]["name"]]["hostPath"]["type"] == "CharDevice"
+    assert ds["spec"]["selector"]["matchLabels"] == ds["spec"]["template"]["metadata"]["labels"]
+    text = (DEPLOY / "daemonset.yaml").read_text()
+    assert _check_calls(text, "daemonset.yaml") == 2
+
+
+def test_the_job_uses_envs_read_only_from_the_host() -> None:
+    (job,) = _manifests("job.yaml")
+    assert job["kind"] == "Job"
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    (mount,) = container["volumeMounts"]
+    assert mount["mountPath"] == "/envs" and mount["readOnly"] is True
+    assert mount["mountPropagation"] == "HostToContainer"
+    assert re.fullmatch(r"/envs/[^/]+/[^/]+/bin/python", container["command"][0])
+
+
+@pytest.mark.parametrize("script", ["docker-run.sh", "slurm-job.sh"])
+def test_the_scripts_parse_and_name_real_commands(script: str) -> None:
+    path = DEPLOY / script
+    assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0
+    text = path.read_text()
+    _check_calls(text, script)
+    if script == "docker-run.sh":
+        assert "-v /envs:/envs:ro,rslave" in text and "/envs/etl/prep/bin/python" in text
+    else:
+        assert _check_calls(text, script) == 1 and "#SBATCH" in text
