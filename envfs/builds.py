@@ -124,12 +124,13 @@ class BuildQueue:
             self._on_change()
 
     def state(self, snapshot_id: str) -> str:
-        """``building``, ``failed`` (within the back-off) or ``pending`` (not asked for yet)."""
+        """``building``, ``failed`` (within the back-off) or ``bound`` (not built, not asked
+        for yet: the word `envfs show` uses)."""
         if snapshot_id in self._running:
             return "building"
         if snapshot_id in self._failed:
             return "failed"
-        return "pending"
+        return "bound"
 
     def statistics(self) -> dict[str, object]:
         """Running and failed builds, for ``envfs status``."""

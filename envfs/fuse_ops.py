@@ -307,7 +307,7 @@ class EnvfsOperations(pyfuse3.Operations):
         value = self._ns.xattrs(inode).get(name)
         if value is None:
             raise FUSEError(pyfuse3.ENOATTR)
-        if name == b"user.envfs.state" and value == b"pending":
+        if name == b"user.envfs.state" and value == b"bound":
             view = self._ns.view_of(inode)
             assert view is not None
             return self._builds.state(view.snapshot_id).encode()

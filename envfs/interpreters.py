@@ -187,6 +187,22 @@ def find(request: str | None) -> Interpreter:
     return best
 
 
+#: The oldest Python envs can be built for (captured, relocated and checked on 3.9-3.13;
+#: uv and the bytecode tooling need 3.8's successors).
+OLDEST = (3, 9)
+
+
+def check_supported(interp: Interpreter) -> Interpreter:
+    """``interp``, or one line (exit 3) if it is older than `OLDEST`."""
+    if _version_tuple(interp.version)[:2] < OLDEST:
+        oldest = ".".join(map(str, OLDEST))
+        raise BadInput(
+            f"Python {interp.version} is older than the oldest envfs builds for ({oldest}); "
+            f"use --python {oldest} or newer"
+        )
+    return interp
+
+
 def find_exact(want: Interpreter) -> Interpreter:
     """Find an interpreter identical to ``want`` (same version, ABI, platform) on this node."""
     recorded = Path(want.path)

@@ -113,7 +113,7 @@ class Service:
                 raw += from_file.requirements
                 hashes = from_file.hashes
             reqs = spec.normalize_requirements(raw, allow_local=inputs.allow_local)
-        interp = interpreters.find(inputs.python)
+        interp = interpreters.check_supported(interpreters.find(inputs.python))
         self.store.ensure()
         interp = capture.ensure_captured(self.store, interp, self.host, self.progress)
         if inputs.project is not None:

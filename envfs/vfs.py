@@ -312,7 +312,7 @@ class Namespace:
     def xattrs(self, ino: int) -> dict[bytes, bytes]:
         """Extended attributes of a view's directories: snapshot id, revision, state.
 
-        The state is ``ready`` once the snapshot is built, else ``pending`` (the adapter
+        The state is ``ready`` once the snapshot is built, else ``bound`` (the adapter
         refines it with what the build queue knows: ``building`` or ``failed``).
         """
         node = self._inodes.get(ino)
@@ -323,7 +323,7 @@ class Namespace:
         return {
             b"user.envfs.id": view.snapshot_id.encode(),
             b"user.envfs.rev": str(view.revision).encode() if view.revision else b"",
-            b"user.envfs.state": b"ready" if ready else b"pending",
+            b"user.envfs.state": b"ready" if ready else b"bound",
             b"user.envfs.view": view.kind.encode(),
         }
 

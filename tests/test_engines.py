@@ -109,3 +109,12 @@ def test_requirements_with_hashes_are_built_with_the_hashes_checked(
     req.write_text(f"base-lib==1.0 \\\n    --hash=sha256:{base}\nextra-a==1.0\n")
     out = local.run("build", "wf/h3", "-r", str(req), "--python", PY, check=False)
     assert out.returncode == 3 and "extra-a has no --hash line" in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("old", ["3.8", "3.6"])
+def test_pythons_older_than_supported_are_refused_at_bind(local: Env, old: str) -> None:
+    out = local.run("bind", "wf/old", "extra-a==1.0", "--python", old, check=False)
+    assert out.returncode == 3, out.stderr
+    assert "older than the oldest envfs builds for (3.9)" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert not (local.store / "bindings" / "wf").exists()  # refused before anything was written

@@ -326,7 +326,7 @@ def test_unbuilt_binding_needs_a_build_then_serves(world: World) -> None:
     world.catalog.bindings[("wf", "lazy")] = ["C"]
     root = world.walk("wf/lazy")  # the root answers at once: lookups in "wf" never wait
     assert root is not None
-    assert world.ns.xattrs(root.ino)[b"user.envfs.state"] == b"pending"
+    assert world.ns.xattrs(root.ino)[b"user.envfs.state"] == b"bound"
     with pytest.raises(NeedsBuild) as need:
         world.walk("wf/lazy/marker.txt")
     assert need.value.snapshot_id == "C"
