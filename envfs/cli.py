@@ -708,17 +708,35 @@ def _spawn_daemon(
 
 @main.command()
 @click.argument("mountpoint", type=click.Path(path_type=Path), default=Path("/envs"))
-def umount(mountpoint: Path) -> None:
-    """Unmount MOUNTPOINT; its daemon exits."""
+@click.option(
+    "--lazy",
+    is_flag=True,
+    help="Detach the mount even while processes use it (they then fail on their next read).",
+)
+def umount(mountpoint: Path, lazy: bool) -> None:
+    """Unmount MOUNTPOINT; its daemon exits.
+
+    Refused (exit 7, naming the processes) while processes run from the mount or hold
+    files of it, unless --lazy.
+    """
     import time
 
-    from envfs.mount import daemon_alive, mount_type, read_status, unmount
+    from envfs.errors import Busy
+    from envfs.mount import daemon_alive, mount_type, read_status, unmount, users_of
 
     mountpoint = mountpoint.absolute()
     if not os.path.ismount(mountpoint):
         raise NotFound(f"{mountpoint} is not mounted")
     data = read_status(_status_file(mountpoint))
     alive = data is not None and data.mountpoint == str(mountpoint) and daemon_alive(data)
+    if not lazy and mount_type(mountpoint) == "fuse.envfs":
+        users = users_of(mountpoint, ignore={os.getpid(), *([data.pid] if data else [])})
+        if users:
+            shown = ", ".join(map(str, users[:10])) + (" ..." if len(users) > 10 else "")
+            raise Busy(
+                f"{mountpoint} is in use by {len(users)} process(es) (pid {shown}); stop "
+                "them first, or `envfs umount --lazy` to detach it anyway"
+            )
     deadline = time.monotonic() + 10
     if alive and data is not None and mount_type(mountpoint) == "fuse.envfs":
         # the daemon unmounts itself: its kernel-served views first, while it still answers

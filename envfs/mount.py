@@ -112,6 +112,32 @@ def unmount(mountpoint: Path) -> None:
         raise EnvironmentProblem(f"cannot unmount {mountpoint}: {reason}")
 
 
+def users_of(mountpoint: Path, ignore: set[int]) -> list[int]:
+    """Processes using anything under ``mountpoint`` (working or root directory, executable,
+    open files, mapped files), as ``fuser -m`` finds them; pids in ``ignore`` aside."""
+    prefix = os.fspath(mountpoint).rstrip("/") + "/"
+    root = os.fspath(mountpoint)
+
+    def inside(path: str) -> bool:
+        return path == root or path.startswith(prefix)
+
+    users = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) in ignore:
+            continue
+        base = f"/proc/{name}"
+        try:
+            links = [os.readlink(f"{base}/{link}") for link in ("cwd", "root", "exe")]
+            links += [os.readlink(f"{base}/fd/{fd}") for fd in os.listdir(f"{base}/fd")]
+            with open(f"{base}/maps") as maps:
+                links += [line.split(None, 5)[-1].strip() for line in maps if "/" in line]
+        except OSError:  # gone, or not ours to look at
+            continue
+        if any(inside(link) for link in links):
+            users.append(int(name))
+    return users
+
+
 def read_status(status_path: Path) -> DaemonStatus | None:
     """The status a daemon last wrote, or None if there is no readable status file."""
     try:

@@ -172,3 +172,29 @@ def test_a_restarted_daemon_has_what_it_served_loaded_before_it_mounts(
     assert out.stdout.strip() == str(os.stat(env.store).st_dev), out.stderr  # kernel at once
     (mount,) = json.loads(env.run("status", "--json").stdout)["mounts"]
     assert mount["cache"]["cold"] == 0  # no manifest was read on the way
+
+
+def test_umount_of_a_busy_mount_is_refused_and_the_mount_keeps_serving(
+    fs: tuple[Env, Path, list[Mount]],  # noqa: F811
+) -> None:
+    env, mnt, mounts = fs
+    env.run("build", "wf/k", "extra-a==1.0", "--python", PY)
+    mounts.append(Mount(env, mnt))
+    code = "import sys, time; print('up', flush=True); sys.stdin.readline(); import extra_a"
+    busy = subprocess.Popen(
+        [mnt / "wf/k/bin/python", "-c", code],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert busy.stdout is not None and busy.stdout.readline() == "up\n"
+        out = env.run("umount", str(mnt), check=False)
+        assert out.returncode == 7 and f"pid {busy.pid}" in out.stderr, out.stderr
+        assert os.path.ismount(mnt) and mounts[0].proc.poll() is None
+        _, err = busy.communicate("go\n", timeout=60)  # it imports after the refusal
+        assert busy.returncode == 0, err
+    finally:
+        if busy.poll() is None:
+            busy.kill()
+            busy.wait()
+    env.run("umount", str(mnt))  # nobody uses it now
+    assert not os.path.ismount(mnt)
