@@ -48,6 +48,11 @@ class Catalog(Protocol):
         """Blocking. Read one binding from the store (index miss), update the index, answer."""
         ...
 
+    def find_snapshot(self, prefix: str) -> str | None:
+        """Blocking. The one built snapshot whose id starts with ``prefix``, or None (none,
+        or more than one)."""
+        ...
+
     def build(self, snapshot_id: str) -> Path:
         """Blocking. Build the snapshot (or wait for whoever builds it, on any node).
 

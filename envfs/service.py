@@ -565,6 +565,10 @@ class StoreCatalog:
             return self.store.snapshot_dir(snapshot_id)
         return None
 
+    def find_snapshot(self, prefix: str) -> str | None:
+        found = [sid for sid in self.store.snapshot_ids() if sid.startswith(prefix)]
+        return found[0] if len(found) == 1 and self.store.snapshot_ready(found[0]) else None
+
     def lookup_store(self, workflow: str, node: str) -> BindingView | None:
         revisions = self.store.revisions(workflow, node)
         if not revisions:

@@ -57,6 +57,8 @@ SNAPSHOT_TIME_NS = 946_684_800 * 10**9  # 2000-01-01T00:00:00Z
 _DIR_MODE = stat.S_IFDIR | 0o555
 #: The interpreter's executable in a snapshot's ``bin/`` (served pinned in current views).
 _INTERPRETER = re.compile(rb"^python3\.\d+t?$")
+#: A snapshot id as the CLI prints it (12 hex digits) or any prefix of 12 to 63 of them.
+_SHORT_ID = re.compile(r"^[0-9a-f]{12,63}$")
 
 CACHE_LONG = 0
 CACHE_SHORT = 1
@@ -106,12 +108,13 @@ class View:
     workflow: str = ""
     node: str = ""
     revision: int = 0
+    alias: str = ""  # a snapshot view reached by a short id (as the CLI prints them)
 
     @property
     def path(self) -> str:
         """The view's path below the mountpoint."""
         if self.kind == "snapshot":
-            return f".snapshots/{self.snapshot_id}"
+            return f".snapshots/{self.alias or self.snapshot_id}"
         if self.kind == "revision":
             return f"{self.workflow}/{self.node}@{self.revision}"
         return f"{self.workflow}/{self.node}"
@@ -521,9 +524,20 @@ class Namespace:
         if snapshot_id is None:
             return None
         key: tuple[str, str, str, str | int] = ("snapshot", "", "", snapshot_id)
+        alias = ""
+        if key not in self._views and _SHORT_ID.match(snapshot_id):
+            if not io:
+                raise WouldBlock
+            if not self._take_store_lookup():
+                return None
+            self.store_lookups += 1
+            full = self._catalog.find_snapshot(snapshot_id)
+            if full is None:
+                return None
+            alias, snapshot_id = snapshot_id, full
         if key not in self._views and self._snapshot_path(snapshot_id) is None:
             return None  # by id only what is built: a typo must not start a build
-        view = View("snapshot", snapshot_id)
+        view = View("snapshot", snapshot_id, alias=alias)
         return self._view_root(key, view, SNAPSHOTS_INODE, io, CACHE_LONG)
 
     def _snapshot_path(self, snapshot_id: str) -> bytes | None:

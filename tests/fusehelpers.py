@@ -95,6 +95,11 @@ class JsonCatalog:
         )
         return None if found is None else Path(found)
 
+    def find_snapshot(self, prefix: str) -> str | None:
+        built = {**self._state.get("snapshots", {}), **self._published}
+        found = [sid for sid in built if sid.startswith(prefix)]
+        return found[0] if len(found) == 1 else None
+
     def lookup_store(self, workflow: str, node: str) -> BindingView | None:
         self._log(f"lookup_store {workflow}/{node}")
         revs = self._state.get("store_bindings", {}).get(workflow, {}).get(node)

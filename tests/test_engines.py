@@ -118,3 +118,21 @@ def test_pythons_older_than_supported_are_refused_at_bind(local: Env, old: str) 
     assert "older than the oldest envfs builds for (3.9)" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
     assert not (local.store / "bindings" / "wf").exists()  # refused before anything was written
+
+
+def test_a_snapshot_is_reached_by_the_short_id_commands_print(
+    fs: tuple[Env, Path, list[Mount]],  # noqa: F811
+) -> None:
+    env, mnt, mounts = fs
+    env.run("build", "wf/s", "extra-a==1.0", "--python", PY)
+    sid = env.show("wf/s")["snapshot_id"]
+    assert sid[:12] in env.run("build", "wf/s", "extra-a==1.0", "--python", PY).stdout
+    mounts.append(Mount(env, mnt))
+    short = mnt / ".snapshots" / sid[:12]
+    out = subprocess.run(
+        [short / "bin/python", "-c", "import extra_a, sys; print(sys.prefix)"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0 and out.stdout.strip() == str(short), out.stderr
+    assert not (mnt / ".snapshots" / ("0" * 12)).exists()  # no such snapshot
+    assert not (mnt / ".snapshots" / sid[:11]).exists()  # too short to name one

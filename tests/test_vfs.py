@@ -64,6 +64,10 @@ class FakeCatalog:
     def snapshot_dir(self, snapshot_id: str) -> Path | None:
         return self.snapshots.get(snapshot_id)
 
+    def find_snapshot(self, prefix: str) -> str | None:
+        found = [sid for sid in self.snapshots if sid.startswith(prefix)]
+        return found[0] if len(found) == 1 else None
+
     def lookup_store(self, workflow: str, node: str) -> BindingView | None:
         self.store_calls.append((workflow, node))
         revs = self.store.get((workflow, node))
