@@ -48,6 +48,11 @@ class Catalog(Protocol):
         """Blocking. Read one binding from the store (index miss), update the index, answer."""
         ...
 
+    def workflow_in_store(self, workflow: str) -> bool:
+        """Blocking. Whether the store has a binding in ``workflow`` (the index may not know
+        it yet)."""
+        ...
+
     def find_snapshot(self, prefix: str) -> str | None:
         """Blocking. The one built snapshot whose id starts with ``prefix``, or None (none,
         or more than one)."""

@@ -565,6 +565,9 @@ class StoreCatalog:
             return self.store.snapshot_dir(snapshot_id)
         return None
 
+    def workflow_in_store(self, workflow: str) -> bool:
+        return self.store.has_workflow(workflow)
+
     def find_snapshot(self, prefix: str) -> str | None:
         found = [sid for sid in self.store.snapshot_ids() if sid.startswith(prefix)]
         return found[0] if len(found) == 1 and self.store.snapshot_ready(found[0]) else None

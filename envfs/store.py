@@ -587,6 +587,14 @@ class Store:
                 crashpoints.reached("bind")
                 return rev
 
+    def has_workflow(self, workflow: str) -> bool:
+        """Whether any node of ``workflow`` has a binding directory."""
+        try:
+            with os.scandir(self.bindings / workflow) as entries:
+                return any(e.is_dir() for e in entries)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+
     def binding_names(self) -> Iterator[tuple[str, str]]:
         try:
             workflows = sorted(os.listdir(self.bindings))

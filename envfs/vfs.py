@@ -268,7 +268,7 @@ class Namespace:
                 if name == b"..":
                     return self._inodes[ROOT_INODE].attr
                 if parent == ROOT_INODE:
-                    return self._lookup_workflow(name)
+                    return self._lookup_workflow(name, io)
                 if parent == SNAPSHOTS_INODE:
                     return self._lookup_snapshot(name, io)
             elif isinstance(node, _Workflow):
@@ -442,14 +442,26 @@ class Namespace:
         ino = self._synthetic(self._workflows, wf, CACHE_SHORT, lambda a: _Workflow(a, wf))
         return self._inodes[ino].attr
 
-    def _lookup_workflow(self, name: bytes) -> Attr | None:
+    def _lookup_workflow(self, name: bytes, io: bool) -> Attr | None:
         if name == SNAPSHOTS_NAME:
             return self._inodes[SNAPSHOTS_INODE].attr
         wf = _decode_name(name)
         if wf is None:
             return None
         if wf not in self._workflows and not self._catalog.nodes(wf):
-            return None
+            # bound a moment ago (before this daemon read the change): ask the store, as
+            # for a new node in a known workflow, at the missing-name rate
+            negative = self._negative.get((wf, ""))
+            if negative is not None and negative > self._clock():
+                return None
+            if not io:
+                raise WouldBlock
+            if not self._take_store_lookup():
+                return None
+            self.store_lookups += 1
+            if not self._catalog.workflow_in_store(wf):
+                self._remember_missing(wf, "")
+                return None
         return self._workflow_attr(wf)
 
     def _lookup_binding(self, parent: _Workflow, name: bytes, io: bool) -> Attr | None:

@@ -95,6 +95,10 @@ class JsonCatalog:
         )
         return None if found is None else Path(found)
 
+    def workflow_in_store(self, workflow: str) -> bool:
+        self._log(f"workflow_in_store {workflow}")
+        return bool(self._state.get("store_bindings", {}).get(workflow))
+
     def find_snapshot(self, prefix: str) -> str | None:
         built = {**self._state.get("snapshots", {}), **self._published}
         found = [sid for sid in built if sid.startswith(prefix)]

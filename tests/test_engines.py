@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ENVFS, PY, Env
+from tests.conftest import ENVFS, PY, Env, make_env
 from tests.test_e2e import Mount, fs  # noqa: F401
 
 pytestmark = [
@@ -136,3 +136,19 @@ def test_a_snapshot_is_reached_by_the_short_id_commands_print(
     assert out.returncode == 0 and out.stdout.strip() == str(short), out.stderr
     assert not (mnt / ".snapshots" / ("0" * 12)).exists()  # no such snapshot
     assert not (mnt / ".snapshots" / sid[:11]).exists()  # too short to name one
+
+
+def test_a_node_of_a_brand_new_workflow_is_there_when_bind_returns(
+    fs: tuple[Env, Path, list[Mount]],  # noqa: F811
+    wheelhouse: Path,
+) -> None:
+    env, mnt, mounts = fs
+    env.run("build", "wf/first", "extra-a==1.0", "--python", PY)
+    mounts.append(Mount(env, mnt))
+    assert (mnt / "wf" / "first").is_dir()
+    other = make_env(env.root.parent / "other", wheelhouse, host="node-b")  # its own index
+    other.vars["ENVFS_STORE"] = str(env.store)
+    for i in range(3):  # each a workflow this node's daemon has never heard of
+        other.run("bind", f"new{i}/x", "extra-a==1.0", "--python", PY)
+        assert (mnt / f"new{i}" / "x" / "bin").is_dir()  # at once: no refresh to wait for
+    assert not (mnt / "never-bound").exists()

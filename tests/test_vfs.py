@@ -64,6 +64,9 @@ class FakeCatalog:
     def snapshot_dir(self, snapshot_id: str) -> Path | None:
         return self.snapshots.get(snapshot_id)
 
+    def workflow_in_store(self, workflow: str) -> bool:
+        return False
+
     def find_snapshot(self, prefix: str) -> str | None:
         found = [sid for sid in self.snapshots if sid.startswith(prefix)]
         return found[0] if len(found) == 1 else None
