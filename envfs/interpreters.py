@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
+
 from envfs.errors import BadInput, InterpreterNotFound
 from envfs.model import Interpreter
 
@@ -137,12 +139,28 @@ def _version_tuple(version: str) -> tuple[int, ...]:
     return tuple(int(part) for part in re.findall(r"\d+", version))
 
 
-def find(request: str | None) -> Interpreter:
+def find(request: str | None, requires: str | None = None) -> Interpreter:
     """Resolve ``3.12``, ``3.12.1``, ``cpython-3.12`` or a path to one exact interpreter.
 
-    Among several matches the newest patch release wins. ``None`` means the minor version
-    envfs itself runs on.
+    Among several matches the newest patch release wins. ``requires`` (a project's
+    ``requires-python``) must hold for the result; with no ``request`` it picks the newest
+    installed CPython that satisfies it. ``None`` for both means the minor version envfs
+    itself runs on.
     """
+    if requires is not None:
+        try:
+            allowed = SpecifierSet(requires)
+        except InvalidSpecifier:
+            raise BadInput(f"requires-python {requires!r} is not a version specifier") from None
+        if request is None:
+            return _newest_in(allowed, requires)
+        chosen = find(request)
+        if chosen.version not in allowed:
+            raise BadInput(
+                f"Python {chosen.version} does not satisfy the project's requires-python "
+                f"{requires!r}; pass another --python"
+            )
+        return chosen
     if request is None:
         request = f"{sys.version_info.major}.{sys.version_info.minor}"
     if "/" in request:
@@ -201,6 +219,27 @@ def check_supported(interp: Interpreter) -> Interpreter:
             f"use --python {oldest} or newer"
         )
     return interp
+
+
+def _newest_in(allowed: SpecifierSet, text: str) -> Interpreter:
+    best: Interpreter | None = None
+    for path in candidates():
+        try:
+            interp = probe(path)
+        except InterpreterNotFound:
+            continue
+        if interp.implementation != "cpython" or interp.version not in allowed:
+            continue
+        if _version_tuple(interp.version)[:2] < OLDEST:
+            continue
+        if best is None or _version_tuple(interp.version) > _version_tuple(best.version):
+            best = interp
+    if best is None:
+        raise InterpreterNotFound(
+            f"no Python on this node satisfies requires-python {text!r}; install one, or "
+            "pass --python"
+        )
+    return best
 
 
 def find_exact(want: Interpreter) -> Interpreter:

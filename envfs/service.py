@@ -113,7 +113,11 @@ class Service:
                 raw += from_file.requirements
                 hashes = from_file.hashes
             reqs = spec.normalize_requirements(raw, allow_local=inputs.allow_local)
-        interp = interpreters.check_supported(interpreters.find(inputs.python))
+        python, requires = inputs.python, None
+        if inputs.project is not None:  # the project's .python-version and requires-python
+            pinned, requires = spec.project_python(inputs.project)
+            python = python or pinned
+        interp = interpreters.check_supported(interpreters.find(python, requires))
         self.store.ensure()
         interp = capture.ensure_captured(self.store, interp, self.host, self.progress)
         if inputs.project is not None:

@@ -8,6 +8,7 @@ Same inputs, same id, on every node.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -204,6 +205,21 @@ def locked_packages(lock: str) -> list[tuple[str, str]]:
             continue
         out.append((str(pkg.get("name", "?")), str(pkg.get("version", "?"))))
     return sorted(out)
+
+
+def project_python(directory: Path) -> tuple[str | None, str | None]:
+    """What a uv project asks of its interpreter: its ``.python-version`` (first line) and
+    its ``requires-python``, each None if absent."""
+    pinned = None
+    with contextlib.suppress(OSError):
+        lines = [x.strip() for x in (directory / ".python-version").read_text().splitlines()]
+        pinned = next((x for x in lines if x and not x.startswith("#")), None)
+    try:
+        data = tomllib.loads((directory / "pyproject.toml").read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return pinned, None
+    requires = data.get("project", {}).get("requires-python")
+    return pinned, requires if isinstance(requires, str) else None
 
 
 def read_project(directory: Path) -> ProjectFiles:

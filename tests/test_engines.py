@@ -152,3 +152,25 @@ def test_a_node_of_a_brand_new_workflow_is_there_when_bind_returns(
         other.run("bind", f"new{i}/x", "extra-a==1.0", "--python", PY)
         assert (mnt / f"new{i}" / "x" / "bin").is_dir()  # at once: no refresh to wait for
     assert not (mnt / "never-bound").exists()
+
+
+def test_a_project_chooses_its_python_by_requires_python_and_python_version(
+    local: Env, tmp_path: Path
+) -> None:
+    local.run("build", "wf/a", "extra-a==1.0", "--python", PY)  # its pyproject: ==3.12.*
+    sid = local.show("wf/a")["snapshot_id"]
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in ("pyproject.toml", "uv.lock"):
+        (project / name).write_bytes((local.store / "specs" / sid / name).read_bytes())
+    assert 'requires-python = "==3.12.*"' in (project / "pyproject.toml").read_text()
+
+    local.run("build", "wf/p", "--project", str(project))  # no --python: requires-python
+    assert local.show("wf/p")["python"].startswith("3.12")
+    assert local.show("wf/p")["snapshot_id"] == sid
+
+    wrong = local.run("build", "wf/q", "--project", str(project), "--python", "3.11", check=False)
+    assert wrong.returncode == 3 and "does not satisfy" in wrong.stderr, wrong.stderr
+    (project / ".python-version").write_text("3.11\n")  # a pin that contradicts it: refused
+    pinned = local.run("build", "wf/q", "--project", str(project), check=False)
+    assert pinned.returncode == 3 and "requires-python" in pinned.stderr, pinned.stderr
