@@ -777,6 +777,8 @@ def doctor(ctx: click.Context, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def status(as_json: bool) -> None:
     """Mounts on this node: envs served, builds running and failed, cache statistics."""
+    import time
+
     from envfs.config import runtime_dir
     from envfs.mount import daemon_alive, read_status
 
@@ -804,10 +806,18 @@ def status(as_json: bool) -> None:
         click.echo(
             f"  builds: {len(b.running)} running, {len(b.failed)} failed, {b.completed} done"
         )
+        views: dict[str, list[str]] = {}
+        for e in m.envs:
+            views.setdefault(e.snapshot_id, []).append(e.path)
+
+        def named(sid: str, views: dict[str, list[str]] = views) -> str:
+            where = ", ".join(sorted(views.get(sid, []))[:3])
+            return f"{sid[:12]}" + (f" ({where})" if where else "")
+
         for r in b.running:
-            click.echo(f"    building {r.snapshot_id[:12]}")
+            click.echo(f"    building {named(r.snapshot_id)} for {time.time() - r.since:.0f}s")
         for f in b.failed:
-            click.echo(f"    failed {f.snapshot_id[:12]}: {f.reason}")
+            click.echo(f"    failed {named(f.snapshot_id)}: {f.reason}")
         hits, cold = m.cache.get("hits", 0), m.cache.get("cold", 0)
         click.echo(
             f"  cache: {m.cache.get('inodes', 0)} inodes, {hits} lookups from memory, {cold} cold"

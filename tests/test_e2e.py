@@ -187,6 +187,10 @@ def test_sixteen_first_accesses_build_once_while_others_answer(
         assert other.returncode == 0, other.stderr
         assert all(p.poll() is None for p in procs), "the build ended before the other env ran"
         assert env.show("wf/lazy")["state"] == "building"
+        deadline = time.monotonic() + 10  # status names the build by the env it is for
+        while f"building {sid[:12]} (wf/lazy" not in env.run("status").stdout:
+            assert time.monotonic() < deadline, env.run("status").stdout
+            time.sleep(0.2)
     finally:
         results = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0] * 16, results[0][1]
