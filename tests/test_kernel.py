@@ -36,6 +36,14 @@ def _daemon_lookups(env: Env) -> int:
     return int(mount["cache"]["lookups"])
 
 
+def _serve_kernel_view(env: Env, mnt: Path, mounts: list[Mount]) -> None:
+    """wf/k built, a daemon at ``mnt``, one run through it, and wf/k@1 kernel-served."""
+    env.run("build", "wf/k", "extra-a==1.0", "--python", PY)
+    mounts.append(Mount(env, mnt))
+    assert py(mnt, "wf/k", "import extra_a").returncode == 0
+    wait_for(lambda: mnt / "wf/k@1" in mounts_under(mnt), 10, "the kernel mount")
+
+
 def test_a_pinned_view_is_served_by_the_kernel(fs: tuple[Env, Path, list[Mount]]) -> None:  # noqa: F811
     env, mnt, mounts = fs
     env.run("build", "wf/k", "extra-a==1.0", "--python", PY)
@@ -73,10 +81,7 @@ def test_a_pinned_view_is_served_by_the_kernel(fs: tuple[Env, Path, list[Mount]]
 
 def test_umount_takes_the_kernel_mounts_with_it(fs: tuple[Env, Path, list[Mount]]) -> None:  # noqa: F811
     env, mnt, mounts = fs
-    env.run("build", "wf/k", "extra-a==1.0", "--python", PY)
-    mounts.append(Mount(env, mnt))
-    assert py(mnt, "wf/k", "import extra_a").returncode == 0
-    wait_for(lambda: mnt / "wf/k@1" in mounts_under(mnt), 10, "the kernel mount")
+    _serve_kernel_view(env, mnt, mounts)
     env.run("umount", str(mnt))
     assert mounts_under(mnt) == [] and not os.path.ismount(mnt)
     mounts[0].proc.wait(timeout=10)
@@ -142,10 +147,7 @@ def test_a_killed_daemons_kernel_mounts_are_cleaned_by_the_next_mount(
     fs: tuple[Env, Path, list[Mount]],  # noqa: F811
 ) -> None:
     env, mnt, mounts = fs
-    env.run("build", "wf/k", "extra-a==1.0", "--python", PY)
-    mounts.append(Mount(env, mnt))
-    assert py(mnt, "wf/k", "import extra_a").returncode == 0
-    wait_for(lambda: mnt / "wf/k@1" in mounts_under(mnt), 10, "the kernel mount")
+    _serve_kernel_view(env, mnt, mounts)
     mounts[0].proc.send_signal(signal.SIGKILL)
     mounts[0].proc.wait(timeout=10)
     mounts[0].killed = True
