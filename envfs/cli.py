@@ -295,6 +295,52 @@ def run_in_env(
 
 @main.command()
 @click.argument("target", metavar="WF/NODE")
+@click.argument("rev1", type=int)
+@click.argument("rev2", type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def diff(ctx: click.Context, target: str, rev1: int, rev2: int, as_json: bool) -> None:
+    """What changed between two revisions of WF/NODE: packages added, removed, changed.
+
+    Also says whether the Python changed. Exit 0 either way (like `git diff --stat`).
+    """
+    wf, node = parse_target(target)
+    svc = _service(ctx)
+    old, new = svc.show(wf, node, rev1), svc.show(wf, node, rev2)
+    before, after = dict(svc.packages(old.snapshot_id)), dict(svc.packages(new.snapshot_id))
+    added = {n: after[n] for n in sorted(after.keys() - before.keys())}
+    removed = {n: before[n] for n in sorted(before.keys() - after.keys())}
+    changed = {
+        n: [before[n], after[n]]
+        for n in sorted(before.keys() & after.keys())
+        if before[n] != after[n]
+    }
+    if as_json:
+        _emit(
+            {
+                "from": {"revision": rev1, "snapshot_id": old.snapshot_id, "python": old.python},
+                "to": {"revision": rev2, "snapshot_id": new.snapshot_id, "python": new.python},
+                "added": added,
+                "removed": removed,
+                "changed": changed,
+            }
+        )
+        return
+    click.echo(f"{wf}/{node}@{rev1} ({old.snapshot_id[:12]}) -> @{rev2} ({new.snapshot_id[:12]})")
+    if old.python != new.python:
+        click.echo(f"  python {old.python} -> {new.python}")
+    for n, v in added.items():
+        click.echo(f"+ {n}=={v}")
+    for n, v in removed.items():
+        click.echo(f"- {n}=={v}")
+    for n, (a, b) in changed.items():
+        click.echo(f"~ {n} {a} -> {b}")
+    if not (added or removed or changed) and old.python == new.python:
+        click.echo("  same packages")
+
+
+@main.command()
+@click.argument("target", metavar="WF/NODE")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def history(ctx: click.Context, target: str, as_json: bool) -> None:

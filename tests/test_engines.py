@@ -174,3 +174,17 @@ def test_a_project_chooses_its_python_by_requires_python_and_python_version(
     (project / ".python-version").write_text("3.11\n")  # a pin that contradicts it: refused
     pinned = local.run("build", "wf/q", "--project", str(project), check=False)
     assert pinned.returncode == 3 and "requires-python" in pinned.stderr, pinned.stderr
+
+
+def test_diff_says_what_changed_between_revisions(local: Env) -> None:
+    local.run("build", "wf/d", "extra-a==1.0", "--python", PY)
+    local.run("build", "wf/d", "extra-b==2.0", "tool-pkg==0.1", "--python", PY)
+    text = local.run("diff", "wf/d", "1", "2").stdout
+    assert "+ extra-b==2.0" in text and "+ tool-pkg==0.1" in text and "- extra-a==1.0" in text
+    assert "base-lib" not in text  # in both, unchanged
+    data = json.loads(local.run("diff", "wf/d", "2", "1", "--json").stdout)
+    assert data["added"] == {"extra-a": "1.0"} and data["changed"] == {}
+    assert set(data["removed"]) == {"extra-b", "tool-pkg"}
+    assert "same packages" in local.run("diff", "wf/d", "1", "1").stdout
+    missing = local.run("diff", "wf/d", "1", "9", check=False)
+    assert missing.returncode == 4 and len(missing.stderr.strip().splitlines()) == 1
