@@ -114,23 +114,21 @@ class NodeCache:
         )
         return final
 
-    def _build(
-        self, listing: dict[bytes, dict[bytes, ListingEntry]], source: Path, dest: Path
-    ) -> int:
+    def _build(self, listing: Listing, source: Path, dest: Path) -> int:
         """Make the tree of ``listing`` at ``dest``; the number of files copied from the store."""
+        root = os.fsencode(dest)
         dest.mkdir()
         dirs = sorted(rel for rel in listing if rel)
         for rel in dirs:
-            os.mkdir(os.path.join(os.fsencode(dest), rel))
+            os.mkdir(os.path.join(root, rel))
         files: list[tuple[bytes, bytes, ListingEntry]] = []
         for rel, entries in listing.items():
             for name, entry in entries.items():
                 if rel == b"" and name == META.encode():
                     continue
-                path = os.path.join(rel, name) if rel else name
                 if entry.type == "symlink":
                     assert entry.target is not None
-                    os.symlink(entry.target, os.path.join(os.fsencode(dest), path))
+                    os.symlink(entry.target, os.path.join(root, rel, name))
                 elif entry.type == "file":
                     files.append((rel, name, entry))
         missing = [f for f in files if not self._object(f[2]).exists()]
@@ -140,15 +138,9 @@ class NodeCache:
         with ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="cache-fill") as pool:
             list(pool.map(lambda item: self._copy_dir(source, *item), by_dir.items()))
         for rel, name, entry in files:
-            path = (
-                os.path.join(os.fsencode(dest), rel, name)
-                if rel
-                else os.path.join(os.fsencode(dest), name)
-            )
-            os.link(self._object(entry), path)
+            os.link(self._object(entry), os.path.join(root, rel, name))
         for rel in dirs:  # directory modes as in the store (writable until make_read_only)
-            mode = _dir_mode(listing, rel)
-            os.chmod(os.path.join(os.fsencode(dest), rel), mode | 0o200)
+            os.chmod(os.path.join(root, rel), _dir_mode(listing, rel) | 0o200)
         return len(missing)
 
     def _object(self, entry: ListingEntry) -> Path:

@@ -13,8 +13,10 @@ import hashlib
 import json
 import re
 import tomllib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import tomlkit
 
@@ -115,11 +117,7 @@ def check_hashes(lock: str, hashes: dict[str, frozenset[str]], source: str) -> N
     for it must be one of them (as pip's --require-hashes)."""
     if not hashes:
         return
-    data = tomllib.loads(lock)
-    for pkg in data.get("package", []):
-        source_kind = pkg.get("source", {})
-        if "virtual" in source_kind or "editable" in source_kind:
-            continue
+    for pkg in _installed(tomllib.loads(lock)):
         name = project_name(str(pkg.get("name", "")))
         allowed = hashes.get(name)
         if allowed is None:
@@ -198,13 +196,17 @@ def locked_packages(lock: str) -> list[tuple[str, str]]:
         data = tomllib.loads(lock)
     except tomllib.TOMLDecodeError as exc:
         raise BadInput(f"unreadable uv.lock: {exc}") from exc
-    out = []
-    for pkg in data.get("package", []):
-        source = pkg.get("source", {})
-        if "virtual" in source or "editable" in source:
-            continue
-        out.append((str(pkg.get("name", "?")), str(pkg.get("version", "?"))))
+    out = [(str(p.get("name", "?")), str(p.get("version", "?"))) for p in _installed(data)]
     return sorted(out)
+
+
+def _installed(lock: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The ``[[package]]`` entries of a parsed ``uv.lock`` that get installed: all but the
+    project itself (a virtual or editable source)."""
+    for pkg in lock.get("package", []):
+        source = pkg.get("source", {})
+        if "virtual" not in source and "editable" not in source:
+            yield pkg
 
 
 def project_python(directory: Path) -> tuple[str | None, str | None]:

@@ -162,9 +162,7 @@ def test_a_restarted_daemon_has_what_it_served_loaded_before_it_mounts(
     fs: tuple[Env, Path, list[Mount]],  # noqa: F811
 ) -> None:
     env, mnt, mounts = fs
-    env.run("build", "wf/k", "extra-a==1.0", "--python", PY)
-    mounts.append(Mount(env, mnt))
-    assert py(mnt, "wf/k", "import extra_a").returncode == 0
+    _serve_kernel_view(env, mnt, mounts)
     served = env.index / "served.json"
     wait_for(lambda: served.exists() and "wf/k" in served.read_text(), 10, "served.json")
     mounts[0].stop()
