@@ -24,8 +24,8 @@ from typing import Protocol
 from envfs import bytecode, crashpoints
 from envfs.config import node_time
 from envfs.errors import BadInput, BuildFailed, EnvironmentProblem
-from envfs.model import Interpreter, InterpreterInfo, Manifest, ManifestEntry
-from envfs.spec import ProjectFiles, render_pyproject
+from envfs.model import Interpreter, InterpreterInfo, Manifest, ManifestEntry, Selection
+from envfs.spec import Indexes, ProjectFiles, render_pyproject
 from envfs.store import META, Store, remove_tree
 
 Progress = Callable[[str], None]
@@ -62,11 +62,21 @@ def uv_binary() -> str:
     return found
 
 
-def uv_env(store: Store) -> dict[str, str]:
-    """The environment every uv call runs in: shared cache, hardlinks, no downloads."""
+#: uv's variables naming indexes: the CLI turns them into a spec's indexes (so the id covers
+#: them); locks and builds of a requirement list then use only those.
+INDEX_VARS = ("UV_INDEX_URL", "UV_EXTRA_INDEX_URL", "UV_DEFAULT_INDEX", "UV_INDEX")
+
+
+def uv_env(store: Store, indexes: Indexes | None = None) -> dict[str, str]:
+    """The environment every uv call runs in: shared cache, hardlinks, no downloads; with
+    ``indexes``, those indexes' credentials and no index variables of the caller's."""
     env = dict(os.environ)
     for var in ("VIRTUAL_ENV", "UV_PROJECT_ENVIRONMENT", "UV_COMPILE_BYTECODE", "PYTHONPATH"):
         env.pop(var, None)
+    if indexes is not None:
+        for var in INDEX_VARS:
+            env.pop(var, None)
+        env.update(indexes.secrets)
     env.update(
         UV_CACHE_DIR=str(store.uv_cache),
         UV_LINK_MODE="hardlink",
@@ -136,6 +146,7 @@ def lock_requirements(
     interp: Interpreter,
     seed: str | None = None,
     offline_first: bool = False,
+    indexes: Indexes | None = None,
 ) -> ProjectFiles:
     """Write a pyproject for ``reqs`` with tomlkit and lock it with uv (nothing else written).
 
@@ -143,13 +154,14 @@ def lock_requirements(
     still fit, so the new env differs from that one only where the list does.
     ``offline_first``: try with uv's cache alone (no index round trips) before going online.
     """
-    pyproject = render_pyproject(reqs, interp)
+    indexes = indexes or Indexes()
+    pyproject = render_pyproject(reqs, interp, indexes)
     with tempfile.TemporaryDirectory(dir=store.staging, prefix=".lock-") as tmp:
         (Path(tmp) / "pyproject.toml").write_text(pyproject)
         if seed is not None:
             (Path(tmp) / "uv.lock").write_text(seed)
         cmd = [uv_binary(), "lock", "--project", tmp, "--python", python_path(store, interp)]
-        env = uv_env(store)
+        env = uv_env(store, indexes)
         _crash_while_running("lock", cmd, env)
         proc = None
         if offline_first:
@@ -165,6 +177,12 @@ def lock_requirements(
                 raise EnvironmentProblem(f"cannot reach the package index: {reason}")
             if _UV_DISK_FULL in proc.stderr:
                 raise EnvironmentProblem(f"the store is full: {reason}")
+            if "401 Unauthorized" in proc.stderr or "403 Forbidden" in proc.stderr:
+                raise EnvironmentProblem(
+                    f"the package index refused access: {reason}; give credentials in the "
+                    "URL (never stored), as UV_INDEX_ENVFS_DEFAULT_USERNAME/_PASSWORD "
+                    "(ENVFS_EXTRA_1, ... for extra indexes) or in ~/.netrc"
+                )
             raise BadInput(f"cannot resolve the requirements: {reason}")
         return ProjectFiles(pyproject=pyproject, lock=(Path(tmp) / "uv.lock").read_text())
 
@@ -187,6 +205,22 @@ def check_lock(store: Store, project: Path, interp: Interpreter) -> None:
         f"{project}/uv.lock does not match its pyproject.toml ({_uv_error(proc.stderr)}); "
         "run `uv lock` in it: envfs builds a project exactly as locked"
     )
+
+
+def build_project_wheel(store: Store, project: Path, interp: Interpreter, out: Path) -> Path:
+    """Build ``project`` into one wheel in ``out`` with ``uv build`` (``--install-project``:
+    the env gets the project itself, not editable, so it never reads the project's tree)."""
+    cmd = [uv_binary(), "build", "--wheel", "--out-dir", str(out), "--project", str(project)]
+    cmd += ["--python", python_path(store, interp), str(project)]
+    proc = subprocess.run(
+        tool_command(cmd), capture_output=True, text=True, env=uv_env(store), check=False
+    )
+    wheels = sorted(out.glob("*.whl"))
+    if proc.returncode != 0 or len(wheels) != 1:
+        if _uv_network_failure(proc.stderr):
+            raise EnvironmentProblem(f"cannot reach the package index: {_uv_error(proc.stderr)}")
+        raise BadInput(f"cannot build {project} into a wheel: {_uv_error(proc.stderr)}")
+    return wheels[0]
 
 
 class BuildLog:
@@ -242,6 +276,8 @@ def build_into(
     host: str,
     log: BuildLog,
     cache: DigestCache | None = None,
+    selection: Selection | None = None,
+    indexes: Indexes | None = None,
 ) -> Manifest:
     """Build the venv of ``files`` into ``staged`` (an empty staging dir) and write its manifest.
 
@@ -252,7 +288,8 @@ def build_into(
             f"uv cache {store.uv_cache} is on another filesystem than {staged}: "
             "hardlinks are impossible; keep uv-cache inside the store"
         )
-    env = uv_env(store)
+    env = uv_env(store, indexes or Indexes())
+    selection = selection or Selection()
     uv = uv_binary()
     durations: dict[str, float] = {}
     known: dict[tuple[int, int], str] = {}
@@ -281,9 +318,17 @@ def build_into(
         log.step("installing locked packages (uv sync --frozen, hardlinked from the cache)")
         sync_env = dict(env, UV_PROJECT_ENVIRONMENT=str(staged))
         sync = [uv, "sync", "--frozen", "--no-install-project", "--link-mode", "hardlink"]
-        stderr = _run(
-            [*sync, "--project", str(project), "--python", python], sync_env, log, "uv sync", "sync"
-        )
+        sync += [*selection.sync_args(), "--project", str(project), "--python", python]
+        stderr = _run(sync, sync_env, log, "uv sync", "sync")
+        if selection.project_wheel is not None:
+            wheel = store.spec_dir(snapshot_id) / selection.project_wheel
+            log.step(f"installing the project from {selection.project_wheel} (not editable)")
+            with open(wheel, "rb") as f:
+                if hashlib.file_digest(f, "sha256").hexdigest() != selection.project_wheel_sha256:
+                    raise BuildFailed(f"{wheel} does not match its sha256 in spec.json")
+            install = [uv, "pip", "install", "--no-deps", "--link-mode", "hardlink"]
+            install += ["--python", python, str(wheel)]
+            stderr += _run(install, sync_env, log, "uv pip install")
         if "falling back" in stderr.lower() and "copy" in stderr.lower():
             raise EnvironmentProblem(
                 "uv could not hardlink from its cache and fell back to copies; "

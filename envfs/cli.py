@@ -117,11 +117,42 @@ def spec_options(f: F) -> F:
                      help="Re-resolve a requirement list instead of reusing its earlier lock."),
         click.option("--allow-local", is_flag=True,
                      help="Accept requirements naming local paths (pkg @ file:///dir)."),
+        click.option("--index-url", metavar="URL", envvar=["UV_DEFAULT_INDEX", "UV_INDEX_URL"],
+                     help="Package index instead of PyPI, for requirement lists "
+                          "[env: UV_DEFAULT_INDEX, UV_INDEX_URL]. Credentials in the URL are "
+                          "used, never stored."),
+        click.option("--extra-index-url", "extra_index_urls", metavar="URL", multiple=True,
+                     envvar=["UV_INDEX", "UV_EXTRA_INDEX_URL"],
+                     help="Another index, asked before the default one (repeatable) "
+                          "[env: UV_INDEX, UV_EXTRA_INDEX_URL]."),
+        click.option("--extra", "extras", metavar="NAME", multiple=True,
+                     help="With --project: install this extra too (repeatable)."),
+        click.option("--group", "groups", metavar="NAME", multiple=True,
+                     help="With --project: install this dependency group too (repeatable)."),
+        click.option("--no-dev", is_flag=True,
+                     help="With --project: leave out the dev group (installed by default, "
+                          "as `uv sync` does)."),
+        click.option("--ray-driver", metavar="PYTHON",
+                     help="For Ray workers (py_executable): add the ray==X that the driver's "
+                          "interpreter PYTHON imports, and use its Python version."),
+        click.option("--install-project", is_flag=True,
+                     help="With --project: install the project itself, built into a wheel "
+                          "now (not editable: the env never reads the project dir)."),
         click.option("--reason", default="", help="Why (kept in the binding's history)."),
     ]  # fmt: skip
     for option in reversed(options):
         f = option(f)
     return f
+
+
+def _inputs(ctx: click.Context, spec: dict[str, Any]) -> Inputs:
+    """The spec options as ``Inputs``. A project's indexes are its own: index variables in
+    the environment apply to requirement lists only (on the command line, they are refused)."""
+    if spec.get("project") is not None:
+        for name, empty in (("index_url", None), ("extra_index_urls", ())):
+            if ctx.get_parameter_source(name) is click.core.ParameterSource.ENVIRONMENT:
+                spec[name] = empty
+    return Inputs(**spec)
 
 
 def _bind_command(
@@ -152,7 +183,7 @@ def build(ctx: click.Context, /, target: str, reason: str, as_json: bool, **spec
 
     A spec that was built before (same lock, same interpreter) is reused at once.
     """
-    _bind_command(ctx, target, Inputs(**spec), reason, as_json, build=True)
+    _bind_command(ctx, target, _inputs(ctx, spec), reason, as_json, build=True)
 
 
 @main.command()
@@ -165,7 +196,7 @@ def bind(ctx: click.Context, /, target: str, reason: str, as_json: bool, **spec:
 
     The env is built on first access through the mount (or by `envfs build`).
     """
-    _bind_command(ctx, target, Inputs(**spec), reason, as_json, build=False)
+    _bind_command(ctx, target, _inputs(ctx, spec), reason, as_json, build=False)
 
 
 @main.command(name="ls")
@@ -187,7 +218,11 @@ def ls_cmd(ctx: click.Context, as_json: bool) -> None:
 @main.command()
 @click.argument("target", metavar="WF/NODE[@REV]")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@click.option("--packages", is_flag=True, help="Also list the packages installed (from the lock).")
+@click.option(
+    "--packages",
+    is_flag=True,
+    help="Also list the packages installed (before the build: those locked).",
+)
 @click.pass_context
 def show(ctx: click.Context, target: str, as_json: bool, packages: bool) -> None:
     """Show a binding: revision, snapshot id, state, snapshot path, python."""
@@ -248,16 +283,28 @@ _MOUNT_OPTION = click.option(
 @main.command()
 @click.argument("target", metavar="WF/NODE")
 @_MOUNT_OPTION
+@click.option(
+    "--ray-driver",
+    metavar="PYTHON",
+    help="Refuse (exit 3) an env whose ray or Python differs from this driver's.",
+)
 @click.pass_context
-def resolve(ctx: click.Context, target: str, mount: Path | None) -> None:
+def resolve(ctx: click.Context, target: str, mount: Path | None, ray_driver: str | None) -> None:
     """Print the pinned path of WF/NODE's current revision under the mount (MNT/WF/NODE@REV).
 
     For launchers that need strict consistency: every process started from that path runs
     that revision, whatever binds come after.
     """
+    from envfs import raydriver
+
     wf, node = parse_target(target)
     svc = _service(ctx)
     info = svc.show(wf, node)
+    if ray_driver is not None:
+        driver = raydriver.probe(ray_driver)
+        why = raydriver.mismatch(svc.packages(info.snapshot_id), info.python, driver)
+        if why is not None:
+            raise BadInput(f"{wf}/{node}@{info.revision} {why}")
     click.echo(str(_mount_of(svc, mount) / wf / f"{node}@{info.revision}"))
 
 

@@ -36,6 +36,30 @@ class Interpreter(Record):
         return ".".join(self.version.split(".")[:2])
 
 
+class Selection(Record):
+    """What a frozen sync installs from a project's lock, beyond uv's default (the project's
+    dependencies and its default groups, ``dev`` unless ``[tool.uv] default-groups`` says
+    otherwise). The default selection is left out of the snapshot id."""
+
+    extras: list[str] = []
+    groups: list[str] = []
+    no_dev: bool = False
+    #: the project itself, as a wheel built at bind time (``specs/<id>/<file>``), with its
+    #: sha256; installed non-editable, so the env never reads the project's sources
+    project_wheel: str | None = None
+    project_wheel_sha256: str | None = None
+
+    def describe(self) -> str | None:
+        """The options that chose this selection, None for the default."""
+        args = self.sync_args() + (["--install-project"] if self.project_wheel else [])
+        return " ".join(args) or None
+
+    def sync_args(self) -> list[str]:
+        args = [a for extra in self.extras for a in ("--extra", extra)]
+        args += [a for group in self.groups for a in ("--group", group)]
+        return [*args, "--no-dev"] if self.no_dev else args
+
+
 class SpecInfo(Record):
     """``specs/<id>/spec.json``: the inputs of a snapshot."""
 
@@ -48,6 +72,10 @@ class SpecInfo(Record):
     lock_sha256: str
     created: float
     host: str
+    selection: Selection = Selection()
+    #: the indexes a requirement list was locked against, credentials removed (None: PyPI)
+    index_url: str | None = None
+    extra_index_urls: list[str] = []
 
 
 class Revision(Record):
@@ -122,6 +150,9 @@ class EnvInfo(Record):
     python: str
     layout: Literal["self-contained", "venv"] = "self-contained"
     reason: str | None = None
+    #: a project's sync options (`--extra X --no-dev ...`); the index a list was locked on
+    selection: str | None = None
+    index_url: str | None = None
 
 
 class AuditEvent(Record):

@@ -8,15 +8,17 @@ from __future__ import annotations
 import contextlib
 import errno
 import getpass
+import hashlib
 import os
 import random
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from envfs import builder, capture, crashpoints, interpreters, spec
+from envfs import builder, capture, crashpoints, interpreters, raydriver, spec
 from envfs.catalog import BindingView
 from envfs.config import Settings, node_time
 from envfs.errors import BadInput, BuildFailed, Busy, EnvfsError, EnvironmentProblem, NotFound
@@ -30,6 +32,7 @@ from envfs.model import (
     InterpreterInfo,
     InterpreterUse,
     Revision,
+    Selection,
     SpecInfo,
     State,
     VerifyReport,
@@ -55,6 +58,13 @@ class Inputs:
     python: str | None = None
     upgrade: bool = False
     allow_local: bool = False
+    index_url: str | None = None
+    extra_index_urls: tuple[str, ...] = ()
+    extras: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
+    no_dev: bool = False
+    install_project: bool = False
+    ray_driver: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +80,7 @@ class Service:
         self.store = Store(settings.store)
         self.progress = progress
         self._index: Index | None = None
+        self._indexes = spec.Indexes()
 
     def _say(self, message: str) -> None:
         if self.progress is not None:
@@ -100,12 +111,25 @@ class Service:
         """Turn inputs into a stored spec and its snapshot id (locking if needed)."""
         if inputs.project is not None and (inputs.packages or inputs.requirements_file):
             raise BadInput("give either --project DIR or packages / -r FILE, not both")
+        if inputs.project is not None and (inputs.index_url or inputs.extra_index_urls):
+            raise BadInput(
+                "--index-url/--extra-index-url are for requirement lists; a project names its "
+                "indexes in its pyproject ([[tool.uv.index]]) and its uv.lock"
+            )
+        selection = Selection(
+            extras=list(inputs.extras), groups=list(inputs.groups), no_dev=inputs.no_dev
+        )
+        if inputs.project is None and (selection != Selection() or inputs.install_project):
+            raise BadInput("--extra, --group, --no-dev and --install-project need --project")
         # validate everything cheap before touching the store
         reqs: list[str] = []
         hashes: dict[str, frozenset[str]] = {}
         files: spec.ProjectFiles | None = None
+        indexes = spec.make_indexes(inputs.index_url, inputs.extra_index_urls)
         if inputs.project is not None:
             files = spec.read_project(inputs.project)
+            spec.check_project_indexes(files.pyproject, str(inputs.project))
+            spec.check_selection(files.pyproject, selection, str(inputs.project))
         else:
             raw = list(inputs.packages)
             if inputs.requirements_file is not None:
@@ -117,37 +141,71 @@ class Service:
         if inputs.project is not None:  # the project's .python-version and requires-python
             pinned, requires = spec.project_python(inputs.project)
             python = python or pinned
+        driver = raydriver.probe(inputs.ray_driver) if inputs.ray_driver else None
+        if driver is not None:
+            if inputs.python and not driver.python_version.startswith(inputs.python):
+                raise BadInput(
+                    f"--python {inputs.python} differs from the Ray driver's Python "
+                    f"{driver.python_version}; Ray needs one Python version (drop --python)"
+                )
+            python = inputs.python or driver.python_version
+            if inputs.project is None:
+                reqs = raydriver.add_to_requirements(reqs, driver)
         interp = interpreters.check_supported(interpreters.find(python, requires))
         self.store.ensure()
+        self._indexes = indexes  # their credentials serve this process's builds too
         interp = capture.ensure_captured(self.store, interp, self.host, self.progress)
         if inputs.project is not None:
             builder.check_lock(self.store, inputs.project, interp)
+            if driver is not None and files is not None:
+                locked = dict(spec.locked_packages(files.lock)).get("ray")
+                if locked != driver.ray_version:
+                    raise BadInput(
+                        f"{inputs.project} locks ray {locked or '(none)'} but the Ray driver "
+                        f"runs {driver.ray_version}; require {driver.requirement} in it"
+                    )
         if files is None:
             source = str(inputs.requirements_file)
-            key = spec.input_key(reqs, interp)
+            key = spec.input_key(reqs, interp, indexes)
             known = None if inputs.upgrade else self.store.input_lookup(key)
             if known is not None and (self.store.spec_dir(known) / "spec.json").exists():
                 spec.check_hashes(self.store.spec_files(known)[1], hashes, source)
                 return Resolved(known, interp)
-            files = self._lock(reqs, interp, upgrade=inputs.upgrade)
+            files = self._lock(reqs, interp, inputs.upgrade, indexes)
             spec.check_hashes(files.lock, hashes, source)
-        sid = spec.snapshot_id(files, interp)
-        info = SpecInfo(
-            snapshot_id=sid,
-            kind="project" if inputs.project is not None else "requirements",
-            requirements=reqs,
-            source=str(inputs.project or inputs.requirements_file or "") or None,
-            interpreter=interp,
-            lock_sha256=spec.lock_digest(files.lock),
-            created=node_time(),
-            host=self.host,
-        )
-        self.store.write_spec(info, files.pyproject, files.lock)
+        with contextlib.ExitStack() as stack:
+            wheel = None
+            if inputs.install_project and inputs.project is not None:
+                self._say(f"building {inputs.project} into a wheel (--install-project)")
+                out = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=self.store.staging)))
+                wheel = builder.build_project_wheel(self.store, inputs.project, interp, out)
+                with open(wheel, "rb") as f:
+                    digest = hashlib.file_digest(f, "sha256").hexdigest()
+                selection = selection.model_copy(
+                    update={"project_wheel": wheel.name, "project_wheel_sha256": digest}
+                )
+            sid = spec.snapshot_id(files, interp, selection)
+            info = SpecInfo(
+                snapshot_id=sid,
+                kind="project" if inputs.project is not None else "requirements",
+                requirements=reqs,
+                source=str(inputs.project or inputs.requirements_file or "") or None,
+                interpreter=interp,
+                lock_sha256=spec.lock_digest(files.lock),
+                created=node_time(),
+                host=self.host,
+                selection=selection,
+                index_url=indexes.default,
+                extra_index_urls=list(indexes.extra),
+            )
+            self.store.write_spec(info, files.pyproject, files.lock, wheel)
         if inputs.project is None:
-            self.store.input_record(spec.input_key(reqs, interp), sid)
+            self.store.input_record(key, sid)
         return Resolved(sid, interp)
 
-    def _lock(self, reqs: list[str], interp: Interpreter, upgrade: bool) -> spec.ProjectFiles:
+    def _lock(
+        self, reqs: list[str], interp: Interpreter, upgrade: bool, indexes: spec.Indexes
+    ) -> spec.ProjectFiles:
         """Lock a new requirement list, starting from the most similar known lock.
 
         Where the list adds or changes only exact pins, uv's cache alone can resolve it
@@ -157,11 +215,13 @@ class Service:
         near = (
             None
             if upgrade or interp.digest is None
-            else self.store.nearest_spec(reqs, interp.digest)
+            else self.store.nearest_spec(
+                reqs, interp.digest, (indexes.default, list(indexes.extra))
+            )
         )
         if near is None:
             self._say(f"locking {what}")
-            return builder.lock_requirements(self.store, reqs, interp)
+            return builder.lock_requirements(self.store, reqs, interp, indexes=indexes)
         info, seed = near
         new = set(reqs) - set(info.requirements)
         offline = all(spec.is_exact_pin(r) for r in new)
@@ -170,7 +230,9 @@ class Service:
             f"locking {what}, from the lock of {info.snapshot_id[:12]} ({shared} in common)"
             + (", from uv's cache first" if offline else "")
         )
-        return builder.lock_requirements(self.store, reqs, interp, seed=seed, offline_first=offline)
+        return builder.lock_requirements(
+            self.store, reqs, interp, seed=seed, offline_first=offline, indexes=indexes
+        )
 
     # -- bindings -------------------------------------------------------------------------
 
@@ -322,7 +384,16 @@ class Service:
         staged = self.store.new_staging(snapshot_id, self.host)
         try:
             manifest = builder.build_into(
-                self.store, staged, files, interp, snapshot_id, self.host, log, cache=self.index
+                self.store,
+                staged,
+                files,
+                interp,
+                snapshot_id,
+                self.host,
+                log,
+                cache=self.index,
+                selection=info.selection,
+                indexes=self._indexes,
             )
             if not lease.held():
                 raise LeaseLost(snapshot_id)
@@ -511,16 +582,26 @@ class Service:
         return self.describe(view)
 
     def packages(self, snapshot_id: str) -> list[tuple[str, str]]:
-        """(name, version) of the packages a snapshot's lock installs."""
+        """(name, version) of the packages a snapshot has installed, or, before it is built,
+        of those its lock names (every extra and group a project locks: a superset)."""
+        if self.store.snapshot_ready(snapshot_id):
+            root = self.store.snapshot_dir(snapshot_id)
+            found = set()
+            for site in root.glob("lib/python*/site-packages"):
+                for dist in site.glob("*.dist-info"):
+                    name, _, version = dist.name.removesuffix(".dist-info").partition("-")
+                    found.add((spec.project_name(name), version))
+            return sorted(found)
         _pyproject, lock = self.store.spec_files(snapshot_id)
         return spec.locked_packages(lock)
 
     def describe(self, view: BindingView) -> EnvInfo:
         state, reason = self.state(view.snapshot_id)
         try:
-            interp: Interpreter | None = self.store.read_spec(view.snapshot_id).interpreter
+            info: SpecInfo | None = self.store.read_spec(view.snapshot_id)
         except NotFound:
-            interp = None
+            info = None
+        interp = info.interpreter if info is not None else None
         return EnvInfo(
             workflow=view.workflow,
             node=view.node,
@@ -531,6 +612,8 @@ class Service:
             python=interp.version if interp is not None else "unknown",
             layout="venv" if interp is not None and interp.digest is None else "self-contained",
             reason=reason,
+            selection=info.selection.describe() if info is not None else None,
+            index_url=info.index_url if info is not None else None,
         )
 
     def list_envs(self) -> list[EnvInfo]:

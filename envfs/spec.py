@@ -13,15 +13,16 @@ import hashlib
 import json
 import re
 import tomllib
-from collections.abc import Iterator
-from dataclasses import dataclass
+import urllib.parse
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import tomlkit
 
 from envfs.errors import BadInput
-from envfs.model import LAYOUT_VERSION, Interpreter
+from envfs.model import LAYOUT_VERSION, Interpreter, Selection
 
 ENV_PROJECT_NAME = "envfs-env"
 # a PEP 508 requirement starts with a distribution name; options and paths are refused
@@ -173,8 +174,99 @@ def is_exact_pin(req: str) -> bool:
     return _EXACT_PIN.match(req) is not None
 
 
-def render_pyproject(reqs: list[str], interp: Interpreter) -> str:
-    """The pyproject.toml envfs writes for a requirement list."""
+@dataclass(frozen=True)
+class Indexes:
+    """The package indexes a requirement list is locked against, the uv way: ``default``
+    replaces PyPI, ``extra`` ones are asked first. URLs carry no credentials: those live in
+    ``secrets`` (as the ``UV_INDEX_<NAME>_USERNAME``/``_PASSWORD`` variables uv reads, for
+    this process's uv calls only), never in the store or the id."""
+
+    default: str | None = None
+    extra: tuple[str, ...] = ()
+    secrets: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    def named(self) -> list[tuple[str, str, bool]]:
+        """(name, url, is_default) in uv's order of priority."""
+        out = [(f"envfs-extra-{i}", url, False) for i, url in enumerate(self.extra, 1)]
+        return out + ([("envfs-default", self.default, True)] if self.default else [])
+
+
+def _credential_vars(name: str) -> str:
+    return "UV_INDEX_" + re.sub(r"[^A-Za-z0-9]", "_", name).upper()
+
+
+def split_credentials(url: str, what: str) -> tuple[str, str | None, str | None]:
+    """An index URL without its ``user:password@`` part, and that part."""
+    try:
+        parts = urllib.parse.urlsplit(url.strip())
+        parts.port  # noqa: B018 (raises on a bad port)
+    except ValueError as exc:
+        raise BadInput(f"{what} {url!r} is not a URL: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise BadInput(f"{what} {url!r} is not an http(s) URL of a package index")
+    netloc = parts.netloc.rpartition("@")[2]
+    public = urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    user = urllib.parse.unquote(parts.username) if parts.username else None
+    password = urllib.parse.unquote(parts.password) if parts.password else None
+    return public, user, password
+
+
+def make_indexes(default: str | None, extra: tuple[str, ...] | list[str]) -> Indexes:
+    """Indexes from ``--index-url`` and ``--extra-index-url`` values (credentials split off)."""
+    secrets: dict[str, str] = {}
+    public: list[str] = []
+    given = [
+        *(("--extra-index-url", u) for u in extra),
+        *([("--index-url", default)] if default else []),
+    ]
+    names = Indexes(default, tuple(extra)).named()
+    for (name, _, _), (what, url) in zip(names, given, strict=True):
+        clean, user, password = split_credentials(url, what)
+        public.append(clean)
+        prefix = _credential_vars(name)
+        if user is not None:
+            secrets[f"{prefix}_USERNAME"] = user
+        if password is not None:
+            secrets[f"{prefix}_PASSWORD"] = password
+    return Indexes(
+        default=public[-1] if default else None,
+        extra=tuple(public[: len(extra)]),
+        secrets=secrets,
+    )
+
+
+def check_project_indexes(pyproject: str, source: str) -> None:
+    """Refuse a project whose pyproject carries index credentials: the pyproject is kept in
+    the store and hashed into the id. uv reads them from the environment or ~/.netrc."""
+    uv = tomllib.loads(pyproject).get("tool", {}).get("uv", {})
+    urls = [i.get("url") for i in uv.get("index", []) if isinstance(i, dict)]
+    urls += [uv.get("index-url"), *uv.get("extra-index-url", [])]
+    for url in urls:
+        if isinstance(url, str) and "@" in urllib.parse.urlsplit(url).netloc:
+            raise BadInput(
+                f"{source}: index URL {url.split('@')[-1]!r} has credentials in it; "
+                "give them as UV_INDEX_<NAME>_USERNAME/_PASSWORD or in ~/.netrc instead"
+            )
+
+
+def check_selection(pyproject: str, selection: Selection, source: str) -> None:
+    """Refuse extras and groups the project does not define, and ``--install-project``
+    for a project that is not a package."""
+    data = tomllib.loads(pyproject)
+    extras = {project_name(x) for x in data.get("project", {}).get("optional-dependencies", {})}
+    groups = {project_name(x) for x in data.get("dependency-groups", {})}
+    for extra in selection.extras:
+        if project_name(extra) not in extras:
+            known = ", ".join(sorted(extras)) or "none"
+            raise BadInput(f"{source} has no extra {extra!r} (its extras: {known})")
+    for group in selection.groups:
+        if project_name(group) not in groups:
+            known = ", ".join(sorted(groups)) or "none"
+            raise BadInput(f"{source} has no dependency group {group!r} (its groups: {known})")
+
+
+def render_pyproject(reqs: list[str], interp: Interpreter, indexes: Indexes | None = None) -> str:
+    """The pyproject.toml envfs writes for a requirement list (and its indexes)."""
     doc = tomlkit.document()
     doc.add(tomlkit.comment("written by envfs from a requirement list"))
     project = tomlkit.table()
@@ -186,6 +278,20 @@ def render_pyproject(reqs: list[str], interp: Interpreter) -> str:
     deps.multiline(True)
     project.add("dependencies", deps)
     doc.add("project", project)
+    if indexes is not None and indexes.named():
+        entries = tomlkit.aot()
+        for name, url, default in indexes.named():
+            entry = tomlkit.table()
+            entry.add("name", name)
+            entry.add("url", url)
+            if default:
+                entry.add("default", True)
+            entries.append(entry)
+        uv = tomlkit.table()
+        uv.add("index", entries)
+        tool = tomlkit.table(is_super_table=True)
+        tool.add("uv", uv)
+        doc.add("tool", tool)
     return tomlkit.dumps(doc)
 
 
@@ -250,7 +356,9 @@ def lock_digest(lock: str) -> str:
     return hashlib.sha256(_canonical_toml(lock).encode()).hexdigest()
 
 
-def snapshot_id(files: ProjectFiles, interp: Interpreter) -> str:
+def snapshot_id(
+    files: ProjectFiles, interp: Interpreter, selection: Selection | None = None
+) -> str:
     """The content address of the snapshot these files build with this interpreter."""
     material = {
         "layout": LAYOUT_VERSION,
@@ -261,20 +369,22 @@ def snapshot_id(files: ProjectFiles, interp: Interpreter) -> str:
     }
     if interp.digest is not None:  # layout 2: the captured interpreter's bytes
         material["interpreter_digest"] = interp.digest
+    if selection is not None and selection != Selection():
+        material["selection"] = selection.model_dump_json()
     blob = json.dumps(material, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()
 
 
-def input_key(reqs: list[str], interp: Interpreter) -> str:
+def input_key(reqs: list[str], interp: Interpreter, indexes: Indexes | None = None) -> str:
     """Key of a requirement list (before locking): the same list reuses its first lock."""
-    blob = json.dumps(
-        {
-            "layout": LAYOUT_VERSION,
-            "reqs": reqs,
-            "interp": interp.key,
-            "plat": interp.platform,
-            "digest": interp.digest,
-        },
-        sort_keys=True,
-    ).encode()
+    material: dict[str, Any] = {
+        "layout": LAYOUT_VERSION,
+        "reqs": reqs,
+        "interp": interp.key,
+        "plat": interp.platform,
+        "digest": interp.digest,
+    }
+    if indexes is not None and indexes.named():
+        material["indexes"] = indexes.named()
+    blob = json.dumps(material, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()

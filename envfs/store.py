@@ -187,13 +187,18 @@ class Store:
     def spec_dir(self, snapshot_id: str) -> Path:
         return self.specs / snapshot_id
 
-    def write_spec(self, info: SpecInfo, pyproject: str, lock: str) -> None:
-        """Publish ``specs/<id>/`` (pyproject.toml, uv.lock, spec.json) if not there yet."""
+    def write_spec(
+        self, info: SpecInfo, pyproject: str, lock: str, extra: Path | None = None
+    ) -> None:
+        """Publish ``specs/<id>/`` (pyproject.toml, uv.lock, spec.json, and the ``extra``
+        file, the project's wheel, if any) if not there yet."""
         final = self.spec_dir(info.snapshot_id)
         if (final / "spec.json").exists():
             return
         tmp = self.staging / f"spec-{info.snapshot_id}.{uuid.uuid4().hex[:12]}"
         tmp.mkdir()
+        if extra is not None:
+            shutil.copyfile(extra, tmp / extra.name)
         (tmp / "pyproject.toml").write_text(pyproject)
         (tmp / "uv.lock").write_text(lock)
         (tmp / "spec.json").write_text(info.model_dump_json(indent=2))
@@ -215,11 +220,15 @@ class Store:
         return (d / "pyproject.toml").read_text(), (d / "uv.lock").read_text()
 
     def nearest_spec(
-        self, reqs: list[str], interpreter: str, scan: int = 200
+        self,
+        reqs: list[str],
+        interpreter: str,
+        indexes: tuple[str | None, list[str]] = (None, []),
+        scan: int = 200,
     ) -> tuple[SpecInfo, str] | None:
         """The requirement-list spec (and its lock) sharing the most requirements with
-        ``reqs`` for this interpreter digest, among the ``scan`` newest specs; None if none
-        shares any."""
+        ``reqs`` for this interpreter digest and these indexes (default, extra), among the
+        ``scan`` newest specs; None if none shares any."""
         try:
             entries = [e for e in os.scandir(self.specs) if e.is_dir(follow_symlinks=False)]
         except FileNotFoundError:
@@ -233,6 +242,8 @@ class Store:
             except (FileNotFoundError, EnvironmentProblem):
                 continue
             if info.kind != "requirements" or info.interpreter.digest != interpreter:
+                continue
+            if (info.index_url, info.extra_index_urls) != indexes:
                 continue
             score = len(wanted & set(info.requirements))
             if score and (best is None or score > best[0]):
