@@ -161,16 +161,12 @@ def _bind_command(
     """`build` and `bind`: resolve the spec, build it now or not, append a revision."""
     wf, node = parse_target(target)
     svc = _service(ctx)
-    resolved = svc.resolve(inputs)
-    with svc.store.gc_fence():  # no sweep between building a snapshot and binding it
-        if build:
-            svc.ensure_built(resolved.snapshot_id)
-        rev = svc.bind(wf, node, resolved.snapshot_id, reason)
+    rev, _reused = svc.bind_inputs(wf, node, inputs, reason, build)
     info = svc.show(wf, node)
     if as_json:
         _emit(info.model_dump())
     else:
-        click.echo(f"{wf}/{node}@{rev.revision} -> {resolved.snapshot_id[:12]} ({info.state})")
+        click.echo(f"{wf}/{node}@{rev.revision} -> {rev.snapshot_id[:12]} ({info.state})")
 
 
 @main.command()
@@ -256,21 +252,19 @@ def _revision(text: str) -> int:
 def _mount_of(svc: Service, mount: Path | None) -> Path:
     """Where this node serves ``svc``'s store: ``mount``, else the mount of a live daemon
     of this store (from the daemons' status files)."""
-    from envfs.config import runtime_dir
-    from envfs.mount import daemon_alive, mount_type, read_status
+    from envfs.mount import live_mount_of, mount_type
 
     if mount is not None:
         if mount_type(mount.absolute()) != "fuse.envfs":
             raise NotFound(f"{mount} is not an envfs mount")
         return mount.absolute()
-    store = str(svc.store.root.resolve())
-    for path in sorted((runtime_dir() / "mounts").glob("*.json")):
-        status = read_status(path)
-        if status is not None and status.store == store and daemon_alive(status):
-            return Path(status.mountpoint)
-    raise NotFound(
-        f"no envfs mount of the store {store} on this node: run `envfs mount`, or pass --mount"
-    )
+    found = live_mount_of(svc.store.root)
+    if found is None:
+        raise NotFound(
+            f"no envfs mount of the store {svc.store.root.resolve()} on this node: "
+            "run `envfs mount`, or pass --mount"
+        )
+    return found
 
 
 _MOUNT_OPTION = click.option(
@@ -917,6 +911,44 @@ def status(as_json: bool) -> None:
         )
         if "node_cache_copies" in m.cache:
             click.echo(f"  node cache: {m.cache['node_cache_copies']} env(s) served from it")
+
+
+@main.command(name="serve-api")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8321, show_default=True, type=click.IntRange(1, 65535))
+@click.option(
+    "--token-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    envvar="ENVFS_API_TOKEN_FILE",
+    help="File holding the bearer token every mutation needs [env: ENVFS_API_TOKEN_FILE].",
+)
+@click.option(
+    "--mount-path",
+    type=click.Path(path_type=Path),
+    help="The path engines see the envs at (default: this store's mount here, else /envs).",
+)
+@click.pass_context
+def serve_api(
+    ctx: click.Context, host: str, port: int, token_file: Path | None, mount_path: Path | None
+) -> None:
+    """Serve the HTTP API for workflow platforms (docs/api.md).
+
+    POST /envs binds (and builds in the background), GET /envs/WF/NODE says where the env
+    is and its state; /openapi.json documents every route, /metrics is Prometheus text.
+    Mutations need `Authorization: Bearer TOKEN` (the first line of --token-file).
+    """
+    from envfs.api import create_app, serve
+
+    if token_file is None:
+        raise BadInput("serve-api needs --token-file (mutations need a bearer token)")
+    try:
+        token = token_file.read_text().strip().splitlines()[0].strip()
+    except (OSError, IndexError) as exc:
+        raise BadInput(f"cannot read a token from {token_file}: {exc}") from None
+    if len(token) < 8:
+        raise BadInput(f"the token in {token_file} is shorter than 8 characters")
+    app = create_app(_service(ctx, quiet=True), token, mount_path)
+    serve(app, host, port)
 
 
 def run() -> None:  # pragma: no cover - console entry for `python -m envfs`

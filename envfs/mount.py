@@ -161,6 +161,18 @@ def daemon_alive(status: DaemonStatus) -> bool:
     return pid_start_time(status.pid) == status.pid_start
 
 
+def live_mount_of(store: Path) -> Path | None:
+    """Where a live daemon on this node serves ``store`` (from the daemons' status files)."""
+    from envfs.config import runtime_dir
+
+    wanted = str(store.resolve())
+    for path in sorted((runtime_dir() / "mounts").glob("*.json")):
+        status = read_status(path)
+        if status is not None and status.store == wanted and daemon_alive(status):
+            return Path(status.mountpoint)
+    return None
+
+
 def run_daemon(
     catalog: Catalog,
     mountpoint: Path,

@@ -81,6 +81,7 @@ class Service:
         self.progress = progress
         self._index: Index | None = None
         self._indexes = spec.Indexes()
+        self.user: str | None = None  # who revisions name (default: this process's user)
 
     def _say(self, message: str) -> None:
         if self.progress is not None:
@@ -236,6 +237,19 @@ class Service:
 
     # -- bindings -------------------------------------------------------------------------
 
+    def bind_inputs(
+        self, workflow: str, node: str, inputs: Inputs, reason: str = "", build: bool = True
+    ) -> tuple[Revision, bool]:
+        """`envfs build`/`bind` and ``POST /envs``: resolve the spec, build it now (``build``)
+        or leave it to first access, append a revision. Returns the revision and whether
+        the snapshot was built already (reused)."""
+        resolved = self.resolve(inputs)
+        reused = self.store.snapshot_ready(resolved.snapshot_id)
+        with self.store.gc_fence():  # no sweep between building a snapshot and binding it
+            if build:
+                self.ensure_built(resolved.snapshot_id)
+            return self.bind(workflow, node, resolved.snapshot_id, reason), reused
+
     def bind(self, workflow: str, node: str, snapshot_id: str, reason: str = "") -> Revision:
         """Append a revision naming ``snapshot_id`` (no-op if it is already current)."""
         current = self.index.current(workflow, node)
@@ -275,7 +289,7 @@ class Service:
         self, workflow: str, node: str, snapshot_id: str, event: str, **fields: Any
     ) -> Revision:
         """Append one revision, audit it, and update the index."""
-        user = _user()
+        user = self.user or _user()
 
         def make(number: int) -> Revision:
             return Revision(

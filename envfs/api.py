@@ -1,0 +1,545 @@
+"""The HTTP API (`envfs serve-api`): the CLI's operations for workflow platforms, over the
+same `Service` (no logic of its own but HTTP: parsing, auth, status codes, metrics).
+
+- ``POST /envs`` resolves and binds at once and never waits for a build: ``200`` when the
+  snapshot exists (reused), ``202`` otherwise, the build then running in this server's
+  background pool (``build: "now"``) or on first access through a mount (``"lazy"``).
+  Clients poll ``GET /envs/{wf}/{node}`` for ``state``.
+- Every mutation needs ``Authorization: Bearer <token>``; without it ``401`` and nothing
+  is written. Names and requirements are validated as in the CLI (``422`` with the
+  CLI's one-line message); local paths are refused (no ``file:`` requirements, no path
+  sources in a project); bodies are bounded (``413``).
+- ``GET /metrics``: Prometheus text (builds, build seconds, reuse hits, requests by route
+  and code, store bytes, snapshots, bindings).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import json
+import tempfile
+import threading
+import time
+import tomllib
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.datastructures import UploadFile
+
+from envfs import __version__
+from envfs.errors import (
+    BadInput,
+    Busy,
+    EnvfsError,
+    EnvironmentProblem,
+    InterpreterNotFound,
+    NotFound,
+)
+from envfs.model import EnvInfo, Revision
+from envfs.names import validate_name
+from envfs.service import Inputs, Service
+
+#: Largest request body accepted (a big uv.lock is a few hundred KiB).
+MAX_BODY = 4 * 1024 * 1024
+#: Builds the server runs at once (each is mostly uv and the compiler: I/O and CPU).
+BUILD_WORKERS = 2
+#: How often the store's byte count (a walk of every snapshot) is refreshed for /metrics.
+STORE_BYTES_EVERY = 300.0
+_STATUS: dict[type[EnvfsError], int] = {
+    BadInput: 422,
+    InterpreterNotFound: 422,
+    NotFound: 404,
+    Busy: 409,
+    EnvironmentProblem: 503,
+}
+
+
+class EnvRequest(pydantic.BaseModel):
+    """``POST /envs``: one of packages, requirements (a file's text, ``uv export`` output
+    too) or pyproject + uv_lock (a uv project's two files)."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    workflow_id: str
+    node_id: str
+    packages: list[str] = []
+    requirements: str | None = None
+    pyproject: str | None = None
+    uv_lock: str | None = None
+    python: str | None = None
+    build: Literal["now", "lazy"] = "now"
+    reason: str = ""
+
+    @pydantic.field_validator("workflow_id", "node_id")
+    @classmethod
+    def _name(cls, value: str, info: pydantic.ValidationInfo) -> str:
+        try:
+            return validate_name(value, "workflow" if info.field_name == "workflow_id" else "node")
+        except BadInput as exc:
+            raise ValueError(exc.message) from None
+
+    @pydantic.model_validator(mode="after")
+    def _one_source(self) -> EnvRequest:
+        project = self.pyproject is not None or self.uv_lock is not None
+        if project and (self.pyproject is None or self.uv_lock is None):
+            raise ValueError("a project needs both pyproject and uv_lock")
+        given = sum([bool(self.packages) or self.requirements is not None, project])
+        if given != 1:
+            raise ValueError("give packages and/or requirements, or pyproject + uv_lock")
+        return self
+
+
+class EnvView(pydantic.BaseModel):
+    """A binding as the API shows it: what to hand an engine, and its state."""
+
+    workflow_id: str
+    node_id: str
+    revision: int
+    snapshot_id: str
+    state: str
+    reason: str | None
+    python_version: str
+    env_path: str  # <mount>/<wf>/<node>: follows rebinds
+    python_path: str  # env_path/bin/python: e.g. Ray's py_executable
+    pinned_path: str  # <mount>/<wf>/<node>@<rev>: this revision, whatever comes after
+
+
+class EnvPage(pydantic.BaseModel):
+    items: list[EnvView]
+    total: int
+    offset: int
+    limit: int
+
+
+class RollbackRequest(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    to: int | None = None
+
+
+class Health(pydantic.BaseModel):
+    ok: bool
+    version: str
+    store: str
+    store_exists: bool
+
+
+class Metrics:
+    """The server's Prometheus metrics, in a registry of its own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.builds = Counter("envfs_builds", "Builds run by this server", ["result"], registry=r)
+        self.build_seconds = Histogram(
+            "envfs_build_seconds",
+            "Seconds per build run by this server",
+            buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800),
+            registry=r,
+        )
+        self.reuse = Counter(
+            "envfs_reuse_hits", "POST /envs answered by a built snapshot", registry=r
+        )
+        self.requests = Counter(
+            "envfs_http_requests", "HTTP requests", ["route", "method", "code"], registry=r
+        )
+        self.store_bytes = Gauge("envfs_store_bytes", "Real bytes of the snapshots", registry=r)
+        self.snapshots = Gauge("envfs_snapshots", "Snapshots in the store", registry=r)
+        self.bindings = Gauge("envfs_bindings", "Bindings (workflow/node)", registry=r)
+
+
+class Builds:
+    """Background builds: one per snapshot id in this server at a time (the store's lease
+    makes it one across nodes)."""
+
+    def __init__(self, service: Service, metrics: Metrics) -> None:
+        self.service = service
+        self.metrics = metrics
+        self.pool = ThreadPoolExecutor(BUILD_WORKERS, thread_name_prefix="envfs-build")
+        self.running: set[str] = set()
+        self.lock = threading.Lock()
+
+    def start(self, snapshot_id: str) -> None:
+        with self.lock:
+            if snapshot_id in self.running:
+                return
+            self.running.add(snapshot_id)
+        self.pool.submit(self._build, snapshot_id)
+
+    def active(self, snapshot_id: str) -> bool:
+        with self.lock:
+            return snapshot_id in self.running
+
+    def _build(self, snapshot_id: str) -> None:
+        t0 = time.monotonic()
+        try:
+            self.service.ensure_built(snapshot_id)
+        except EnvfsError:  # the failure record in the store says why; GET shows it
+            self.metrics.builds.labels("failed").inc()
+        except Exception:  # a bug: keep serving, and say so in the server's log
+            self.metrics.builds.labels("failed").inc()
+            import logging
+
+            logging.getLogger("envfs.api").exception("build of %s crashed", snapshot_id[:12])
+        else:
+            self.metrics.builds.labels("ok").inc()
+        finally:
+            self.metrics.build_seconds.observe(time.monotonic() - t0)
+            with self.lock:
+                self.running.discard(snapshot_id)
+
+    def stop(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _refuse_local_sources(pyproject: str, lock: str) -> None:
+    """A project sent over HTTP must not make the server read its own files: no path,
+    directory or editable sources, no find-links."""
+    try:
+        project, locked = tomllib.loads(pyproject), tomllib.loads(lock)
+    except tomllib.TOMLDecodeError as exc:
+        raise BadInput(f"pyproject or uv_lock is not TOML: {exc}") from None
+    uv = project.get("tool", {}).get("uv", {})
+    if uv.get("find-links"):
+        raise BadInput("find-links is not allowed over the API (it names local paths)")
+    for name, source in uv.get("sources", {}).items():
+        if isinstance(source, dict) and ({"path", "editable"} & source.keys()):
+            raise BadInput(f"source of {name!r} is a local path: not allowed over the API")
+    for pkg in locked.get("package", []):
+        source = pkg.get("source", {})
+        local = {"path", "directory", "editable"} & source.keys()
+        if local and source.get(next(iter(local))) not in (".", None):
+            raise BadInput(f"{pkg.get('name')} comes from a local path: not allowed over the API")
+
+
+class Api:
+    """What the routes share: the service, the background builds, the token, the mount."""
+
+    def __init__(self, service: Service, token: str, mount_path: Path | None) -> None:
+        self.service = service
+        self.service.user = "api"
+        self.token = token
+        self.mount_path = mount_path
+        self.metrics = Metrics()
+        self.builds = Builds(service, self.metrics)
+        self.mutations = threading.Lock()  # one resolve at a time: 20 POSTs, one lock
+        self._bytes_at = 0.0
+
+    def mount(self) -> Path:
+        """Where engines find the envs: --mount-path, else this store's live mount, else /envs."""
+        if self.mount_path is not None:
+            return self.mount_path
+        from envfs.mount import live_mount_of
+
+        return live_mount_of(self.service.store.root) or Path("/envs")
+
+    def view(self, info: EnvInfo) -> EnvView:
+        env = self.mount() / info.workflow / info.node
+        state = info.state
+        if state == "bound" and self.builds.active(info.snapshot_id):
+            state = "building"
+        return EnvView(
+            workflow_id=info.workflow,
+            node_id=info.node,
+            revision=info.revision,
+            snapshot_id=info.snapshot_id,
+            state=state,
+            reason=info.reason,
+            python_version=info.python,
+            env_path=str(env),
+            python_path=str(env / "bin/python"),
+            pinned_path=str(env.with_name(f"{info.node}@{info.revision}")),
+        )
+
+    def post_env(self, req: EnvRequest) -> tuple[int, EnvView]:
+        with contextlib.ExitStack() as stack:
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="envfs-api-")))
+            inputs = Inputs(packages=tuple(req.packages), python=req.python)
+            if req.requirements is not None:
+                (tmp / "requirements.txt").write_text(req.requirements)
+                inputs = Inputs(
+                    packages=tuple(req.packages),
+                    requirements_file=tmp / "requirements.txt",
+                    python=req.python,
+                )
+            elif req.pyproject is not None and req.uv_lock is not None:
+                _refuse_local_sources(req.pyproject, req.uv_lock)
+                (tmp / "pyproject.toml").write_text(req.pyproject)
+                (tmp / "uv.lock").write_text(req.uv_lock)
+                inputs = Inputs(project=tmp, python=req.python)
+            with self.mutations:
+                rev, reused = self.service.bind_inputs(
+                    req.workflow_id, req.node_id, inputs, req.reason, build=False
+                )
+        if reused:
+            self.metrics.reuse.inc()
+        elif req.build == "now":
+            self.builds.start(rev.snapshot_id)
+        info = self.service.show(req.workflow_id, req.node_id)
+        return (200 if reused else 202), self.view(info)
+
+    def refresh_gauges(self) -> None:
+        svc = self.service
+        if not svc.store.root.exists():
+            return
+        self.metrics.snapshots.set(len(svc.store.snapshot_ids()))
+        self.metrics.bindings.set(len(svc.index.all_bindings()))
+        if time.monotonic() - self._bytes_at > STORE_BYTES_EVERY or not self._bytes_at:
+            self._bytes_at = time.monotonic()
+            self.metrics.store_bytes.set(svc.disk_usage().real_bytes)
+
+
+ASGIApp = Callable[
+    [MutableMapping[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]],
+    Awaitable[None],
+]
+
+
+class BodyLimit:
+    """Refuse a request body over ``limit`` bytes (413), declared or streamed."""
+
+    def __init__(self, app: ASGIApp, limit: int = MAX_BODY) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(
+        self,
+        scope: MutableMapping[str, Any],
+        receive: Callable[[], Awaitable[Any]],
+        send: Callable[[Any], Awaitable[None]],
+    ) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await _too_large(self.limit)(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited() -> Any:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise HTTPException(413, f"request body over {self.limit} bytes")
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def _too_large(limit: int) -> JSONResponse:
+    return JSONResponse({"detail": f"request body over {limit} bytes"}, status_code=413)
+
+
+def _error_response(exc: EnvfsError) -> JSONResponse:
+    code = next((c for t, c in _STATUS.items() if isinstance(exc, t)), 500)
+    return JSONResponse({"detail": exc.message}, status_code=code)
+
+
+def _validation_message(exc: pydantic.ValidationError) -> str:
+    """A pydantic error as one sentence a person understands."""
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(x) for x in err["loc"])
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        parts.append(f"{where}: {msg}" if where else msg)
+    return "; ".join(parts)
+
+
+async def _read_env_request(request: Request) -> EnvRequest:
+    """The body of ``POST /envs``, as JSON or as form fields (``packages`` repeated,
+    ``pyproject``/``uv_lock``/``requirements`` as text or file parts)."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    raw: dict[str, Any]
+    if kind == "application/json":
+        try:
+            raw = json.loads(await request.body())
+        except ValueError as exc:
+            raise HTTPException(422, f"the body is not JSON: {exc}") from None
+        if not isinstance(raw, dict):
+            raise HTTPException(422, "the body must be a JSON object")
+    elif kind in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        form = await request.form()
+        raw = {}
+        for key in set(form.keys()):
+            values = []
+            for value in form.getlist(key):
+                if isinstance(value, UploadFile):
+                    data = await value.read()
+                    try:
+                        values.append(data.decode())
+                    except UnicodeDecodeError:
+                        raise HTTPException(422, f"{key}: not UTF-8 text") from None
+                else:
+                    values.append(value)
+            raw[key] = values if key == "packages" else values[-1]
+    else:
+        raise HTTPException(415, "send application/json or form fields (multipart or urlencoded)")
+    try:
+        return EnvRequest.model_validate(raw)
+    except pydantic.ValidationError as exc:
+        raise HTTPException(422, _validation_message(exc)) from None
+
+
+_BODY_DOC: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/EnvRequest"}},
+            "multipart/form-data": {"schema": {"$ref": "#/components/schemas/EnvRequest"}},
+        },
+    }
+}
+
+
+def create_app(service: Service, token: str, mount_path: Path | None = None) -> FastAPI:
+    """The API over ``service``; mutations need ``token``."""
+    api = Api(service, token, mount_path)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await run_in_threadpool(api.builds.stop)
+
+    app = FastAPI(
+        title="envfs",
+        version=__version__,
+        summary="Python environments at a fixed path: bind, build, inspect, roll back.",
+        lifespan=lifespan,
+    )
+    app.add_middleware(BodyLimit)
+
+    def authorized(request: Request) -> None:
+        given = request.headers.get("authorization", "")
+        scheme, _, value = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip(), api.token):
+            raise HTTPException(
+                401, "a bearer token is needed", headers={"WWW-Authenticate": "Bearer"}
+            )
+
+    @app.exception_handler(EnvfsError)
+    async def envfs_error(_request: Request, exc: EnvfsError) -> JSONResponse:
+        return _error_response(exc)
+
+    @app.middleware("http")
+    async def count(request: Request, call_next: Callable[[Request], Awaitable[Any]]) -> Any:
+        code = 500
+        try:
+            response = await call_next(request)
+            code = response.status_code
+            return response
+        finally:
+            route = request.scope.get("route")
+            path = getattr(route, "path", "unmatched")
+            api.metrics.requests.labels(path, request.method, str(code)).inc()
+
+    @app.get("/healthz")
+    def healthz() -> Health:
+        root = service.store.root
+        return Health(ok=True, version=__version__, store=str(root), store_exists=root.exists())
+
+    @app.post(
+        "/envs",
+        dependencies=[Depends(authorized)],
+        openapi_extra=_BODY_DOC,
+        responses={200: {"model": EnvView}, 202: {"model": EnvView}},
+        status_code=202,
+    )
+    async def post_env(request: Request) -> JSONResponse:
+        """Bind WF/NODE to an env; 200 if its snapshot exists, 202 if it is to be built."""
+        req = await _read_env_request(request)
+        code, view = await run_in_threadpool(api.post_env, req)
+        return JSONResponse(view.model_dump(), status_code=code)
+
+    @app.get("/envs")
+    def list_envs(
+        workflow: str | None = None,
+        offset: int = Query(0, ge=0),
+        limit: int = Query(100, ge=1, le=1000),
+    ) -> EnvPage:
+        if workflow is not None:
+            validate_name(workflow, "workflow")
+        views = service.index.all_bindings()
+        if workflow is not None:
+            views = [v for v in views if v.workflow == workflow]
+        page = [api.view(service.describe(v)) for v in views[offset : offset + limit]]
+        return EnvPage(items=page, total=len(views), offset=offset, limit=limit)
+
+    def _names(wf: str, node: str) -> tuple[str, str]:
+        return validate_name(wf, "workflow"), validate_name(node, "node")
+
+    @app.get("/envs/{wf}/{node}")
+    def get_env(wf: str, node: str) -> EnvView:
+        service.require_store()
+        return api.view(service.show(*_names(wf, node)))
+
+    @app.get("/envs/{wf}/{node}/history")
+    def history(wf: str, node: str) -> list[Revision]:
+        service.require_store()
+        return service.revisions(*_names(wf, node))
+
+    @app.post("/envs/{wf}/{node}/rollback", dependencies=[Depends(authorized)])
+    def rollback(wf: str, node: str, body: RollbackRequest | None = None) -> EnvView:
+        service.require_store()
+        wf, node = _names(wf, node)
+        with api.mutations:
+            service.rollback(wf, node, body.to if body is not None else None)
+        return api.view(service.show(wf, node))
+
+    @app.delete("/envs/{wf}/{node}", dependencies=[Depends(authorized)])
+    def delete_env(wf: str, node: str) -> dict[str, int]:
+        service.require_store()
+        wf, node = _names(wf, node)
+        with api.mutations:
+            return {"revisions_removed": service.remove(wf, node)}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    def metrics() -> PlainTextResponse:
+        api.refresh_gauges()
+        return PlainTextResponse(
+            generate_latest(api.metrics.registry).decode(),
+            media_type="text/plain; version=0.0.4",
+        )
+
+    plain_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        """The generated document, plus the schema of POST /envs's body (read by hand there,
+        to take JSON and form fields alike)."""
+        if app.openapi_schema is None:
+            doc = plain_openapi()
+            schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+            schemas["EnvRequest"] = EnvRequest.model_json_schema(
+                ref_template="#/components/schemas/{model}"
+            )
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app
+
+
+def serve(app: FastAPI, host: str, port: int) -> None:
+    """Run ``app`` with uvicorn until SIGTERM/SIGINT, then exit 0 (a stop asked for is a
+    clean exit, as for the daemon; uvicorn would re-raise the signal)."""
+    import logging
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            super().handle_exit(sig, frame)
+            self._captured_signals.clear()
+
+    logging.basicConfig(format="envfs-api: %(message)s", level=logging.INFO)
+    logging.getLogger("envfs.api").info("serving on http://%s:%d", host, port)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
+    Server(config).run()
