@@ -45,6 +45,7 @@ from envfs.errors import (
 )
 from envfs.model import EnvInfo, Revision
 from envfs.names import validate_name
+from envfs.pgaudit import AuditRow, PgAudit
 from envfs.service import Inputs, Service
 
 #: Largest request body accepted (a big uv.lock is a few hundred KiB).
@@ -130,6 +131,7 @@ class Health(pydantic.BaseModel):
     version: str
     store: str
     store_exists: bool
+    audit_queued: int | None = None  # rows waiting for PostgreSQL (None: no --audit-dsn)
 
 
 class Metrics:
@@ -154,6 +156,9 @@ class Metrics:
         self.store_bytes = Gauge("envfs_store_bytes", "Real bytes of the snapshots", registry=r)
         self.snapshots = Gauge("envfs_snapshots", "Snapshots in the store", registry=r)
         self.bindings = Gauge("envfs_bindings", "Bindings (workflow/node)", registry=r)
+        self.audit_queued = Gauge(
+            "envfs_audit_queued", "Audit rows waiting for PostgreSQL", registry=r
+        )
 
 
 class Builds:
@@ -223,8 +228,11 @@ def _refuse_local_sources(pyproject: str, lock: str) -> None:
 class Api:
     """What the routes share: the service, the background builds, the token, the mount."""
 
-    def __init__(self, service: Service, token: str, mount_path: Path | None) -> None:
+    def __init__(
+        self, service: Service, token: str, mount_path: Path | None, audit: PgAudit | None
+    ) -> None:
         self.service = service
+        self.audit = audit
         self.service.user = "api"
         self.token = token
         self.mount_path = mount_path
@@ -257,6 +265,18 @@ class Api:
             env_path=str(env),
             python_path=str(env / "bin/python"),
             pinned_path=str(env.with_name(f"{info.node}@{info.revision}")),
+        )
+
+    def audited(
+        self, request: Request, action: str, wf: str, node: str, status: int, **fields: Any
+    ) -> None:
+        """A mutation done: into PostgreSQL too, with --audit-dsn (the store's log has it)."""
+        if self.audit is None:
+            return
+        client = request.client.host if request.client is not None else "unknown"
+        row = {"host": self.service.host, "actor": f"api@{client}", "action": action}
+        self.audit.record(
+            AuditRow.model_validate(dict(row, workflow=wf, node=node, status=status, **fields))
         )
 
     def post_env(self, req: EnvRequest) -> tuple[int, EnvView]:
@@ -292,6 +312,8 @@ class Api:
             return
         self.metrics.snapshots.set(len(svc.store.snapshot_ids()))
         self.metrics.bindings.set(len(svc.index.all_bindings()))
+        if self.audit is not None:
+            self.metrics.audit_queued.set(self.audit.queued())
         if time.monotonic() - self._bytes_at > STORE_BYTES_EVERY or not self._bytes_at:
             self._bytes_at = time.monotonic()
             self.metrics.store_bytes.set(svc.disk_usage().real_bytes)
@@ -400,14 +422,18 @@ _BODY_DOC: dict[str, Any] = {
 }
 
 
-def create_app(service: Service, token: str, mount_path: Path | None = None) -> FastAPI:
-    """The API over ``service``; mutations need ``token``."""
-    api = Api(service, token, mount_path)
+def create_app(
+    service: Service, token: str, mount_path: Path | None = None, audit: PgAudit | None = None
+) -> FastAPI:
+    """The API over ``service``; mutations need ``token``; ``audit`` also gets each one."""
+    api = Api(service, token, mount_path, audit)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
         await run_in_threadpool(api.builds.stop)
+        if audit is not None:
+            await run_in_threadpool(audit.close)
 
     app = FastAPI(
         title="envfs",
@@ -444,7 +470,13 @@ def create_app(service: Service, token: str, mount_path: Path | None = None) -> 
     @app.get("/healthz")
     def healthz() -> Health:
         root = service.store.root
-        return Health(ok=True, version=__version__, store=str(root), store_exists=root.exists())
+        return Health(
+            ok=True,
+            version=__version__,
+            store=str(root),
+            store_exists=root.exists(),
+            audit_queued=audit.queued() if audit is not None else None,
+        )
 
     @app.post(
         "/envs",
@@ -457,6 +489,11 @@ def create_app(service: Service, token: str, mount_path: Path | None = None) -> 
         """Bind WF/NODE to an env; 200 if its snapshot exists, 202 if it is to be built."""
         req = await _read_env_request(request)
         code, view = await run_in_threadpool(api.post_env, req)
+        fields = {"revision": view.revision, "snapshot_id": view.snapshot_id}
+        detail = {"state": view.state, "build": req.build}
+        api.audited(
+            request, "post_env", req.workflow_id, req.node_id, code, detail=detail, **fields
+        )
         return JSONResponse(view.model_dump(), status_code=code)
 
     @app.get("/envs")
@@ -487,19 +524,25 @@ def create_app(service: Service, token: str, mount_path: Path | None = None) -> 
         return service.revisions(*_names(wf, node))
 
     @app.post("/envs/{wf}/{node}/rollback", dependencies=[Depends(authorized)])
-    def rollback(wf: str, node: str, body: RollbackRequest | None = None) -> EnvView:
+    def rollback(
+        request: Request, wf: str, node: str, body: RollbackRequest | None = None
+    ) -> EnvView:
         service.require_store()
         wf, node = _names(wf, node)
         with api.mutations:
-            service.rollback(wf, node, body.to if body is not None else None)
+            rev = service.rollback(wf, node, body.to if body is not None else None)
+        api.audited(request, "rollback", wf, node, 200, revision=rev.revision,
+                    snapshot_id=rev.snapshot_id, detail={"to": rev.rollback_to})  # fmt: skip
         return api.view(service.show(wf, node))
 
     @app.delete("/envs/{wf}/{node}", dependencies=[Depends(authorized)])
-    def delete_env(wf: str, node: str) -> dict[str, int]:
+    def delete_env(request: Request, wf: str, node: str) -> dict[str, int]:
         service.require_store()
         wf, node = _names(wf, node)
         with api.mutations:
-            return {"revisions_removed": service.remove(wf, node)}
+            removed = service.remove(wf, node)
+        api.audited(request, "delete", wf, node, 200, detail={"revisions_removed": removed})
+        return {"revisions_removed": removed}
 
     @app.get("/metrics", response_class=PlainTextResponse)
     def metrics() -> PlainTextResponse:

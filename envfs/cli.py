@@ -927,9 +927,21 @@ def status(as_json: bool) -> None:
     type=click.Path(path_type=Path),
     help="The path engines see the envs at (default: this store's mount here, else /envs).",
 )
+@click.option(
+    "--audit-dsn",
+    envvar="ENVFS_AUDIT_DSN",
+    metavar="DSN",
+    help="Also write every mutation to PostgreSQL (postgresql://...); rows wait in "
+    "<index>/audit-spool while it is down [env: ENVFS_AUDIT_DSN].",
+)
 @click.pass_context
 def serve_api(
-    ctx: click.Context, host: str, port: int, token_file: Path | None, mount_path: Path | None
+    ctx: click.Context,
+    host: str,
+    port: int,
+    token_file: Path | None,
+    mount_path: Path | None,
+    audit_dsn: str | None,
 ) -> None:
     """Serve the HTTP API for workflow platforms (docs/api.md).
 
@@ -947,8 +959,13 @@ def serve_api(
         raise BadInput(f"cannot read a token from {token_file}: {exc}") from None
     if len(token) < 8:
         raise BadInput(f"the token in {token_file} is shorter than 8 characters")
-    app = create_app(_service(ctx, quiet=True), token, mount_path)
-    serve(app, host, port)
+    svc = _service(ctx, quiet=True)
+    audit = None
+    if audit_dsn:
+        from envfs.pgaudit import PgAudit
+
+        audit = PgAudit(audit_dsn, svc.settings.index / "audit-spool")
+    serve(create_app(svc, token, mount_path, audit), host, port)
 
 
 def run() -> None:  # pragma: no cover - console entry for `python -m envfs`
