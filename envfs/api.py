@@ -504,6 +504,8 @@ def create_app(
     ) -> EnvPage:
         if workflow is not None:
             validate_name(workflow, "workflow")
+        if not service.store.exists():  # nothing bound yet
+            return EnvPage(items=[], total=0, offset=offset, limit=limit)
         views = service.index.all_bindings()
         if workflow is not None:
             views = [v for v in views if v.workflow == workflow]
@@ -573,8 +575,6 @@ def create_app(
 def serve(app: FastAPI, host: str, port: int) -> None:
     """Run ``app`` with uvicorn until SIGTERM/SIGINT, then exit 0 (a stop asked for is a
     clean exit, as for the daemon; uvicorn would re-raise the signal)."""
-    import logging
-
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -582,7 +582,5 @@ def serve(app: FastAPI, host: str, port: int) -> None:
             super().handle_exit(sig, frame)
             self._captured_signals.clear()
 
-    logging.basicConfig(format="envfs-api: %(message)s", level=logging.INFO)
-    logging.getLogger("envfs.api").info("serving on http://%s:%d", host, port)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
     Server(config).run()

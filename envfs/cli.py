@@ -965,6 +965,7 @@ def serve_api(
         from envfs.pgaudit import PgAudit
 
         audit = PgAudit(audit_dsn, svc.settings.index / "audit-spool")
+    click.echo(f"envfs: serving the API on http://{host}:{port} (store {svc.store.root})", err=True)
     serve(create_app(svc, token, mount_path, audit), host, port)
 
 
