@@ -25,12 +25,15 @@ import tomllib
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import pydantic
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.datastructures import UploadFile
 
@@ -44,7 +47,7 @@ from envfs.errors import (
     NotFound,
 )
 from envfs.model import EnvInfo, Revision
-from envfs.names import validate_name
+from envfs.names import MAX_NAME, NAME_PATTERN, validate_name
 from envfs.pgaudit import AuditRow, PgAudit
 from envfs.service import Inputs, Service
 
@@ -63,14 +66,44 @@ _STATUS: dict[type[EnvfsError], int] = {
 }
 
 
+#: How the schema documents a workflow or node name (checked by `validate_name`, whose
+#: messages say what is wrong in words; the schema does not enforce it).
+_NAME_DOC: dict[str, Any] = {"pattern": NAME_PATTERN, "minLength": 1, "maxLength": MAX_NAME}
+
+
+Wf = Annotated[str, PathParam(json_schema_extra=_NAME_DOC, description="Workflow")]
+Node = Annotated[str, PathParam(json_schema_extra=_NAME_DOC, description="Node")]
+
+
+class Problem(pydantic.BaseModel):
+    """Every error body: one sentence, the one the CLI prints for the same mistake."""
+
+    detail: str
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": Problem, "description": text}
+    for code, text in (
+        (400, "A body that cannot be parsed (rollback)"),
+        (401, "A mutation without the right bearer token: nothing was written"),
+        (404, "No such binding or revision"),
+        (409, "Busy: another build did not finish in time"),
+        (413, "The body is over 4 MiB"),
+        (415, "The body is neither JSON nor form fields"),
+        (422, "A bad name, requirement, project or body"),
+        (503, "The store or uv cannot work now"),
+    )
+}
+
+
 class EnvRequest(pydantic.BaseModel):
     """``POST /envs``: one of packages, requirements (a file's text, ``uv export`` output
     too) or pyproject + uv_lock (a uv project's two files)."""
 
     model_config = pydantic.ConfigDict(extra="forbid")
 
-    workflow_id: str
-    node_id: str
+    workflow_id: str = pydantic.Field(json_schema_extra=_NAME_DOC)
+    node_id: str = pydantic.Field(json_schema_extra=_NAME_DOC)
     packages: list[str] = []
     requirements: str | None = None
     pyproject: str | None = None
@@ -308,7 +341,7 @@ class Api:
 
     def refresh_gauges(self) -> None:
         svc = self.service
-        if not svc.store.root.exists():
+        if not svc.store.exists():  # an empty or uninitialised directory: nothing yet
             return
         self.metrics.snapshots.set(len(svc.store.snapshot_ids()))
         self.metrics.bindings.set(len(svc.index.all_bindings()))
@@ -440,16 +473,26 @@ def create_app(
         version=__version__,
         summary="Python environments at a fixed path: bind, build, inspect, roll back.",
         lifespan=lifespan,
+        responses=_ERRORS,
     )
     app.add_middleware(BodyLimit)
+    bearer = HTTPBearer(auto_error=False, description="The token of serve-api's --token-file")
 
-    def authorized(request: Request) -> None:
-        given = request.headers.get("authorization", "")
-        scheme, _, value = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip(), api.token):
+    def authorized(
+        credentials: HTTPAuthorizationCredentials | None = Depends(bearer),  # noqa: B008
+    ) -> None:
+        if credentials is None or not hmac.compare_digest(credentials.credentials, api.token):
             raise HTTPException(
                 401, "a bearer token is needed", headers={"WWW-Authenticate": "Bearer"}
             )
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for err in exc.errors():
+            where = ".".join(str(x) for x in err["loc"] if x not in ("body", "query", "path"))
+            parts.append(f"{where}: {err['msg']}" if where else str(err["msg"]))
+        return JSONResponse({"detail": "; ".join(parts)}, status_code=422)
 
     @app.exception_handler(EnvfsError)
     async def envfs_error(_request: Request, exc: EnvfsError) -> JSONResponse:
@@ -516,18 +559,18 @@ def create_app(
         return validate_name(wf, "workflow"), validate_name(node, "node")
 
     @app.get("/envs/{wf}/{node}")
-    def get_env(wf: str, node: str) -> EnvView:
+    def get_env(wf: Wf, node: Node) -> EnvView:
         service.require_store()
         return api.view(service.show(*_names(wf, node)))
 
     @app.get("/envs/{wf}/{node}/history")
-    def history(wf: str, node: str) -> list[Revision]:
+    def history(wf: Wf, node: Node) -> list[Revision]:
         service.require_store()
         return service.revisions(*_names(wf, node))
 
     @app.post("/envs/{wf}/{node}/rollback", dependencies=[Depends(authorized)])
     def rollback(
-        request: Request, wf: str, node: str, body: RollbackRequest | None = None
+        request: Request, wf: Wf, node: Node, body: RollbackRequest | None = None
     ) -> EnvView:
         service.require_store()
         wf, node = _names(wf, node)
@@ -538,7 +581,7 @@ def create_app(
         return api.view(service.show(wf, node))
 
     @app.delete("/envs/{wf}/{node}", dependencies=[Depends(authorized)])
-    def delete_env(request: Request, wf: str, node: str) -> dict[str, int]:
+    def delete_env(request: Request, wf: Wf, node: Node) -> dict[str, int]:
         service.require_store()
         wf, node = _names(wf, node)
         with api.mutations:

@@ -7,6 +7,7 @@ import re
 from envfs.errors import BadInput
 
 MAX_NAME = 128
+NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9._+-]*$"  # for documents (JSON Schema); code uses _NAME
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]*")  # fullmatch: "$" would let a final newline in
 
 

@@ -138,6 +138,18 @@ def check_hashes(lock: str, hashes: dict[str, frozenset[str]], source: str) -> N
 _LOCAL_URL = re.compile(r"@\s*(file:|/|\.{1,2}/|~)")
 
 
+def _parses(req: str) -> bool:
+    """Whether ``req`` is a PEP 508 requirement (else uv would take the list for a project
+    to build, and run a build backend on it)."""
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    try:
+        Requirement(req)
+    except InvalidRequirement:
+        return False
+    return True
+
+
 def normalize_requirements(reqs: list[str], allow_local: bool = False) -> list[str]:
     """Validate the shape of requirements and put them in a canonical order.
 
@@ -150,7 +162,7 @@ def normalize_requirements(reqs: list[str], allow_local: bool = False) -> list[s
         req = " ".join(req.split())
         if not req:
             continue
-        if not _REQ_START.match(req) or "\0" in req:
+        if not _REQ_START.match(req) or "\0" in req or not _parses(req):
             raise BadInput(
                 f"{req!r} is not a requirement; give names like 'numpy' or 'six==1.16.0'"
             )
