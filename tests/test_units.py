@@ -51,9 +51,11 @@ def test_requirements_are_canonical_and_validated() -> None:
         "Attrs",
         "six==1.16.0",
     ]
-    for bad in (["-e ."], ["./local"], []):
+    for bad in (["-e ."], ["./local"], [], ["foo)"], ["foo bar"], ["six=="]):
         with pytest.raises(BadInput):
             spec.normalize_requirements(bad)
+    marked = 'six==1.16.0 ; python_version >= "3.8"'  # as uv export writes it
+    assert spec.normalize_requirements([marked]) == [marked]
 
 
 def test_snapshot_id_is_stable_and_depends_on_every_input() -> None:
