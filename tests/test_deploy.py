@@ -53,6 +53,17 @@ def test_the_systemd_unit() -> None:
     assert _check_calls(unit.read_text(), unit.name) == 3
 
 
+def test_the_api_unit() -> None:
+    unit = DEPLOY / "envfs-api.service"
+    parser = configparser.ConfigParser(strict=False, interpolation=None)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read_string(unit.read_text())
+    service = parser["Service"]
+    assert "serve-api" in service["ExecStart"] and "--token-file" in service["ExecStart"]
+    assert service["KillSignal"] == "SIGTERM"  # serve-api exits 0 on it, after its builds
+    assert _check_calls(unit.read_text(), unit.name) == 1
+
+
 def _manifests(name: str) -> list[dict[str, Any]]:
     docs = [d for d in yaml.safe_load_all((DEPLOY / name).read_text()) if d]
     assert docs, name
