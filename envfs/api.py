@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import json
+import logging
 import tempfile
 import threading
 import time
@@ -51,10 +52,14 @@ from envfs.names import MAX_NAME, NAME_PATTERN, validate_name
 from envfs.pgaudit import AuditRow, PgAudit
 from envfs.service import Inputs, Service
 
+log = logging.getLogger("envfs.api")
+
 #: Largest request body accepted (a big uv.lock is a few hundred KiB).
 MAX_BODY = 4 * 1024 * 1024
 #: Builds the server runs at once (each is mostly uv and the compiler: I/O and CPU).
 BUILD_WORKERS = 2
+#: Seconds between reads of the store's logs for changes made elsewhere (CLI, other nodes).
+FOLLOW_EVERY = 0.5
 #: How often the store's byte count (a walk of every snapshot) is refreshed for /metrics.
 STORE_BYTES_EVERY = 300.0
 _STATUS: dict[type[EnvfsError], int] = {
@@ -224,9 +229,7 @@ class Builds:
             self.metrics.builds.labels("failed").inc()
         except Exception:  # a bug: keep serving, and say so in the server's log
             self.metrics.builds.labels("failed").inc()
-            import logging
-
-            logging.getLogger("envfs.api").exception("build of %s crashed", snapshot_id[:12])
+            log.exception("build of %s crashed", snapshot_id[:12])
         else:
             self.metrics.builds.labels("ok").inc()
         finally:
@@ -273,6 +276,24 @@ class Api:
         self.builds = Builds(service, self.metrics)
         self.mutations = threading.Lock()  # one resolve at a time: 20 POSTs, one lock
         self._bytes_at = 0.0
+        self._stop = threading.Event()
+        self._follower = threading.Thread(target=self._follow, name="envfs-follow", daemon=True)
+        self._follower.start()
+
+    def _follow(self) -> None:
+        """Keep the index up with what other processes and nodes bind, as a daemon does
+        (the logs twice a second, the binding files every few seconds)."""
+        while not self._stop.wait(FOLLOW_EVERY):
+            try:
+                if self.service.store.exists():
+                    self.service.index.follow_changes()
+            except EnvfsError as exc:  # the store unreachable for a while: keep serving
+                log.warning("cannot follow the store's changes: %s", exc.message)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._follower.join(5)
+        self.builds.stop()
 
     def mount(self) -> Path:
         """Where engines find the envs: --mount-path, else this store's live mount, else /envs."""
@@ -464,7 +485,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
-        await run_in_threadpool(api.builds.stop)
+        await run_in_threadpool(api.stop)
         if audit is not None:
             await run_in_threadpool(audit.close)
 

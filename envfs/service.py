@@ -12,6 +12,7 @@ import hashlib
 import os
 import random
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -80,6 +81,7 @@ class Service:
         self.store = Store(settings.store)
         self.progress = progress
         self._index: Index | None = None
+        self._index_lock = threading.Lock()
         self._indexes = spec.Indexes()
         self.user: str | None = None  # who revisions name (default: this process's user)
 
@@ -98,13 +100,15 @@ class Service:
 
     @property
     def index(self) -> Index:
-        if self._index is None:
-            self.require_store()
-            self._index = open_index(self.settings.index, self.store)
-            # what other processes and nodes logged since this node's index last looked
-            # (a daemon also reconciles with the binding files; see Index.follow_changes)
-            self._index.follow_changes(reconcile_every=float("inf"))
-        return self._index
+        with self._index_lock:  # threads of one process (the API) share one LMDB handle
+            if self._index is None:
+                self.require_store()
+                index = open_index(self.settings.index, self.store)
+                # what other processes and nodes logged since this node's index last looked
+                # (a daemon or the API also follow it; see Index.follow_changes)
+                index.follow_changes(reconcile_every=float("inf"))
+                self._index = index
+            return self._index
 
     # -- specs ----------------------------------------------------------------------------
 

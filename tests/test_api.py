@@ -298,15 +298,21 @@ def test_cli_and_api_see_each_others_changes(api: Server) -> None:
     back = api.call("POST", "/envs/wf/cli/rollback", {"to": 1})
     assert back.code == 200 and back.body["revision"] == 3
     assert env.show("wf/cli")["snapshot_id"] == history[0]["snapshot_id"]
+    # the CLI rebinds: the server sees it without being asked to (it follows the store)
+    env.run("build", "wf/cli", "tool-pkg==0.1", "--python", PY)
+    deadline = time.monotonic() + 10
+    while api.call("GET", "/envs/wf/cli").body["revision"] != 4:
+        assert time.monotonic() < deadline, "the API never saw the CLI's revision 4"
+        time.sleep(0.1)
     page = api.call("GET", "/envs?workflow=wf&limit=1").body
     assert page["total"] == 1 and len(page["items"]) == 1
     assert api.call("GET", "/envs?workflow=other").body["total"] == 0
-    assert api.call("DELETE", "/envs/wf/cli").body == {"revisions_removed": 3}
+    assert api.call("DELETE", "/envs/wf/cli").body == {"revisions_removed": 4}
     assert env.run("show", "wf/cli", check=False).returncode == 4
     assert api.call("GET", "/envs/wf/cli").code == 404
     assert api.call("GET", "/envs/wf/..x").code == 422
     audit = [e["event"] for e in env.audit() if e.get("node") == "cli"]
-    assert audit.count("bound") == 2 and "rolled_back" in audit and "removed" in audit
+    assert audit.count("bound") == 3 and "rolled_back" in audit and "removed" in audit
 
 
 def test_openapi_document_is_served(api: Server) -> None:
