@@ -298,8 +298,10 @@ def test_cli_and_api_see_each_others_changes(api: Server) -> None:
     back = api.call("POST", "/envs/wf/cli/rollback", {"to": 1})
     assert back.code == 200 and back.body["revision"] == 3
     assert env.show("wf/cli")["snapshot_id"] == history[0]["snapshot_id"]
-    # the CLI rebinds: the server sees it without being asked to (it follows the store)
-    env.run("build", "wf/cli", "tool-pkg==0.1", "--python", PY)
+    # another node rebinds (its own index): the server follows the store and sees it
+    other = dict(env.vars, ENVFS_INDEX=str(env.root / "index-b"), ENVFS_HOST="node-b")
+    subprocess.run([*ENVFS, "build", "wf/cli", "tool-pkg==0.1", "--python", PY],
+                   env=other, check=True, capture_output=True)  # fmt: skip
     deadline = time.monotonic() + 10
     while api.call("GET", "/envs/wf/cli").body["revision"] != 4:
         assert time.monotonic() < deadline, "the API never saw the CLI's revision 4"
