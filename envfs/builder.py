@@ -348,7 +348,16 @@ def build_into(
             compile_bytecode(python, staged, sources, log)
 
         stats = bytecode.compile_with_pool(
-            store, staged, compile_dir, interp.digest, info.tag(), compile_files, known, log.step
+            store,
+            staged,
+            compile_dir,
+            interp.digest,
+            info.tag(),
+            compile_files,
+            known,
+            log.step,
+            cached=cache.cached_digest if cache is not None else None,
+            learn=cache.remember_digests if cache is not None else None,
         )
         log.step(stats.summary())
     else:

@@ -67,15 +67,21 @@ def compile_with_pool(
     compile_files: Compile,
     known: Known,
     say: Callable[[str], None],
+    cached: Callable[[os.stat_result], str | None] | None = None,
+    learn: Callable[[list[tuple[os.stat_result, str]]], None] | None = None,
 ) -> Stats:
     """Give every ``.py`` under ``target`` its pyc: linked from the pool, or compiled.
 
     ``compile_files`` compiles a list of sources in place (see `envfs.builder`).  Source and
-    bytecode digests computed here go into ``known`` for the manifest.
+    bytecode digests computed here go into ``known`` for the manifest.  ``cached`` gives the
+    digest of a source shared with uv's cache that an earlier build hashed (by inode, size
+    and mtime, as the manifest scan trusts it), so a new env of known packages reads only
+    its pooled bytecode; ``learn`` is told the digests of shared sources hashed here.
     """
     t0 = time.monotonic()
     stats = Stats()
     missing: list[tuple[Path, Path, str]] = []  # (source, pyc, key)
+    learned: list[tuple[os.stat_result, str]] = []
     for dirpath, dirnames, filenames in os.walk(target):
         dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
         for name in sorted(filenames):
@@ -85,7 +91,13 @@ def compile_with_pool(
             st = os.lstat(source)
             if not stat.S_ISREG(st.st_mode):
                 continue
-            digest = hashlib.sha256(source.read_bytes()).hexdigest()
+            digest = known.get((st.st_dev, st.st_ino))
+            if digest is None and cached is not None and st.st_nlink > 1:
+                digest = cached(st)
+            if digest is None:
+                digest = hashlib.sha256(source.read_bytes()).hexdigest()
+                if st.st_nlink > 1:
+                    learned.append((st, digest))
             known[(st.st_dev, st.st_ino)] = digest
             pyc = Path(dirpath, "__pycache__", f"{name[:-3]}.{cache_tag}.pyc")
             if pyc.exists():
@@ -97,6 +109,8 @@ def compile_with_pool(
                 stats.reused += 1
             else:
                 missing.append((source, pyc, key))
+    if learn is not None and learned:
+        learn(learned)
     if missing:
         say(f"compiling {len(missing)} of {stats.sources} modules (the rest from earlier builds)")
         compile_files([source for source, _pyc, _key in missing])
