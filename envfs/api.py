@@ -23,7 +23,7 @@ import tempfile
 import threading
 import time
 import tomllib
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -334,21 +334,24 @@ class Api:
         )
 
     def post_env(self, req: EnvRequest) -> tuple[int, EnvView]:
-        with contextlib.ExitStack() as stack:
-            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="envfs-api-")))
-            inputs = Inputs(packages=tuple(req.packages), python=req.python)
+        """Bind as `envfs bind` does (the request's files in a temporary directory)."""
+        with tempfile.TemporaryDirectory(prefix="envfs-api-") as name:
+            tmp = Path(name)
+            requirements_file = project = None
             if req.requirements is not None:
-                (tmp / "requirements.txt").write_text(req.requirements)
-                inputs = Inputs(
-                    packages=tuple(req.packages),
-                    requirements_file=tmp / "requirements.txt",
-                    python=req.python,
-                )
+                requirements_file = tmp / "requirements.txt"
+                requirements_file.write_text(req.requirements)
             elif req.pyproject is not None and req.uv_lock is not None:
                 _refuse_local_sources(req.pyproject, req.uv_lock)
                 (tmp / "pyproject.toml").write_text(req.pyproject)
                 (tmp / "uv.lock").write_text(req.uv_lock)
-                inputs = Inputs(project=tmp, python=req.python)
+                project = tmp
+            inputs = Inputs(
+                packages=tuple(req.packages),
+                requirements_file=requirements_file,
+                project=project,
+                python=req.python,
+            )
             with self.mutations:
                 rev, reused = self.service.bind_inputs(
                     req.workflow_id, req.node_id, inputs, req.reason, build=False
@@ -420,11 +423,12 @@ def _error_response(exc: EnvfsError) -> JSONResponse:
     return JSONResponse({"detail": exc.message}, status_code=code)
 
 
-def _validation_message(exc: pydantic.ValidationError) -> str:
-    """A pydantic error as one sentence a person understands."""
+def _validation_message(errors: Sequence[Any]) -> str:
+    """Validation errors (pydantic's, or FastAPI's of a request) as one sentence a person
+    understands: each as ``field: what is wrong``."""
     parts = []
-    for err in exc.errors():
-        where = ".".join(str(x) for x in err["loc"])
+    for err in errors:
+        where = ".".join(str(x) for x in err["loc"] if x not in ("body", "query", "path"))
         msg = str(err["msg"]).removeprefix("Value error, ")
         parts.append(f"{where}: {msg}" if where else msg)
     return "; ".join(parts)
@@ -462,7 +466,7 @@ async def _read_env_request(request: Request) -> EnvRequest:
     try:
         return EnvRequest.model_validate(raw)
     except pydantic.ValidationError as exc:
-        raise HTTPException(422, _validation_message(exc)) from None
+        raise HTTPException(422, _validation_message(exc.errors())) from None
 
 
 _BODY_DOC: dict[str, Any] = {
@@ -509,11 +513,7 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        parts = []
-        for err in exc.errors():
-            where = ".".join(str(x) for x in err["loc"] if x not in ("body", "query", "path"))
-            parts.append(f"{where}: {err['msg']}" if where else str(err["msg"]))
-        return JSONResponse({"detail": "; ".join(parts)}, status_code=422)
+        return JSONResponse({"detail": _validation_message(exc.errors())}, status_code=422)
 
     @app.exception_handler(EnvfsError)
     async def envfs_error(_request: Request, exc: EnvfsError) -> JSONResponse:

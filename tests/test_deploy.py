@@ -41,11 +41,17 @@ def _check_calls(text: str, where: str) -> int:
     return calls
 
 
-def test_the_systemd_unit() -> None:
-    unit = DEPLOY / "envfs.service"
+def _unit(unit: Path) -> configparser.ConfigParser:
+    """A systemd unit file, parsed (keys keep their case)."""
     parser = configparser.ConfigParser(strict=False, interpolation=None)
     parser.optionxform = str  # type: ignore[assignment,method-assign]
     parser.read_string(unit.read_text())
+    return parser
+
+
+def test_the_systemd_unit() -> None:
+    unit = DEPLOY / "envfs.service"
+    parser = _unit(unit)
     assert {"Unit", "Service", "Install"} <= set(parser.sections())
     service = parser["Service"]
     assert "mount /envs --foreground" in service["ExecStart"]
@@ -55,10 +61,7 @@ def test_the_systemd_unit() -> None:
 
 def test_the_api_unit() -> None:
     unit = DEPLOY / "envfs-api.service"
-    parser = configparser.ConfigParser(strict=False, interpolation=None)
-    parser.optionxform = str  # type: ignore[assignment,method-assign]
-    parser.read_string(unit.read_text())
-    service = parser["Service"]
+    service = _unit(unit)["Service"]
     assert "serve-api" in service["ExecStart"] and "--token-file" in service["ExecStart"]
     assert service["KillSignal"] == "SIGTERM"  # serve-api exits 0 on it, after its builds
     assert _check_calls(unit.read_text(), unit.name) == 1
