@@ -38,7 +38,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.datastructures import UploadFile
 
-from envfs import __version__
+from envfs import __version__, interpreters
 from envfs.errors import (
     BadInput,
     Busy,
@@ -113,7 +113,9 @@ class EnvRequest(pydantic.BaseModel):
     requirements: str | None = None
     pyproject: str | None = None
     uv_lock: str | None = None
-    python: str | None = None
+    python: str | None = pydantic.Field(
+        None, json_schema_extra={"pattern": r"^(?:(?:cpython|python)[-@]?)?3(?:\.[0-9]+){0,2}$"}
+    )
     build: Literal["now", "lazy"] = "now"
     reason: str = ""
 
@@ -124,6 +126,14 @@ class EnvRequest(pydantic.BaseModel):
             return validate_name(value, "workflow" if info.field_name == "workflow_id" else "node")
         except BadInput as exc:
             raise ValueError(exc.message) from None
+
+    @pydantic.field_validator("python")
+    @classmethod
+    def _version(cls, value: str | None) -> str | None:
+        # a version, never a path: a path would be run (as this server's user) to probe it
+        if value is not None and not interpreters.is_version_request(value):
+            raise ValueError("give a Python version such as 3.12 or 3.12.1 (not a path)")
+        return value
 
     @pydantic.model_validator(mode="after")
     def _one_source(self) -> EnvRequest:

@@ -32,8 +32,16 @@ print(json.dumps({
 }))
 """
 
-_REQUEST = re.compile(r"^(?:(?P<impl>cpython|python)[-@]?)?(?P<version>3(?:\.\d+){0,2})$")
+#: ``3.12``, ``3.12.1``, ``cpython-3.12``: a version request (ASCII digits; never a path).
+_REQUEST = re.compile(r"(?:(?P<impl>cpython|python)[-@]?)?(?P<version>3(?:\.[0-9]+){0,2})")
 _NAME = re.compile(r"^python3(?:\.\d+)?$")
+
+
+def is_version_request(request: str) -> bool:
+    """Whether ``request`` names a Python version (``3.12``, ``3.12.1``, ``cpython-3.12``),
+    exactly, with nothing around it: the only form a remote client may give, since
+    anything else (a path) would be run to probe it."""
+    return _REQUEST.fullmatch(request) is not None
 
 
 def _pyenv_root() -> Path | None:
@@ -168,7 +176,7 @@ def find(request: str | None, requires: str | None = None) -> Interpreter:
         if not path.exists():
             raise InterpreterNotFound(f"no interpreter at {request}; pass an existing path")
         return probe(path)
-    match = _REQUEST.match(request.strip())
+    match = _REQUEST.fullmatch(request.strip())
     if match is None:
         raise BadInput(f"--python {request!r} is not a version; use e.g. --python 3.12 or a path")
     wanted = match["version"]

@@ -247,6 +247,25 @@ def test_bad_bodies_are_422_with_a_message_and_write_nothing(
     assert _bindings(api.env) == set()
 
 
+def test_python_is_a_version_never_a_path_that_would_run(api: Server) -> None:
+    ran = api.env.root / "ran"
+    script = api.env.root / "evil.sh"
+    script.write_text(f"#!/bin/sh\ntouch {ran}\n")
+    script.chmod(0o755)
+    missing = api.env.root / "missing" / "python"
+    details = []
+    for python in (str(script), str(missing), "3.12\n", " 3.12", "3.\uff11\uff12", "python"):
+        body = {"workflow_id": "wf", "node_id": "a", "packages": ["six"], "python": python}
+        got = api.call("POST", "/envs", body)
+        assert got.code == 422, (python, got.text)
+        details.append(got.body["detail"])
+    assert not ran.exists(), "the server ran the file named in python"
+    # the answer is the same whether the path exists or not, and names no path
+    assert details[0] == details[1], details
+    assert str(api.env.root) not in json.dumps(details)
+    assert _bindings(api.env) == set()
+
+
 def test_local_paths_oversized_and_non_json_bodies_are_refused(api: Server) -> None:
     lock = '[[package]]\nname = "mine"\nversion = "1"\nsource = { path = "/etc/passwd" }\n'
     pyproject = '[project]\nname = "p"\nversion = "0"\ndependencies = ["mine"]\n'
