@@ -7,8 +7,9 @@ same `Service` (no logic of its own but HTTP: parsing, auth, status codes, metri
   Clients poll ``GET /envs/{wf}/{node}`` for ``state``.
 - Every mutation needs ``Authorization: Bearer <token>``; without it ``401`` and nothing
   is written. Names and requirements are validated as in the CLI (``422`` with the
-  CLI's one-line message); local paths are refused (no ``file:`` requirements, no path
-  sources in a project); bodies are bounded (``413``).
+  CLI's one-line message); only packages from http(s) indexes are accepted (no path, git
+  or URL requirement or project source of any form, checked before uv runs); bodies are
+  bounded (``413``).
 - ``GET /metrics``: Prometheus text (builds, build seconds, reuse hits, requests by route
   and code, store bytes, snapshots, bindings).
 """
@@ -22,7 +23,6 @@ import logging
 import tempfile
 import threading
 import time
-import tomllib
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -251,26 +251,6 @@ class Builds:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _refuse_local_sources(pyproject: str, lock: str) -> None:
-    """A project sent over HTTP must not make the server read its own files: no path,
-    directory or editable sources, no find-links."""
-    try:
-        project, locked = tomllib.loads(pyproject), tomllib.loads(lock)
-    except tomllib.TOMLDecodeError as exc:
-        raise BadInput(f"pyproject or uv_lock is not TOML: {exc}") from None
-    uv = project.get("tool", {}).get("uv", {})
-    if uv.get("find-links"):
-        raise BadInput("find-links is not allowed over the API (it names local paths)")
-    for name, source in uv.get("sources", {}).items():
-        if isinstance(source, dict) and ({"path", "editable"} & source.keys()):
-            raise BadInput(f"source of {name!r} is a local path: not allowed over the API")
-    for pkg in locked.get("package", []):
-        source = pkg.get("source", {})
-        local = {"path", "directory", "editable"} & source.keys()
-        if local and source.get(next(iter(local))) not in (".", None):
-            raise BadInput(f"{pkg.get('name')} comes from a local path: not allowed over the API")
-
-
 class Api:
     """What the routes share: the service, the background builds, the token, the mount."""
 
@@ -352,7 +332,6 @@ class Api:
                 requirements_file = tmp / "requirements.txt"
                 requirements_file.write_text(req.requirements)
             elif req.pyproject is not None and req.uv_lock is not None:
-                _refuse_local_sources(req.pyproject, req.uv_lock)
                 (tmp / "pyproject.toml").write_text(req.pyproject)
                 (tmp / "uv.lock").write_text(req.uv_lock)
                 project = tmp
@@ -361,6 +340,7 @@ class Api:
                 requirements_file=requirements_file,
                 project=project,
                 python=req.python,
+                index_only=True,
             )
             with self.mutations:
                 rev, reused = self.service.bind_inputs(

@@ -59,6 +59,7 @@ class Inputs:
     python: str | None = None
     upgrade: bool = False
     allow_local: bool = False
+    index_only: bool = False  # over the API: no path, git or URL source of any kind
     index_url: str | None = None
     extra_index_urls: tuple[str, ...] = ()
     extras: tuple[str, ...] = ()
@@ -133,6 +134,8 @@ class Service:
         indexes = spec.make_indexes(inputs.index_url, inputs.extra_index_urls)
         if inputs.project is not None:
             files = spec.read_project(inputs.project)
+            if inputs.index_only:
+                spec.check_index_only(files, "the project", spec.configured_registries(os.environ))
             spec.check_project_indexes(files.pyproject, str(inputs.project))
             spec.check_selection(files.pyproject, selection, str(inputs.project))
         else:
@@ -141,7 +144,9 @@ class Service:
                 from_file = spec.read_requirements_file(inputs.requirements_file)
                 raw += from_file.requirements
                 hashes = from_file.hashes
-            reqs = spec.normalize_requirements(raw, allow_local=inputs.allow_local)
+            reqs = spec.normalize_requirements(
+                raw, allow_local=inputs.allow_local, index_only=inputs.index_only
+            )
         python, requires = inputs.python, None
         if inputs.project is not None:  # the project's .python-version and requires-python
             pinned, requires = spec.project_python(inputs.project)

@@ -230,7 +230,9 @@ def test_form_fields_and_project_files(api: Server, tmp_path: Path) -> None:
     [
         ({"workflow_id": "../x", "node_id": "a", "packages": ["six"]}, "workflow_id: workflow"),
         ({"workflow_id": "wf", "node_id": "", "packages": ["six"]}, "empty node"),
-        ({"workflow_id": "wf", "node_id": "a", "packages": ["x @ file:///etc"]}, "local"),
+        ({"workflow_id": "wf", "node_id": "a", "packages": ["x @ file:///etc"]}, "URL or path"),
+        ({"workflow_id": "wf", "node_id": "a", "packages": ["x @ git+file:///x"]}, "URL or path"),
+        ({"workflow_id": "wf", "node_id": "a", "requirements": "x @ git+https://h/x"}, "index"),
         ({"workflow_id": "wf", "node_id": "a"}, "give packages"),
         ({"workflow_id": "wf", "node_id": "a", "packages": ["six"], "pyproject": "x"}, "both"),
         ({"workflow_id": "wf", "node_id": "a", "packages": ["six"], "shell": "rm"}, "shell"),
@@ -266,12 +268,33 @@ def test_python_is_a_version_never_a_path_that_would_run(api: Server) -> None:
     assert _bindings(api.env) == set()
 
 
+def test_a_list_form_path_source_is_refused_before_uv_runs_it(api: Server) -> None:
+    evil = api.env.root / "evil"
+    evil.mkdir()
+    ran = api.env.root / "ran-setup"
+    (evil / "setup.py").write_text(
+        f"import pathlib\npathlib.Path({str(ran)!r}).touch()\n"
+        "from setuptools import setup\nsetup(name='six', version='9.9')\n"
+    )
+    pyproject = (
+        '[project]\nname = "p"\nversion = "0"\ndependencies = ["six"]\n'
+        f'[tool.uv.sources]\nsix = [{{ path = "{evil}", marker = "sys_platform == \'linux\'" }}]\n'
+    )
+    lock = 'version = 1\n[[package]]\nname = "p"\nversion = "0"\nsource = { virtual = "." }\n'
+    body = {"workflow_id": "wf", "node_id": "a", "pyproject": pyproject, "uv_lock": lock}
+    got = api.call("POST", "/envs", {**body, "python": PY})
+    assert got.code == 422 and "not a package index" in got.body["detail"], got.text
+    time.sleep(1)
+    assert not ran.exists(), "resolving the path source ran its setup.py on the server"
+    assert _bindings(api.env) == set()
+
+
 def test_local_paths_oversized_and_non_json_bodies_are_refused(api: Server) -> None:
     lock = '[[package]]\nname = "mine"\nversion = "1"\nsource = { path = "/etc/passwd" }\n'
     pyproject = '[project]\nname = "p"\nversion = "0"\ndependencies = ["mine"]\n'
     body = {"workflow_id": "wf", "node_id": "a", "pyproject": pyproject, "uv_lock": lock}
     got = api.call("POST", "/envs", body)
-    assert got.code == 422 and "local path" in got.body["detail"]
+    assert got.code == 422 and "from a path" in got.body["detail"], got.text
     # a body over the limit is refused from its Content-Length, before it is read
     port = int(api.url.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:

@@ -58,6 +58,75 @@ def test_requirements_are_canonical_and_validated() -> None:
     assert spec.normalize_requirements([marked]) == [marked]
 
 
+def test_local_and_direct_references_are_refused_by_their_grammar() -> None:
+    for local in ("six @ git+file:///tmp/x", "six @ file:///tmp/x", "six @ /tmp/x"):
+        with pytest.raises(BadInput, match="local path"):
+            spec.normalize_requirements([local])
+        assert spec.normalize_requirements([local], allow_local=True) == [local]
+    remote = "six @ git+https://github.com/benjaminp/six"
+    assert spec.normalize_requirements([remote]) == [remote]
+    for direct in (remote, "six @ https://host/six-1.16.0-py2.py3-none-any.whl"):
+        with pytest.raises(BadInput, match="only packages from an index"):
+            spec.normalize_requirements([direct], allow_local=True, index_only=True)
+    assert spec.normalize_requirements(["six==1.16.0"], index_only=True) == ["six==1.16.0"]
+
+
+_GOOD_LOCK = """version = 1
+[[package]]
+name = "p"
+version = "0"
+source = { virtual = "." }
+[[package]]
+name = "six"
+version = "1.16.0"
+source = { registry = "https://pypi.org/simple" }
+wheels = [{ url = "https://files.example/six-1.16.0-py2.py3-none-any.whl" }]
+"""
+_PYPROJECT = '[project]\nname = "p"\nversion = "0"\ndependencies = ["six"]\n'
+
+
+@pytest.mark.parametrize(
+    ("pyproject_extra", "lock"),
+    [
+        ('[tool.uv.sources]\nsix = [{ path = "/x", marker = "sys_platform == \'linux\'" }]\n', ""),
+        ('[tool.uv.sources]\nsix = { path = "/x" }\n', ""),
+        ('[tool.uv.sources]\nsix = { git = "https://github.com/x/six" }\n', ""),
+        ('[tool.uv.sources]\nsix = { url = "https://host/six.tar.gz" }\n', ""),
+        ("[tool.uv.sources]\nsix = { workspace = true }\n", ""),
+        ('[tool.uv]\nfind-links = ["/wheels"]\n', ""),
+        ('[[tool.uv.index]]\nname = "local"\nurl = "/srv/wheels"\n', ""),
+        ('[dependency-groups]\ndev = ["six @ git+file:///x"]\n', ""),
+        ("", '\n[[package]]\nname = "x"\nversion = "1"\nsource = { git = "file:///x" }\n'),
+        ("", '\n[[package]]\nname = "x"\nversion = "1"\nsource = { path = "x.whl" }\n'),
+        ("", '\n[[package]]\nname = "x"\nversion = "1"\nsource = { registry = "/srv" }\n'),
+    ],
+)
+def test_index_only_projects_refuse_every_other_source(pyproject_extra: str, lock: str) -> None:
+    good = spec.ProjectFiles(_PYPROJECT, _GOOD_LOCK)
+    spec.check_index_only(good, "the project")  # index sources only: accepted
+    bad = spec.ProjectFiles(_PYPROJECT + pyproject_extra, _GOOD_LOCK + lock)
+    with pytest.raises(BadInput) as err:
+        spec.check_index_only(bad, "the project")
+    assert "\n" not in err.value.message
+
+
+def test_index_only_trusts_the_registries_the_operator_configured() -> None:
+    lock = (
+        'version = 1\n[[package]]\nname = "six"\nversion = "1.16.0"\n'
+        'source = { registry = "/srv/wheels" }\n'
+        'wheels = [{ path = "/srv/wheels/six-1.16.0-py2.py3-none-any.whl" }]\n'
+    )
+    files = spec.ProjectFiles(_PYPROJECT, lock)
+    with pytest.raises(BadInput, match="only packages from an http"):
+        spec.check_index_only(files, "the project")
+    trusted = spec.configured_registries({"UV_FIND_LINKS": "/srv/wheels/,/other"})
+    assert trusted == {"/srv/wheels", "/other"}
+    spec.check_index_only(files, "the project", trusted)
+    outside = spec.ProjectFiles(_PYPROJECT, lock.replace("/srv/wheels/six", "/etc/six"))
+    with pytest.raises(BadInput):
+        spec.check_index_only(outside, "the project", trusted)
+
+
 def test_snapshot_id_is_stable_and_depends_on_every_input() -> None:
     files = spec.ProjectFiles(pyproject="[project]\nname='x'\n", lock="version = 1\n")
     same = spec.ProjectFiles(pyproject="[project]\nname = 'x'\n", lock="version = 1\n")
