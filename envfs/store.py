@@ -17,6 +17,7 @@ import os
 import shutil
 import stat
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +28,7 @@ import pydantic
 
 from envfs import crashpoints, feed
 from envfs.config import node_time
-from envfs.errors import EnvironmentProblem, NotFound
+from envfs.errors import Busy, EnvironmentProblem, NotFound
 from envfs.model import (
     LAYOUT_VERSION,
     AuditEvent,
@@ -53,6 +54,45 @@ SERVE_LEASE_TTL = 300.0
 #: Bytes set aside for a build's failure record (its log is cut to fit).
 FAILURE_ROOM = 64 * 1024
 META = ".envfs"  # metadata directory inside a snapshot (manifest, build log); not served
+#: Seconds a build, bind or sweep waits for the gc fence before it gives up, naming who holds
+#: it; ``ENVFS_FENCE_WAIT`` overrides it (tests).
+FENCE_WAIT = float(os.environ.get("ENVFS_FENCE_WAIT") or 60.0)
+#: Directories of lock and lease files: the store's owner only, so that no other user of a
+#: node can open (and ``flock``) them.
+PRIVATE_DIRS = ("locks", "leases")
+
+
+def lock_holders(fd: int) -> str:
+    """Who holds a lock on the file open at ``fd``, from ``/proc/locks`` (pid, user,
+    command), for a message; a holder on another node of a NAS is not listed there."""
+    st = os.fstat(fd)
+    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    pids: set[int] = set()
+    with contextlib.suppress(OSError), open("/proc/locks") as f:
+        for line in f:
+            # "1: FLOCK  ADVISORY  WRITE 1234 00:2a:5678 0 EOF"; waiters read "1: -> FLOCK ..."
+            fields = line.split()
+            if len(fields) >= 6 and fields[1] != "->" and fields[5] == key:
+                pids.add(int(fields[4]))
+    pids.discard(os.getpid())
+    if not pids:
+        return "a process this node cannot see (another node?)"
+    return ", ".join(_describe_pid(pid) for pid in sorted(pids))
+
+
+def _describe_pid(pid: int) -> str:
+    import pwd
+
+    try:
+        uid = os.stat(f"/proc/{pid}").st_uid
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return f"pid {pid}"
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = str(uid)
+    return f"pid {pid} ({comm}, user {user})"
 
 
 def pid_start_time(pid: int) -> int:
@@ -121,6 +161,8 @@ class Store:
         try:
             for sub in self.SUBDIRS:
                 (self.root / sub).mkdir(parents=True, exist_ok=True)
+            for sub in PRIVATE_DIRS:
+                self._make_private(self.root / sub)
             config = self.root / "envfs.toml"
             if not config.exists():
                 text = f'format = {LAYOUT_VERSION}\nuuid = "{uuid.uuid4().hex}"\n'
@@ -131,6 +173,14 @@ class Store:
                 "pass --store DIR (or ENVFS_STORE) on a writable filesystem"
             ) from exc
         return self
+
+    @staticmethod
+    def _make_private(path: Path) -> None:
+        """Take group and other permissions off a directory of ours (stores made before
+        lock and lease directories were private are fixed on their next build)."""
+        st = os.stat(path)
+        if st.st_mode & 0o077 and st.st_uid == os.geteuid():
+            os.chmod(path, stat.S_IMODE(st.st_mode) & 0o700)
 
     @property
     def uuid(self) -> str:
@@ -498,13 +548,35 @@ class Store:
         return served
 
     @contextlib.contextmanager
-    def gc_fence(self, exclusive: bool = False) -> Iterator[None]:
-        """Builds and binds hold it shared, a sweep exclusively (``flock`` on locks/gc)."""
+    def gc_fence(self, exclusive: bool = False, wait: float | None = None) -> Iterator[None]:
+        """Builds and binds hold it shared, a sweep exclusively (``flock`` on locks/gc, which
+        only the store's owner may open). Waits at most ``wait`` seconds (``FENCE_WAIT``),
+        then raises `Busy` naming who holds it: a stuck or hostile holder fails a command in
+        one line instead of freezing it."""
         import fcntl
 
-        fd = os.open(self.locks / "gc", os.O_RDWR | os.O_CREAT, 0o644)
+        self._make_private(self.locks)
+        path = self.locks / "gc"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            if os.fstat(fd).st_mode & 0o077:
+                os.fchmod(fd, 0o600)
+            mode = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
+            deadline = time.monotonic() + (FENCE_WAIT if wait is None else wait)
+            pause = 0.01
+            while True:
+                try:
+                    fcntl.flock(fd, mode)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        doing = "a sweep" if exclusive else "builds and binds"
+                        raise Busy(
+                            f"{path} (the gc fence, which {doing} must take) is held by "
+                            f"{lock_holders(fd)}; try again when it is done"
+                        ) from None
+                    time.sleep(pause)
+                    pause = min(pause * 2, 0.5)
             yield
         finally:
             os.close(fd)

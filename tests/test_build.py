@@ -530,3 +530,52 @@ def test_a_project_whose_lock_does_not_match_is_refused(local: Env, tmp_path: Pa
     (line,) = out.stderr.strip().splitlines()
     assert "does not match its pyproject.toml" in line and "uv lock" in line
     assert local.listing("specs") == before
+
+
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c"]
+_HOLD = (
+    "import fcntl, time; fcntl.flock({fd}, fcntl.LOCK_EX); print('held', flush=True); "
+    "time.sleep(120)"
+)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs a process as another user (setpriv)")
+def test_a_node_user_cannot_freeze_builds_with_flock(local: Env) -> None:
+    local.run("build", "wf/a", "extra-a==1.0", "--python", PY)
+    opened = {}  # let `nobody` reach the store, as on a node; restored after the test
+    for parent in local.store.parents:
+        if parent in (Path("/tmp"), Path("/")):
+            break
+        opened[parent] = os.stat(parent).st_mode & 0o7777
+        os.chmod(parent, opened[parent] | 0o755)
+    try:
+        gc = local.store / "locks" / "gc"
+        for private in (gc, local.store / "leases"):  # lock and lease files: not for others
+            out = subprocess.run(
+                [*NOBODY, f"import os; os.listdir({str(private)!r}) if os.path.isdir("
+                 f"{str(private)!r}) else open({str(private)!r})"],
+                capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert out.returncode != 0 and "PermissionError" in out.stderr, out
+        # a holder whose descriptor predates that (a store made by an older envfs) costs a
+        # bind a bounded wait and one line naming it, not a hang
+        fd = os.open(gc, os.O_RDONLY)
+        holder = subprocess.Popen(
+            [*NOBODY, _HOLD.format(fd=fd)], pass_fds=(fd,), stdout=subprocess.PIPE, text=True
+        )
+        os.close(fd)
+        try:
+            assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+            local.vars["ENVFS_FENCE_WAIT"] = "2"
+            out = local.run("bind", "wf/b", "extra-b==2.0", "--python", PY, check=False)
+            assert out.returncode == 7, out.stderr
+            (line,) = out.stderr.strip().splitlines()
+            assert f"pid {holder.pid}" in line and "user nobody" in line, line
+        finally:
+            holder.kill()
+            holder.wait(timeout=30)
+        assert not (local.store / "bindings" / "wf" / "b").exists()
+        local.run("bind", "wf/b", "extra-b==2.0", "--python", PY)
+    finally:
+        for parent, mode in opened.items():
+            os.chmod(parent, mode)
