@@ -450,8 +450,9 @@ def verify(ctx: click.Context, target: str | None, check_all: bool, as_json: boo
     """Check snapshots against their manifests; exit 5 naming what is damaged.
 
     Without TARGET (or with --all): every snapshot (one unreadable manifest does not stop
-    the others), bindings whose built snapshot is gone, and uv's cache against the wheels'
-    RECORDs. With WF/NODE or a snapshot id (prefix): that snapshot only.
+    the others), bindings whose built snapshot is gone, revision files that cannot be read,
+    and uv's cache against the wheels' RECORDs. With WF/NODE or a snapshot id (prefix):
+    that snapshot only.
     """
     if check_all and target is not None:
         raise BadInput("give either --all or a TARGET, not both")
@@ -465,7 +466,7 @@ def verify(ctx: click.Context, target: str | None, check_all: bool, as_json: boo
                 click.echo(f"  {problem}")
             if len(problems) > 20:
                 click.echo(f"  ... and {len(problems) - 20} more (--json lists all)")
-        for line in report.gone:
+        for line in report.gone + report.corrupt:
             click.echo(line)
         for problem in report.uv_cache[:20]:
             click.echo(f"uv-cache: {problem}")
@@ -473,6 +474,7 @@ def verify(ctx: click.Context, target: str | None, check_all: bool, as_json: boo
         click.echo(
             f"{report.checked} snapshot(s){cache} checked: {len(report.damaged)} damaged"
             + (f", {len(report.gone)} gone" if report.gone else "")
+            + (f", {len(report.corrupt)} corrupt record(s)" if report.corrupt else "")
             + (f", {len(report.uv_cache)} uv cache problem(s)" if report.uv_cache else "")
         )
     if not report.ok:

@@ -61,6 +61,11 @@ class EnvironmentProblem(EnvfsError):
     errno = _errno.EIO
 
 
+class CorruptRecord(EnvironmentProblem):
+    """A record in the store (a binding revision, a spec, a manifest) that cannot be read.
+    Commands over many names skip it (and say so once); ``envfs verify`` reports it."""
+
+
 class CaptureFailed(EnvfsError):
     exit_code = 9
     errno = _errno.EIO

@@ -72,6 +72,7 @@ class Index:
         self._lock = threading.Lock()
         self._reconciled = -RECONCILE_EVERY  # the first follow_changes reconciles
         self._binding_mtimes: dict[tuple[str, str], int] = {}
+        self._unreadable: dict[tuple[str, str], str] = {}  # binding -> why (said once)
         self.rebuilt = False
         try:
             self._open()
@@ -125,7 +126,7 @@ class Index:
             for db in (self.bindings, self.revs, self.snaps):
                 txn.drop(db, delete=False)
             for wf, node in self.store.binding_names():
-                revisions = self.store.revisions(wf, node)
+                revisions = self._revisions(wf, node)  # None: unreadable, said once, skipped
                 if revisions:
                     self._put_binding(txn, revisions)
                     count += 1
@@ -304,12 +305,16 @@ class Index:
 
     def _revisions(self, workflow: str, node: str) -> list[Revision] | None:
         """A binding's revisions; None (and a log line) if one cannot be read: one damaged
-        binding must not keep the others from being followed."""
+        binding must not keep the others from being indexed or followed."""
         try:
-            return self.store.revisions(workflow, node)
+            revisions = self.store.revisions(workflow, node)
         except EnvfsError as exc:
-            log.error("cannot read binding %s/%s: %s", workflow, node, exc.message)
+            if self._unreadable.get((workflow, node)) != exc.message:  # once, not every pass
+                log.error("cannot read binding %s/%s (skipped): %s", workflow, node, exc.message)
+            self._unreadable[(workflow, node)] = exc.message
             return None
+        self._unreadable.pop((workflow, node), None)
+        return revisions
 
     def reconcile(self) -> list[tuple[str, str]]:
         """Bring the index in line with the binding files; the bindings that were behind.

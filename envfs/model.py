@@ -231,10 +231,11 @@ class VerifyReport(Record):
     gone: list[str] = []  # bindings whose built snapshot is no longer in the store
     uv_cache_checked: int = 0  # files of unpacked wheels checked against their RECORD
     uv_cache: list[str] = []  # problems, as paths under uv-cache/
+    corrupt: list[str] = []  # store records that cannot be read: "<file> is corrupt: <why>"
 
     @property
     def ok(self) -> bool:
-        return not (self.damaged or self.gone or self.uv_cache)
+        return not (self.damaged or self.gone or self.uv_cache or self.corrupt)
 
 
 class DiskUsage(Record):

@@ -509,8 +509,11 @@ class Service:
         )
 
     def remove(self, workflow: str, node: str) -> int:
-        """Remove a binding (its revisions go to ``trash/``); the revisions it had."""
-        revisions = self.revisions(workflow, node)
+        """Remove a binding (its revisions go to ``trash/``); the revisions it had. Its files
+        are not read: a binding with a corrupt revision can be removed too."""
+        revisions = self.store.revision_numbers(workflow, node)
+        if not revisions:
+            raise NotFound(f"no binding {workflow}/{node}; create it with `envfs build` or `bind`")
         with self.store.gc_fence():
             self.store.trash_binding(workflow, node, self.store.store_now())
             self.store.audit("removed", self.host, None, workflow=workflow, node=node)
@@ -545,11 +548,14 @@ class Service:
             for v in self.index.all_bindings()
             if v.snapshot_id in built and not self.store.snapshot_ready(v.snapshot_id)
         ]
+        self._say("verifying the bindings' revision files")
+        corrupt = verify.corrupt_records(self.store)
         self._say("verifying uv's cache against the wheels' RECORDs")
         checked, cache = verify.uv_cache_problems(self.store)
         return VerifyReport(
-            checked=len(ids), damaged=damaged, gone=gone, uv_cache_checked=checked, uv_cache=cache
-        )
+            checked=len(ids), damaged=damaged, gone=gone, uv_cache_checked=checked, uv_cache=cache,
+            corrupt=corrupt,
+        )  # fmt: skip
 
     def disk_usage(self) -> DiskUsage:
         """Real bytes of the snapshots, each hardlinked file counted once."""

@@ -28,7 +28,7 @@ import pydantic
 
 from envfs import crashpoints, feed
 from envfs.config import node_time
-from envfs.errors import Busy, EnvironmentProblem, NotFound
+from envfs.errors import Busy, CorruptRecord, EnvironmentProblem, NotFound
 from envfs.model import (
     LAYOUT_VERSION,
     AuditEvent,
@@ -225,12 +225,20 @@ class Store:
 
     @staticmethod
     def read_model(path: Path, model: type[R]) -> R:
+        """A record of the store; `CorruptRecord` (one line: the file and why, never its
+        bytes) if it cannot be read or is not a valid ``model``."""
         try:
             return model.model_validate_json(path.read_bytes())
         except FileNotFoundError:
             raise
-        except (OSError, pydantic.ValidationError) as exc:
-            raise EnvironmentProblem(f"{path} is unreadable or corrupt: {exc}") from exc
+        except OSError as exc:
+            raise CorruptRecord(f"{path} is unreadable: {exc.strerror}") from exc
+        except pydantic.ValidationError as exc:
+            first = exc.errors(include_input=False, include_url=False)[0]
+            where = ".".join(str(x) for x in first["loc"])
+            why = f"{where}: {first['msg']}" if where else first["msg"]
+            more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+            raise CorruptRecord(f"{path} is corrupt: {why}{more}") from exc
 
     # -- specs ----------------------------------------------------------------------------
 
@@ -647,14 +655,19 @@ class Store:
     def binding_dir(self, workflow: str, node: str) -> Path:
         return self.bindings / workflow / node
 
-    def revisions(self, workflow: str, node: str) -> list[Revision]:
-        """All revisions of a binding, oldest first (empty if it does not exist)."""
-        d = self.binding_dir(workflow, node)
+    def revision_numbers(self, workflow: str, node: str) -> list[int]:
+        """The numbers of a binding's revision files, ascending, without reading them."""
         try:
-            names = os.listdir(d)
+            names = os.listdir(self.binding_dir(workflow, node))
         except FileNotFoundError:
             return []
-        numbers = sorted(int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit())
+        return sorted(int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit())
+
+    def revisions(self, workflow: str, node: str) -> list[Revision]:
+        """All revisions of a binding, oldest first (empty if it does not exist);
+        `CorruptRecord` if one of them cannot be read."""
+        d = self.binding_dir(workflow, node)
+        numbers = self.revision_numbers(workflow, node)
         return [self.read_model(d / f"{n}.json", Revision) for n in numbers]
 
     def append_revision(self, make: Any) -> Revision:

@@ -13,8 +13,8 @@ import stat
 from pathlib import Path
 
 from envfs.builder import record_digests
-from envfs.errors import EnvfsError
-from envfs.model import Manifest, ManifestEntry
+from envfs.errors import CorruptRecord, EnvfsError
+from envfs.model import Manifest, ManifestEntry, Revision
 from envfs.store import META, Store
 
 _SPECIAL = {
@@ -33,6 +33,21 @@ def snapshot_problems(store: Store, snapshot_id: str) -> list[str]:
     except EnvfsError as exc:
         return [f"manifest unreadable: {exc.message}"]
     return tree_problems(root, manifest)
+
+
+def corrupt_records(store: Store) -> list[str]:
+    """Every binding revision file that cannot be read, one line each (the file and why);
+    the commands that go over every binding skip these."""
+    out = []
+    for wf, node in store.binding_names():
+        for number in store.revision_numbers(wf, node):
+            try:
+                store.read_model(store.binding_dir(wf, node) / f"{number}.json", Revision)
+            except CorruptRecord as exc:
+                out.append(exc.message)
+            except FileNotFoundError:
+                continue  # removed meanwhile
+    return out
 
 
 def tree_problems(root: Path, manifest: Manifest) -> list[str]:

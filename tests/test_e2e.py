@@ -246,6 +246,32 @@ def test_binding_change_is_seen_and_old_revision_stays(fs: tuple[Env, Path, list
     assert os.getxattr(mnt / "wf/a", "user.envfs.rev") == b"2"
 
 
+def test_one_corrupt_binding_file_stops_nothing_else(fs: tuple[Env, Path, list[Mount]]) -> None:
+    env, mnt, mounts = fs
+    env.run("build", "wf/a", "extra-a==1.0", "--python", PY)
+    env.run("build", "wf/b", "extra-b==2.0", "--python", PY)
+    bad = env.store / "bindings/wf/b/1.json"
+    os.chmod(bad, 0o644)
+    bad.write_bytes(b"garbage{{\x00\xff")
+    env.vars["ENVFS_INDEX"] = str(env.root / "fresh-index")  # a new node: rebuilds from the store
+    listed = env.run("ls", "--json")
+    assert [b["node"] for b in json.loads(listed.stdout)] == ["a"]
+    (line,) = listed.stderr.strip().splitlines()  # said once, in one line, without its bytes
+    assert str(bad) in line and "garbage" not in line, line
+    assert env.show("wf/a")["state"] == "ready"
+    broken = env.run("show", "wf/b", check=False)
+    assert broken.returncode == 8 and len(broken.stderr.strip().splitlines()) == 1
+    assert "corrupt" in broken.stderr and "garbage" not in broken.stderr
+    env.run("build", "wf/c", "extra-a==1.0", "--python", PY)
+    env.run("index", "rebuild")
+    verify = env.run("verify", check=False)
+    assert verify.returncode == 5 and f"{bad} is corrupt" in verify.stdout, verify.stdout
+    mounts.append(Mount(env, mnt))
+    assert py(mnt, "wf/a", "import extra_a").returncode == 0
+    assert env.run("rm", "wf/b").returncode == 0  # and the broken binding can be removed
+    assert env.run("verify").returncode == 0
+
+
 def test_sigterm_unmounts_and_sigkill_recovers(fs: tuple[Env, Path, list[Mount]]) -> None:
     env, mnt, mounts = fs
     env.run("build", "wf/a", "extra-a==1.0", "--python", PY)
