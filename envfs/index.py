@@ -14,11 +14,11 @@ is rebuilt from the store automatically and gives the same answers.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
-import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -29,7 +29,7 @@ import lmdb
 
 from envfs import feed
 from envfs.catalog import BindingView
-from envfs.errors import EnvfsError, EnvironmentProblem
+from envfs.errors import BadInput, EnvfsError, EnvironmentProblem
 from envfs.model import Revision
 from envfs.store import Store
 
@@ -39,6 +39,20 @@ SCHEMA = b"2"  # 2: per-host logs (meta feed_cursor), file digests
 #: Seconds between passes that compare every binding directory with the index.
 RECONCILE_EVERY = 2.0
 MAP_SIZE = 1 << 30  # sparse; grows only as used
+#: The file that says a directory is an envfs index: envfs deletes only in directories that
+#: have it, and only its own files there.
+MARKER = "envfs-index"
+_LMDB_FILES = ("data.mdb", "lock.mdb")
+#: LMDB errors that mean the files are damaged (rebuilt); any other (EACCES, a full disk) is
+#: the environment's, reported and never "repaired" by deleting.
+_DAMAGED = (
+    lmdb.CorruptedError,
+    lmdb.InvalidError,
+    lmdb.VersionMismatchError,
+    lmdb.PageNotFoundError,
+    lmdb.PanicError,
+    lmdb.BadRslotError,
+)
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -74,6 +88,7 @@ class Index:
         self._binding_mtimes: dict[tuple[str, str], int] = {}
         self._unreadable: dict[tuple[str, str], str] = {}  # binding -> why (said once)
         self.rebuilt = False
+        _claim(path)
         try:
             self._open()
             with self.env.begin() as txn:
@@ -82,13 +97,14 @@ class Index:
                 self.rebuild()
             elif not self._valid():
                 self._reset_and_rebuild("it belongs to another store or an older schema")
-        except lmdb.Error as exc:
+        except _DAMAGED as exc:
             self._reset_and_rebuild(f"it is corrupt ({exc})")
+        except lmdb.Error as exc:
+            raise EnvironmentProblem(f"cannot open the index at {path}: {exc}") from exc
 
     # -- opening --------------------------------------------------------------------------
 
     def _open(self) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
         self.env = lmdb.open(str(self.path), map_size=MAP_SIZE, max_dbs=8, max_readers=512)
         self.meta = self.env.open_db(b"meta")
         self.bindings = self.env.open_db(b"bindings")
@@ -106,7 +122,9 @@ class Index:
         log.warning("rebuilding the index at %s: %s", self.path, why)
         if hasattr(self, "env"):
             self.env.close()
-        shutil.rmtree(self.path, ignore_errors=True)
+        for name in _LMDB_FILES:  # only ours: _claim proved the directory is an index
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path / name)
         try:
             self._open()
         except lmdb.Error as exc:
@@ -345,6 +363,38 @@ class Index:
                 behind.append((wf, node))
             self._binding_mtimes[(wf, node)] = mtime
         return behind
+
+
+def _claim(path: Path) -> None:
+    """Make ``path`` an index directory, or prove it is one: new or empty (the marker is
+    written), or marked. A directory holding anything else is refused, never cleared."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    entries = set(os.listdir(path))
+    if MARKER in entries:
+        return
+    if entries and not (entries <= set(_LMDB_FILES) and _is_envfs_lmdb(path)):
+        raise BadInput(
+            f"the index directory {path} holds files envfs did not make (no {MARKER} file "
+            "in it); give --index (or ENVFS_INDEX) a new or empty directory"
+        )
+    (path / MARKER).write_text("an envfs index (a cache of the store): envfs may delete it\n")
+
+
+def _is_envfs_lmdb(path: Path) -> bool:
+    """Whether ``path`` holds an index of an envfs from before the marker (an LMDB with
+    envfs's ``meta`` database and its schema key)."""
+    try:
+        env = lmdb.open(str(path), readonly=True, lock=False, max_dbs=8)
+    except lmdb.Error:
+        return False
+    try:
+        meta = env.open_db(b"meta", create=False)
+        with env.begin() as txn:
+            return txn.get(b"schema", db=meta) is not None
+    except lmdb.Error:
+        return False
+    finally:
+        env.close()
 
 
 def open_index(path: Path, store: Store) -> Index:

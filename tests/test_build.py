@@ -187,6 +187,36 @@ def test_missing_or_corrupt_index_is_rebuilt_with_identical_answers(local: Env) 
     assert "2 binding(s)" in rebuilt.stdout
 
 
+def test_the_index_never_deletes_what_envfs_did_not_make(
+    local: Env, tmp_path: Path, wheelhouse: Path
+) -> None:
+    local.run("build", "wf/a", "extra-a==1.0", "--python", PY)
+    mine = tmp_path / "mine"
+    (mine / "project").mkdir(parents=True)
+    (mine / "notes.txt").write_text("keep")
+    (mine / "project" / "a.txt").write_text("keep")
+    other = make_env(tmp_path / "other", wheelhouse)
+    for env, args in ((local, ["ls"]), (other, ["bind", "x/y", "extra-b==2.0", "--python", PY])):
+        out = env.run("--index", str(mine), *args, check=False)
+        assert out.returncode == 3, out.stderr
+        (line,) = out.stderr.strip().splitlines()
+        assert "did not make" in line, line
+    assert sorted(str(p.relative_to(mine)) for p in mine.rglob("*")) == [
+        "notes.txt", "project", "project/a.txt"
+    ]  # fmt: skip
+    # an index of one store, opened for another, is rebuilt in place: its own files only
+    index = tmp_path / "index"
+    local.run("--index", str(index), "ls")
+    assert sorted(p.name for p in index.iterdir()) == ["data.mdb", "envfs-index", "lock.mdb"]
+    other.run("--index", str(index), "bind", "x/y", "extra-b==2.0", "--python", PY)
+    listed = json.loads(other.run("--index", str(index), "ls", "--json").stdout)
+    assert [(b["workflow"], b["node"]) for b in listed] == [("x", "y")]
+    # an index made before the marker existed (LMDB files only) is still taken as ours
+    (index / "envfs-index").unlink()
+    assert other.run("--index", str(index), "ls").returncode == 0
+    assert (index / "envfs-index").exists()
+
+
 def test_du_counts_hardlinked_files_once(local: Env) -> None:
     local.run("build", "wf/a", "extra-a==1.0", "--python", PY)
     local.run("build", "wf/b", "extra-b==2.0", "--python", PY)
