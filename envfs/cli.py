@@ -16,7 +16,7 @@ import click
 
 from envfs.config import Settings
 from envfs.errors import BadInput, EnvfsError, EnvironmentProblem, NotFound
-from envfs.names import parse_target
+from envfs.names import parse_revision, parse_target
 from envfs.service import Inputs, Service
 
 if TYPE_CHECKING:
@@ -244,9 +244,10 @@ def show(ctx: click.Context, target: str, as_json: bool, packages: bool) -> None
 
 
 def _revision(text: str) -> int:
-    if not text.isdigit():
+    revision = parse_revision(text)
+    if revision is None:
         raise BadInput(f"revision {text!r} is not a number; see `envfs history`")
-    return int(text)
+    return revision
 
 
 def _mount_of(svc: Service, mount: Path | None) -> Path:

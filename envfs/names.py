@@ -28,6 +28,17 @@ def validate_name(name: str, what: str = "name") -> str:
     return name
 
 
+#: A revision number as envfs writes it: ASCII decimal, no sign, no leading zero, no space.
+#: Anything else (``01``, ``+1``, a fullwidth or superscript digit) names no revision, so
+#: one revision has exactly one name (the kernel mounts and caches views by name).
+_REVISION = re.compile(r"[1-9][0-9]{0,17}")
+
+
+def parse_revision(text: str) -> int | None:
+    """The revision ``text`` names in its canonical form, else None."""
+    return int(text) if _REVISION.fullmatch(text) else None
+
+
 def parse_target(target: str) -> tuple[str, str]:
     """``WF/NODE`` -> (wf, node), both validated."""
     parts = target.split("/")

@@ -41,6 +41,7 @@ from envfs.model import (
     Revision,
     SpecInfo,
 )
+from envfs.names import parse_revision
 
 R = TypeVar("R", bound=Record)
 log = logging.getLogger(__name__)
@@ -661,7 +662,8 @@ class Store:
             names = os.listdir(self.binding_dir(workflow, node))
         except FileNotFoundError:
             return []
-        return sorted(int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit())
+        numbers = (parse_revision(n[:-5]) for n in names if n.endswith(".json"))
+        return sorted(n for n in numbers if n is not None)
 
     def revisions(self, workflow: str, node: str) -> list[Revision]:
         """All revisions of a binding, oldest first (empty if it does not exist);
@@ -676,8 +678,7 @@ class Store:
         d = self.binding_dir(first.workflow, first.node)
         d.mkdir(parents=True, exist_ok=True)
         while True:
-            existing = [int(n[:-5]) for n in os.listdir(d) if n[:-5].isdigit()]
-            number = max(existing, default=0) + 1
+            number = max(self.revision_numbers(first.workflow, first.node), default=0) + 1
             rev: Revision = make(number)
             if self.create_file(d / f"{number}.json", rev.model_dump_json(indent=2).encode()):
                 crashpoints.reached("bind")

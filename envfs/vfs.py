@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from envfs.catalog import BindingView, Catalog
+from envfs.names import parse_revision
 from envfs.nowait import blocking_is_cheap
 from envfs.store import Listing, SnapshotUnreadable, read_listing
 
@@ -473,9 +474,9 @@ class Namespace:
         node = text
         if "@" in text:
             node, _, rev_text = text.rpartition("@")
-            if not node or not rev_text.isdigit():
+            revision = parse_revision(rev_text)
+            if not node or revision is None:
                 return None
-            revision = int(rev_text)
         binding = self._binding(wf, node, revision)
         if binding is None:
             negative = self._negative.get((wf, node))

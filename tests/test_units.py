@@ -46,6 +46,14 @@ def test_good_targets_parse() -> None:
     assert parse_target("etl/prep-1.2_x") == ("etl", "prep-1.2_x")
 
 
+def test_revision_numbers_are_canonical_ascii_decimals() -> None:
+    from envfs.names import parse_revision
+
+    assert [parse_revision(t) for t in ("1", "42", "123456789")] == [1, 42, 123456789]
+    for odd in ("", "0", "01", "+1", "-1", " 1", "1 ", "1\n", "\uff11", "\u00b2", "1_0", "9" * 19):
+        assert parse_revision(odd) is None, odd
+
+
 def test_requirements_are_canonical_and_validated() -> None:
     assert spec.normalize_requirements(["six==1.16.0", "Attrs", "six==1.16.0"]) == [
         "Attrs",

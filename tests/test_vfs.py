@@ -329,6 +329,12 @@ def test_bad_names_are_misses(world: World) -> None:
     assert world.ns.lookup(12345, b"x") is None
 
 
+@pytest.mark.parametrize("rev", ["01", "+1", " 1", "1 ", "\uff11", "\u00b2", "1\n", "1.0", "0"])
+def test_only_canonical_revision_numbers_name_a_revision(world: World, rev: str) -> None:
+    assert world.walk("wf/two@1") is not None
+    assert world.walk(f"wf/two@{rev}") is None  # no alias of @1, and no error
+
+
 def test_unbuilt_binding_needs_a_build_then_serves(world: World) -> None:
     world.catalog.bindings[("wf", "lazy")] = ["C"]
     root = world.walk("wf/lazy")  # the root answers at once: lookups in "wf" never wait
