@@ -175,7 +175,8 @@ class EnvfsOperations(pyfuse3.Operations):
     ) -> EntryAttributes:
         ns = self._ns
         attached = ns.attach_count
-        attr = await self._resolve(lambda ino, io: ns.lookup(ino, name, io), parent_inode)
+        uid = ctx.uid
+        attr = await self._resolve(lambda ino, io: ns.lookup(ino, name, io, uid), parent_inode)
         if ns.attach_count != attached and self._on_attach is not None:
             # a view's first use, inside it (never a binding-level directory: a mount below
             # one would walk it while this request holds it)

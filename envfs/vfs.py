@@ -48,9 +48,12 @@ SNAPSHOTS_NAME = b".snapshots"
 METADATA_NAME = b".envfs"
 #: How long an unknown ``<wf>/<node>`` stays unknown before the store is asked again.
 NEGATIVE_TTL = 3.0
-#: At most this many missing names are remembered, and looked up in the store per second.
+#: At most this many missing names are remembered, and looked up in the store per second by
+#: each user (uid), so that one user's flood of unknown names never starves another's.
 MAX_NEGATIVE = 4096
 STORE_LOOKUP_RATE = 50.0
+#: Users whose lookup budgets are remembered (the least recently asking is forgotten).
+MAX_LOOKUP_USERS = 1024
 #: The mtime and ctime of everything inside a snapshot: the same on every node and every run
 #: (bytecode is unchecked-hash, so no reader compares source and bytecode times).
 SNAPSHOT_TIME_NS = 946_684_800 * 10**9  # 2000-01-01T00:00:00Z
@@ -222,7 +225,7 @@ class Namespace:
         self._files: dict[tuple[str | None, int], _File] = {}  # (sha256 or target, mode) -> file
         self._built: dict[str, bytes] = {}  # snapshot id -> dir, from builds this process ran
         self._negative: dict[tuple[str, str], float] = {}  # (wf, node) -> expiry
-        self._lookup_tokens = (STORE_LOOKUP_RATE, clock())  # token bucket: (tokens, at)
+        self._lookup_tokens: dict[int, tuple[float, float]] = {}  # uid -> (tokens, at)
         self._placeholders: dict[tuple[str, str], int] = {}  # (wf, node) -> inode
         self.lookups = 0
         self.cold = 0
@@ -255,8 +258,9 @@ class Namespace:
         node = self._inodes.get(ino)
         return isinstance(node, _File) and node.parent.tree.blocking_is_cheap
 
-    def lookup(self, parent: int, name: bytes, io: bool = False) -> Attr | None:
-        """The entry ``name`` in directory ``parent``; None if there is none."""
+    def lookup(self, parent: int, name: bytes, io: bool = False, uid: int = 0) -> Attr | None:
+        """The entry ``name`` in directory ``parent``; None if there is none. ``uid`` (who
+        asks) draws on its own budget of store lookups for names the index does not know."""
         if not io:
             self.lookups += 1
         try:
@@ -269,15 +273,15 @@ class Namespace:
                 if name == b"..":
                     return self._inodes[ROOT_INODE].attr
                 if parent == ROOT_INODE:
-                    return self._lookup_workflow(name, io)
+                    return self._lookup_workflow(name, io, uid)
                 if parent == SNAPSHOTS_INODE:
-                    return self._lookup_snapshot(name, io)
+                    return self._lookup_snapshot(name, io, uid)
             elif isinstance(node, _Workflow):
                 if name == b".":
                     return node.attr
                 if name == b"..":
                     return self._inodes[ROOT_INODE].attr
-                return self._lookup_binding(node, name, io)
+                return self._lookup_binding(node, name, io, uid)
             return None
         except WouldBlock:
             self.cold += 1
@@ -411,8 +415,8 @@ class Namespace:
                 node = self._inodes[ino]
                 view = node.view if isinstance(node, _Dir) else None
                 backing = self._roots.get(view.snapshot_id) if view is not None else None
-                if view is None or backing is None:
-                    continue
+                if view is None or backing is None or view.alias:
+                    continue  # a short id is FUSE's: one kernel mount per name, canonical only
                 if view.kind == "current":
                     pinned = View("revision", view.snapshot_id, view.workflow, view.node,
                                   view.revision)  # fmt: skip
@@ -443,7 +447,7 @@ class Namespace:
         ino = self._synthetic(self._workflows, wf, CACHE_SHORT, lambda a: _Workflow(a, wf))
         return self._inodes[ino].attr
 
-    def _lookup_workflow(self, name: bytes, io: bool) -> Attr | None:
+    def _lookup_workflow(self, name: bytes, io: bool, uid: int) -> Attr | None:
         if name == SNAPSHOTS_NAME:
             return self._inodes[SNAPSHOTS_INODE].attr
         wf = _decode_name(name)
@@ -457,7 +461,7 @@ class Namespace:
                 return None
             if not io:
                 raise WouldBlock
-            if not self._take_store_lookup():
+            if not self._take_store_lookup(uid):
                 return None
             self.store_lookups += 1
             if not self._catalog.workflow_in_store(wf):
@@ -465,7 +469,7 @@ class Namespace:
                 return None
         return self._workflow_attr(wf)
 
-    def _lookup_binding(self, parent: _Workflow, name: bytes, io: bool) -> Attr | None:
+    def _lookup_binding(self, parent: _Workflow, name: bytes, io: bool, uid: int) -> Attr | None:
         text = _decode_name(name)
         if text is None:
             return None
@@ -484,7 +488,7 @@ class Namespace:
                 return None
             if not io:
                 raise WouldBlock
-            if not self._take_store_lookup():
+            if not self._take_store_lookup(uid):
                 return None  # over the rate: the index (refreshed from the store) answers
             self.store_lookups += 1
             binding = self._catalog.lookup_store(wf, node)
@@ -502,19 +506,20 @@ class Namespace:
         cache = CACHE_SHORT if revision is None else CACHE_LONG
         return self._view_root(key, view, parent.attr.ino, io, cache)
 
-    def _take_store_lookup(self) -> bool:
-        """A token for one store lookup of an unknown name (at most `STORE_LOOKUP_RATE` a
-        second, bursts of as many): a flood of missing names (a scanner, a typo in a loop)
-        must not turn into as many NAS round trips."""
+    def _take_store_lookup(self, uid: int) -> bool:
+        """A token of ``uid``'s for one store lookup of an unknown name (at most
+        `STORE_LOOKUP_RATE` a second, bursts of as many): a flood of missing names (a
+        scanner, a typo in a loop) must not turn into as many NAS round trips, nor use up
+        the lookups of the node's other users."""
         with self._lock:
             now = self._clock()
-            tokens, last = self._lookup_tokens
+            tokens, last = self._lookup_tokens.pop(uid, (STORE_LOOKUP_RATE, now))
             tokens = min(STORE_LOOKUP_RATE, tokens + (now - last) * STORE_LOOKUP_RATE)
-            if tokens < 1:
-                self._lookup_tokens = (tokens, now)
-                return False
-            self._lookup_tokens = (tokens - 1, now)
-            return True
+            took = tokens >= 1
+            self._lookup_tokens[uid] = (tokens - took, now)  # newest last
+            if len(self._lookup_tokens) > MAX_LOOKUP_USERS:
+                del self._lookup_tokens[next(iter(self._lookup_tokens))]
+            return took
 
     def _remember_missing(self, wf: str, node: str) -> None:
         """Cache a missing binding for `NEGATIVE_TTL`, keeping at most `MAX_NEGATIVE` names."""
@@ -532,7 +537,7 @@ class Namespace:
             return self._catalog.current(wf, node)
         return self._catalog.at_revision(wf, node, revision)
 
-    def _lookup_snapshot(self, name: bytes, io: bool) -> Attr | None:
+    def _lookup_snapshot(self, name: bytes, io: bool, uid: int) -> Attr | None:
         snapshot_id = _decode_name(name)
         if snapshot_id is None:
             return None
@@ -541,7 +546,7 @@ class Namespace:
         if key not in self._views and _SHORT_ID.match(snapshot_id):
             if not io:
                 raise WouldBlock
-            if not self._take_store_lookup():
+            if not self._take_store_lookup(uid):
                 return None
             self.store_lookups += 1
             full = self._catalog.find_snapshot(snapshot_id)

@@ -449,6 +449,31 @@ def test_a_crashing_builder_becomes_an_eio_build_failure(world: World) -> None:
     trio.run(main)
 
 
+def test_short_ids_are_served_by_fuse_and_each_user_has_its_own_lookup_budget(
+    world: World,
+) -> None:
+    from envfs.vfs import STORE_LOOKUP_RATE
+
+    sid = "ab" * 32
+    world.catalog.snapshots[sid] = world.a
+    snaps = SNAPSHOTS_INODE
+    flooder, other = 1000, 1001
+    for i in range(int(STORE_LOOKUP_RATE) + 5):  # random prefixes, as one user's loop
+        assert world.ns.lookup(snaps, f"{i:012x}".encode(), io=True, uid=flooder) is None
+    # the flooder's budget is spent; another user's valid short id is still found
+    assert world.ns.lookup(snaps, sid[:12].encode(), io=True, uid=flooder) is None
+    short = world.ns.lookup(snaps, sid[:13].encode(), io=True, uid=other)
+    assert short is not None
+    full = world.ns.lookup(snaps, sid.encode(), io=True, uid=other)
+    assert full is not None
+    for attr in (short, full):  # load both views' trees, as a first use inside them does
+        assert world.ns.lookup(attr.ino, b"marker.txt", io=True) is not None
+    # only the canonical name may be handed to the kernel: one mount per snapshot, not one
+    # per prefix a user tries
+    paths = sorted(view.path for view, _, _ in world.ns.kernel_candidates())
+    assert paths == [f".snapshots/{sid}"], paths
+
+
 def test_a_flood_of_missing_names_is_bounded_in_memory_and_store_lookups(world: World) -> None:
     from envfs.vfs import MAX_NEGATIVE, STORE_LOOKUP_RATE
 
