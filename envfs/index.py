@@ -43,6 +43,9 @@ MAP_SIZE = 1 << 30  # sparse; grows only as used
 #: have it, and only its own files there.
 MARKER = "envfs-index"
 _LMDB_FILES = ("data.mdb", "lock.mdb")
+#: What else envfs keeps next to the index (the node cache, the API's audit spool, the
+#: daemon's served list): a directory holding only these is envfs's, marked or not.
+_ALSO_OURS = ("cache", "audit-spool", "served.json")
 #: LMDB errors that mean the files are damaged (rebuilt); any other (EACCES, a full disk) is
 #: the environment's, reported and never "repaired" by deleting.
 _DAMAGED = (
@@ -366,13 +369,15 @@ class Index:
 
 
 def _claim(path: Path) -> None:
-    """Make ``path`` an index directory, or prove it is one: new or empty (the marker is
-    written), or marked. A directory holding anything else is refused, never cleared."""
+    """Make ``path`` an index directory, or prove it is one: marked, or holding nothing but
+    what envfs keeps there (the marker is then written). Any other directory is refused,
+    never cleared."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     entries = set(os.listdir(path))
     if MARKER in entries:
         return
-    if entries and not (entries <= set(_LMDB_FILES) and _is_envfs_lmdb(path)):
+    ours = entries <= {*_LMDB_FILES, *_ALSO_OURS}
+    if not ours or ("data.mdb" in entries and not _is_envfs_lmdb(path)):
         raise BadInput(
             f"the index directory {path} holds files envfs did not make (no {MARKER} file "
             "in it); give --index (or ENVFS_INDEX) a new or empty directory"
