@@ -20,6 +20,8 @@ import contextlib
 import hmac
 import json
 import logging
+import os
+import re
 import tempfile
 import threading
 import time
@@ -62,6 +64,11 @@ BUILD_WORKERS = 2
 FOLLOW_EVERY = 0.5
 #: How often the store's byte count (a walk of every snapshot) is refreshed for /metrics.
 STORE_BYTES_EVERY = 300.0
+#: Seconds a client has to send a request's head (line and headers) once connected or after
+#: its last response; ``ENVFS_API_HEADER_TIMEOUT`` overrides it (tests).
+HEADER_TIMEOUT = float(os.environ.get("ENVFS_API_HEADER_TIMEOUT") or 10.0)
+#: Request prefix of the temporary directories a POST's files are written to.
+_REQUEST_DIR = "envfs-api-"
 _STATUS: dict[type[EnvfsError], int] = {
     BadInput: 422,
     InterpreterNotFound: 422,
@@ -177,8 +184,7 @@ class RollbackRequest(pydantic.BaseModel):
 class Health(pydantic.BaseModel):
     ok: bool
     version: str
-    store: str
-    store_exists: bool
+    store_exists: bool  # (not where it is: this answer needs no token)
     audit_queued: int | None = None  # rows waiting for PostgreSQL (None: no --audit-dsn)
 
 
@@ -265,6 +271,14 @@ class Api:
         self.metrics = Metrics()
         self.builds = Builds(service, self.metrics)
         self.mutations = threading.Lock()  # one resolve at a time: 20 POSTs, one lock
+        self._names = {
+            str(service.store.root): "<store>",
+            str(service.settings.index): "<index>",
+        }
+        longest_first = sorted(self._names, key=len, reverse=True)
+        self._private = re.compile("|".join(re.escape(p) for p in longest_first))
+        tmp = re.escape(os.path.join(tempfile.gettempdir(), _REQUEST_DIR))
+        self._request_dirs = re.compile(tmp + r"[^/\s'\"]*")
         self._bytes_at = 0.0
         self._stop = threading.Event()
         self._follower = threading.Thread(target=self._follow, name="envfs-follow", daemon=True)
@@ -280,6 +294,11 @@ class Api:
             except EnvfsError as exc:  # the store unreachable for a while: keep serving
                 log.warning("cannot follow the store's changes: %s", exc.message)
 
+    def token_matches(self, given: str) -> bool:
+        """Constant time, on bytes: a header may carry any Latin-1 text (str comparison
+        raises on non-ASCII)."""
+        return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), self.token.encode())
+
     def stop(self) -> None:
         self._stop.set()
         self._follower.join(5)
@@ -293,6 +312,12 @@ class Api:
 
         return live_mount_of(self.service.store.root) or Path("/envs")
 
+    def public(self, text: str) -> str:
+        """``text`` without this server's paths (the store, the index, a request's temporary
+        directory): a client learns what went wrong, not how the server is laid out."""
+        text = self._private.sub(lambda m: self._names[m.group(0)], text)
+        return self._request_dirs.sub("<request>", text)
+
     def view(self, info: EnvInfo) -> EnvView:
         env = self.mount() / info.workflow / info.node
         state = info.state
@@ -304,7 +329,7 @@ class Api:
             revision=info.revision,
             snapshot_id=info.snapshot_id,
             state=state,
-            reason=info.reason,
+            reason=self.public(info.reason) if info.reason is not None else None,
             python_version=info.python,
             env_path=str(env),
             python_path=str(env / "bin/python"),
@@ -325,7 +350,7 @@ class Api:
 
     def post_env(self, req: EnvRequest) -> tuple[int, EnvView]:
         """Bind as `envfs bind` does (the request's files in a temporary directory)."""
-        with tempfile.TemporaryDirectory(prefix="envfs-api-") as name:
+        with tempfile.TemporaryDirectory(prefix=_REQUEST_DIR) as name:
             tmp = Path(name)
             requirements_file = project = None
             if req.requirements is not None:
@@ -404,13 +429,16 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
+_NEEDS_TOKEN = "a bearer token is needed"
+
+
 def _too_large(limit: int) -> JSONResponse:
     return JSONResponse({"detail": f"request body over {limit} bytes"}, status_code=413)
 
 
-def _error_response(exc: EnvfsError) -> JSONResponse:
+def _error_response(exc: EnvfsError, api: Api) -> JSONResponse:
     code = next((c for t, c in _STATUS.items() if isinstance(exc, t)), 500)
-    return JSONResponse({"detail": exc.message}, status_code=code)
+    return JSONResponse({"detail": api.public(exc.message)}, status_code=code)
 
 
 def _validation_message(errors: Sequence[Any]) -> str:
@@ -434,6 +462,8 @@ async def _read_env_request(request: Request) -> EnvRequest:
             raw = json.loads(await request.body())
         except ValueError as exc:
             raise HTTPException(422, f"the body is not JSON: {exc}") from None
+        except RecursionError:
+            raise HTTPException(422, "the body is nested too deeply") from None
         if not isinstance(raw, dict):
             raise HTTPException(422, "the body must be a JSON object")
     elif kind in ("multipart/form-data", "application/x-www-form-urlencoded"):
@@ -496,10 +526,20 @@ def create_app(
     def authorized(
         credentials: HTTPAuthorizationCredentials | None = Depends(bearer),  # noqa: B008
     ) -> None:
-        if credentials is None or not hmac.compare_digest(credentials.credentials, api.token):
-            raise HTTPException(
-                401, "a bearer token is needed", headers={"WWW-Authenticate": "Bearer"}
-            )
+        if credentials is None or not api.token_matches(credentials.credentials):
+            raise HTTPException(401, _NEEDS_TOKEN, headers={"WWW-Authenticate": "Bearer"})
+
+    @app.middleware("http")
+    async def token_first(request: Request, call_next: Callable[[Request], Awaitable[Any]]) -> Any:
+        """Mutations are refused before their bodies are read or parsed (the route's own
+        check, documented in the schema, runs after FastAPI has parsed a body)."""
+        if request.method not in ("GET", "HEAD", "OPTIONS"):
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not api.token_matches(given.strip()):
+                return JSONResponse(
+                    {"detail": _NEEDS_TOKEN}, 401, headers={"WWW-Authenticate": "Bearer"}
+                )
+        return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -507,7 +547,7 @@ def create_app(
 
     @app.exception_handler(EnvfsError)
     async def envfs_error(_request: Request, exc: EnvfsError) -> JSONResponse:
-        return _error_response(exc)
+        return _error_response(exc, api)
 
     @app.middleware("http")
     async def count(request: Request, call_next: Callable[[Request], Awaitable[Any]]) -> Any:
@@ -523,12 +563,10 @@ def create_app(
 
     @app.get("/healthz")
     def healthz() -> Health:
-        root = service.store.root
         return Health(
             ok=True,
             version=__version__,
-            store=str(root),
-            store_exists=root.exists(),
+            store_exists=service.store.root.exists(),
             audit_queued=audit.queued() if audit is not None else None,
         )
 
@@ -636,5 +674,43 @@ def serve(app: FastAPI, host: str, port: int) -> None:
             super().handle_exit(sig, frame)
             self._captured_signals.clear()
 
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="warning", access_log=False, http=_head_deadline()
+    )
     Server(config).run()
+
+
+def _head_deadline() -> type[Any]:
+    """uvicorn's h11 protocol with a deadline for each request's head: uvicorn itself waits
+    for headers forever, so slow-header clients (slowloris) could hold every connection."""
+    import asyncio
+
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeadDeadline(H11Protocol):
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()  # the next request's head
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            self._head_timer = self.loop.call_later(HEADER_TIMEOUT, self._too_slow)
+
+        def _too_slow(self) -> None:
+            waiting = self.cycle is None or self.cycle.response_complete  # no head yet
+            if waiting and not self.transport.is_closing():
+                self.transport.close()
+
+    return HeadDeadline

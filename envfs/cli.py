@@ -956,12 +956,7 @@ def serve_api(
 
     if token_file is None:
         raise BadInput("serve-api needs --token-file (mutations need a bearer token)")
-    try:
-        token = token_file.read_text().strip().splitlines()[0].strip()
-    except (OSError, IndexError) as exc:
-        raise BadInput(f"cannot read a token from {token_file}: {exc}") from None
-    if len(token) < 8:
-        raise BadInput(f"the token in {token_file} is shorter than 8 characters")
+    token = _read_token(token_file)
     svc = _service(ctx, quiet=True)
     audit = None
     if audit_dsn:
@@ -970,6 +965,29 @@ def serve_api(
         audit = PgAudit(audit_dsn, svc.settings.index / "audit-spool")
     click.echo(f"envfs: serving the API on http://{host}:{port} (store {svc.store.root})", err=True)
     serve(create_app(svc, token, mount_path, audit), host, port)
+
+
+def _read_token(path: Path) -> str:
+    """The bearer token: the first line of ``path``, printable ASCII, at least 8 characters.
+    A token file other users can read is made private (0600) when it is ours, and refused
+    when it is not: a token anyone on the host can read guards nothing."""
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            if st.st_mode & 0o077 and st.st_uid == os.geteuid():
+                os.fchmod(f.fileno(), 0o600)
+                _progress(f"warning: {path} was readable by other users; made it 0600")
+            elif st.st_mode & 0o077:
+                raise BadInput(
+                    f"{path} is readable by other users and not ours to fix; chmod 600 it"
+                )
+            token = f.read().decode("ascii").strip().splitlines()[0].strip()
+    except (OSError, IndexError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "no ASCII token on its first line"
+        raise BadInput(f"cannot read a token from {path}: {why}") from None
+    if len(token) < 8 or not token.isprintable():
+        raise BadInput(f"the token in {path} is shorter than 8 printable characters")
+    return token
 
 
 def run() -> None:  # pragma: no cover - console entry for `python -m envfs`

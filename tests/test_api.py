@@ -289,6 +289,48 @@ def test_a_list_form_path_source_is_refused_before_uv_runs_it(api: Server) -> No
     assert _bindings(api.env) == set()
 
 
+def test_hostile_edges_are_4xx_and_name_no_server_path(local: Env) -> None:
+    local.vars["ENVFS_API_HEADER_TIMEOUT"] = "1"
+    server = start_server(local)
+    try:
+        token = local.root / "token"
+        assert token.stat().st_mode & 0o777 == 0o600  # it was 0644: made private at start
+        port = int(server.url.rsplit(":", 1)[1])
+
+        def raw(request: bytes) -> bytes:
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+                conn.sendall(request)
+                return conn.recv(4096).split(b"\r\n")[0]
+
+        # a non-ASCII token (Latin-1 and UTF-8 bytes alike) is a wrong token, not a 500
+        for bearer in ("caf\u00e9".encode("latin-1"), "caf\u00e9".encode()):
+            head = b"POST /envs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + bearer
+            got = raw(head + b"\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+            assert got == b"HTTP/1.1 401 Unauthorized", got
+        # a mutation's body is not even parsed without the token
+        rollback = server.call("POST", "/envs/wf/a/rollback", data=b"{bad", token=None)
+        assert rollback.code == 401, rollback.text
+        deep = b"[" * 20000 + b"]" * 20000
+        nested = server.call("POST", "/envs", data=deep)
+        assert nested.code == 422, nested.text
+        # errors and unauthenticated reads name no server path
+        broken = {"workflow_id": "wf", "node_id": "a", "pyproject": "[project", "uv_lock": "x"}
+        answers = [server.call("POST", "/envs", broken), server.call("GET", "/healthz")]
+        assert answers[0].code == 422, answers[0].text
+        for answer in answers:
+            for secret in (str(local.store), str(local.root), "/tmp/"):
+                assert secret not in answer.text, answer.text
+        # a client that never finishes its headers is cut off
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+            conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            started = time.monotonic()
+            assert conn.recv(4096) == b""  # closed by the server
+            assert time.monotonic() - started < 20
+    finally:
+        stop_server(server)
+    assert _bindings(local) == set()
+
+
 def test_local_paths_oversized_and_non_json_bodies_are_refused(api: Server) -> None:
     lock = '[[package]]\nname = "mine"\nversion = "1"\nsource = { path = "/etc/passwd" }\n'
     pyproject = '[project]\nname = "p"\nversion = "0"\ndependencies = ["mine"]\n'

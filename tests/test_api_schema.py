@@ -99,6 +99,45 @@ def _fuzz(
     run()
 
 
+#: Text no generator is sure to try: Latin-1, CJK, a combining mark, a right-to-left mark.
+ODD = "caf\u00e9-\u4e2d\u0301\u200f"
+#: Nesting past what Python's json module parses (it raises RecursionError, not ValueError).
+DEEP = b"[" * 20000 + b"]" * 20000
+
+
+def _hostile(served: Server, operations: list[Any]) -> list[str]:
+    """Every operation with non-ASCII everywhere a client controls (token, path, query,
+    body) and, where it takes a body, one nested too deeply for a parser: never a 5xx, and
+    every answer as documented."""
+    import requests
+
+    failures = []
+    checks = [not_a_server_error, status_code_conformance, content_type_conformance]
+    for op in operations:
+        params = {"wf": ODD, "node": ODD} if "{wf}" in op.path else None
+        body = {"workflow_id": ODD, "node_id": ODD, "packages": [ODD], "python": ODD}
+        for token in (TOKEN, "caf\u00e9"):
+            case = op.Case(
+                path_parameters=params,
+                headers={"Authorization": f"Bearer {token}"},
+                query={"workflow": ODD} if op.label == "GET /envs" else None,
+                **({"body": body, "media_type": "application/json"} if op.method == "post" else {}),
+            )
+            try:
+                case.call_and_validate(base_url=served.url, checks=checks, timeout=REQUEST_TIMEOUT)
+            except (Exception, FailureGroup) as exc:
+                failures.append(f"{op.label} (non-ASCII, token {token!r}): {exc}")
+        if op.method in ("post", "delete"):
+            path = op.path.replace("{wf}", "wf").replace("{node}", "a")
+            got = requests.request(
+                op.method.upper(), served.url + path, data=DEEP, headers={
+                    **AUTH, "Content-Type": "application/json"}, timeout=REQUEST_TIMEOUT
+            )  # fmt: skip
+            if got.status_code >= 500:
+                failures.append(f"{op.label} (nested {len(DEEP) // 2} deep): {got.status_code}")
+    return failures
+
+
 def test_no_route_answers_5xx(served: Server) -> None:
     schema = schemathesis.openapi.from_url(f"{served.url}/openapi.json", timeout=30)
     operations = []
@@ -126,6 +165,7 @@ def test_no_route_answers_5xx(served: Server) -> None:
                 pass  # nothing to negate (no parameters, or only free-form strings)
             except (Exception, FailureGroup) as exc:  # FailureGroup: a BaseExceptionGroup
                 failures.append(f"{op.label} ({what}): {exc}")
+    failures += _hostile(served, operations)
     assert not failures, "\n\n".join(failures)
     # the fuzzing got past validation too: real bindings were read and shown
     metrics = served.call("GET", "/metrics").text
