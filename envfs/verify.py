@@ -14,7 +14,7 @@ from pathlib import Path
 
 from envfs.builder import record_digests
 from envfs.errors import CorruptRecord, EnvfsError
-from envfs.model import Manifest, ManifestEntry, Revision
+from envfs.model import Manifest, ManifestEntry, Revision, SpecInfo
 from envfs.store import META, Store
 
 _SPECIAL = {
@@ -26,13 +26,31 @@ _SPECIAL = {
 
 
 def snapshot_problems(store: Store, snapshot_id: str) -> list[str]:
-    """What differs between ``snapshots/<id>`` and its manifest (empty when intact)."""
+    """What differs between ``snapshots/<id>`` and its manifest, and what its spec lacks
+    (``specs/<id>/``: what it was built from, what a rebuild needs); empty when intact."""
     root = store.snapshot_dir(snapshot_id)
+    problems = spec_problems(store, snapshot_id)
     try:
         manifest = store.read_manifest(snapshot_id)
     except EnvfsError as exc:
-        return [f"manifest unreadable: {exc.message}"]
-    return tree_problems(root, manifest)
+        return [f"manifest unreadable: {exc.message}", *problems]
+    return tree_problems(root, manifest) + problems
+
+
+def spec_problems(store: Store, snapshot_id: str) -> list[str]:
+    """A missing or unreadable ``spec.json``, ``pyproject.toml`` or ``uv.lock``."""
+    spec_dir = store.spec_dir(snapshot_id)
+    problems = []
+    try:
+        store.read_model(spec_dir / "spec.json", SpecInfo)
+    except FileNotFoundError:
+        problems.append(f"specs/{snapshot_id}/spec.json: missing")
+    except CorruptRecord as exc:
+        problems.append(exc.message)
+    for name in ("pyproject.toml", "uv.lock"):
+        if not (spec_dir / name).is_file():
+            problems.append(f"specs/{snapshot_id}/{name}: missing")
+    return problems
 
 
 def corrupt_records(store: Store) -> list[str]:

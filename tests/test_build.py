@@ -235,6 +235,24 @@ def test_verify_detects_a_damaged_snapshot(local: Env) -> None:
     assert bad.returncode == 5 and "unexpected" in bad.stdout
 
 
+def test_verify_reports_a_snapshot_whose_spec_is_gone(local: Env) -> None:
+    local.run("build", "wf/a", "extra-a==1.0", "--python", PY)
+    sid = local.show("wf/a")["snapshot_id"]
+    spec = local.store / "specs" / sid / "spec.json"
+    os.chmod(spec.parent, 0o755)
+    spec.unlink()
+    bad = local.run("verify", check=False)
+    assert bad.returncode == 5 and f"specs/{sid}/spec.json: missing" in bad.stdout, bad.stdout
+    assert local.run("verify", sid[:12], check=False).returncode == 5
+
+
+def test_the_index_is_its_owners_only(local: Env) -> None:
+    local.index.mkdir(mode=0o755)  # as an older envfs, or a careless operator, left it
+    os.chmod(local.index, 0o755)
+    local.run("build", "wf/a", "extra-a==1.0", "--python", PY)
+    assert local.index.stat().st_mode & 0o777 == 0o700
+
+
 @pytest.mark.parametrize(
     ("args", "code", "words"),
     [
