@@ -63,6 +63,12 @@ FENCE_WAIT = float(os.environ.get("ENVFS_FENCE_WAIT") or 60.0)
 PRIVATE_DIRS = ("locks", "leases")
 
 
+def _revision_files(names: list[str]) -> list[int]:
+    """The revision numbers of ``<n>.json`` names, ascending; other names ignored."""
+    numbers = (parse_revision(n[:-5]) for n in names if n.endswith(".json"))
+    return sorted(n for n in numbers if n is not None)
+
+
 def lock_holders(fd: int) -> str:
     """Who holds a lock on the file open at ``fd``, from ``/proc/locks`` (pid, user,
     command), for a message; a holder on another node of a NAS is not listed there."""
@@ -134,6 +140,7 @@ class Store:
         "interpreters",
         "interpreters/by-source",
         "trash",
+        "retired",
         "log",
     )
 
@@ -152,6 +159,7 @@ class Store:
         self.bytecode = root / "bytecode"
         self.interpreters = root / "interpreters"
         self.trash = root / "trash"
+        self.retired = root / "retired"
         self.log_dir = root / "log"
         self._uuid: str | None = None
 
@@ -597,9 +605,13 @@ class Store:
         return dest
 
     def trash_binding(self, workflow: str, node: str, now: float) -> Path:
-        """Move a binding's revisions to ``trash/`` (one rename)."""
+        """Move a binding's revisions to ``trash/`` (one rename), its highest revision number
+        kept in ``retired/`` first (and again after, for one appended meanwhile), so that
+        a new binding of the name goes on from there and never reuses a number."""
+        self._retire(workflow, node, self.revision_numbers(workflow, node))
         dest = self.trash / f"binding-{workflow}-{node}.{int(now)}.{uuid.uuid4().hex[:8]}"
         os.rename(self.binding_dir(workflow, node), dest)
+        self._retire(workflow, node, _revision_files(os.listdir(dest)))
         return dest
 
     def trashed(self) -> list[tuple[Path, float]]:
@@ -662,8 +674,7 @@ class Store:
             names = os.listdir(self.binding_dir(workflow, node))
         except FileNotFoundError:
             return []
-        numbers = (parse_revision(n[:-5]) for n in names if n.endswith(".json"))
-        return sorted(n for n in numbers if n is not None)
+        return _revision_files(names)
 
     def revisions(self, workflow: str, node: str) -> list[Revision]:
         """All revisions of a binding, oldest first (empty if it does not exist);
@@ -672,13 +683,32 @@ class Store:
         numbers = self.revision_numbers(workflow, node)
         return [self.read_model(d / f"{n}.json", Revision) for n in numbers]
 
+    def retired_revision(self, workflow: str, node: str) -> int:
+        """The highest revision a removed binding of this name had (0: never removed).
+        ``retired/<wf>/<node>/<n>``: empty files, created exclusively, never rewritten."""
+        try:
+            names = os.listdir(self.retired / workflow / node)
+        except FileNotFoundError:
+            return 0
+        return max((n for n in map(parse_revision, names) if n is not None), default=0)
+
+    def _retire(self, workflow: str, node: str, numbers: list[int]) -> None:
+        if numbers:
+            d = self.retired / workflow / node
+            d.mkdir(parents=True, exist_ok=True)
+            self.create_file(d / str(max(numbers)), b"")
+
     def append_revision(self, make: Any) -> Revision:
-        """Append a revision: ``make(number) -> Revision``; retried if another writer won."""
+        """Append a revision: ``make(number) -> Revision``; retried if another writer won.
+        Numbers go on after those of a removed binding of the same name: ``wf/node@3``
+        names one revision, ever."""
         first = make(0)
         d = self.binding_dir(first.workflow, first.node)
         d.mkdir(parents=True, exist_ok=True)
         while True:
-            number = max(self.revision_numbers(first.workflow, first.node), default=0) + 1
+            numbers = self.revision_numbers(first.workflow, first.node)
+            retired = self.retired_revision(first.workflow, first.node)
+            number = max([*numbers, retired]) + 1
             rev: Revision = make(number)
             if self.create_file(d / f"{number}.json", rev.model_dump_json(indent=2).encode()):
                 crashpoints.reached("bind")

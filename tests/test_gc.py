@@ -72,6 +72,18 @@ def test_rm_removes_a_binding_and_gc_then_sweeps_its_snapshot(local: Env) -> Non
     assert out["swept"] == [sid]
 
 
+def test_a_binding_bound_again_after_rm_never_reuses_a_revision_number(local: Env) -> None:
+    local.run("build", "wf/r", "extra-a==1.0", "--python", PY)
+    local.run("build", "wf/r", "extra-b==2.0", "--python", PY)
+    first = _sid(local, "wf/r")
+    local.run("rm", "wf/r")
+    local.run("bind", "wf/r", "extra-b==2.0", "tool-pkg==0.1", "--python", PY)
+    assert local.show("wf/r")["revision"] == 3  # @1 and @2 named other envs: not again
+    assert local.run("show", "wf/r@1", check=False).returncode == 4
+    history = json.loads(local.run("history", "wf/r", "--json").stdout)
+    assert [h["revision"] for h in history] == [3] and history[0]["snapshot_id"] != first
+
+
 def test_a_served_snapshot_survives_gc_and_a_process_keeps_its_revision(
     fs: tuple[Env, Path, list[Mount]],  # noqa: F811
 ) -> None:
