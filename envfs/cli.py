@@ -812,11 +812,19 @@ def umount(mountpoint: Path, lazy: bool) -> None:
     import time
 
     from envfs.errors import Busy
-    from envfs.mount import daemon_alive, mount_type, read_status, unmount, users_of
+    from envfs.mount import (
+        check_may_unmount,
+        daemon_alive,
+        mount_type,
+        read_status,
+        unmount,
+        users_of,
+    )
 
     mountpoint = mountpoint.absolute()
     if not os.path.ismount(mountpoint):
         raise NotFound(f"{mountpoint} is not mounted")
+    check_may_unmount(mountpoint)
     data = read_status(_status_file(mountpoint))
     alive = data is not None and data.mountpoint == str(mountpoint) and daemon_alive(data)
     if not lazy and mount_type(mountpoint) == "fuse.envfs":

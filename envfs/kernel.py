@@ -78,6 +78,7 @@ class MountEntry:
     point: bytes  # where it is mounted
     fstype: str  # e.g. "ext4", "fuse.envfs"
     shared: bool = False  # in a peer group: mounts below it propagate to its peers
+    owner: int | None = None  # a FUSE mount's user_id= (who mounted it), else None
 
 
 def mount_table() -> list[MountEntry]:
@@ -92,7 +93,10 @@ def mount_table() -> list[MountEntry]:
                 continue
             point = _OCTAL_ESCAPE.sub(lambda m: bytes([int(m[1], 8)]), fields[4])
             shared = any(f.startswith(b"shared:") for f in fields[6:sep])
-            table.append(MountEntry(point, fields[sep + 1].decode(errors="replace"), shared))
+            options = fields[sep + 3].split(b",") if len(fields) > sep + 3 else []
+            owner = next((int(o[8:]) for o in options if o.startswith(b"user_id=")), None)
+            fstype = fields[sep + 1].decode(errors="replace")
+            table.append(MountEntry(point, fstype, shared, owner))
     return table
 
 

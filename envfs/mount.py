@@ -90,6 +90,19 @@ def mount_type(mountpoint: Path) -> str | None:
     return types[-1] if types else None
 
 
+def check_may_unmount(mountpoint: Path) -> None:
+    """Refuse, in words, a user who did not mount the FUSE file system at ``mountpoint``
+    (its ``user_id=``) and is not root: fusermount3 would say "entry not found in mtab"."""
+    target = os.fsencode(os.path.abspath(mountpoint))
+    owners = [m.owner for m in kernel.mount_table() if m.point == target]
+    owner = owners[-1] if owners else None
+    if os.geteuid() != 0 and owner is not None and owner != os.geteuid():
+        raise EnvironmentProblem(
+            f"permission denied: {mountpoint} was mounted by uid {owner}; only that user "
+            "or root can unmount it"
+        )
+
+
 def unmount(mountpoint: Path) -> None:
     """Unmount envfs at ``mountpoint``: ``fusermount3 -u``, then a lazy ``-u -z`` if busy.
 
@@ -99,6 +112,7 @@ def unmount(mountpoint: Path) -> None:
     kind = mount_type(mountpoint)
     if kind != "fuse.envfs":
         raise BadInput(f"{mountpoint} is a {kind or 'not a'} mount, not envfs's; not unmounting it")
+    check_may_unmount(mountpoint)
     first = subprocess.run(
         ["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True, check=False
     )

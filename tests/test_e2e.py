@@ -272,6 +272,35 @@ def test_one_corrupt_binding_file_stops_nothing_else(fs: tuple[Env, Path, list[M
     assert env.run("verify").returncode == 0
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs envfs as another user (setpriv)")
+def test_a_user_who_did_not_mount_it_is_told_permission_denied(
+    fs: tuple[Env, Path, list[Mount]],
+) -> None:
+    env, mnt, mounts = fs
+    env.run("build", "wf/a", "extra-a==1.0", "--python", PY)
+    mounts.append(Mount(env, mnt))
+    opened = {}  # let `nobody` reach the mountpoint; restored after the test
+    for parent in mnt.parents:
+        if parent in (Path("/tmp"), Path("/")):
+            break
+        opened[parent] = os.stat(parent).st_mode & 0o7777
+        os.chmod(parent, opened[parent] | 0o755)
+    try:
+        nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        out = subprocess.run(
+            [*nobody, *ENVFS, "umount", str(mnt)], capture_output=True, text=True, timeout=60,
+            env={k: v for k, v in env.vars.items() if k not in ("ENVFS_INDEX", "ENVFS_STORE")}
+            | {"HOME": "/nonexistent"}, cwd="/",
+        )  # fmt: skip
+    finally:
+        for parent, mode in opened.items():
+            os.chmod(parent, mode)
+    assert out.returncode == 8, out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    assert "permission denied" in line and "uid 0" in line and "mtab" not in line, line
+    assert is_mounted(mnt)
+
+
 def test_sigterm_unmounts_and_sigkill_recovers(fs: tuple[Env, Path, list[Mount]]) -> None:
     env, mnt, mounts = fs
     env.run("build", "wf/a", "extra-a==1.0", "--python", PY)
