@@ -145,7 +145,10 @@ def _link_verified(
         say(f"damaged bytecode in the pool ({obj.name}), moved to {moved}; compiling again")
         return False
     pyc.parent.mkdir(exist_ok=True)
-    os.link(obj, pyc)
+    try:
+        os.link(obj, pyc)
+    except FileNotFoundError:
+        return False  # dropped meanwhile (a failed build's): compile again
     st = os.lstat(pyc)
     known[(st.st_dev, st.st_ino)] = expected
     return True

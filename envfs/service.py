@@ -405,19 +405,21 @@ class Service:
         t0 = time.monotonic()
         room = self.store.reserve_failure_record(snapshot_id, self.host)
         staged = self.store.new_staging(snapshot_id, self.host)
+        pooled: list[Path] = []  # pool objects this build made: dropped if it fails
         try:
-            manifest = builder.build_into(
-                self.store,
-                staged,
-                files,
-                interp,
-                snapshot_id,
-                self.host,
-                log,
-                cache=self.index,
-                selection=info.selection,
-                indexes=self._indexes,
-            )
+            with self.store.objects_created_under(staged) as pooled:
+                manifest = builder.build_into(
+                    self.store,
+                    staged,
+                    files,
+                    interp,
+                    snapshot_id,
+                    self.host,
+                    log,
+                    cache=self.index,
+                    selection=info.selection,
+                    indexes=self._indexes,
+                )
             if not lease.held():
                 raise LeaseLost(snapshot_id)
             self._say("publishing the snapshot")
@@ -425,6 +427,7 @@ class Service:
             crashpoints.reached("rename")
         except (EnvfsError, OSError) as exc:
             builder.remove_staged(staged)
+            self.store.drop_objects(pooled)
             if not lease.held():  # whatever failed, it was no longer our build
                 self._say("lost the build lease to another builder; waiting for its build")
                 self.store.audit("lease_lost", self.host, snapshot_id)
@@ -447,6 +450,7 @@ class Service:
             raise exc from None
         except BaseException:
             builder.remove_staged(staged)
+            self.store.drop_objects(pooled)
             raise
         finally:
             with contextlib.suppress(FileNotFoundError):

@@ -162,6 +162,8 @@ class Store:
         self.retired = root / "retired"
         self.log_dir = root / "log"
         self._uuid: str | None = None
+        self._fresh: dict[str, list[Path]] = {}  # staging dir/ -> pool objects it created
+        self._fresh_lock = threading.Lock()
 
     # -- layout ---------------------------------------------------------------------------
 
@@ -437,20 +439,56 @@ class Store:
         """
         obj = self.object_path(digest, mode)
         obj.parent.mkdir(exist_ok=True)
-        for _ in range(2):
+        for _ in range(3):
             try:
                 os.link(path, obj)
                 os.chmod(obj, mode)
+                self._note_created(path, obj)
                 return False
             except FileExistsError:
-                if data is not None and obj.read_bytes() != data:
-                    self.quarantine(obj)
-                    continue
-                tmp = f"{path}.envfs-dedup"
-                os.link(obj, tmp)
+                try:
+                    if data is not None and obj.read_bytes() != data:
+                        self.quarantine(obj)
+                        continue
+                    tmp = f"{path}.envfs-dedup"
+                    os.link(obj, tmp)
+                except FileNotFoundError:
+                    continue  # dropped meanwhile (a failed build's, or gc): make it anew
                 os.replace(tmp, path)
                 return True
         raise EnvironmentProblem(f"cannot pool {path}: {obj} keeps changing")
+
+    @contextlib.contextmanager
+    def objects_created_under(self, root: Path) -> Iterator[list[Path]]:
+        """The pool objects that files under ``root`` (a build's staging dir) create while
+        the context lasts: what `drop_objects` takes back if that build fails."""
+        key = os.path.join(root, "")
+        created: list[Path] = []
+        with self._fresh_lock:
+            self._fresh[key] = created
+        try:
+            yield created
+        finally:
+            with self._fresh_lock:
+                del self._fresh[key]
+
+    def _note_created(self, path: str, obj: Path) -> None:
+        with self._fresh_lock:
+            for key, created in self._fresh.items():
+                if path.startswith(key):
+                    created.append(obj)
+
+    def drop_objects(self, objects: list[Path]) -> int:
+        """Delete those of ``objects`` that nothing but the pool links any more (a failed
+        build's, once its staging dir is gone); the number deleted. A build linking one at
+        the same moment keeps its own link, or finds it gone and pools its file anew."""
+        dropped = 0
+        for obj in objects:
+            with contextlib.suppress(FileNotFoundError):
+                if os.lstat(obj).st_nlink == 1:
+                    os.unlink(obj)
+                    dropped += 1
+        return dropped
 
     def receive_tree(
         self, src: Path, dest: Path, entries: list[ManifestEntry], threads: int = 16

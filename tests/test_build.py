@@ -462,12 +462,15 @@ def test_a_damaged_uv_cache_file_fails_the_build_naming_it(local: Env) -> None:
     data[0] ^= 0x01  # one flipped bit in a file every later env of base_lib links
     cached.write_bytes(bytes(data))
     before = local.listing("snapshots")
+    objects = {p.name for p in (local.store / "objects").glob("*/*")}
     out = local.run("build", "wf/b", "extra-a==1.0", "tool-pkg==0.1", "--python", PY, check=False)
     assert out.returncode == 5
     (line,) = out.stderr.strip().splitlines()
     assert "base_lib/data.py" in line and "RECORD" in line and "uv cache clean base_lib" in line
     assert local.listing("snapshots") == before  # nothing blessed the damage
     assert not [n for n in local.listing("staging") if not n.startswith(".")]
+    # what the failed build put in the pool (tool_pkg's bytecode, RECORDs) went with it
+    assert {p.name for p in (local.store / "objects").glob("*/*")} == objects
 
 
 def test_a_builder_resumed_past_its_lease_leaves_the_new_holder_alone(local: Env) -> None:
