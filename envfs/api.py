@@ -41,7 +41,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from starlette.datastructures import UploadFile
 
 from envfs import __version__, interpreters
-from envfs.errors import (
+from envfs.core.errors import (
     BadInput,
     Busy,
     EnvfsError,
@@ -49,8 +49,8 @@ from envfs.errors import (
     InterpreterNotFound,
     NotFound,
 )
+from envfs.core.names import MAX_NAME, NAME_PATTERN, validate_name
 from envfs.model import EnvInfo, Revision
-from envfs.names import MAX_NAME, NAME_PATTERN, validate_name
 from envfs.pgaudit import AuditRow, PgAudit
 from envfs.service import Inputs, Service
 

@@ -21,9 +21,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
-from envfs import bytecode, crashpoints
-from envfs.config import node_time
-from envfs.errors import BadInput, BuildFailed, EnvironmentProblem
+from envfs import bytecode
+from envfs.core import crashpoints
+from envfs.core.config import node_time
+from envfs.core.errors import BadInput, BuildFailed, EnvironmentProblem
 from envfs.model import Interpreter, InterpreterInfo, Manifest, ManifestEntry, Selection
 from envfs.spec import Indexes, ProjectFiles, render_pyproject
 from envfs.store import META, Store, remove_tree

@@ -17,7 +17,7 @@ from pathlib import Path
 import trio
 
 from envfs.catalog import Catalog
-from envfs.errors import BuildFailed, EnvfsError
+from envfs.core.errors import BuildFailed, EnvfsError
 
 log = logging.getLogger(__name__)
 

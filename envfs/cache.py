@@ -31,7 +31,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from envfs.errors import EnvironmentProblem
+from envfs.core.errors import EnvironmentProblem
 from envfs.store import (
     META,
     Listing,

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from envfs.builder import BuildLog, compile_bytecode, scan_tree, tree_digest
-from envfs.config import node_time
-from envfs.errors import BadInput, BuildFailed, CaptureFailed
+from envfs.core.config import node_time
+from envfs.core.errors import BadInput, BuildFailed, CaptureFailed
 from envfs.interpreters import probe, run_probe
 from envfs.model import Interpreter, InterpreterInfo
 from envfs.relocate import (

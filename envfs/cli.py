@@ -1,5 +1,5 @@
 """The admin CLI (click). Every error is one line on stderr and a documented exit code
-(see envfs/errors.py and docs/operations.md)."""
+(see envfs/core/errors.py and docs/operations.md)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from envfs.config import Settings
-from envfs.errors import BadInput, EnvfsError, EnvironmentProblem, NotFound
-from envfs.names import parse_revision, parse_target
+from envfs.core.config import Settings
+from envfs.core.errors import BadInput, EnvfsError, EnvironmentProblem, NotFound
+from envfs.core.names import parse_revision, parse_target
 from envfs.service import Inputs, Service
 
 if TYPE_CHECKING:
@@ -632,7 +632,7 @@ def rebuild(ctx: click.Context) -> None:
 def _status_file(mountpoint: Path) -> Path:
     import hashlib
 
-    from envfs.config import runtime_dir
+    from envfs.core.config import runtime_dir
 
     key = hashlib.sha256(str(mountpoint).encode()).hexdigest()[:16]
     return runtime_dir() / "mounts" / f"{key}.json"
@@ -811,7 +811,7 @@ def umount(mountpoint: Path, lazy: bool) -> None:
     """
     import time
 
-    from envfs.errors import Busy
+    from envfs.core.errors import Busy
     from envfs.mount import (
         check_may_unmount,
         daemon_alive,
@@ -877,7 +877,7 @@ def status(as_json: bool) -> None:
     """Mounts on this node: envs served, builds running and failed, cache statistics."""
     import time
 
-    from envfs.config import runtime_dir
+    from envfs.core.config import runtime_dir
     from envfs.mount import daemon_alive, read_status
 
     mounts = []

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from envfs import interpreters, kernel
 from envfs.builder import uv_binary, uv_version
-from envfs.config import Settings
-from envfs.errors import EnvfsError
+from envfs.core.config import Settings
+from envfs.core.errors import EnvfsError
 from envfs.model import DoctorFinding, DoctorReport
 from envfs.store import Store
 

@@ -24,8 +24,8 @@ from typing import Any
 
 import pydantic
 
-from envfs import crashpoints
-from envfs.config import node_time
+from envfs.core import crashpoints
+from envfs.core.config import node_time
 from envfs.model import AuditEvent
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")

@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from envfs.errors import EnvfsError, EnvironmentProblem
+from envfs.core.errors import EnvfsError, EnvironmentProblem
 from envfs.model import GcReport
 from envfs.store import META, Store, regular_files, remove_tree, remove_unshared
 

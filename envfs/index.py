@@ -29,7 +29,7 @@ import lmdb
 
 from envfs import feed
 from envfs.catalog import BindingView
-from envfs.errors import BadInput, EnvfsError, EnvironmentProblem
+from envfs.core.errors import BadInput, EnvfsError, EnvironmentProblem
 from envfs.model import Revision
 from envfs.store import Store
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 
-from envfs.errors import BadInput, InterpreterNotFound
+from envfs.core.errors import BadInput, InterpreterNotFound
 from envfs.model import Interpreter
 
 _PROBE = r"""

@@ -35,7 +35,7 @@ from envfs import fuse_loop, kernel
 from envfs.builds import RETRY_AFTER, BuildQueue
 from envfs.cache import NodeCache
 from envfs.catalog import Catalog
-from envfs.errors import BadInput, EnvfsError, EnvironmentProblem
+from envfs.core.errors import BadInput, EnvfsError, EnvironmentProblem
 from envfs.fuse_ops import EnvfsOperations
 from envfs.model import BuildStats, DaemonStatus, ServedEnv
 from envfs.store import pid_start_time
@@ -177,7 +177,7 @@ def daemon_alive(status: DaemonStatus) -> bool:
 
 def live_mount_of(store: Path) -> Path | None:
     """Where a live daemon on this node serves ``store`` (from the daemons' status files)."""
-    from envfs.config import runtime_dir
+    from envfs.core.config import runtime_dir
 
     wanted = str(store.resolve())
     for path in sorted((runtime_dir() / "mounts").glob("*.json")):

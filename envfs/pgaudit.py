@@ -23,7 +23,7 @@ from typing import Any, Literal
 import psycopg
 import pydantic
 
-from envfs.config import node_time
+from envfs.core.config import node_time
 
 log = logging.getLogger("envfs.api")
 

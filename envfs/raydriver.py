@@ -10,7 +10,7 @@ import json
 import subprocess
 from dataclasses import dataclass
 
-from envfs.errors import BadInput
+from envfs.core.errors import BadInput
 from envfs.spec import project_name
 
 _PROBE = (

@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from envfs.errors import CaptureFailed, EnvironmentProblem
+from envfs.core.errors import CaptureFailed, EnvironmentProblem
 
 #: Libraries every manylinux wheel may assume of a host (glibc's core, the GCC runtime, zlib):
 #: never bundled.  A compute node needs these and nothing else.

@@ -19,10 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from envfs import builder, capture, crashpoints, interpreters, raydriver, spec
+from envfs import builder, capture, interpreters, raydriver, spec
 from envfs.catalog import BindingView
-from envfs.config import Settings, node_time
-from envfs.errors import BadInput, BuildFailed, Busy, EnvfsError, EnvironmentProblem, NotFound
+from envfs.core import crashpoints
+from envfs.core.config import Settings, node_time
+from envfs.core.errors import BadInput, BuildFailed, Busy, EnvfsError, EnvironmentProblem, NotFound
+from envfs.core.names import parse_target
 from envfs.index import Index, open_index
 from envfs.model import (
     DiskUsage,
@@ -38,7 +40,6 @@ from envfs.model import (
     State,
     VerifyReport,
 )
-from envfs.names import parse_target
 from envfs.store import Lease, Store, regular_files
 
 Progress = Callable[[str], None]

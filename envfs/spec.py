@@ -22,7 +22,7 @@ from typing import Any
 
 import tomlkit
 
-from envfs.errors import BadInput
+from envfs.core.errors import BadInput
 from envfs.model import LAYOUT_VERSION, Interpreter, Selection
 
 ENV_PROJECT_NAME = "envfs-env"

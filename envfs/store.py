@@ -26,9 +26,11 @@ from typing import Any, NamedTuple, TypeVar
 
 import pydantic
 
-from envfs import crashpoints, feed
-from envfs.config import node_time
-from envfs.errors import Busy, CorruptRecord, EnvironmentProblem, NotFound
+from envfs import feed
+from envfs.core import crashpoints
+from envfs.core.config import node_time
+from envfs.core.errors import Busy, CorruptRecord, EnvironmentProblem, NotFound
+from envfs.core.names import parse_revision
 from envfs.model import (
     LAYOUT_VERSION,
     AuditEvent,
@@ -41,7 +43,6 @@ from envfs.model import (
     Revision,
     SpecInfo,
 )
-from envfs.names import parse_revision
 
 R = TypeVar("R", bound=Record)
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ import stat
 from pathlib import Path
 
 from envfs.builder import record_digests
-from envfs.errors import CorruptRecord, EnvfsError
+from envfs.core.errors import CorruptRecord, EnvfsError
 from envfs.model import Manifest, ManifestEntry, Revision, SpecInfo
 from envfs.store import META, Store
 

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from envfs.catalog import BindingView, Catalog
-from envfs.names import parse_revision
+from envfs.core.names import parse_revision
 from envfs.nowait import blocking_is_cheap
 from envfs.store import Listing, SnapshotUnreadable, read_listing
 

@@ -30,7 +30,7 @@ from typing import Any
 
 from envfs.builder import scan_tree
 from envfs.catalog import BindingView
-from envfs.errors import BuildFailed, NotFound
+from envfs.core.errors import BuildFailed, NotFound
 
 REPO = Path(__file__).resolve().parent.parent
 MOUNT_TIMEOUT = 15.0

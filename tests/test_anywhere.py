@@ -261,7 +261,7 @@ def test_snapshot_built_before_capture_is_still_served_as_a_venv(
     """A layout-1 spec (no captured interpreter: a venv over the node's Python) builds,
     serves and says what it is, as stores written before this change hold them."""
     from envfs import builder, spec
-    from envfs.config import Settings
+    from envfs.core.config import Settings
     from envfs.service import Service
 
     env, mnt, mounts = fs

@@ -386,7 +386,7 @@ def test_damaged_bytecode_in_the_pool_is_detected_not_served(local: Env) -> None
 def test_wheel_files_are_hashed_once_per_node(local: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     """A file shared with uv's cache is hashed by the first build that links it; later
     builds take its digest from the node's index (same inode, size and mtime)."""
-    from envfs.config import Settings
+    from envfs.core.config import Settings
     from envfs.index import Index
     from envfs.service import Inputs, Service
 

@@ -3,7 +3,7 @@ never serves an incomplete snapshot, and leaves nothing (lease, staging dir, orp
 that the next build and one gc do not clear.
 
 The kills are real: ``ENVFS_CRASH_AT=PHASE`` makes the builder SIGKILL itself at that
-point (``envfs/crashpoints.py``), with uv or the bytecode compiler running where the phase
+point (``envfs/core/crashpoints.py``), with uv or the bytecode compiler running where the phase
 runs one.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from envfs.crashpoints import FILL_VARIABLE, PHASES, VARIABLE
+from envfs.core.crashpoints import FILL_VARIABLE, PHASES, VARIABLE
 from tests.conftest import PY, Env, make_env
 from tests.test_e2e import Mount, fs, py  # noqa: F401
 from tests.test_nodes import wait_for

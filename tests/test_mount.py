@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from envfs import nowait
-from envfs.errors import EnvironmentProblem
+from envfs.core.errors import EnvironmentProblem
 from envfs.mount import is_stale_mount, run_daemon, unmount
 from tests.fusehelpers import (
     REPO,

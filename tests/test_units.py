@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from envfs import interpreters, spec
-from envfs.errors import BadInput, InterpreterNotFound
+from envfs.core.errors import BadInput, InterpreterNotFound
+from envfs.core.names import parse_target
 from envfs.model import Interpreter
-from envfs.names import parse_target
 
 INTERP = Interpreter(
     implementation="cpython",
@@ -47,7 +47,7 @@ def test_good_targets_parse() -> None:
 
 
 def test_revision_numbers_are_canonical_ascii_decimals() -> None:
-    from envfs.names import parse_revision
+    from envfs.core.names import parse_revision
 
     assert [parse_revision(t) for t in ("1", "42", "123456789")] == [1, 42, 123456789]
     for odd in ("", "0", "01", "+1", "-1", " 1", "1 ", "1\n", "\uff11", "\u00b2", "1_0", "9" * 19):
@@ -191,8 +191,8 @@ def test_uv_failures_are_classified_by_structure_not_package_names() -> None:
 
 
 def test_a_name_ending_in_a_newline_is_refused() -> None:
-    from envfs.errors import BadInput
-    from envfs.names import validate_name
+    from envfs.core.errors import BadInput
+    from envfs.core.names import validate_name
 
     assert validate_name("prep") == "prep"
     with pytest.raises(BadInput):

@@ -15,7 +15,7 @@ import trio
 
 from envfs.builds import BuildQueue
 from envfs.catalog import BindingView
-from envfs.errors import BuildFailed, NotFound
+from envfs.core.errors import BuildFailed, NotFound
 from envfs.nowait import INLINE_IO_ENV
 from envfs.store import SnapshotUnreadable
 from envfs.vfs import (

@@ -28,7 +28,7 @@ import threading
 import time
 from pathlib import Path
 
-from envfs.config import Settings
+from envfs.core.config import Settings
 from envfs.service import Service
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: tests.wheels

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from envfs.config import Settings
+from envfs.core.config import Settings
 from envfs.feed import all_events
 from envfs.service import Inputs, Service
 

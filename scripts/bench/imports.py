@@ -34,8 +34,8 @@ from typing import Any
 
 from _envfs import EnvfsHarness
 
-from envfs.config import Settings
-from envfs.errors import EnvfsError
+from envfs.core.config import Settings
+from envfs.core.errors import EnvfsError
 from envfs.service import Service
 
 #: (node name, module to import, requirements); module "" times `python -c pass` (start-up:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from envfs.errors import BadInput
+from envfs.core.errors import BadInput
 
 MAX_NAME = 128
 NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9._+-]*$"  # for documents (JSON Schema); code uses _NAME
