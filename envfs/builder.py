@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -27,7 +27,8 @@ from envfs.core.config import node_time
 from envfs.core.errors import BadInput, BuildFailed, EnvironmentProblem
 from envfs.model import Interpreter, InterpreterInfo, Manifest, ManifestEntry, Selection
 from envfs.spec import Indexes, ProjectFiles, render_pyproject
-from envfs.store import META, Store, remove_tree
+from envfs.store.layout import META, Store, remove_tree
+from envfs.store.wheel import record_digests
 
 Progress = Callable[[str], None]
 
@@ -660,19 +661,6 @@ def scan_tree(
         cache.remember_digests(learned)
     entries.sort(key=lambda e: e.path)
     return entries, total
-
-
-def record_digests(record: Path) -> Iterator[tuple[str, str | None]]:
-    """(path relative to site-packages, sha256 hex) of each hashed row of a wheel's
-    ``RECORD``; the digest is None when the row's hash does not decode (it matches nothing)."""
-    for row in csv.reader(io.StringIO(record.read_text(errors="replace"))):
-        if len(row) < 2 or not row[1].startswith("sha256="):
-            continue
-        b64 = row[1].removeprefix("sha256=")
-        try:
-            yield row[0], base64.urlsafe_b64decode(b64 + "=" * (-len(b64) % 4)).hex()
-        except ValueError:
-            yield row[0], None
 
 
 def check_records(root: Path, entries: list[ManifestEntry]) -> None:

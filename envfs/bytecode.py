@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from envfs.store import Store
+from envfs.store.layout import Store
 
 #: Bumped if the way envfs compiles changes (flags, invalidation mode): new keys follow.
 KEY_VERSION = 1

@@ -42,7 +42,7 @@ from envfs.relocate import (
     relocate_elves,
     replace_prefix,
 )
-from envfs.store import META, Store, regular_files, remove_tree
+from envfs.store.layout import META, Store, regular_files, remove_tree
 
 Progress = Callable[[str], None]
 

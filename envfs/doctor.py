@@ -23,7 +23,7 @@ from envfs.builder import uv_binary, uv_version
 from envfs.core.config import Settings
 from envfs.core.errors import EnvfsError
 from envfs.model import DoctorFinding, DoctorReport
-from envfs.store import Store
+from envfs.store.layout import Store
 
 #: Free space on the store below this is a warning.
 LOW_SPACE = 2 << 30

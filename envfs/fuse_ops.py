@@ -43,7 +43,7 @@ from pyfuse3 import (
 from envfs.builds import BuildQueue
 from envfs.core.errors import EnvfsError
 from envfs.nowait import open_cached, read_cached
-from envfs.store import SnapshotUnreadable
+from envfs.store.layout import SnapshotUnreadable
 from envfs.vfs import (
     CACHE_LONG,
     CACHE_NONE,

@@ -27,11 +27,11 @@ from typing import Any, TypeVar
 
 import lmdb
 
-from envfs import feed
 from envfs.catalog import BindingView
 from envfs.core.errors import BadInput, EnvfsError, EnvironmentProblem
 from envfs.model import Revision
-from envfs.store import Store
+from envfs.store import feed
+from envfs.store.layout import Store
 
 log = logging.getLogger(__name__)
 

@@ -156,7 +156,7 @@ class EnvInfo(Record):
 
 
 class AuditEvent(Record):
-    """One line of ``log/<host>.jsonl`` (`envfs.feed` owns the format)."""
+    """One line of ``log/<host>.jsonl`` (`envfs.store.feed` owns the format)."""
 
     model_config = ConfigDict(extra="allow", frozen=True, defer_build=True)
 

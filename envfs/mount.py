@@ -38,7 +38,7 @@ from envfs.catalog import Catalog
 from envfs.core.errors import BadInput, EnvfsError, EnvironmentProblem
 from envfs.fuse_ops import EnvfsOperations
 from envfs.model import BuildStats, DaemonStatus, ServedEnv
-from envfs.store import pid_start_time
+from envfs.store.layout import pid_start_time
 from envfs.vfs import Namespace, View
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 MAX_TASKS = 512
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 #: Seconds between checks for newly attached snapshots to lease, and between full refreshes
-#: of every lease (well inside `envfs.store.SERVE_LEASE_TTL`).
+#: of every lease (well inside `envfs.store.layout.SERVE_LEASE_TTL`).
 LEASE_CHECK = 1.0
 LEASE_REFRESH = 60.0
 #: Seconds between status-file refreshes (also written at once when a build starts or ends).

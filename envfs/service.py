@@ -40,7 +40,7 @@ from envfs.model import (
     State,
     VerifyReport,
 )
-from envfs.store import Lease, Store, regular_files
+from envfs.store.layout import Lease, Store, regular_files
 
 Progress = Callable[[str], None]
 BUILD_WAIT = 3600.0  # how long a waiter waits for another node's build
@@ -498,7 +498,7 @@ class Service:
     # -- garbage collection ---------------------------------------------------------------
 
     def gc(self, keep: int, min_age: float, quarantine: float, dry_run: bool) -> GcReport:
-        from envfs import gc
+        from envfs.store import gc
 
         self.require_store()
         return gc.collect(
@@ -530,7 +530,7 @@ class Service:
     def verify(self, target: str | None = None) -> VerifyReport:
         """Check snapshots against their manifests: all of them (and bindings whose snapshot
         is gone, and uv's cache) without ``target``; else one binding's or one id's."""
-        from envfs import verify
+        from envfs.store import verify
 
         self.require_store()
         if target is None:

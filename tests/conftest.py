@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from envfs.store import remove_tree
+from envfs.store.layout import remove_tree
 from tests.wheels import make_wheelhouse
 
 PY = "3.12"  # the interpreter tests build with (discovered, not downloaded)
@@ -89,7 +89,7 @@ class Env:
 
     def audit(self) -> list[dict[str, Any]]:
         """Every event of every host's log (``log/*.jsonl``), in time order."""
-        from envfs.feed import all_events
+        from envfs.store.feed import all_events
 
         return [e.model_dump() for e in all_events(self.store / "log")]
 

@@ -14,7 +14,7 @@ import pytest
 
 from envfs.cache import CacheDamage, NodeCache
 from envfs.kernel import mounts_under
-from envfs.store import Store
+from envfs.store.layout import Store
 from tests.conftest import PY, Env, make_env, seed_store
 from tests.test_e2e import Mount, py
 from tests.test_nas_sim import NasSim

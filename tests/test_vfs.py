@@ -17,7 +17,7 @@ from envfs.builds import BuildQueue
 from envfs.catalog import BindingView
 from envfs.core.errors import BuildFailed, NotFound
 from envfs.nowait import INLINE_IO_ENV
-from envfs.store import SnapshotUnreadable
+from envfs.store.layout import SnapshotUnreadable
 from envfs.vfs import (
     CACHE_LONG,
     CACHE_NONE,

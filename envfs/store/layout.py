@@ -26,7 +26,6 @@ from typing import Any, NamedTuple, TypeVar
 
 import pydantic
 
-from envfs import feed
 from envfs.core import crashpoints
 from envfs.core.config import node_time
 from envfs.core.errors import Busy, CorruptRecord, EnvironmentProblem, NotFound
@@ -43,6 +42,7 @@ from envfs.model import (
     Revision,
     SpecInfo,
 )
+from envfs.store import feed
 
 R = TypeVar("R", bound=Record)
 log = logging.getLogger(__name__)
@@ -774,7 +774,7 @@ class Store:
             for node in nodes:
                 yield wf, node
 
-    # -- the change feed (envfs.feed owns its format) ---------------------------------------
+    # -- the change feed (envfs.store.feed owns its format) ---------------------------------------
 
     def audit(self, event: str, host: str, snapshot_id: str | None = None, **fields: Any) -> None:
         """Append one event to this host's log (``log/<host>.jsonl``)."""

@@ -12,10 +12,10 @@ import os
 import stat
 from pathlib import Path
 
-from envfs.builder import record_digests
 from envfs.core.errors import CorruptRecord, EnvfsError
 from envfs.model import Manifest, ManifestEntry, Revision, SpecInfo
-from envfs.store import META, Store
+from envfs.store.layout import META, Store
+from envfs.store.wheel import record_digests
 
 _SPECIAL = {
     stat.S_IFIFO: "a FIFO",
