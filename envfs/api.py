@@ -40,7 +40,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.datastructures import UploadFile
 
-from envfs import __version__, interpreters
+from envfs import __version__
+from envfs.build import interpreters
 from envfs.core.errors import (
     BadInput,
     Busy,

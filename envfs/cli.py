@@ -290,7 +290,7 @@ def resolve(ctx: click.Context, target: str, mount: Path | None, ray_driver: str
     For launchers that need strict consistency: every process started from that path runs
     that revision, whatever binds come after.
     """
-    from envfs import raydriver
+    from envfs.build import raydriver
 
     wf, node = parse_target(target)
     svc = _service(ctx)

@@ -18,8 +18,9 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from envfs import interpreters, kernel
-from envfs.builder import uv_binary, uv_version
+from envfs import kernel
+from envfs.build import interpreters
+from envfs.build.builder import uv_binary, uv_version
 from envfs.core.config import Settings
 from envfs.core.errors import EnvfsError
 from envfs.model import DoctorFinding, DoctorReport

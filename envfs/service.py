@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from envfs import builder, capture, interpreters, raydriver, spec
+from envfs.build import builder, capture, interpreters, raydriver, spec
 from envfs.catalog import BindingView
 from envfs.core import crashpoints
 from envfs.core.config import Settings, node_time

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from envfs.builder import scan_tree
+from envfs.build.builder import scan_tree
 from envfs.catalog import BindingView
 from envfs.core.errors import BuildFailed, NotFound
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from envfs import interpreters
+from envfs.build import interpreters
+from envfs.build.relocate import patchelf_binary
 from envfs.model import Interpreter, SpecInfo
-from envfs.relocate import patchelf_binary
 from tests.conftest import PY, Env, make_env
 from tests.test_e2e import Mount, fs  # noqa: F401  (fixture)
 
@@ -260,7 +260,7 @@ def test_snapshot_built_before_capture_is_still_served_as_a_venv(
 ) -> None:
     """A layout-1 spec (no captured interpreter: a venv over the node's Python) builds,
     serves and says what it is, as stores written before this change hold them."""
-    from envfs import builder, spec
+    from envfs.build import builder, spec
     from envfs.core.config import Settings
     from envfs.service import Service
 

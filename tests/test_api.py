@@ -209,7 +209,7 @@ def test_form_fields_and_project_files(api: Server, tmp_path: Path) -> None:
         '[project]\nname = "p"\nversion = "0"\nrequires-python = ">=3.11"\n'
         'dependencies = ["extra-b==2.0"]\n[tool.uv]\npackage = false\n'
     )
-    from envfs import interpreters
+    from envfs.build import interpreters
 
     subprocess.run(["uv", "lock", "-q", "--project", str(project), "--python",
                     interpreters.find(PY).path], env=api.env.vars, check=True)  # fmt: skip

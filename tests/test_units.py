@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from envfs import interpreters, spec
+from envfs.build import interpreters, spec
 from envfs.core.errors import BadInput, InterpreterNotFound
 from envfs.core.names import parse_target
 from envfs.model import Interpreter
@@ -170,7 +170,7 @@ def test_missing_interpreter_names_what_is_there() -> None:
 
 
 def test_uv_failures_are_classified_by_structure_not_package_names() -> None:
-    from envfs.builder import _uv_network_failure
+    from envfs.build.builder import _uv_network_failure
 
     missing = (
         "Using CPython 3.12.1\n"

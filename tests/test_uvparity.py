@@ -15,7 +15,7 @@ from tests.index_server import private_index
 
 def _py() -> str:
     """The path of the tests' Python (uv alone cannot find pyenv's 3.12 here)."""
-    from envfs import interpreters
+    from envfs.build import interpreters
 
     return interpreters.find(PY).path
 

@@ -542,7 +542,7 @@ class Store:
         return dest
 
     def bytecode_object(self, key: str) -> Path | None:
-        """The pooled bytecode compiled for ``key`` (see `envfs.bytecode`), or None."""
+        """The pooled bytecode compiled for ``key`` (see `envfs.build.bytecode`), or None."""
         link = self.bytecode / key[:2] / key
         try:
             return link.parent / os.readlink(link)

@@ -31,8 +31,8 @@ from pathlib import Path
 
 from _envfs import EnvfsHarness
 
-from envfs import interpreters
-from envfs.builder import uv_binary
+from envfs.build import interpreters
+from envfs.build.builder import uv_binary
 
 #: (node, import statement, packages)
 SETS: tuple[tuple[str, str, tuple[str, ...]], ...] = (

@@ -51,8 +51,8 @@ from typing import Any
 
 from _envfs import EnvfsHarness
 
-from envfs import interpreters
-from envfs.builder import uv_binary
+from envfs.build import interpreters
+from envfs.build.builder import uv_binary
 
 
 @dataclass(frozen=True)

@@ -30,18 +30,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from envfs.builder import BuildLog, compile_bytecode, scan_tree, tree_digest
-from envfs.core.config import node_time
-from envfs.core.errors import BadInput, BuildFailed, CaptureFailed
-from envfs.interpreters import probe, run_probe
-from envfs.model import Interpreter, InterpreterInfo
-from envfs.relocate import (
+from envfs.build.builder import BuildLog, compile_bytecode, scan_tree, tree_digest
+from envfs.build.interpreters import probe, run_probe
+from envfs.build.relocate import (
     PLACEHOLDER,
     closure_problems,
     is_elf,
     relocate_elves,
     replace_prefix,
 )
+from envfs.core.config import node_time
+from envfs.core.errors import BadInput, BuildFailed, CaptureFailed
+from envfs.model import Interpreter, InterpreterInfo
 from envfs.store.layout import META, Store, regular_files, remove_tree
 
 Progress = Callable[[str], None]

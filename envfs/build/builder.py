@@ -21,12 +21,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from envfs import bytecode
+from envfs.build import bytecode
+from envfs.build.spec import Indexes, ProjectFiles, render_pyproject
 from envfs.core import crashpoints
 from envfs.core.config import node_time
 from envfs.core.errors import BadInput, BuildFailed, EnvironmentProblem
 from envfs.model import Interpreter, InterpreterInfo, Manifest, ManifestEntry, Selection
-from envfs.spec import Indexes, ProjectFiles, render_pyproject
 from envfs.store.layout import META, Store, remove_tree
 from envfs.store.wheel import record_digests
 

@@ -10,8 +10,8 @@ import json
 import subprocess
 from dataclasses import dataclass
 
+from envfs.build.spec import project_name
 from envfs.core.errors import BadInput
-from envfs.spec import project_name
 
 _PROBE = (
     "import json, sys\n"

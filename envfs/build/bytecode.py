@@ -72,7 +72,7 @@ def compile_with_pool(
 ) -> Stats:
     """Give every ``.py`` under ``target`` its pyc: linked from the pool, or compiled.
 
-    ``compile_files`` compiles a list of sources in place (see `envfs.builder`).  Source and
+    ``compile_files`` compiles a list of sources in place (see `envfs.build.builder`).  Source and
     bytecode digests computed here go into ``known`` for the manifest.  ``cached`` gives the
     digest of a source shared with uv's cache that an earlier build hashed (by inode, size
     and mtime, as the manifest scan trusts it), so a new env of known packages reads only
