@@ -8,19 +8,10 @@ worker thread (``trio.to_thread.run_sync``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-
-@dataclass(frozen=True, slots=True)
-class BindingView:
-    """One revision of a binding ``workflow/node`` and the snapshot it names."""
-
-    workflow: str
-    node: str
-    revision: int
-    snapshot_id: str
+from envfs.core.views import BindingView
 
 
 class Catalog(Protocol):

@@ -20,7 +20,7 @@ from envfs.core.names import parse_revision, parse_target
 from envfs.service import Inputs, Service
 
 if TYPE_CHECKING:
-    from envfs.cache import NodeCache
+    from envfs.node.cache import NodeCache
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -734,7 +734,7 @@ def mount(
 
 def _node_cache(svc: Service, where: str, max_bytes: int) -> NodeCache | None:
     """The node cache `mount --cache` asks for (see its help)."""
-    from envfs.cache import NodeCache
+    from envfs.node.cache import NodeCache
     from envfs.nowait import blocking_is_cheap
 
     if where == "off":

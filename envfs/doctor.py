@@ -149,7 +149,7 @@ def _check_hardlinks(store: Store) -> DoctorFinding:
 def check_index(settings: Settings, store: Store) -> DoctorFinding:
     if not store.exists():
         return _ok("index", f"{settings.index} (made on first use)")
-    from envfs.index import open_index
+    from envfs.node.index import open_index
 
     try:
         index = open_index(settings.index, store)

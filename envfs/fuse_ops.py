@@ -40,8 +40,8 @@ from pyfuse3 import (
     XAttrNameT,
 )
 
-from envfs.builds import BuildQueue
 from envfs.core.errors import EnvfsError
+from envfs.node.builds import BuildQueue
 from envfs.nowait import open_cached, read_cached
 from envfs.store.layout import SnapshotUnreadable
 from envfs.vfs import (

@@ -32,12 +32,12 @@ import pyfuse3
 import trio
 
 from envfs import fuse_loop, kernel
-from envfs.builds import RETRY_AFTER, BuildQueue
-from envfs.cache import NodeCache
 from envfs.catalog import Catalog
 from envfs.core.errors import BadInput, EnvfsError, EnvironmentProblem
 from envfs.fuse_ops import EnvfsOperations
 from envfs.model import BuildStats, DaemonStatus, ServedEnv
+from envfs.node.builds import RETRY_AFTER, BuildQueue
+from envfs.node.cache import NodeCache
 from envfs.store.layout import pid_start_time
 from envfs.vfs import Namespace, View
 

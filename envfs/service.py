@@ -20,12 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from envfs.build import builder, capture, interpreters, raydriver, spec
-from envfs.catalog import BindingView
 from envfs.core import crashpoints
 from envfs.core.config import Settings, node_time
 from envfs.core.errors import BadInput, BuildFailed, Busy, EnvfsError, EnvironmentProblem, NotFound
 from envfs.core.names import parse_target
-from envfs.index import Index, open_index
+from envfs.core.views import BindingView
 from envfs.model import (
     DiskUsage,
     EnvInfo,
@@ -40,6 +39,7 @@ from envfs.model import (
     State,
     VerifyReport,
 )
+from envfs.node.index import Index, open_index
 from envfs.store.layout import Lease, Store, regular_files
 
 Progress = Callable[[str], None]

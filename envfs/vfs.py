@@ -22,7 +22,7 @@ answered from memory, for every view of it, without touching the store.  Methods
 store I/O take ``io``: with ``io=False`` (the event loop) they raise `WouldBlock` instead of
 touching the disk, and the caller repeats the call in a worker thread with ``io=True``.  Binding
 lookups that name an unbuilt snapshot raise `NeedsBuild`; the caller builds it
-(`envfs.builds.BuildQueue`), reports the path with `Namespace.note_built` and asks again.
+(`envfs.node.builds.BuildQueue`), reports the path with `Namespace.note_built` and asks again.
 Mutations of the tables happen under one lock, never held across I/O.
 """
 
@@ -37,8 +37,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from envfs.catalog import BindingView, Catalog
+from envfs.catalog import Catalog
 from envfs.core.names import parse_revision
+from envfs.core.views import BindingView
 from envfs.nowait import blocking_is_cheap
 from envfs.store.layout import Listing, SnapshotUnreadable, read_listing
 

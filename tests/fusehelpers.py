@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from envfs.build.builder import scan_tree
-from envfs.catalog import BindingView
 from envfs.core.errors import BuildFailed, NotFound
+from envfs.core.views import BindingView
 
 REPO = Path(__file__).resolve().parent.parent
 MOUNT_TIMEOUT = 15.0

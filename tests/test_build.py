@@ -387,7 +387,7 @@ def test_wheel_files_are_hashed_once_per_node(local: Env, monkeypatch: pytest.Mo
     """A file shared with uv's cache is hashed by the first build that links it; later
     builds take its digest from the node's index (same inode, size and mtime)."""
     from envfs.core.config import Settings
-    from envfs.index import Index
+    from envfs.node.index import Index
     from envfs.service import Inputs, Service
 
     local.run("build", "wf/a", "extra-a==1.0", "--python", PY)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from envfs.cache import CacheDamage, NodeCache
 from envfs.kernel import mounts_under
+from envfs.node.cache import CacheDamage, NodeCache
 from envfs.store.layout import Store
 from tests.conftest import PY, Env, make_env, seed_store
 from tests.test_e2e import Mount, py

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from envfs.builds import BuildQueue
-from envfs.catalog import BindingView
 from envfs.core.errors import BuildFailed, NotFound
+from envfs.core.views import BindingView
+from envfs.node.builds import BuildQueue
 from envfs.nowait import INLINE_IO_ENV
 from envfs.store.layout import SnapshotUnreadable
 from envfs.vfs import (

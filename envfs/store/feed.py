@@ -9,7 +9,7 @@ rotation) is read again from its start; a last line without its newline waits fo
 writer starts its line on a fresh line if a crash left the file without a final newline.
 
 The logs are a hint, the binding files the truth: a bind whose writer died before logging
-is found by the index's reconciliation (`envfs.index.Index.follow_changes`).
+is found by the index's reconciliation (`envfs.node.index.Index.follow_changes`).
 ``log/audit.jsonl`` of stores written before per-host logs is read as one more log.
 """
 

@@ -593,7 +593,7 @@ def measure(args: argparse.Namespace, root: Path, sets: list[EnvSet]) -> Results
     ray = Ray(root, base, run_env, root / "pip-cache")
     approaches: dict[str, Approach] = {
         "envfs": envfs,
-        "uv": Uv(root, base, run_env, envfs.cache),
+        "uv": Uv(root, base, run_env, envfs.node.cache),
         "pip": Pip(root, base, run_env, root / "pip-cache"),
         "ray": ray,
     }

@@ -1,9 +1,10 @@
 """Build-on-first-access for the daemon: one build per snapshot id, awaited by every caller.
 
-`BuildQueue.wait_for_build` runs ``Catalog.build`` in a worker thread (so the FUSE event loop
-keeps answering other requests), dedupes concurrent callers in-process (the store's lease dedupes
-across processes and nodes), and remembers failures for a short back-off so that a broken spec
-is not rebuilt on every ``stat``; after the back-off the next access tries again.
+`BuildQueue.wait_for_build` runs ``Builder.build`` (the catalog's) in a worker thread (so
+the FUSE event loop keeps answering other requests), dedupes concurrent callers in-process
+(the store's lease dedupes across processes and nodes), and remembers failures for a short
+back-off so that a broken spec is not rebuilt on every ``stat``; after the back-off the
+next access tries again.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import trio
 
-from envfs.catalog import Catalog
 from envfs.core.errors import BuildFailed, EnvfsError
 
 log = logging.getLogger(__name__)
@@ -41,12 +42,20 @@ class BuildFailure:
     retry_at: float  # monotonic
 
 
+class Builder(Protocol):
+    """What builds a snapshot (the namespace's catalog): blocking, run in a worker thread."""
+
+    def build(self, snapshot_id: str) -> Path:
+        """Build ``snapshot_id`` (or wait for another node's build); its directory."""
+        ...
+
+
 class BuildQueue:
     """In-process build coordinator.  Use from the trio event loop only."""
 
     def __init__(
         self,
-        catalog: Catalog,
+        catalog: Builder,
         *,
         retry_after: float = RETRY_AFTER,
         max_parallel: int = 64,

@@ -27,8 +27,8 @@ from typing import Any, TypeVar
 
 import lmdb
 
-from envfs.catalog import BindingView
 from envfs.core.errors import BadInput, EnvfsError, EnvironmentProblem
+from envfs.core.views import BindingView
 from envfs.model import Revision
 from envfs.store import feed
 from envfs.store.layout import Store
