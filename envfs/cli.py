@@ -253,7 +253,7 @@ def _revision(text: str) -> int:
 def _mount_of(svc: Service, mount: Path | None) -> Path:
     """Where this node serves ``svc``'s store: ``mount``, else the mount of a live daemon
     of this store (from the daemons' status files)."""
-    from envfs.mount import live_mount_of, mount_type
+    from envfs.fs.mount import live_mount_of, mount_type
 
     if mount is not None:
         if mount_type(mount.absolute()) != "fuse.envfs":
@@ -696,7 +696,7 @@ def mount(
     if foreground:
         import logging
 
-        from envfs.mount import run_daemon
+        from envfs.fs.mount import run_daemon
         from envfs.service import StoreCatalog
 
         logging.getLogger().handlers.clear()
@@ -719,7 +719,7 @@ def mount(
             store=svc.store.root.resolve(),
         )
         return
-    from envfs.mount import is_stale_mount
+    from envfs.fs.mount import is_stale_mount
 
     if os.path.ismount(mountpoint) and not is_stale_mount(mountpoint):
         raise EnvironmentProblem(
@@ -734,8 +734,8 @@ def mount(
 
 def _node_cache(svc: Service, where: str, max_bytes: int) -> NodeCache | None:
     """The node cache `mount --cache` asks for (see its help)."""
+    from envfs.fs.nowait import blocking_is_cheap
     from envfs.node.cache import NodeCache
-    from envfs.nowait import blocking_is_cheap
 
     if where == "off":
         return None
@@ -768,7 +768,7 @@ def _spawn_daemon(
     import subprocess
     import time
 
-    from envfs.mount import is_stale_mount
+    from envfs.fs.mount import is_stale_mount
 
     opts = ctx.find_root().params
     cmd = [sys.executable, "-m", "envfs"]
@@ -812,7 +812,7 @@ def umount(mountpoint: Path, lazy: bool) -> None:
     import time
 
     from envfs.core.errors import Busy
-    from envfs.mount import (
+    from envfs.fs.mount import (
         check_may_unmount,
         daemon_alive,
         mount_type,
@@ -878,7 +878,7 @@ def status(as_json: bool) -> None:
     import time
 
     from envfs.core.config import runtime_dir
-    from envfs.mount import daemon_alive, read_status
+    from envfs.fs.mount import daemon_alive, read_status
 
     mounts = []
     for path in sorted((runtime_dir() / "mounts").glob("*.json")):

@@ -18,11 +18,11 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from envfs import kernel
 from envfs.build import interpreters
 from envfs.build.builder import uv_binary, uv_version
 from envfs.core.config import Settings
 from envfs.core.errors import EnvfsError
+from envfs.fs import kernel
 from envfs.model import DoctorFinding, DoctorReport
 from envfs.store.layout import Store
 
@@ -161,7 +161,7 @@ def check_index(settings: Settings, store: Store) -> DoctorFinding:
 
 
 def check_mounts() -> list[DoctorFinding]:
-    from envfs.mount import is_stale_mount
+    from envfs.fs.mount import is_stale_mount
 
     out = []
     for m in kernel.mount_table():

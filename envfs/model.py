@@ -266,7 +266,7 @@ class GcReport(Record):
 class ServedEnv(Record):
     path: str  # below the mountpoint: wf/node, wf/node@rev or .snapshots/<id>
     snapshot_id: str
-    kernel: bool = False  # a read-only bind mount serves it (envfs.kernel), not FUSE
+    kernel: bool = False  # a read-only bind mount serves it (envfs.fs.kernel), not FUSE
 
 
 class RunningBuild(Record):
@@ -288,7 +288,7 @@ class BuildStats(Record):
 
 
 class DaemonStatus(Record):
-    """``$XDG_RUNTIME_DIR/envfs/mounts/<hash>.json``, written by a daemon (`envfs.mount`)."""
+    """``$XDG_RUNTIME_DIR/envfs/mounts/<hash>.json``, written by a daemon (`envfs.fs.mount`)."""
 
     mountpoint: str
     pid: int

@@ -307,7 +307,7 @@ def main() -> None:
     parser.add_argument("--detach", action="store_true", help="return once mounted")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    from envfs.mount import run_daemon
+    from envfs.fs.mount import run_daemon
 
     with contextlib.suppress(KeyboardInterrupt):
         run_daemon(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from envfs.kernel import mounts_under
+from envfs.fs.kernel import mounts_under
 from envfs.node.cache import CacheDamage, NodeCache
 from envfs.store.layout import Store
 from tests.conftest import PY, Env, make_env, seed_store

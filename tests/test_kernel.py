@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from envfs.kernel import mounts_under
+from envfs.fs.kernel import mounts_under
 from tests.conftest import PY, Env
 from tests.test_e2e import Mount, fs, py  # noqa: F401
 from tests.test_nodes import wait_for

@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from envfs import nowait
 from envfs.core.errors import EnvironmentProblem
-from envfs.mount import is_stale_mount, run_daemon, unmount
+from envfs.fs import nowait
+from envfs.fs.mount import is_stale_mount, run_daemon, unmount
 from tests.fusehelpers import (
     REPO,
     DaemonProcess,

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from envfs.fuse_ops import _Descriptors
-from envfs.nowait import open_cached, read_cached
+from envfs.fs.fuse_ops import _Descriptors
+from envfs.fs.nowait import open_cached, read_cached
 
 
 @pytest.fixture

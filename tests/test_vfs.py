@@ -15,10 +15,8 @@ import trio
 
 from envfs.core.errors import BuildFailed, NotFound
 from envfs.core.views import BindingView
-from envfs.node.builds import BuildQueue
-from envfs.nowait import INLINE_IO_ENV
-from envfs.store.layout import SnapshotUnreadable
-from envfs.vfs import (
+from envfs.fs.nowait import INLINE_IO_ENV
+from envfs.fs.vfs import (
     CACHE_LONG,
     CACHE_NONE,
     CACHE_SHORT,
@@ -31,6 +29,8 @@ from envfs.vfs import (
     NeedsBuild,
     WouldBlock,
 )
+from envfs.node.builds import BuildQueue
+from envfs.store.layout import SnapshotUnreadable
 from tests.fusehelpers import write_manifest
 
 
@@ -452,7 +452,7 @@ def test_a_crashing_builder_becomes_an_eio_build_failure(world: World) -> None:
 def test_short_ids_are_served_by_fuse_and_each_user_has_its_own_lookup_budget(
     world: World,
 ) -> None:
-    from envfs.vfs import STORE_LOOKUP_RATE
+    from envfs.fs.vfs import STORE_LOOKUP_RATE
 
     sid = "ab" * 32
     world.catalog.snapshots[sid] = world.a
@@ -475,7 +475,7 @@ def test_short_ids_are_served_by_fuse_and_each_user_has_its_own_lookup_budget(
 
 
 def test_a_flood_of_missing_names_is_bounded_in_memory_and_store_lookups(world: World) -> None:
-    from envfs.vfs import MAX_NEGATIVE, STORE_LOOKUP_RATE
+    from envfs.fs.vfs import MAX_NEGATIVE, STORE_LOOKUP_RATE
 
     wf = world.walk("wf")
     assert wf is not None

@@ -291,7 +291,7 @@ def _copy_installation(layout: Layout, tree: Path) -> tuple[dict[Path, Path], Pa
 #: A ``.pth`` line in the interpreter's (otherwise empty) site-packages: keeps the task
 #: user's ``~/.local/lib/pythonX.Y/site-packages`` off ``sys.path``, as a venv does.  Not a
 #: ``pyvenv.cfg``: Python anchors ``sys.prefix`` at the unresolved path of a venv, which would
-#: undo the pinning of a process to one revision (see `envfs.vfs`).  Not a patched
+#: undo the pinning of a process to one revision (see `envfs.fs.vfs`).  Not a patched
 #: ``site.py``: 3.11+ runs a frozen copy.  ``site`` adds the user site before it reads the
 #: ``.pth`` files of site-packages, so this takes it out again and skips usercustomize.
 NO_USER_SITE = (

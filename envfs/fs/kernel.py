@@ -5,7 +5,7 @@ FUSE stays the namespace, the build trigger and the fallback; once a pinned view
 is built and its tree loaded, the daemon binds the snapshot directory read-only (``nosuid``,
 ``nodev``) onto the view, and from then on the kernel serves every lookup, open and read
 below it with no daemon round trip.  A process started from ``/envs/wf/node/bin/python``
-runs from ``node@REV`` (see `envfs.vfs`), so its imports are kernel-served too.
+runs from ``node@REV`` (see `envfs.fs.vfs`), so its imports are kernel-served too.
 
 This module owns the mount syscalls and the reading of ``/proc/self/mountinfo``.
 """

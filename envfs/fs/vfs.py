@@ -37,10 +37,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from envfs.catalog import Catalog
 from envfs.core.names import parse_revision
 from envfs.core.views import BindingView
-from envfs.nowait import blocking_is_cheap
+from envfs.fs.catalog import Catalog
+from envfs.fs.nowait import blocking_is_cheap
 from envfs.store.layout import Listing, SnapshotUnreadable, read_listing
 
 ROOT_INODE = 1
@@ -133,7 +133,7 @@ class _Tree:
     uid: int
     gid: int
     listing: Listing  # relative dir (b"" is the root) -> name -> entry
-    blocking_is_cheap: bool  # on a local file system: see `envfs.nowait.blocking_is_cheap`
+    blocking_is_cheap: bool  # on a local file system: see `envfs.fs.nowait.blocking_is_cheap`
 
 
 @dataclass(slots=True, eq=False)
@@ -403,7 +403,7 @@ class Namespace:
                 backing.tree.blocking_is_cheap = cheap
 
     def kernel_candidates(self) -> list[tuple[View, bytes, int | None]]:
-        """Pinned views the daemon may hand to the kernel (`envfs.kernel`), with the directory
+        """Pinned views the daemon may hand to the kernel (`envfs.fs.kernel`), with the directory
         their snapshot is served from and their root inode (None: not looked up yet).
 
         Those are the pinned views (a revision, a snapshot by id) whose snapshot tree is

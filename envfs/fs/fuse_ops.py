@@ -1,10 +1,10 @@
-"""Thin pyfuse3 adapter over `envfs.vfs.Namespace`: translate requests, cache replies, never write.
+"""Thin pyfuse3 adapter over `vfs.Namespace`: translate requests, cache replies, never write.
 
 Hot paths answer from memory: lookup, getattr, readdir and readlink once a snapshot's manifest
 is read, and open always (the backing file is opened by the first read that needs it).  Reads
 run on the event loop when that cannot stall it: always for a store on a local file system,
 and on a network one when the page cache holds the data (``RWF_NOWAIT``, see
-`envfs.nowait`).  Anything else that needs store I/O runs in a worker thread
+`envfs.fs.nowait`).  Anything else that needs store I/O runs in a worker thread
 (`trio.to_thread`), so a slow NAS or a build never stalls other requests.
 
 Kernel caching: snapshot contents never change, so their entries, attributes and negative
@@ -41,10 +41,8 @@ from pyfuse3 import (
 )
 
 from envfs.core.errors import EnvfsError
-from envfs.node.builds import BuildQueue
-from envfs.nowait import open_cached, read_cached
-from envfs.store.layout import SnapshotUnreadable
-from envfs.vfs import (
+from envfs.fs.nowait import open_cached, read_cached
+from envfs.fs.vfs import (
     CACHE_LONG,
     CACHE_NONE,
     CACHE_SHORT,
@@ -53,6 +51,8 @@ from envfs.vfs import (
     NeedsBuild,
     WouldBlock,
 )
+from envfs.node.builds import BuildQueue
+from envfs.store.layout import SnapshotUnreadable
 
 log = logging.getLogger(__name__)
 

@@ -31,15 +31,15 @@ import pydantic
 import pyfuse3
 import trio
 
-from envfs import fuse_loop, kernel
-from envfs.catalog import Catalog
 from envfs.core.errors import BadInput, EnvfsError, EnvironmentProblem
-from envfs.fuse_ops import EnvfsOperations
+from envfs.fs import fuse_loop, kernel
+from envfs.fs.catalog import Catalog
+from envfs.fs.fuse_ops import EnvfsOperations
+from envfs.fs.vfs import Namespace, View
 from envfs.model import BuildStats, DaemonStatus, ServedEnv
 from envfs.node.builds import RETRY_AFTER, BuildQueue
 from envfs.node.cache import NodeCache
 from envfs.store.layout import pid_start_time
-from envfs.vfs import Namespace, View
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ def run_daemon(
     already mounted there.  ``Catalog.refresh`` runs every ``refresh_interval`` seconds in a
     thread and changed bindings are invalidated in the kernel.  With ``status_path``, a JSON
     status (see `Daemon.status`) is kept there and removed on a clean exit.
-    ``kernel_mounts``: hand pinned views of built snapshots to the kernel (`envfs.kernel`).
+    ``kernel_mounts``: hand pinned views of built snapshots to the kernel (`envfs.fs.kernel`).
     ``cache``: keep a node-local copy of every snapshot served, and serve from it.
     ``served_path``: where the daemon remembers the snapshots it served, to load them again
     before it mounts next time (a restarted node serves them at once).
@@ -483,7 +483,7 @@ class Daemon:
                 await self._place_kernel_views(skip=request_dir)
 
     async def _place_kernel_views(self, skip: int | None = None) -> None:
-        """Bind each candidate view's snapshot read-only onto the view (`envfs.kernel`).
+        """Bind each candidate view's snapshot read-only onto the view (`envfs.fs.kernel`).
 
         Without the privilege (EPERM: no CAP_SYS_ADMIN) FUSE serves everything, as it does
         for processes in mount namespaces the bind mounts do not propagate to.

@@ -25,7 +25,7 @@ import functools
 import os
 import sys
 
-from envfs import kernel
+from envfs.fs import kernel
 
 _SYS_OPENAT2 = 437  # the same number on every Linux architecture (the generic table)
 _RESOLVE_CACHED = 0x20
