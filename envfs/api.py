@@ -53,7 +53,7 @@ from envfs.core.errors import (
 from envfs.core.names import MAX_NAME, NAME_PATTERN, validate_name
 from envfs.model import EnvInfo, Revision
 from envfs.pgaudit import AuditRow, PgAudit
-from envfs.service import Inputs, Service
+from envfs.service.envs import Inputs, Service
 
 log = logging.getLogger("envfs.api")
 

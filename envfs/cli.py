@@ -17,7 +17,7 @@ import click
 from envfs.core.config import Settings
 from envfs.core.errors import BadInput, EnvfsError, EnvironmentProblem, NotFound
 from envfs.core.names import parse_revision, parse_target
-from envfs.service import Inputs, Service
+from envfs.service.envs import Inputs, Service
 
 if TYPE_CHECKING:
     from envfs.node.cache import NodeCache
@@ -697,7 +697,7 @@ def mount(
         import logging
 
         from envfs.fs.mount import run_daemon
-        from envfs.service import StoreCatalog
+        from envfs.service.envs import StoreCatalog
 
         logging.getLogger().handlers.clear()
         logging.basicConfig(
@@ -856,7 +856,7 @@ def doctor(ctx: click.Context, as_json: bool) -> None:
 
     Each finding is ok, warn or error, with a fix. Exits 8 if anything is an error.
     """
-    from envfs.doctor import diagnose
+    from envfs.service.doctor import diagnose
 
     report = diagnose(_service(ctx, quiet=True).settings)
     if as_json:

@@ -262,7 +262,7 @@ def test_snapshot_built_before_capture_is_still_served_as_a_venv(
     serves and says what it is, as stores written before this change hold them."""
     from envfs.build import builder, spec
     from envfs.core.config import Settings
-    from envfs.service import Service
+    from envfs.service.envs import Service
 
     env, mnt, mounts = fs
     for key, value in env.vars.items():

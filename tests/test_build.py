@@ -388,7 +388,7 @@ def test_wheel_files_are_hashed_once_per_node(local: Env, monkeypatch: pytest.Mo
     builds take its digest from the node's index (same inode, size and mtime)."""
     from envfs.core.config import Settings
     from envfs.node.index import Index
-    from envfs.service import Inputs, Service
+    from envfs.service.envs import Inputs, Service
 
     local.run("build", "wf/a", "extra-a==1.0", "--python", PY)
     rel = "lib/python3.12/site-packages/base_lib-1.0.dist-info/METADATA"

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from envfs.core.config import Settings
-from envfs.service import Service
+from envfs.service.envs import Service
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: tests.wheels
 from tests.wheels import make_wheel

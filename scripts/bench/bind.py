@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from envfs.core.config import Settings
-from envfs.service import Inputs, Service
+from envfs.service.envs import Inputs, Service
 from envfs.store.feed import all_events
 
 PKGS = ("six==1.16.0", "attrs==24.2.0")

@@ -36,7 +36,7 @@ from _envfs import EnvfsHarness
 
 from envfs.core.config import Settings
 from envfs.core.errors import EnvfsError
-from envfs.service import Service
+from envfs.service.envs import Service
 
 #: (node name, module to import, requirements); module "" times `python -c pass` (start-up:
 #: the interpreter and the standard library it loads, all served by the mount too)
