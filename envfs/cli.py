@@ -960,7 +960,7 @@ def serve_api(
     is and its state; /openapi.json documents every route, /metrics is Prometheus text.
     Mutations need `Authorization: Bearer TOKEN` (the first line of --token-file).
     """
-    from envfs.api import create_app, serve
+    from envfs.api.server import create_app, serve
 
     if token_file is None:
         raise BadInput("serve-api needs --token-file (mutations need a bearer token)")
@@ -968,7 +968,7 @@ def serve_api(
     svc = _service(ctx, quiet=True)
     audit = None
     if audit_dsn:
-        from envfs.pgaudit import PgAudit
+        from envfs.api.audit import PgAudit
 
         audit = PgAudit(audit_dsn, svc.settings.index / "audit-spool")
     click.echo(f"envfs: serving the API on http://{host}:{port} (store {svc.store.root})", err=True)

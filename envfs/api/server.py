@@ -41,6 +41,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from starlette.datastructures import UploadFile
 
 from envfs import __version__
+from envfs.api.audit import AuditRow, PgAudit
 from envfs.build import interpreters
 from envfs.core.errors import (
     BadInput,
@@ -52,7 +53,6 @@ from envfs.core.errors import (
 )
 from envfs.core.names import MAX_NAME, NAME_PATTERN, validate_name
 from envfs.model import EnvInfo, Revision
-from envfs.pgaudit import AuditRow, PgAudit
 from envfs.service.envs import Inputs, Service
 
 log = logging.getLogger("envfs.api")
