@@ -1,0 +1,364 @@
+"""Serving: mount, umount, status (the daemon) and serve-api (the HTTP API)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from envfs.cli.app import _emit, _progress, _service, main
+from envfs.core.errors import BadInput, EnvironmentProblem, NotFound
+from envfs.service.envs import Service
+
+if TYPE_CHECKING:
+    from envfs.node.cache import NodeCache
+
+
+def _status_file(mountpoint: Path) -> Path:
+    import hashlib
+
+    from envfs.core.config import runtime_dir
+
+    key = hashlib.sha256(str(mountpoint).encode()).hexdigest()[:16]
+    return runtime_dir() / "mounts" / f"{key}.json"
+
+
+@main.command()
+@click.argument("mountpoint", type=click.Path(path_type=Path), default=Path("/envs"))
+@click.option("--foreground", "-f", is_flag=True, help="Serve in this process (logs to stderr).")
+@click.option(
+    "--allow-other", is_flag=True, help="Let other users use the mount (default when run as root)."
+)
+@click.option(
+    "--log-file",
+    type=click.Path(path_type=Path),
+    help="Where a background daemon logs (default next to its status file).",
+)
+@click.option(
+    "--kernel-mounts/--no-kernel-mounts",
+    default=True,
+    show_default=True,
+    help="Hand each pinned view of a built env (WF/NODE@REV, .snapshots/ID) to the kernel as "
+    "a read-only bind mount, so its files are served with no daemon round trip. Needs "
+    "CAP_SYS_ADMIN; without it FUSE serves everything.",
+)
+@click.option(
+    "--cache",
+    "cache_dir",
+    default="auto",
+    show_default=True,
+    help="Where this node keeps a local copy of every env it serves (served from there, "
+    "so a NAS outage does not stop them): a directory, `off`, or `auto` (INDEX/cache when "
+    "the store is not on a local disk, off when it is).",
+)
+@click.option(
+    "--cache-size",
+    default="50G",
+    show_default=True,
+    help="Bound of the node cache (K, M, G, T); least recently used envs not in use go first.",
+)
+@click.pass_context
+def mount(
+    ctx: click.Context,
+    mountpoint: Path,
+    foreground: bool,
+    allow_other: bool,
+    log_file: Path | None,
+    kernel_mounts: bool,
+    cache_dir: str,
+    cache_size: str,
+) -> None:
+    """Mount the envs filesystem at MOUNTPOINT (default /envs).
+
+    MOUNTPOINT/WF/NODE/bin/python runs the current revision of a binding,
+    MOUNTPOINT/WF/NODE@REV/ a pinned revision, MOUNTPOINT/.snapshots/ID/ a snapshot.
+    An env that is bound but not built is built on first access. SIGTERM unmounts.
+    A stale mount left by a killed daemon is cleaned first.
+    """
+    mountpoint = mountpoint.absolute()
+    max_bytes = _size(cache_size)  # bad input fails before anything else
+    status = _status_file(mountpoint)
+    if foreground:
+        import logging
+
+        from envfs.fs.mount import run_daemon
+        from envfs.service.envs import StoreCatalog
+
+        logging.getLogger().handlers.clear()
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s envfs[%(process)d] %(levelname)s %(message)s"
+        )
+        mountpoint.mkdir(parents=True, exist_ok=True)
+        status.parent.mkdir(parents=True, exist_ok=True)
+        svc = _service(ctx, quiet=True)
+        catalog = StoreCatalog(svc)
+        run_daemon(
+            catalog,
+            mountpoint,
+            allow_other=allow_other or os.geteuid() == 0,
+            foreground=True,
+            status_path=status,
+            kernel_mounts=kernel_mounts,
+            cache=_node_cache(svc, cache_dir, max_bytes),
+            served_path=svc.settings.index / "served.json",
+            store=svc.store.root.resolve(),
+        )
+        return
+    from envfs.fs.mount import is_stale_mount
+
+    if os.path.ismount(mountpoint) and not is_stale_mount(mountpoint):
+        raise EnvironmentProblem(
+            f"{mountpoint} is already a mount point: run `envfs umount {mountpoint}` first"
+        )
+    _service(ctx, quiet=True).require_store()  # fail here, not in a detached daemon
+    log = log_file or status.with_suffix(".log")
+    extra = [] if kernel_mounts else ["--no-kernel-mounts"]
+    extra += ["--cache", cache_dir, "--cache-size", cache_size]
+    _spawn_daemon(ctx, mountpoint, allow_other, extra, log)
+
+
+def _node_cache(svc: Service, where: str, max_bytes: int) -> NodeCache | None:
+    """The node cache `mount --cache` asks for (see its help)."""
+    from envfs.fs.nowait import blocking_is_cheap
+    from envfs.node.cache import NodeCache
+
+    if where == "off":
+        return None
+    if where == "auto":
+        if blocking_is_cheap(os.fsencode(svc.store.root)):
+            return None  # a store on a local disk is its own node-local copy
+        return NodeCache(svc.settings.index / "cache", max_bytes)
+    return NodeCache(Path(where).absolute(), max_bytes)
+
+
+def _size(text: str) -> int:
+    """Bytes of a size such as ``500M`` or ``20G`` (a plain number is bytes)."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    number, unit = text.strip().upper().rstrip("B"), ""
+    if number and number[-1] in units:
+        number, unit = number[:-1], number[-1]
+    try:
+        value = float(number) * units[unit]
+    except ValueError:
+        raise BadInput(f"bad size {text!r}: use a number with K, M, G or T (e.g. 20G)") from None
+    if value <= 0:
+        raise BadInput(f"bad size {text!r}: must be more than 0")
+    return int(value)
+
+
+def _spawn_daemon(
+    ctx: click.Context, mountpoint: Path, allow_other: bool, extra: list[str], log: Path
+) -> None:
+    """Start `envfs mount --foreground` detached, and return once it serves."""
+    import subprocess
+    import time
+
+    from envfs.fs.mount import is_stale_mount
+
+    opts = ctx.find_root().params
+    cmd = [sys.executable, "-m", "envfs"]
+    if opts.get("store"):
+        cmd += ["--store", str(opts["store"])]
+    if opts.get("index"):
+        cmd += ["--index", str(opts["index"])]
+    cmd += ["mount", str(mountpoint), "--foreground"] + (["--allow-other"] if allow_other else [])
+    cmd += extra
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
+        )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+            raise EnvironmentProblem(f"the daemon exited ({proc.returncode}): {tail[0]}")
+        if os.path.ismount(mountpoint) and not is_stale_mount(mountpoint):
+            click.echo(f"envfs mounted at {mountpoint} (pid {proc.pid}, log {log})")
+            return
+        time.sleep(0.1)
+    proc.terminate()
+    raise EnvironmentProblem(f"the daemon did not mount {mountpoint} in 30 s; see {log}")
+
+
+@main.command()
+@click.argument("mountpoint", type=click.Path(path_type=Path), default=Path("/envs"))
+@click.option(
+    "--lazy",
+    is_flag=True,
+    help="Detach the mount even while processes use it (they then fail on their next read).",
+)
+def umount(mountpoint: Path, lazy: bool) -> None:
+    """Unmount MOUNTPOINT; its daemon exits.
+
+    Refused (exit 7, naming the processes) while processes run from the mount or hold
+    files of it, unless --lazy.
+    """
+    import time
+
+    from envfs.core.errors import Busy
+    from envfs.fs.mount import (
+        check_may_unmount,
+        daemon_alive,
+        mount_type,
+        read_status,
+        unmount,
+        users_of,
+    )
+
+    mountpoint = mountpoint.absolute()
+    if not os.path.ismount(mountpoint):
+        raise NotFound(f"{mountpoint} is not mounted")
+    check_may_unmount(mountpoint)
+    data = read_status(_status_file(mountpoint))
+    alive = data is not None and data.mountpoint == str(mountpoint) and daemon_alive(data)
+    if not lazy and mount_type(mountpoint) == "fuse.envfs":
+        users = users_of(mountpoint, ignore={os.getpid(), *([data.pid] if data else [])})
+        if users:
+            shown = ", ".join(map(str, users[:10])) + (" ..." if len(users) > 10 else "")
+            raise Busy(
+                f"{mountpoint} is in use by {len(users)} process(es) (pid {shown}); stop "
+                "them first, or `envfs umount --lazy` to detach it anyway"
+            )
+    deadline = time.monotonic() + 10
+    if alive and data is not None and mount_type(mountpoint) == "fuse.envfs":
+        # the daemon unmounts itself: its kernel-served views first, while it still answers
+        os.kill(data.pid, signal.SIGTERM)
+        while os.path.ismount(mountpoint) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    if os.path.ismount(mountpoint):
+        unmount(mountpoint)
+    while data is not None and daemon_alive(data) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    click.echo(f"unmounted {mountpoint}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def status(as_json: bool) -> None:
+    """Mounts on this node: envs served, builds running and failed, cache statistics."""
+    import time
+
+    from envfs.core.config import runtime_dir
+    from envfs.fs.mount import daemon_alive, read_status
+
+    mounts = []
+    for path in sorted((runtime_dir() / "mounts").glob("*.json")):
+        data = read_status(path)
+        if data is not None:
+            mounts.append(data.model_copy(update={"alive": daemon_alive(data)}))
+    if as_json:
+        _emit({"mounts": [m.model_dump() for m in mounts]})
+        return
+    if not mounts:
+        click.echo("no envfs mounts on this node")
+    for m in mounts:
+        state = "serving" if m.alive else "DEAD (run `envfs mount` again to clean up)"
+        click.echo(f"{m.mountpoint}: pid {m.pid} {state}, since {m.started}")
+        kernel = sum(e.kernel for e in m.envs)
+        click.echo(f"  envs served: {len(m.envs)} ({kernel} by the kernel, the rest by FUSE)")
+        for env in m.envs[:20]:
+            how = "kernel" if env.kernel else "fuse"
+            click.echo(f"    {env.path} -> {env.snapshot_id[:12]} ({how})")
+        if len(m.envs) > 20:
+            click.echo(f"    ... and {len(m.envs) - 20} more (--json lists all)")
+        b = m.builds
+        click.echo(
+            f"  builds: {len(b.running)} running, {len(b.failed)} failed, {b.completed} done"
+        )
+        views: dict[str, list[str]] = {}
+        for e in m.envs:
+            views.setdefault(e.snapshot_id, []).append(e.path)
+
+        def named(sid: str, views: dict[str, list[str]] = views) -> str:
+            where = ", ".join(sorted(views.get(sid, []))[:3])
+            return f"{sid[:12]}" + (f" ({where})" if where else "")
+
+        for r in b.running:
+            click.echo(f"    building {named(r.snapshot_id)} for {time.time() - r.since:.0f}s")
+        for f in b.failed:
+            click.echo(f"    failed {named(f.snapshot_id)}: {f.reason}")
+        hits, cold = m.cache.get("hits", 0), m.cache.get("cold", 0)
+        click.echo(
+            f"  cache: {m.cache.get('inodes', 0)} inodes, {hits} lookups from memory, {cold} cold"
+        )
+        if "node_cache_copies" in m.cache:
+            click.echo(f"  node cache: {m.cache['node_cache_copies']} env(s) served from it")
+
+
+@main.command(name="serve-api")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8321, show_default=True, type=click.IntRange(1, 65535))
+@click.option(
+    "--token-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    envvar="ENVFS_API_TOKEN_FILE",
+    help="File holding the bearer token every mutation needs [env: ENVFS_API_TOKEN_FILE].",
+)
+@click.option(
+    "--mount-path",
+    type=click.Path(path_type=Path),
+    help="The path engines see the envs at (default: this store's mount here, else /envs).",
+)
+@click.option(
+    "--audit-dsn",
+    envvar="ENVFS_AUDIT_DSN",
+    metavar="DSN",
+    help="Also write every mutation to PostgreSQL (postgresql://...); rows wait in "
+    "<index>/audit-spool while it is down [env: ENVFS_AUDIT_DSN].",
+)
+@click.pass_context
+def serve_api(
+    ctx: click.Context,
+    host: str,
+    port: int,
+    token_file: Path | None,
+    mount_path: Path | None,
+    audit_dsn: str | None,
+) -> None:
+    """Serve the HTTP API for workflow platforms (docs/api.md).
+
+    POST /envs binds (and builds in the background), GET /envs/WF/NODE says where the env
+    is and its state; /openapi.json documents every route, /metrics is Prometheus text.
+    Mutations need `Authorization: Bearer TOKEN` (the first line of --token-file).
+    """
+    from envfs.api.server import create_app, serve
+
+    if token_file is None:
+        raise BadInput("serve-api needs --token-file (mutations need a bearer token)")
+    token = _read_token(token_file)
+    svc = _service(ctx, quiet=True)
+    audit = None
+    if audit_dsn:
+        from envfs.api.audit import PgAudit
+
+        audit = PgAudit(audit_dsn, svc.settings.index / "audit-spool")
+    click.echo(f"envfs: serving the API on http://{host}:{port} (store {svc.store.root})", err=True)
+    serve(create_app(svc, token, mount_path, audit), host, port)
+
+
+def _read_token(path: Path) -> str:
+    """The bearer token: the first line of ``path``, printable ASCII, at least 8 characters.
+    A token file other users can read is made private (0600) when it is ours, and refused
+    when it is not: a token anyone on the host can read guards nothing."""
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            if st.st_mode & 0o077 and st.st_uid == os.geteuid():
+                os.fchmod(f.fileno(), 0o600)
+                _progress(f"warning: {path} was readable by other users; made it 0600")
+            elif st.st_mode & 0o077:
+                raise BadInput(
+                    f"{path} is readable by other users and not ours to fix; chmod 600 it"
+                )
+            token = f.read().decode("ascii").strip().splitlines()[0].strip()
+    except (OSError, IndexError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "no ASCII token on its first line"
+        raise BadInput(f"cannot read a token from {path}: {why}") from None
+    if len(token) < 8 or not token.isprintable():
+        raise BadInput(f"the token in {path} is shorter than 8 printable characters")
+    return token

@@ -1,0 +1,158 @@
+"""Store upkeep: du, verify, gc, index rebuild."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import click
+
+from envfs.cli.app import _emit, _human, _service, main
+from envfs.core.errors import BadInput
+
+if TYPE_CHECKING:
+    pass
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def du(ctx: click.Context, as_json: bool) -> None:
+    """Disk used by snapshots: real bytes, each hardlinked file counted once.
+
+    real_bytes sums file sizes of distinct inodes; apparent_bytes counts every env as a copy.
+    """
+    usage = _service(ctx, quiet=True).disk_usage()
+    if as_json:
+        _emit(usage.model_dump())
+        return
+    click.echo(
+        f"{usage.snapshots} snapshots: {_human(usage.real_bytes)} real "
+        f"({_human(usage.disk_bytes)} in blocks, {_human(usage.apparent_bytes)} if every env "
+        f"were a copy); uv cache adds {_human(usage.uv_cache_extra_bytes)}"
+    )
+
+
+@main.command()
+@click.argument("target", metavar="[WF/NODE|SNAPSHOT_ID]", required=False)
+@click.option("--all", "check_all", is_flag=True, help="Everything (the default without TARGET).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def verify(ctx: click.Context, target: str | None, check_all: bool, as_json: bool) -> None:
+    """Check snapshots against their manifests; exit 5 naming what is damaged.
+
+    Without TARGET (or with --all): every snapshot (one unreadable manifest does not stop
+    the others), bindings whose built snapshot is gone, revision files that cannot be read,
+    and uv's cache against the wheels' RECORDs. With WF/NODE or a snapshot id (prefix):
+    that snapshot only.
+    """
+    if check_all and target is not None:
+        raise BadInput("give either --all or a TARGET, not both")
+    report = _service(ctx).verify(target)
+    if as_json:
+        _emit(report.model_dump())
+    else:
+        for sid, problems in report.damaged.items():
+            click.echo(f"{sid[:12]}: {len(problems)} problem(s)")
+            for problem in problems[:20]:
+                click.echo(f"  {problem}")
+            if len(problems) > 20:
+                click.echo(f"  ... and {len(problems) - 20} more (--json lists all)")
+        for line in report.gone + report.corrupt:
+            click.echo(line)
+        for problem in report.uv_cache[:20]:
+            click.echo(f"uv-cache: {problem}")
+        cache = f", {report.uv_cache_checked} uv cache file(s)" if target is None else ""
+        click.echo(
+            f"{report.checked} snapshot(s){cache} checked: {len(report.damaged)} damaged"
+            + (f", {len(report.gone)} gone" if report.gone else "")
+            + (f", {len(report.corrupt)} corrupt record(s)" if report.corrupt else "")
+            + (f", {len(report.uv_cache)} uv cache problem(s)" if report.uv_cache else "")
+        )
+    if not report.ok:
+        ctx.exit(5)
+
+
+def _duration(text: str) -> float:
+    """Seconds from ``90``, ``30s``, ``10m``, ``2h`` or ``7d``."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
+    try:
+        value = float(number)
+    except ValueError:
+        raise BadInput(f"{text!r} is not a duration; use e.g. 90, 30s, 10m, 2h or 7d") from None
+    if value < 0:
+        raise BadInput(f"{text!r} is negative; durations are 0 or more")
+    return value * units[unit]
+
+
+@main.command(name="gc")
+@click.option("--dry-run", is_flag=True, help="Report what would be swept; change nothing.")
+@click.option(
+    "--keep",
+    type=click.IntRange(min=0),
+    default=2,
+    show_default=True,
+    help="Earlier revisions of each binding kept besides the current one.",
+)
+@click.option(
+    "--min-age",
+    default="1h",
+    show_default=True,
+    help="Keep snapshots built more recently than this (e.g. 0, 30m, 2h, 7d).",
+)
+@click.option(
+    "--quarantine",
+    default="1d",
+    show_default=True,
+    help="How long swept snapshots stay in trash/ before they are deleted.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def gc_cmd(
+    ctx: click.Context, dry_run: bool, keep: int, min_age: str, quarantine: str, as_json: bool
+) -> None:
+    """Sweep snapshots nothing needs into trash/, delete old trash, prune the pools.
+
+    Kept: each binding's current revision and its last --keep ones, snapshots younger than
+    --min-age, snapshots a node serves (its daemon's leases/<id>/<host>), and every captured
+    interpreter. Staging dirs and build leases of crashed builds are removed too.
+    Builds and binds wait while a sweep runs (and the reverse).
+    """  # fmt: skip
+    report = _service(ctx).gc(keep, _duration(min_age), _duration(quarantine), dry_run)
+    if as_json:
+        _emit(report.model_dump())
+        return
+    verb = "would sweep" if dry_run else "swept"
+    for sid in report.swept:
+        click.echo(f"{verb} {sid[:12]}")
+    leftovers = len(report.dead_builds) + len(report.stale_leases)
+    if leftovers:
+        what = "would remove" if dry_run else "removed"
+        click.echo(
+            f"{what} {len(report.dead_builds)} dead build dir(s) and "
+            f"{len(report.stale_leases)} stale build lease(s) left by crashed builds"
+        )
+    click.echo(
+        f"{verb} {len(report.swept)} snapshot(s), about {_human(report.freed_bytes)}; "
+        f"kept {len(report.kept)}"
+        + (
+            ""
+            if dry_run
+            else f"; deleted {report.trash_deleted} from trash, {report.objects_deleted} pool "
+            f"object(s), {report.links_deleted} bytecode link(s)"
+        )
+    )
+
+
+@main.group()
+def index() -> None:
+    """The node-local LMDB index."""
+
+
+@index.command()
+@click.pass_context
+def rebuild(ctx: click.Context) -> None:
+    """Rebuild the index from the store."""
+    svc = _service(ctx)
+    count = svc.index.rebuild()
+    click.echo(f"index rebuilt at {svc.settings.index}: {count} binding(s)")
