@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from envfs.store.layout import remove_tree
+from envfs.store.files import remove_tree
 from tests.wheels import make_wheelhouse
 
 PY = "3.12"  # the interpreter tests build with (discovered, not downloaded)

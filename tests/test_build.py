@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from envfs.store.layout import remove_tree
+from envfs.store.files import remove_tree
 from tests.conftest import PY, Env, make_env
 
 

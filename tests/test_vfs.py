@@ -30,7 +30,7 @@ from envfs.fs.vfs import (
     WouldBlock,
 )
 from envfs.node.builds import BuildQueue
-from envfs.store.layout import SnapshotUnreadable
+from envfs.store.files import SnapshotUnreadable
 from tests.fusehelpers import write_manifest
 
 

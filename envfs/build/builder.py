@@ -27,7 +27,8 @@ from envfs.core import crashpoints
 from envfs.core.config import node_time
 from envfs.core.errors import BadInput, BuildFailed, EnvironmentProblem
 from envfs.model import Interpreter, InterpreterInfo, Manifest, ManifestEntry, Selection
-from envfs.store.layout import META, Store, remove_tree
+from envfs.store.files import META, remove_tree
+from envfs.store.layout import Store
 from envfs.store.wheel import record_digests
 
 Progress = Callable[[str], None]

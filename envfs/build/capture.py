@@ -42,7 +42,8 @@ from envfs.build.relocate import (
 from envfs.core.config import node_time
 from envfs.core.errors import BadInput, BuildFailed, CaptureFailed
 from envfs.model import Interpreter, InterpreterInfo
-from envfs.store.layout import META, Store, regular_files, remove_tree
+from envfs.store.files import META, regular_files, remove_tree
+from envfs.store.layout import Store
 
 Progress = Callable[[str], None]
 

@@ -52,7 +52,7 @@ from envfs.fs.vfs import (
     WouldBlock,
 )
 from envfs.node.builds import BuildQueue
-from envfs.store.layout import SnapshotUnreadable
+from envfs.store.files import SnapshotUnreadable
 
 log = logging.getLogger(__name__)
 

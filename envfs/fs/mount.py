@@ -39,7 +39,7 @@ from envfs.fs.vfs import Namespace, View
 from envfs.model import BuildStats, DaemonStatus, ServedEnv
 from envfs.node.builds import RETRY_AFTER, BuildQueue
 from envfs.node.cache import NodeCache
-from envfs.store.layout import pid_start_time
+from envfs.store.files import pid_start_time
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 MAX_TASKS = 512
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 #: Seconds between checks for newly attached snapshots to lease, and between full refreshes
-#: of every lease (well inside `envfs.store.layout.SERVE_LEASE_TTL`).
+#: of every lease (well inside `envfs.store.leases.SERVE_LEASE_TTL`).
 LEASE_CHECK = 1.0
 LEASE_REFRESH = 60.0
 #: Seconds between status-file refreshes (also written at once when a build starts or ends).

@@ -16,7 +16,7 @@ The snapshot metadata directory ``.envfs`` is hidden.
 
 Snapshots are immutable and every one carries a manifest (``.envfs/manifest.json``) that lists
 each entry with its type, mode, size, digest and link target.  The first access inside a
-snapshot reads that one file (through `envfs.store.layout.read_listing`: the store owns the format,
+snapshot reads that one file (through `envfs.store.files.read_listing`: the store owns the format,
 the namespace parses nothing); from then on lookups, listings, attributes and link targets are
 answered from memory, for every view of it, without touching the store.  Methods that may need
 store I/O take ``io``: with ``io=False`` (the event loop) they raise `WouldBlock` instead of
@@ -41,7 +41,7 @@ from envfs.core.names import parse_revision
 from envfs.core.views import BindingView
 from envfs.fs.catalog import Catalog
 from envfs.fs.nowait import blocking_is_cheap
-from envfs.store.layout import Listing, SnapshotUnreadable, read_listing
+from envfs.store.files import Listing, SnapshotUnreadable, read_listing
 
 ROOT_INODE = 1
 SNAPSHOTS_INODE = 2

@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from envfs.core.errors import EnvironmentProblem
-from envfs.store.layout import (
+from envfs.store.files import (
     META,
     Listing,
     ListingEntry,

@@ -40,7 +40,9 @@ from envfs.model import (
     VerifyReport,
 )
 from envfs.node.index import Index, open_index
-from envfs.store.layout import Lease, Store, regular_files
+from envfs.store.files import regular_files
+from envfs.store.layout import Store
+from envfs.store.leases import Lease
 
 Progress = Callable[[str], None]
 BUILD_WAIT = 3600.0  # how long a waiter waits for another node's build

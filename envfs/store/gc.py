@@ -20,7 +20,8 @@ from pathlib import Path
 
 from envfs.core.errors import EnvfsError, EnvironmentProblem
 from envfs.model import GcReport
-from envfs.store.layout import META, Store, regular_files, remove_tree, remove_unshared
+from envfs.store.files import META, regular_files, remove_tree, remove_unshared
+from envfs.store.layout import Store
 
 
 def _manifest_age(store: Store, snapshot_id: str, now: float) -> float:

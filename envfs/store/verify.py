@@ -14,7 +14,8 @@ from pathlib import Path
 
 from envfs.core.errors import CorruptRecord, EnvfsError
 from envfs.model import Manifest, ManifestEntry, Revision, SpecInfo
-from envfs.store.layout import META, Store
+from envfs.store.files import META
+from envfs.store.layout import Store
 from envfs.store.wheel import record_digests
 
 _SPECIAL = {
