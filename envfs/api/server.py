@@ -25,24 +25,36 @@ import re
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import pydantic
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
-from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import generate_latest
 from starlette.datastructures import UploadFile
 
 from envfs import __version__
 from envfs.api.audit import AuditRow, PgAudit
-from envfs.build import interpreters
+from envfs.api.metrics import Metrics
+from envfs.api.models import (
+    _ERRORS,
+    EnvPage,
+    EnvRequest,
+    EnvView,
+    Health,
+    Node,
+    RollbackRequest,
+    Wf,
+)
+from envfs.api.wire import (
+    BodyLimit,
+)
 from envfs.core.errors import (
     BadInput,
     Busy,
@@ -51,23 +63,18 @@ from envfs.core.errors import (
     InterpreterNotFound,
     NotFound,
 )
-from envfs.core.names import MAX_NAME, NAME_PATTERN, validate_name
+from envfs.core.names import validate_name
 from envfs.model import EnvInfo, Revision
 from envfs.service.envs import Inputs, Service
 
 log = logging.getLogger("envfs.api")
 
-#: Largest request body accepted (a big uv.lock is a few hundred KiB).
-MAX_BODY = 4 * 1024 * 1024
 #: Builds the server runs at once (each is mostly uv and the compiler: I/O and CPU).
 BUILD_WORKERS = 2
 #: Seconds between reads of the store's logs for changes made elsewhere (CLI, other nodes).
 FOLLOW_EVERY = 0.5
 #: How often the store's byte count (a walk of every snapshot) is refreshed for /metrics.
 STORE_BYTES_EVERY = 300.0
-#: Seconds a client has to send a request's head (line and headers) once connected or after
-#: its last response; ``ENVFS_API_HEADER_TIMEOUT`` overrides it (tests).
-HEADER_TIMEOUT = float(os.environ.get("ENVFS_API_HEADER_TIMEOUT") or 10.0)
 #: Request prefix of the temporary directories a POST's files are written to.
 _REQUEST_DIR = "envfs-api-"
 _STATUS: dict[type[EnvfsError], int] = {
@@ -77,143 +84,6 @@ _STATUS: dict[type[EnvfsError], int] = {
     Busy: 409,
     EnvironmentProblem: 503,
 }
-
-
-#: How the schema documents a workflow or node name (checked by `validate_name`, whose
-#: messages say what is wrong in words; the schema does not enforce it).
-_NAME_DOC: dict[str, Any] = {"pattern": NAME_PATTERN, "minLength": 1, "maxLength": MAX_NAME}
-
-
-Wf = Annotated[str, PathParam(json_schema_extra=_NAME_DOC, description="Workflow")]
-Node = Annotated[str, PathParam(json_schema_extra=_NAME_DOC, description="Node")]
-
-
-class Problem(pydantic.BaseModel):
-    """Every error body: one sentence, the one the CLI prints for the same mistake."""
-
-    detail: str
-
-
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": Problem, "description": text}
-    for code, text in (
-        (400, "A body that cannot be parsed (rollback)"),
-        (401, "A mutation without the right bearer token: nothing was written"),
-        (404, "No such binding or revision"),
-        (409, "Busy: another build did not finish in time"),
-        (413, "The body is over 4 MiB"),
-        (415, "The body is neither JSON nor form fields"),
-        (422, "A bad name, requirement, project or body"),
-        (503, "The store or uv cannot work now"),
-    )
-}
-
-
-class EnvRequest(pydantic.BaseModel):
-    """``POST /envs``: one of packages, requirements (a file's text, ``uv export`` output
-    too) or pyproject + uv_lock (a uv project's two files)."""
-
-    model_config = pydantic.ConfigDict(extra="forbid")
-
-    workflow_id: str = pydantic.Field(json_schema_extra=_NAME_DOC)
-    node_id: str = pydantic.Field(json_schema_extra=_NAME_DOC)
-    packages: list[str] = []
-    requirements: str | None = None
-    pyproject: str | None = None
-    uv_lock: str | None = None
-    python: str | None = pydantic.Field(
-        None, json_schema_extra={"pattern": r"^(?:(?:cpython|python)[-@]?)?3(?:\.[0-9]+){0,2}$"}
-    )
-    build: Literal["now", "lazy"] = "now"
-    reason: str = ""
-
-    @pydantic.field_validator("workflow_id", "node_id")
-    @classmethod
-    def _name(cls, value: str, info: pydantic.ValidationInfo) -> str:
-        try:
-            return validate_name(value, "workflow" if info.field_name == "workflow_id" else "node")
-        except BadInput as exc:
-            raise ValueError(exc.message) from None
-
-    @pydantic.field_validator("python")
-    @classmethod
-    def _version(cls, value: str | None) -> str | None:
-        # a version, never a path: a path would be run (as this server's user) to probe it
-        if value is not None and not interpreters.is_version_request(value):
-            raise ValueError("give a Python version such as 3.12 or 3.12.1 (not a path)")
-        return value
-
-    @pydantic.model_validator(mode="after")
-    def _one_source(self) -> EnvRequest:
-        project = self.pyproject is not None or self.uv_lock is not None
-        if project and (self.pyproject is None or self.uv_lock is None):
-            raise ValueError("a project needs both pyproject and uv_lock")
-        given = sum([bool(self.packages) or self.requirements is not None, project])
-        if given != 1:
-            raise ValueError("give packages and/or requirements, or pyproject + uv_lock")
-        return self
-
-
-class EnvView(pydantic.BaseModel):
-    """A binding as the API shows it: what to hand an engine, and its state."""
-
-    workflow_id: str
-    node_id: str
-    revision: int
-    snapshot_id: str
-    state: str
-    reason: str | None
-    python_version: str
-    env_path: str  # <mount>/<wf>/<node>: follows rebinds
-    python_path: str  # env_path/bin/python: e.g. Ray's py_executable
-    pinned_path: str  # <mount>/<wf>/<node>@<rev>: this revision, whatever comes after
-
-
-class EnvPage(pydantic.BaseModel):
-    items: list[EnvView]
-    total: int
-    offset: int
-    limit: int
-
-
-class RollbackRequest(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(extra="forbid")
-
-    to: int | None = None
-
-
-class Health(pydantic.BaseModel):
-    ok: bool
-    version: str
-    store_exists: bool  # (not where it is: this answer needs no token)
-    audit_queued: int | None = None  # rows waiting for PostgreSQL (None: no --audit-dsn)
-
-
-class Metrics:
-    """The server's Prometheus metrics, in a registry of its own."""
-
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.builds = Counter("envfs_builds", "Builds run by this server", ["result"], registry=r)
-        self.build_seconds = Histogram(
-            "envfs_build_seconds",
-            "Seconds per build run by this server",
-            buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800),
-            registry=r,
-        )
-        self.reuse = Counter(
-            "envfs_reuse_hits", "POST /envs answered by a built snapshot", registry=r
-        )
-        self.requests = Counter(
-            "envfs_http_requests", "HTTP requests", ["route", "method", "code"], registry=r
-        )
-        self.store_bytes = Gauge("envfs_store_bytes", "Real bytes of the snapshots", registry=r)
-        self.snapshots = Gauge("envfs_snapshots", "Snapshots in the store", registry=r)
-        self.bindings = Gauge("envfs_bindings", "Bindings (workflow/node)", registry=r)
-        self.audit_queued = Gauge(
-            "envfs_audit_queued", "Audit rows waiting for PostgreSQL", registry=r
-        )
 
 
 class Builds:
@@ -392,49 +262,7 @@ class Api:
             self.metrics.store_bytes.set(svc.disk_usage().real_bytes)
 
 
-ASGIApp = Callable[
-    [MutableMapping[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]],
-    Awaitable[None],
-]
-
-
-class BodyLimit:
-    """Refuse a request body over ``limit`` bytes (413), declared or streamed."""
-
-    def __init__(self, app: ASGIApp, limit: int = MAX_BODY) -> None:
-        self.app, self.limit = app, limit
-
-    async def __call__(
-        self,
-        scope: MutableMapping[str, Any],
-        receive: Callable[[], Awaitable[Any]],
-        send: Callable[[Any], Awaitable[None]],
-    ) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await _too_large(self.limit)(scope, receive, send)
-            return
-        seen = 0
-
-        async def limited() -> Any:
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise HTTPException(413, f"request body over {self.limit} bytes")
-            return message
-
-        await self.app(scope, limited, send)
-
-
 _NEEDS_TOKEN = "a bearer token is needed"
-
-
-def _too_large(limit: int) -> JSONResponse:
-    return JSONResponse({"detail": f"request body over {limit} bytes"}, status_code=413)
 
 
 def _error_response(exc: EnvfsError, api: Api) -> JSONResponse:
@@ -663,55 +491,3 @@ def create_app(
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
-
-
-def serve(app: FastAPI, host: str, port: int) -> None:
-    """Run ``app`` with uvicorn until SIGTERM/SIGINT, then exit 0 (a stop asked for is a
-    clean exit, as for the daemon; uvicorn would re-raise the signal)."""
-    import uvicorn
-
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig: int, frame: Any) -> None:
-            super().handle_exit(sig, frame)
-            self._captured_signals.clear()
-
-    config = uvicorn.Config(
-        app, host=host, port=port, log_level="warning", access_log=False, http=_head_deadline()
-    )
-    Server(config).run()
-
-
-def _head_deadline() -> type[Any]:
-    """uvicorn's h11 protocol with a deadline for each request's head: uvicorn itself waits
-    for headers forever, so slow-header clients (slowloris) could hold every connection."""
-    import asyncio
-
-    from uvicorn.protocols.http.h11_impl import H11Protocol
-
-    class HeadDeadline(H11Protocol):
-        _head_timer: asyncio.TimerHandle | None = None
-
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            self._arm()
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            self._arm()  # the next request's head
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            if self._head_timer is not None:
-                self._head_timer.cancel()
-            super().connection_lost(exc)
-
-        def _arm(self) -> None:
-            if self._head_timer is not None:
-                self._head_timer.cancel()
-            self._head_timer = self.loop.call_later(HEADER_TIMEOUT, self._too_slow)
-
-        def _too_slow(self) -> None:
-            waiting = self.cycle is None or self.cycle.response_complete  # no head yet
-            if waiting and not self.transport.is_closing():
-                self.transport.close()
-
-    return HeadDeadline

@@ -326,7 +326,8 @@ def serve_api(
     is and its state; /openapi.json documents every route, /metrics is Prometheus text.
     Mutations need `Authorization: Bearer TOKEN` (the first line of --token-file).
     """
-    from envfs.api.server import create_app, serve
+    from envfs.api.server import create_app
+    from envfs.api.wire import serve
 
     if token_file is None:
         raise BadInput("serve-api needs --token-file (mutations need a bearer token)")
