@@ -86,7 +86,7 @@ def mount(
         import logging
 
         from envfs.fs.mount import run_daemon
-        from envfs.service.envs import StoreCatalog
+        from envfs.service.catalog import StoreCatalog
 
         logging.getLogger().handlers.clear()
         logging.basicConfig(

@@ -1,6 +1,7 @@
-"""The use cases the faces (CLI, API) call: resolve inputs to a spec, bind, build, show,
-roll back, remove, verify, measure (``envs``: `Service`, and `StoreCatalog`, the daemon's
-view of it), and the node check (``doctor``).
+"""The use cases the faces (CLI, API) call: resolve inputs to a spec, bind, show, roll
+back, remove, verify, measure (``envs``: `Service`, `Inputs`), building once across nodes
+(``building``), what they stand on (``base``), the daemon's catalog over them (``catalog``)
+and the node check (``doctor``).
 
 May import: every package below it (``envfs.store``, ``envfs.build``, ``envfs.node``,
 ``envfs.fs``, ``envfs.core``, ``envfs.model``); never the faces.

@@ -1,34 +1,27 @@
-"""What the CLI and the daemon do, in terms of the store, the builder and the index.
-
-cli -> service -> store / index / builder.  ``StoreCatalog`` is the daemon's view (catalog.py).
+"""What the CLI, the API and the daemon do, in terms of the store, the builder and the
+index: `Service` (over `Building` and `ServiceBase`) and the `Inputs` it resolves.
+``StoreCatalog`` (``catalog``) is the daemon's view of it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import getpass
 import hashlib
 import os
-import random
 import tempfile
-import threading
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from envfs.build import builder, capture, interpreters, raydriver, spec
-from envfs.core import crashpoints
-from envfs.core.config import Settings, node_time
-from envfs.core.errors import BadInput, BuildFailed, Busy, EnvfsError, EnvironmentProblem, NotFound
+from envfs.core.config import node_time
+from envfs.core.errors import BadInput, NotFound
 from envfs.core.names import parse_target
 from envfs.core.views import BindingView
 from envfs.model import (
     DiskUsage,
     EnvInfo,
-    FailureInfo,
     GcReport,
     Interpreter,
     InterpreterInfo,
@@ -36,20 +29,10 @@ from envfs.model import (
     Revision,
     Selection,
     SpecInfo,
-    State,
     VerifyReport,
 )
-from envfs.node.index import Index, open_index
+from envfs.service.building import Building
 from envfs.store.files import regular_files
-from envfs.store.layout import Store
-from envfs.store.leases import Lease
-
-Progress = Callable[[str], None]
-BUILD_WAIT = 3600.0  # how long a waiter waits for another node's build
-
-
-class LeaseLost(EnvfsError):
-    """This builder's lease was broken (it was stopped too long); another one builds."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,42 +61,7 @@ class Resolved:
     interpreter: Interpreter
 
 
-class Service:
-    def __init__(self, settings: Settings, progress: Progress | None = None) -> None:
-        self.settings = settings
-        self.host = settings.host
-        self.store = Store(settings.store)
-        self.progress = progress
-        self._index: Index | None = None
-        self._index_lock = threading.Lock()
-        self._indexes = spec.Indexes()
-        self.user: str | None = None  # who revisions name (default: this process's user)
-
-    def _say(self, message: str) -> None:
-        if self.progress is not None:
-            self.progress(message)
-
-    def require_store(self) -> None:
-        """Only `build`, `bind` and `python add` create a store; everything else needs one."""
-        if not self.store.exists():
-            raise NotFound(
-                f"no envfs store at {self.store.root}; pass the right --store (ENVFS_STORE), "
-                "or create it with `envfs build`, `envfs bind` or `envfs python add`"
-            )
-        self.store.ensure()  # a store of an older version may lack newer directories
-
-    @property
-    def index(self) -> Index:
-        with self._index_lock:  # threads of one process (the API) share one LMDB handle
-            if self._index is None:
-                self.require_store()
-                index = open_index(self.settings.index, self.store)
-                # what other processes and nodes logged since this node's index last looked
-                # (a daemon or the API also follow it; see Index.follow_changes)
-                index.follow_changes(reconcile_every=float("inf"))
-                self._index = index
-            return self._index
-
+class Service(Building):
     # -- specs ----------------------------------------------------------------------------
 
     def resolve(self, inputs: Inputs) -> Resolved:
@@ -339,137 +287,6 @@ class Service:
 
     # -- building -------------------------------------------------------------------------
 
-    def state(self, snapshot_id: str) -> tuple[State, str | None]:
-        if self.index.is_ready(snapshot_id) or self.store.snapshot_ready(snapshot_id):
-            return "ready", None
-        lease = self.store.read_lease(snapshot_id)
-        if lease is not None and not self.store.lease_is_stale(lease[0], lease[1], self.host):
-            return "building", f"on {lease[0].host} (pid {lease[0].pid})"
-        failure = self.store.failure(snapshot_id)
-        if failure is not None:
-            return "failed", failure.reason
-        return "bound", None
-
-    def ensure_built(self, snapshot_id: str, timeout: float = BUILD_WAIT) -> Path:
-        """Build a snapshot, or wait for whoever builds it; exactly one build across nodes."""
-        path = self.store.snapshot_dir(snapshot_id)
-        deadline = time.monotonic() + timeout
-        started = self.store.store_now()  # failures are stamped with the store clock too
-        delay = 0.05
-        announced = False
-        while True:
-            if self.store.snapshot_ready(snapshot_id):
-                self.index.mark_ready(snapshot_id)
-                return path
-            lease = self.store.try_lease(snapshot_id, self.host)
-            if lease is not None:
-                with lease:
-                    if self.store.snapshot_ready(snapshot_id):  # published while we raced
-                        continue
-                    self._build_locked(snapshot_id, lease)
-                continue
-            held = self.store.read_lease(snapshot_id)
-            if held is not None and self.store.lease_is_stale(held[0], held[1], self.host):
-                if self.store.break_lease(snapshot_id, held[0]):
-                    self.store.audit("lease_broken", self.host, snapshot_id, holder=held[0].host)
-                continue
-            failure = self.store.failure(snapshot_id)
-            if held is None and failure is not None and failure.time >= started:
-                raise BuildFailed(f"the build on {failure.host} failed: {failure.reason}")
-            if not announced and held is not None:
-                self._say(f"waiting for the build on {held[0].host} (pid {held[0].pid})")
-                announced = True
-            if time.monotonic() > deadline:
-                raise Busy(f"gave up waiting {timeout:.0f}s for the build of {snapshot_id[:12]}")
-            time.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 1.5, 2.0)
-
-    def _build_locked(self, snapshot_id: str, lease: Lease) -> None:
-        """Build while holding the lease (and the gc fence, shared)."""
-        with self.store.gc_fence():
-            self._build_and_publish(snapshot_id, lease)
-
-    def _build_and_publish(self, snapshot_id: str, lease: Lease) -> None:
-        """Stage, build, publish, audit.
-
-        A builder stopped past the lease's staleness and resumed finds its lease taken over
-        (and maybe its staging dir cleaned by the new holder): it abandons its build without
-        a failure record, touches nothing of the new holder's, and the caller waits for it.
-        """
-        info = self.store.read_spec(snapshot_id)
-        self.store.clean_staging(held_id=snapshot_id)
-        interp = info.interpreter
-        if interp.digest is None:  # layout 1: built over this node's own interpreter
-            interp = interpreters.find_exact(interp)
-        pyproject, lock = self.store.spec_files(snapshot_id)
-        files = spec.ProjectFiles(pyproject=pyproject, lock=lock)
-        self.store.audit("build_started", self.host, snapshot_id, pid=os.getpid())
-        log = builder.BuildLog(self.progress, self.store.root)
-        t0 = time.monotonic()
-        room = self.store.reserve_failure_record(snapshot_id, self.host)
-        staged = self.store.new_staging(snapshot_id, self.host)
-        pooled: list[Path] = []  # pool objects this build made: dropped if it fails
-        try:
-            with self.store.objects_created_under(staged) as pooled:
-                manifest = builder.build_into(
-                    self.store,
-                    staged,
-                    files,
-                    interp,
-                    snapshot_id,
-                    self.host,
-                    log,
-                    cache=self.index,
-                    selection=info.selection,
-                    indexes=self._indexes,
-                )
-            if not lease.held():
-                raise LeaseLost(snapshot_id)
-            self._say("publishing the snapshot")
-            published = self.store.publish(staged, snapshot_id)
-            crashpoints.reached("rename")
-        except (EnvfsError, OSError) as exc:
-            builder.remove_staged(staged)
-            self.store.drop_objects(pooled)
-            if not lease.held():  # whatever failed, it was no longer our build
-                self._say("lost the build lease to another builder; waiting for its build")
-                self.store.audit("lease_lost", self.host, snapshot_id)
-                return
-            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                exc = EnvironmentProblem(f"the store is full ({exc.strerror}) while building")
-            if not isinstance(exc, EnvfsError):
-                raise
-            log.step(f"FAILED: {exc.message}")
-            failure = FailureInfo(
-                snapshot_id=snapshot_id,
-                host=self.host,
-                time=self.store.store_now(),
-                reason=exc.message,
-                log=log.text()[-20000:],
-            )
-            with contextlib.suppress(OSError):  # a full store may refuse the log line
-                self.store.record_failure(failure, room)
-                self.store.audit("build_failed", self.host, snapshot_id, reason=exc.message)
-            raise exc from None
-        except BaseException:
-            builder.remove_staged(staged)
-            self.store.drop_objects(pooled)
-            raise
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(room)
-        self.store.clear_failure(snapshot_id)
-        if published:
-            self.store.audit(
-                "built",
-                self.host,
-                snapshot_id,
-                seconds=round(time.monotonic() - t0, 3),
-                files=manifest.file_count,
-                bytes=manifest.total_bytes,
-            )
-        self.index.mark_ready(snapshot_id)
-
     # -- interpreters ---------------------------------------------------------------------
 
     def add_interpreter(self, request: str | None) -> InterpreterInfo:
@@ -661,57 +478,3 @@ def _user() -> str:
         return getpass.getuser()
     except (KeyError, OSError):
         return str(os.getuid())
-
-
-class StoreCatalog:
-    """The daemon's catalog (see catalog.py): index reads inline, store work in threads."""
-
-    def __init__(self, service: Service) -> None:
-        self.service = service
-        self.index = service.index
-        self.store = service.store
-
-    def workflows(self) -> list[str]:
-        return self.index.workflows()
-
-    def nodes(self, workflow: str) -> list[str]:
-        return self.index.nodes(workflow)
-
-    def current(self, workflow: str, node: str) -> BindingView | None:
-        return self.index.current(workflow, node)
-
-    def at_revision(self, workflow: str, node: str, revision: int) -> BindingView | None:
-        return self.index.at_revision(workflow, node, revision)
-
-    def snapshot_dir(self, snapshot_id: str) -> Path | None:
-        if self.index.is_ready(snapshot_id):
-            return self.store.snapshot_dir(snapshot_id)
-        return None
-
-    def workflow_in_store(self, workflow: str) -> bool:
-        return self.store.has_workflow(workflow)
-
-    def find_snapshot(self, prefix: str) -> str | None:
-        found = [sid for sid in self.store.snapshot_ids() if sid.startswith(prefix)]
-        return found[0] if len(found) == 1 and self.store.snapshot_ready(found[0]) else None
-
-    def lookup_store(self, workflow: str, node: str) -> BindingView | None:
-        revisions = self.store.revisions(workflow, node)
-        if not revisions:
-            return None
-        self.index.put_binding(revisions)
-        if self.store.snapshot_ready(revisions[-1].snapshot_id):
-            self.index.mark_ready(revisions[-1].snapshot_id)
-        return self.index.current(workflow, node)
-
-    def build(self, snapshot_id: str) -> Path:
-        return self.service.ensure_built(snapshot_id)
-
-    def refresh(self) -> list[tuple[str, str]]:
-        return self.index.follow_changes()
-
-    def hold(self, snapshot_ids: list[str]) -> None:
-        self.store.hold_snapshots(snapshot_ids, self.service.host)
-
-    def release(self, snapshot_ids: list[str]) -> None:
-        self.store.release_snapshots(snapshot_ids, self.service.host)
