@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from envfs.build.builder import scan_tree
+from envfs.build.tree import scan_tree
 from envfs.core.errors import BuildFailed, NotFound
 from envfs.core.views import BindingView
 

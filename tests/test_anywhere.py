@@ -260,7 +260,7 @@ def test_snapshot_built_before_capture_is_still_served_as_a_venv(
 ) -> None:
     """A layout-1 spec (no captured interpreter: a venv over the node's Python) builds,
     serves and says what it is, as stores written before this change hold them."""
-    from envfs.build import builder, spec
+    from envfs.build import spec, uv
     from envfs.core.config import Settings
     from envfs.service.envs import Service
 
@@ -272,7 +272,7 @@ def test_snapshot_built_before_capture_is_still_served_as_a_venv(
     svc.store.ensure()
     old = interpreters.find(PY)
     assert old.digest is None
-    files = builder.lock_requirements(svc.store, ["extra-a==1.0"], old)
+    files = uv.lock_requirements(svc.store, ["extra-a==1.0"], old)
     sid = spec.snapshot_id(files, old)
     info = SpecInfo(
         snapshot_id=sid,

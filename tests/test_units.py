@@ -170,7 +170,7 @@ def test_missing_interpreter_names_what_is_there() -> None:
 
 
 def test_uv_failures_are_classified_by_structure_not_package_names() -> None:
-    from envfs.build.builder import _uv_network_failure
+    from envfs.build.uv import _uv_network_failure
 
     missing = (
         "Using CPython 3.12.1\n"

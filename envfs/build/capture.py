@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from envfs.build.builder import BuildLog, compile_bytecode, scan_tree, tree_digest
+from envfs.build.builder import compile_bytecode
 from envfs.build.interpreters import probe, run_probe
 from envfs.build.relocate import (
     PLACEHOLDER,
@@ -39,6 +39,8 @@ from envfs.build.relocate import (
     relocate_elves,
     replace_prefix,
 )
+from envfs.build.tree import scan_tree, tree_digest
+from envfs.build.uv import BuildLog
 from envfs.core.config import node_time
 from envfs.core.errors import BadInput, BuildFailed, CaptureFailed
 from envfs.model import Interpreter, InterpreterInfo

@@ -10,7 +10,7 @@ import random
 import time
 from pathlib import Path
 
-from envfs.build import builder, interpreters, spec
+from envfs.build import builder, interpreters, spec, uv
 from envfs.core import crashpoints
 from envfs.core.errors import BuildFailed, Busy, EnvfsError, EnvironmentProblem
 from envfs.model import (
@@ -95,7 +95,7 @@ class Building(ServiceBase):
         pyproject, lock = self.store.spec_files(snapshot_id)
         files = spec.ProjectFiles(pyproject=pyproject, lock=lock)
         self.store.audit("build_started", self.host, snapshot_id, pid=os.getpid())
-        log = builder.BuildLog(self.progress, self.store.root)
+        log = uv.BuildLog(self.progress, self.store.root)
         t0 = time.monotonic()
         room = self.store.reserve_failure_record(snapshot_id, self.host)
         staged = self.store.new_staging(snapshot_id, self.host)

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from envfs.build import interpreters
-from envfs.build.builder import uv_binary, uv_version
+from envfs.build.uv import uv_binary, uv_version
 from envfs.core.config import Settings
 from envfs.core.errors import EnvfsError
 from envfs.fs import kernel

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from envfs.build import builder, capture, interpreters, raydriver, spec
+from envfs.build import capture, interpreters, raydriver, spec, uv
 from envfs.core.config import node_time
 from envfs.core.errors import BadInput, NotFound
 from envfs.core.names import parse_target
@@ -117,7 +117,7 @@ class Service(Building):
         self._indexes = indexes  # their credentials serve this process's builds too
         interp = capture.ensure_captured(self.store, interp, self.host, self.progress)
         if inputs.project is not None:
-            builder.check_lock(self.store, inputs.project, interp)
+            uv.check_lock(self.store, inputs.project, interp)
             if driver is not None and files is not None:
                 locked = dict(spec.locked_packages(files.lock)).get("ray")
                 if locked != driver.ray_version:
@@ -139,7 +139,7 @@ class Service(Building):
             if inputs.install_project and inputs.project is not None:
                 self._say(f"building {inputs.project} into a wheel (--install-project)")
                 out = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=self.store.staging)))
-                wheel = builder.build_project_wheel(self.store, inputs.project, interp, out)
+                wheel = uv.build_project_wheel(self.store, inputs.project, interp, out)
                 with open(wheel, "rb") as f:
                     digest = hashlib.file_digest(f, "sha256").hexdigest()
                 selection = selection.model_copy(
@@ -182,7 +182,7 @@ class Service(Building):
         )
         if near is None:
             self._say(f"locking {what}")
-            return builder.lock_requirements(self.store, reqs, interp, indexes=indexes)
+            return uv.lock_requirements(self.store, reqs, interp, indexes=indexes)
         info, seed = near
         new = set(reqs) - set(info.requirements)
         offline = all(spec.is_exact_pin(r) for r in new)
@@ -191,7 +191,7 @@ class Service(Building):
             f"locking {what}, from the lock of {info.snapshot_id[:12]} ({shared} in common)"
             + (", from uv's cache first" if offline else "")
         )
-        return builder.lock_requirements(
+        return uv.lock_requirements(
             self.store, reqs, interp, seed=seed, offline_first=offline, indexes=indexes
         )
 
@@ -328,8 +328,8 @@ class Service(Building):
             quarantine=quarantine,
             dry_run=dry_run,
             say=self._say,
-            uv=builder.uv_binary(),
-            uv_env=builder.uv_env(self.store),
+            uv=uv.uv_binary(),
+            uv_env=uv.uv_env(self.store),
         )
 
     def remove(self, workflow: str, node: str) -> int:

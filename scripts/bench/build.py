@@ -32,7 +32,7 @@ from pathlib import Path
 from _envfs import EnvfsHarness
 
 from envfs.build import interpreters
-from envfs.build.builder import uv_binary
+from envfs.build.uv import uv_binary
 
 #: (node, import statement, packages)
 SETS: tuple[tuple[str, str, tuple[str, ...]], ...] = (

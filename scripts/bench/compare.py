@@ -52,7 +52,7 @@ from typing import Any
 from _envfs import EnvfsHarness
 
 from envfs.build import interpreters
-from envfs.build.builder import uv_binary
+from envfs.build.uv import uv_binary
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,259 @@
+"""Running uv: the binary and its environment, its errors as one line with uv's hint, the
+build log, and the locking steps (lock a requirement list, check a project's lock, build a
+project's wheel)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from envfs.build.spec import Indexes, ProjectFiles, render_pyproject
+from envfs.core import crashpoints
+from envfs.core.errors import BadInput, BuildFailed, EnvironmentProblem
+from envfs.model import Interpreter
+from envfs.store.layout import Store
+
+Progress = Callable[[str], None]
+
+
+#: Children (uv, the bytecode compiler) get SIGKILL when the builder dies, so a killed build
+#: leaves no orphan writing into its staging dir after the next builder cleaned it away.
+_DIE_WITH_US = ["setpriv", "--pdeathsig", "KILL", "--"] if shutil.which("setpriv") else []
+
+
+def tool_command(cmd: list[str]) -> list[str]:
+    """``cmd`` made to die with this process (``setpriv --pdeathsig``, where there is one)."""
+    return [*_DIE_WITH_US, *cmd]
+
+
+def _crash_while_running(phase: str, cmd: list[str], env: dict[str, str]) -> None:
+    """Crash point of a phase that runs a tool: start the tool, then die (see crashpoints)."""
+    if crashpoints.armed(phase):
+        quiet = subprocess.DEVNULL
+        subprocess.Popen(tool_command(cmd), env=env, stdout=quiet, stderr=quiet)
+        time.sleep(0.2)
+    crashpoints.reached(phase)
+
+
+def uv_binary() -> str:
+    """The uv executable: ``ENVFS_UV``, then PATH, then the one next to our interpreter."""
+    explicit = os.environ.get("ENVFS_UV")
+    if explicit:
+        return explicit
+    found = shutil.which("uv") or shutil.which("uv", path=os.path.dirname(sys.executable))
+    if found is None:
+        found = shutil.which("uv", path=os.path.expanduser("~/.local/bin"))
+    if found is None:
+        raise EnvironmentProblem("uv is not installed; run scripts/setup or `pip install uv`")
+    return found
+
+
+#: uv's variables naming indexes: the CLI turns them into a spec's indexes (so the id covers
+#: them); locks and builds of a requirement list then use only those.
+INDEX_VARS = ("UV_INDEX_URL", "UV_EXTRA_INDEX_URL", "UV_DEFAULT_INDEX", "UV_INDEX")
+
+
+def uv_env(store: Store, indexes: Indexes | None = None) -> dict[str, str]:
+    """The environment every uv call runs in: shared cache, hardlinks, no downloads; with
+    ``indexes``, those indexes' credentials and no index variables of the caller's."""
+    env = dict(os.environ)
+    for var in ("VIRTUAL_ENV", "UV_PROJECT_ENVIRONMENT", "UV_COMPILE_BYTECODE", "PYTHONPATH"):
+        env.pop(var, None)
+    if indexes is not None:
+        for var in INDEX_VARS:
+            env.pop(var, None)
+        env.update(indexes.secrets)
+    env.update(
+        UV_CACHE_DIR=str(store.uv_cache),
+        UV_LINK_MODE="hardlink",
+        UV_PYTHON_DOWNLOADS="never",
+        UV_NO_PROGRESS="1",
+    )
+    return env
+
+
+def uv_version() -> str:
+    out = subprocess.run([uv_binary(), "--version"], capture_output=True, text=True, check=False)
+    return out.stdout.strip().removeprefix("uv ").split()[0] if out.stdout else "unknown"
+
+
+def _uv_error(stderr: str) -> str:
+    """The most telling line of a uv failure: its innermost cause, else its error line."""
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    for prefix in ("cause:", "\u2570\u2500\u25b6", "error:", "\u00d7"):  # uv's plain and fancy
+        found = [ln for ln in lines if ln.startswith(prefix)]
+        if found:
+            return found[-1].removeprefix(prefix).strip()
+    return lines[-1] if lines else "uv failed without a message"
+
+
+#: How uv's top-level error starts when the index could not be reached (its ``cause:`` lines
+#: below may name packages, so only this line is looked at).
+_UV_NETWORK_ERRORS = (
+    "Request failed",
+    "Failed to fetch",
+    "Failed to download",
+    "Could not connect",
+)
+
+
+#: How uv reports ENOSPC (an OS error code, not text a package name could contain).
+_UV_DISK_FULL = "(os error 28)"
+
+
+def _uv_network_failure(stderr: str) -> bool:
+    """Whether uv failed to reach the index, from the structure of its output."""
+    for line in map(str.strip, stderr.splitlines()):
+        for prefix in ("error:", "\u00d7"):
+            if line.startswith(prefix):
+                return line.removeprefix(prefix).strip().startswith(_UV_NETWORK_ERRORS)
+    return False
+
+
+def _uv_hint(stderr: str) -> str:
+    """uv's own ``hint:`` line, kept when its error is passed on."""
+    for line in stderr.splitlines():
+        if line.strip().startswith("hint:"):
+            return f" (hint: {line.strip().removeprefix('hint:').strip()})"
+    return ""
+
+
+def python_path(store: Store, interp: Interpreter) -> str:
+    """The interpreter to run for ``interp``: its captured copy in the store, if it has one."""
+    if interp.digest is not None:
+        info = store.read_interpreter(interp.digest)
+        return str(store.interpreter_dir(interp.digest) / info.executable)
+    return interp.path
+
+
+def lock_requirements(
+    store: Store,
+    reqs: list[str],
+    interp: Interpreter,
+    seed: str | None = None,
+    offline_first: bool = False,
+    indexes: Indexes | None = None,
+) -> ProjectFiles:
+    """Write a pyproject for ``reqs`` with tomlkit and lock it with uv (nothing else written).
+
+    ``seed``: a known lock of a similar list; uv keeps the versions it names where they
+    still fit, so the new env differs from that one only where the list does.
+    ``offline_first``: try with uv's cache alone (no index round trips) before going online.
+    """
+    indexes = indexes or Indexes()
+    pyproject = render_pyproject(reqs, interp, indexes)
+    with tempfile.TemporaryDirectory(dir=store.staging, prefix=".lock-") as tmp:
+        (Path(tmp) / "pyproject.toml").write_text(pyproject)
+        if seed is not None:
+            (Path(tmp) / "uv.lock").write_text(seed)
+        cmd = [uv_binary(), "lock", "--project", tmp, "--python", python_path(store, interp)]
+        env = uv_env(store, indexes)
+        _crash_while_running("lock", cmd, env)
+        proc = None
+        if offline_first:
+            offline = tool_command([*cmd, "--offline"])
+            proc = subprocess.run(offline, capture_output=True, text=True, env=env, check=False)
+        if proc is None or proc.returncode != 0:
+            proc = subprocess.run(
+                tool_command(cmd), capture_output=True, text=True, env=env, check=False
+            )
+        if proc.returncode != 0:
+            reason = _uv_error(proc.stderr) + _uv_hint(proc.stderr)
+            if _uv_network_failure(proc.stderr):
+                raise EnvironmentProblem(f"cannot reach the package index: {reason}")
+            if _UV_DISK_FULL in proc.stderr:
+                raise EnvironmentProblem(f"the store is full: {reason}")
+            if "401 Unauthorized" in proc.stderr or "403 Forbidden" in proc.stderr:
+                raise EnvironmentProblem(
+                    f"the package index refused access: {reason}; give credentials in the "
+                    "URL (never stored), as UV_INDEX_ENVFS_DEFAULT_USERNAME/_PASSWORD "
+                    "(ENVFS_EXTRA_1, ... for extra indexes) or in ~/.netrc"
+                )
+            raise BadInput(f"cannot resolve the requirements: {reason}")
+        return ProjectFiles(pyproject=pyproject, lock=(Path(tmp) / "uv.lock").read_text())
+
+
+def check_lock(store: Store, project: Path, interp: Interpreter) -> None:
+    """Refuse a project whose ``uv.lock`` does not match its ``pyproject.toml``, as
+    ``uv sync --locked`` would: envfs builds a project exactly as locked (uv's cache first,
+    the index only if the cache cannot tell)."""
+    cmd = [uv_binary(), "lock", "--check", "--project", str(project)]
+    cmd += ["--python", python_path(store, interp)]
+    env = uv_env(store)
+    proc = subprocess.run([*cmd, "--offline"], capture_output=True, text=True, env=env)
+    if proc.returncode != 0 and "needs to be updated" not in proc.stderr:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if proc.returncode == 0:
+        return
+    if _uv_network_failure(proc.stderr):
+        raise EnvironmentProblem(f"cannot reach the package index: {_uv_error(proc.stderr)}")
+    raise BadInput(
+        f"{project}/uv.lock does not match its pyproject.toml ({_uv_error(proc.stderr)}); "
+        "run `uv lock` in it: envfs builds a project exactly as locked"
+    )
+
+
+def build_project_wheel(store: Store, project: Path, interp: Interpreter, out: Path) -> Path:
+    """Build ``project`` into one wheel in ``out`` with ``uv build`` (``--install-project``:
+    the env gets the project itself, not editable, so it never reads the project's tree)."""
+    cmd = [uv_binary(), "build", "--wheel", "--out-dir", str(out), "--project", str(project)]
+    cmd += ["--python", python_path(store, interp), str(project)]
+    proc = subprocess.run(
+        tool_command(cmd), capture_output=True, text=True, env=uv_env(store), check=False
+    )
+    wheels = sorted(out.glob("*.whl"))
+    if proc.returncode != 0 or len(wheels) != 1:
+        if _uv_network_failure(proc.stderr):
+            raise EnvironmentProblem(f"cannot reach the package index: {_uv_error(proc.stderr)}")
+        raise BadInput(f"cannot build {project} into a wheel: {_uv_error(proc.stderr)}")
+    return wheels[0]
+
+
+class BuildLog:
+    """The build log: kept with the snapshot (``.envfs/build.log``) or the failure record."""
+
+    def __init__(self, progress: Progress | None, store_root: Path) -> None:
+        self.lines: list[str] = []
+        self.progress = progress
+        self.store_root = str(store_root)
+
+    def step(self, message: str, show: bool = True) -> None:
+        self.lines.append(f"[{time.strftime('%H:%M:%S')}] {message}")
+        if show and self.progress is not None:
+            self.progress(message)
+
+    def output(self, text: str) -> None:
+        self.lines.extend(text.rstrip().splitlines())
+
+    def text(self) -> str:
+        """The log with the store's path replaced by ``<store>``: the snapshot names no builder."""
+        return ("\n".join(self.lines) + "\n").replace(self.store_root, "<store>")
+
+
+def _run(cmd: list[str], env: dict[str, str], log: BuildLog, what: str, phase: str = "") -> str:
+    """Run uv; its output goes to the build log and, line by line, to the progress."""
+    log.step(f"$ {' '.join(cmd)}", show=False)
+    proc = subprocess.Popen(
+        tool_command(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
+    assert proc.stdout is not None
+    if phase:
+        crashpoints.reached(phase)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if log.progress is not None and line.strip():
+            log.progress(f"uv: {line.strip()}")
+    output = "".join(lines)
+    log.output(output)
+    if proc.wait() != 0:
+        if _UV_DISK_FULL in output:
+            raise EnvironmentProblem(f"the store is full: {what} failed: {_uv_error(output)}")
+        raise BuildFailed(f"{what} failed: {_uv_error(output)}")
+    return output
