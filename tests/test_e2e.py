@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from envfs.build.uv import uv_binary
-from envfs.fs.mount import is_stale_mount
+from envfs.fs.mounted import is_stale_mount
 from tests.conftest import ENVFS, PY, Env, make_env
 from tests.fusehelpers import force_unmount, is_mounted, stat_errno, stop_daemon
 

@@ -19,7 +19,8 @@ import pytest
 
 from envfs.core.errors import EnvironmentProblem
 from envfs.fs import nowait
-from envfs.fs.mount import is_stale_mount, run_daemon, unmount
+from envfs.fs.mount import run_daemon
+from envfs.fs.mounted import is_stale_mount, unmount
 from tests.fusehelpers import (
     REPO,
     DaemonProcess,

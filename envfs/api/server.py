@@ -179,7 +179,7 @@ class Api:
         """Where engines find the envs: --mount-path, else this store's live mount, else /envs."""
         if self.mount_path is not None:
             return self.mount_path
-        from envfs.fs.mount import live_mount_of
+        from envfs.fs.mounted import live_mount_of
 
         return live_mount_of(self.service.store.root) or Path("/envs")
 

@@ -169,7 +169,7 @@ def _revision(text: str) -> int:
 def _mount_of(svc: Service, mount: Path | None) -> Path:
     """Where this node serves ``svc``'s store: ``mount``, else the mount of a live daemon
     of this store (from the daemons' status files)."""
-    from envfs.fs.mount import live_mount_of, mount_type
+    from envfs.fs.mounted import live_mount_of, mount_type
 
     if mount is not None:
         if mount_type(mount.absolute()) != "fuse.envfs":

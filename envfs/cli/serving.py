@@ -108,7 +108,7 @@ def mount(
             store=svc.store.root.resolve(),
         )
         return
-    from envfs.fs.mount import is_stale_mount
+    from envfs.fs.mounted import is_stale_mount
 
     if os.path.ismount(mountpoint) and not is_stale_mount(mountpoint):
         raise EnvironmentProblem(
@@ -157,7 +157,7 @@ def _spawn_daemon(
     import subprocess
     import time
 
-    from envfs.fs.mount import is_stale_mount
+    from envfs.fs.mounted import is_stale_mount
 
     opts = ctx.find_root().params
     cmd = [sys.executable, "-m", "envfs"]
@@ -201,7 +201,7 @@ def umount(mountpoint: Path, lazy: bool) -> None:
     import time
 
     from envfs.core.errors import Busy
-    from envfs.fs.mount import (
+    from envfs.fs.mounted import (
         check_may_unmount,
         daemon_alive,
         mount_type,
@@ -244,7 +244,7 @@ def status(as_json: bool) -> None:
     import time
 
     from envfs.core.config import runtime_dir
-    from envfs.fs.mount import daemon_alive, read_status
+    from envfs.fs.mounted import daemon_alive, read_status
 
     mounts = []
     for path in sorted((runtime_dir() / "mounts").glob("*.json")):

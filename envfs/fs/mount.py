@@ -1,16 +1,15 @@
 """Run the envfs daemon: mount, serve, refresh bindings, report status, unmount cleanly.
 
-Public API (the CLI calls these):
-
-- `run_daemon` mounts and serves until SIGTERM/SIGINT or an external unmount, then unmounts
-  and returns (exit 0).  ``foreground=False`` forks: the call returns in the parent once the
-  mount is ready (or raises if it failed), the child serves in its own session.
-- `unmount` unmounts a mountpoint (``fusermount3 -u``, falling back to a lazy ``-u -z``).
-- `is_stale_mount` tells a dead FUSE mount (its daemon died: ENOTCONN) from anything else.
-- `read_status` reads the JSON status file a daemon maintains (``envfs status``).
+`run_daemon` (the CLI calls it) mounts and serves until SIGTERM/SIGINT or an external
+unmount, then unmounts and returns (exit 0).  ``foreground=False`` forks: the call returns in
+the parent once the mount is ready (or raises if it failed), the child serves in its own
+session. Seen from outside a daemon (unmount, stale mounts, status files): `envfs.fs.mounted`.
 
 If the daemon is killed (SIGKILL, OOM), the kernel answers ENOTCONN on the mountpoint (callers
 never hang); the next `run_daemon` on that mountpoint removes the stale mount and serves again.
+
+Past 500 lines, on purpose: `Daemon` is one trio nursery of loops (leases, refresh, kernel
+views, node cache, status) sharing its state; split out the next loop that grows.
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ import gc
 import logging
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -31,10 +29,14 @@ import pydantic
 import pyfuse3
 import trio
 
-from envfs.core.errors import BadInput, EnvfsError, EnvironmentProblem
+from envfs.core.errors import EnvfsError, EnvironmentProblem
 from envfs.fs import fuse_loop, kernel
 from envfs.fs.catalog import Catalog
 from envfs.fs.fuse_ops import EnvfsOperations
+from envfs.fs.mounted import (
+    is_stale_mount,
+    unmount,
+)
 from envfs.fs.vfs import Namespace, View
 from envfs.model import BuildStats, DaemonStatus, ServedEnv
 from envfs.node.builds import RETRY_AFTER, BuildQueue
@@ -66,125 +68,11 @@ CACHE_CHECK = 1.0
 CACHE_RETRY = 30.0
 
 
-def is_stale_mount(path: Path) -> bool:
-    """True if ``path`` is a FUSE mount whose daemon is gone (ENOTCONN).
-
-    The kernel keeps answering ``stat`` of the mountpoint itself from cached attributes after
-    the daemon died, so this also looks up a name that cannot be cached: that needs the daemon.
-    """
-    probe = os.path.join(path, f".envfs-probe-{os.getpid()}-{time.monotonic_ns()}")
-    try:
-        os.stat(path)
-        os.stat(probe)
-    except FileNotFoundError:
-        return False
-    except OSError as e:
-        return e.errno in (errno.ENOTCONN, errno.ECONNABORTED)
-    return False
-
-
-def mount_type(mountpoint: Path) -> str | None:
-    """The file-system type mounted at ``mountpoint`` (the topmost), from mountinfo."""
-    target = os.fsencode(os.path.abspath(mountpoint))
-    types = [m.fstype for m in kernel.mount_table() if m.point == target]
-    return types[-1] if types else None
-
-
-def check_may_unmount(mountpoint: Path) -> None:
-    """Refuse, in words, a user who did not mount the FUSE file system at ``mountpoint``
-    (its ``user_id=``) and is not root: fusermount3 would say "entry not found in mtab"."""
-    target = os.fsencode(os.path.abspath(mountpoint))
-    owners = [m.owner for m in kernel.mount_table() if m.point == target]
-    owner = owners[-1] if owners else None
-    if os.geteuid() != 0 and owner is not None and owner != os.geteuid():
-        raise EnvironmentProblem(
-            f"permission denied: {mountpoint} was mounted by uid {owner}; only that user "
-            "or root can unmount it"
-        )
-
-
-def unmount(mountpoint: Path) -> None:
-    """Unmount envfs at ``mountpoint``: ``fusermount3 -u``, then a lazy ``-u -z`` if busy.
-
-    Refuses anything that is not an envfs mount (an operator's typo must not unmount a
-    tmpfs or a NAS).
-    """
-    kind = mount_type(mountpoint)
-    if kind != "fuse.envfs":
-        raise BadInput(f"{mountpoint} is a {kind or 'not a'} mount, not envfs's; not unmounting it")
-    check_may_unmount(mountpoint)
-    first = subprocess.run(
-        ["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True, check=False
-    )
-    if first.returncode == 0:
-        return
-    lazy = subprocess.run(
-        ["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True, text=True, check=False
-    )
-    if lazy.returncode != 0:
-        reason = (lazy.stderr or first.stderr).strip()
-        raise EnvironmentProblem(f"cannot unmount {mountpoint}: {reason}")
-
-
-def users_of(mountpoint: Path, ignore: set[int]) -> list[int]:
-    """Processes using anything under ``mountpoint`` (working or root directory, executable,
-    open files, mapped files), as ``fuser -m`` finds them; pids in ``ignore`` aside."""
-    prefix = os.fspath(mountpoint).rstrip("/") + "/"
-    root = os.fspath(mountpoint)
-
-    def inside(path: str) -> bool:
-        return path == root or path.startswith(prefix)
-
-    users = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) in ignore:
-            continue
-        base = f"/proc/{name}"
-        try:
-            links = [os.readlink(f"{base}/{link}") for link in ("cwd", "root", "exe")]
-            links += [os.readlink(f"{base}/fd/{fd}") for fd in os.listdir(f"{base}/fd")]
-            with open(f"{base}/maps") as maps:
-                links += [line.split(None, 5)[-1].strip() for line in maps if "/" in line]
-        except OSError:  # gone, or not ours to look at
-            continue
-        if any(inside(link) for link in links):
-            users.append(int(name))
-    return users
-
-
-def read_status(status_path: Path) -> DaemonStatus | None:
-    """The status a daemon last wrote, or None if there is no readable status file."""
-    try:
-        return DaemonStatus.model_validate_json(status_path.read_bytes())
-    except (OSError, pydantic.ValidationError):
-        return None
-
-
 class ServedBindings(pydantic.BaseModel):
     """``<index>/served.json``: the bindings (``wf/node``) a node's daemon served, written by
     it and read by the next one at start."""
 
     bindings: list[str]
-
-
-def daemon_alive(status: DaemonStatus) -> bool:
-    """Whether the daemon that wrote ``status`` still runs (not just some process that was
-    given its pid since: the pid's start time must match too)."""
-    if not status.pid_start:  # written before the start time was recorded
-        return pid_start_time(status.pid) != 0
-    return pid_start_time(status.pid) == status.pid_start
-
-
-def live_mount_of(store: Path) -> Path | None:
-    """Where a live daemon on this node serves ``store`` (from the daemons' status files)."""
-    from envfs.core.config import runtime_dir
-
-    wanted = str(store.resolve())
-    for path in sorted((runtime_dir() / "mounts").glob("*.json")):
-        status = read_status(path)
-        if status is not None and status.store == wanted and daemon_alive(status):
-            return Path(status.mountpoint)
-    return None
 
 
 def run_daemon(

@@ -161,7 +161,7 @@ def check_index(settings: Settings, store: Store) -> DoctorFinding:
 
 
 def check_mounts() -> list[DoctorFinding]:
-    from envfs.fs.mount import is_stale_mount
+    from envfs.fs.mounted import is_stale_mount
 
     out = []
     for m in kernel.mount_table():
