@@ -15,20 +15,20 @@ import trio
 
 from envfs.core.errors import BuildFailed, NotFound
 from envfs.core.views import BindingView
-from envfs.fs.nowait import INLINE_IO_ENV
-from envfs.fs.vfs import (
+from envfs.fs.inodes import (
     CACHE_LONG,
     CACHE_NONE,
     CACHE_SHORT,
-    NEGATIVE_TTL,
     ROOT_INODE,
     SNAPSHOT_TIME_NS,
     SNAPSHOTS_INODE,
     Attr,
-    Namespace,
     NeedsBuild,
     WouldBlock,
 )
+from envfs.fs.misses import NEGATIVE_TTL
+from envfs.fs.nowait import INLINE_IO_ENV
+from envfs.fs.vfs import Namespace
 from envfs.node.builds import BuildQueue
 from envfs.store.files import SnapshotUnreadable
 from tests.fusehelpers import write_manifest
@@ -452,7 +452,7 @@ def test_a_crashing_builder_becomes_an_eio_build_failure(world: World) -> None:
 def test_short_ids_are_served_by_fuse_and_each_user_has_its_own_lookup_budget(
     world: World,
 ) -> None:
-    from envfs.fs.vfs import STORE_LOOKUP_RATE
+    from envfs.fs.misses import STORE_LOOKUP_RATE
 
     sid = "ab" * 32
     world.catalog.snapshots[sid] = world.a
@@ -475,7 +475,7 @@ def test_short_ids_are_served_by_fuse_and_each_user_has_its_own_lookup_budget(
 
 
 def test_a_flood_of_missing_names_is_bounded_in_memory_and_store_lookups(world: World) -> None:
-    from envfs.fs.vfs import MAX_NEGATIVE, STORE_LOOKUP_RATE
+    from envfs.fs.misses import MAX_NEGATIVE, STORE_LOOKUP_RATE
 
     wf = world.walk("wf")
     assert wf is not None

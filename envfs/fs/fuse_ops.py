@@ -41,16 +41,9 @@ from pyfuse3 import (
 )
 
 from envfs.core.errors import EnvfsError
+from envfs.fs.inodes import CACHE_LONG, CACHE_NONE, CACHE_SHORT, Attr, NeedsBuild, WouldBlock
 from envfs.fs.nowait import open_cached, read_cached
-from envfs.fs.vfs import (
-    CACHE_LONG,
-    CACHE_NONE,
-    CACHE_SHORT,
-    Attr,
-    Namespace,
-    NeedsBuild,
-    WouldBlock,
-)
+from envfs.fs.vfs import Namespace
 from envfs.node.builds import BuildQueue
 from envfs.store.files import SnapshotUnreadable
 

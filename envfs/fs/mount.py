@@ -33,11 +33,12 @@ from envfs.core.errors import EnvfsError, EnvironmentProblem
 from envfs.fs import fuse_loop, kernel
 from envfs.fs.catalog import Catalog
 from envfs.fs.fuse_ops import EnvfsOperations
+from envfs.fs.inodes import View
 from envfs.fs.mounted import (
     is_stale_mount,
     unmount,
 )
-from envfs.fs.vfs import Namespace, View
+from envfs.fs.vfs import Namespace
 from envfs.model import BuildStats, DaemonStatus, ServedEnv
 from envfs.node.builds import RETRY_AFTER, BuildQueue
 from envfs.node.cache import NodeCache

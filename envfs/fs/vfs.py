@@ -24,6 +24,10 @@ touching the disk, and the caller repeats the call in a worker thread with ``io=
 lookups that name an unbuilt snapshot raise `NeedsBuild`; the caller builds it
 (`envfs.node.builds.BuildQueue`), reports the path with `Namespace.note_built` and asks again.
 Mutations of the tables happen under one lock, never held across I/O.
+
+Past 500 lines, on purpose: `Namespace` answers every lookup, listing and attribute from
+tables it shares under that lock. Its inodes (`envfs.fs.inodes`) and the cost of missing
+names (`envfs.fs.misses`) are apart already; split out the next concern that grows.
 """
 
 from __future__ import annotations
@@ -34,169 +38,45 @@ import stat
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TypeVar
 
 from envfs.core.names import parse_revision
 from envfs.core.views import BindingView
 from envfs.fs.catalog import Catalog
+from envfs.fs.inodes import (
+    CACHE_LONG,
+    CACHE_NONE,
+    CACHE_SHORT,
+    ROOT_INODE,
+    SNAPSHOTS_INODE,
+    SNAPSHOTS_NAME,
+    Attr,
+    NeedsBuild,
+    View,
+    WouldBlock,
+    _Backing,
+    _clone,
+    _decode_name,
+    _Dir,
+    _dir_attr,
+    _File,
+    _load_tree,
+    _Node,
+    _synthetic_dir,
+    _tree_attr,
+    _Workflow,
+)
+from envfs.fs.misses import Misses
 from envfs.fs.nowait import blocking_is_cheap
-from envfs.store.files import Listing, SnapshotUnreadable, read_listing
+from envfs.store.files import SnapshotUnreadable
 
-ROOT_INODE = 1
-SNAPSHOTS_INODE = 2
-SNAPSHOTS_NAME = b".snapshots"
-METADATA_NAME = b".envfs"
-#: How long an unknown ``<wf>/<node>`` stays unknown before the store is asked again.
-NEGATIVE_TTL = 3.0
-#: At most this many missing names are remembered, and looked up in the store per second by
-#: each user (uid), so that one user's flood of unknown names never starves another's.
-MAX_NEGATIVE = 4096
-STORE_LOOKUP_RATE = 50.0
-#: Users whose lookup budgets are remembered (the least recently asking is forgotten).
-MAX_LOOKUP_USERS = 1024
-#: The mtime and ctime of everything inside a snapshot: the same on every node and every run
-#: (bytecode is unchecked-hash, so no reader compares source and bytecode times).
-SNAPSHOT_TIME_NS = 946_684_800 * 10**9  # 2000-01-01T00:00:00Z
-
-_DIR_MODE = stat.S_IFDIR | 0o555
 #: The interpreter's executable in a snapshot's ``bin/`` (served pinned in current views).
 _INTERPRETER = re.compile(rb"^python3\.\d+t?$")
 #: A snapshot id as the CLI prints it (12 hex digits) or any prefix of 12 to 63 of them.
 _SHORT_ID = re.compile(r"^[0-9a-f]{12,63}$")
 
-CACHE_LONG = 0
-CACHE_SHORT = 1
-CACHE_NONE = 2
 
-
-class WouldBlock(Exception):
-    """The answer needs store I/O: call the method again in a worker thread with ``io=True``."""
-
-
-class NeedsBuild(Exception):
-    """The binding names a snapshot that is not built yet: build it, `note_built`, ask again."""
-
-    def __init__(self, snapshot_id: str) -> None:
-        super().__init__(snapshot_id)
-        self.snapshot_id = snapshot_id
-
-
-@dataclass(frozen=True, slots=True)
-class Attr:
-    """What the kernel is told about an inode.  ``ino == 0`` means "name only, no attributes".
-
-    ``cache`` says how long the kernel may keep the entry: `CACHE_LONG` (snapshot contents,
-    immutable), `CACHE_SHORT` (binding-level names that may soon point elsewhere) or
-    `CACHE_NONE` (listing placeholders for bindings not looked up yet).
-    """
-
-    ino: int
-    mode: int
-    nlink: int
-    uid: int
-    gid: int
-    rdev: int
-    size: int
-    blocks: int
-    mtime_ns: int
-    ctime_ns: int
-    cache: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class View:
-    """One way of reaching a snapshot: the current binding, a pinned revision, or by id."""
-
-    kind: str  # "current" | "revision" | "snapshot"
-    snapshot_id: str
-    workflow: str = ""
-    node: str = ""
-    revision: int = 0
-    alias: str = ""  # a snapshot view reached by a short id (as the CLI prints them)
-
-    @property
-    def path(self) -> str:
-        """The view's path below the mountpoint."""
-        if self.kind == "snapshot":
-            return f".snapshots/{self.alias or self.snapshot_id}"
-        if self.kind == "revision":
-            return f"{self.workflow}/{self.node}@{self.revision}"
-        return f"{self.workflow}/{self.node}"
-
-
-@dataclass(slots=True, eq=False)
-class _Tree:
-    """One snapshot's entries, from its manifest, by directory: read once, shared by views."""
-
-    path: bytes  # the snapshot directory in the store
-    uid: int
-    gid: int
-    listing: Listing  # relative dir (b"" is the root) -> name -> entry
-    blocking_is_cheap: bool  # on a local file system: see `envfs.fs.nowait.blocking_is_cheap`
-
-
-@dataclass(slots=True, eq=False)
-class _Backing:
-    """A directory inside a snapshot, shared by every view that shows it."""
-
-    tree: _Tree
-    rel: bytes  # relative to the snapshot root, b"" for the root itself
-    attr: Attr  # ino 0: each view's directory inode has its own number
-    children: dict[bytes, _File | _Backing] = field(default_factory=dict)  # made on first use
-
-    @property
-    def path(self) -> bytes:
-        return self.tree.path + b"/" + self.rel if self.rel else self.tree.path
-
-
-@dataclass(slots=True, eq=False)
-class _File:
-    """A regular file or symlink: one inode per content (or link target), shared by views."""
-
-    attr: Attr
-    parent: _Backing
-    name: bytes
-    target: bytes | None = None  # symlink target
-
-    @property
-    def path(self) -> bytes:
-        return self.parent.path + b"/" + self.name
-
-
-@dataclass(slots=True, eq=False)
-class _Dir:
-    """A directory inode of one view (``backing``), or a synthetic one (root, ``.snapshots``)."""
-
-    attr: Attr
-    parent: int
-    view: View | None = None
-    backing: _Backing | None = None
-    subdirs: dict[bytes, int] = field(default_factory=dict)
-
-
-@dataclass(slots=True, eq=False)
-class _Workflow:
-    attr: Attr
-    name: str
-
-
-_Node = _Dir | _File | _Workflow
 K = TypeVar("K")
-
-
-def _synthetic_dir(ino: int, now_ns: int, cache: int = CACHE_LONG) -> Attr:
-    return Attr(ino, _DIR_MODE, 2, 0, 0, 0, 0, 0, now_ns, now_ns, cache)
-
-
-def _decode_name(name: bytes) -> str | None:
-    """A user-visible binding name, or None if it cannot be one (bad UTF-8, dot, slash)."""
-    if not name or name.startswith(b".") or b"/" in name or b"\0" in name:
-        return None
-    try:
-        return name.decode()
-    except UnicodeDecodeError:
-        return None
 
 
 class Namespace:
@@ -225,8 +105,8 @@ class Namespace:
         self._roots: dict[str, _Backing] = {}  # snapshot id -> backing root directory
         self._files: dict[tuple[str | None, int], _File] = {}  # (sha256 or target, mode) -> file
         self._built: dict[str, bytes] = {}  # snapshot id -> dir, from builds this process ran
-        self._negative: dict[tuple[str, str], float] = {}  # (wf, node) -> expiry
-        self._lookup_tokens: dict[int, tuple[float, float]] = {}  # uid -> (tokens, at)
+        self._misses = Misses(clock, self._lock)
+        self._negative = self._misses.negative  # (wf, node) -> expiry
         self._placeholders: dict[tuple[str, str], int] = {}  # (wf, node) -> inode
         self.lookups = 0
         self.cold = 0
@@ -346,7 +226,7 @@ class Namespace:
     def binding_changed(self, workflow: str, node: str) -> list[tuple[int, bytes]]:
         """Forget cached answers for a binding; return the kernel entries to invalidate."""
         with self._lock:
-            self._negative.pop((workflow, node), None)
+            self._misses.forget(workflow, node)
             wf_ino = self._workflows.get(workflow)
         if wf_ino is None:
             return [(ROOT_INODE, workflow.encode())]
@@ -457,16 +337,15 @@ class Namespace:
         if wf not in self._workflows and not self._catalog.nodes(wf):
             # bound a moment ago (before this daemon read the change): ask the store, as
             # for a new node in a known workflow, at the missing-name rate
-            negative = self._negative.get((wf, ""))
-            if negative is not None and negative > self._clock():
+            if self._misses.known_missing(wf, ""):
                 return None
             if not io:
                 raise WouldBlock
-            if not self._take_store_lookup(uid):
+            if not self._misses.take(uid):
                 return None
             self.store_lookups += 1
             if not self._catalog.workflow_in_store(wf):
-                self._remember_missing(wf, "")
+                self._misses.remember(wf, "")
                 return None
         return self._workflow_attr(wf)
 
@@ -484,19 +363,18 @@ class Namespace:
                 return None
         binding = self._binding(wf, node, revision)
         if binding is None:
-            negative = self._negative.get((wf, node))
-            if negative is not None and negative > self._clock():
+            if self._misses.known_missing(wf, node):
                 return None
             if not io:
                 raise WouldBlock
-            if not self._take_store_lookup(uid):
+            if not self._misses.take(uid):
                 return None  # over the rate: the index (refreshed from the store) answers
             self.store_lookups += 1
             binding = self._catalog.lookup_store(wf, node)
             if binding is not None and revision is not None:
                 binding = self._catalog.at_revision(wf, node, revision)
             if binding is None:
-                self._remember_missing(wf, node)
+                self._misses.remember(wf, node)
                 return None
         if revision is None:
             view = View("current", binding.snapshot_id, wf, node, binding.revision)
@@ -506,32 +384,6 @@ class Namespace:
             key = ("revision", wf, node, revision)
         cache = CACHE_SHORT if revision is None else CACHE_LONG
         return self._view_root(key, view, parent.attr.ino, io, cache)
-
-    def _take_store_lookup(self, uid: int) -> bool:
-        """A token of ``uid``'s for one store lookup of an unknown name (at most
-        `STORE_LOOKUP_RATE` a second, bursts of as many): a flood of missing names (a
-        scanner, a typo in a loop) must not turn into as many NAS round trips, nor use up
-        the lookups of the node's other users."""
-        with self._lock:
-            now = self._clock()
-            tokens, last = self._lookup_tokens.pop(uid, (STORE_LOOKUP_RATE, now))
-            tokens = min(STORE_LOOKUP_RATE, tokens + (now - last) * STORE_LOOKUP_RATE)
-            took = tokens >= 1
-            self._lookup_tokens[uid] = (tokens - took, now)  # newest last
-            if len(self._lookup_tokens) > MAX_LOOKUP_USERS:
-                del self._lookup_tokens[next(iter(self._lookup_tokens))]
-            return took
-
-    def _remember_missing(self, wf: str, node: str) -> None:
-        """Cache a missing binding for `NEGATIVE_TTL`, keeping at most `MAX_NEGATIVE` names."""
-        with self._lock:
-            now = self._clock()
-            if len(self._negative) >= MAX_NEGATIVE:
-                for key in [k for k, expiry in self._negative.items() if expiry <= now]:
-                    del self._negative[key]
-                while len(self._negative) >= MAX_NEGATIVE:
-                    del self._negative[next(iter(self._negative))]  # the oldest
-            self._negative[(wf, node)] = now + NEGATIVE_TTL
 
     def _binding(self, wf: str, node: str, revision: int | None) -> BindingView | None:
         if revision is None:
@@ -547,7 +399,7 @@ class Namespace:
         if key not in self._views and _SHORT_ID.match(snapshot_id):
             if not io:
                 raise WouldBlock
-            if not self._take_store_lookup(uid):
+            if not self._misses.take(uid):
                 return None
             self.store_lookups += 1
             full = self._catalog.find_snapshot(snapshot_id)
@@ -741,40 +593,3 @@ class Namespace:
         ino = self._next_ino
         self._next_ino = ino + 1
         return ino
-
-
-def _load_tree(path: bytes, cheap: bool) -> tuple[_Tree, Attr]:
-    """A built snapshot's `_Tree` (and the root directory's attributes); ``cheap``: whether
-    its store may be read on the event loop."""
-    st = os.stat(path)
-    listing = read_listing(path)
-    listing[b""].pop(METADATA_NAME, None)
-    tree = _Tree(path, st.st_uid, st.st_gid, listing, cheap)
-    return tree, _dir_attr(tree, b"", st.st_mode & 0o555)
-
-
-def _dir_attr(tree: _Tree, rel: bytes, mode: int) -> Attr:
-    """A snapshot directory's attributes (ino 0: each view numbers its own directories)."""
-    subdirs = sum(e[0] == "dir" for e in tree.listing[rel].values())
-    return _tree_attr(tree, 0, stat.S_IFDIR | mode, 2 + subdirs, 0)
-
-
-def _tree_attr(tree: _Tree, ino: int, mode: int, nlink: int, size: int) -> Attr:
-    t = SNAPSHOT_TIME_NS
-    return Attr(ino, mode, nlink, tree.uid, tree.gid, 0, size, (size + 511) // 512, t, t)
-
-
-def _clone(attr: Attr, ino: int, cache: int) -> Attr:
-    return Attr(
-        ino,
-        attr.mode,
-        attr.nlink,
-        attr.uid,
-        attr.gid,
-        attr.rdev,
-        attr.size,
-        attr.blocks,
-        attr.mtime_ns,
-        attr.ctime_ns,
-        cache,
-    )
