@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from envfs.build import interpreters, spec
+from envfs.build import interpreters, sources, spec
 from envfs.core.errors import BadInput, InterpreterNotFound
 from envfs.core.names import parse_target
 from envfs.model import Interpreter
@@ -111,10 +111,10 @@ _PYPROJECT = '[project]\nname = "p"\nversion = "0"\ndependencies = ["six"]\n'
 )
 def test_index_only_projects_refuse_every_other_source(pyproject_extra: str, lock: str) -> None:
     good = spec.ProjectFiles(_PYPROJECT, _GOOD_LOCK)
-    spec.check_index_only(good, "the project")  # index sources only: accepted
+    sources.check_index_only(good, "the project")  # index sources only: accepted
     bad = spec.ProjectFiles(_PYPROJECT + pyproject_extra, _GOOD_LOCK + lock)
     with pytest.raises(BadInput) as err:
-        spec.check_index_only(bad, "the project")
+        sources.check_index_only(bad, "the project")
     assert "\n" not in err.value.message
 
 
@@ -126,13 +126,13 @@ def test_index_only_trusts_the_registries_the_operator_configured() -> None:
     )
     files = spec.ProjectFiles(_PYPROJECT, lock)
     with pytest.raises(BadInput, match="only packages from an http"):
-        spec.check_index_only(files, "the project")
-    trusted = spec.configured_registries({"UV_FIND_LINKS": "/srv/wheels/,/other"})
+        sources.check_index_only(files, "the project")
+    trusted = sources.configured_registries({"UV_FIND_LINKS": "/srv/wheels/,/other"})
     assert trusted == {"/srv/wheels", "/other"}
-    spec.check_index_only(files, "the project", trusted)
+    sources.check_index_only(files, "the project", trusted)
     outside = spec.ProjectFiles(_PYPROJECT, lock.replace("/srv/wheels/six", "/etc/six"))
     with pytest.raises(BadInput):
-        spec.check_index_only(outside, "the project", trusted)
+        sources.check_index_only(outside, "the project", trusted)
 
 
 def test_snapshot_id_is_stable_and_depends_on_every_input() -> None:

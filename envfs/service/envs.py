@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from envfs.build import capture, interpreters, raydriver, spec, uv
+from envfs.build import capture, interpreters, raydriver, sources, spec, uv
 from envfs.core.config import node_time
 from envfs.core.errors import BadInput, NotFound
 from envfs.core.names import parse_target
@@ -86,7 +86,9 @@ class Service(Building):
         if inputs.project is not None:
             files = spec.read_project(inputs.project)
             if inputs.index_only:
-                spec.check_index_only(files, "the project", spec.configured_registries(os.environ))
+                sources.check_index_only(
+                    files, "the project", sources.configured_registries(os.environ)
+                )
             spec.check_project_indexes(files.pyproject, str(inputs.project))
             spec.check_selection(files.pyproject, selection, str(inputs.project))
         else:
