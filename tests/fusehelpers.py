@@ -318,7 +318,7 @@ def main() -> None:
             status_path=args.status,
             refresh_interval=args.refresh,
             build_retry_after=args.retry_after,
-            kernel_mounts=False,  # these test FUSE serving; tests/test_kernel.py the kernel's
+            kernel_mounts=False,  # these test FUSE serving; tests/fs/test_kernel.py the kernel's
         )
 
 

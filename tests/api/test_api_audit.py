@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 
+from tests.api.test_api import Server, start_server, stop_server
 from tests.conftest import PY, Env
-from tests.test_api import Server, start_server, stop_server
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PG_LOCAL = ROOT / "scripts/pg-local"
 
 pytestmark = pytest.mark.skipif(

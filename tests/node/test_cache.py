@@ -16,9 +16,9 @@ from envfs.fs.kernel import mounts_under
 from envfs.node.cache import CacheDamage, NodeCache
 from envfs.store.layout import Store
 from tests.conftest import PY, Env, make_env, seed_store
+from tests.node.test_nodes import wait_for
 from tests.test_e2e import Mount, py
 from tests.test_nas_sim import NasSim
-from tests.test_nodes import wait_for
 
 pytestmark = [
     pytest.mark.fuse,

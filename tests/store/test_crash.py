@@ -19,8 +19,8 @@ import pytest
 
 from envfs.core.crashpoints import FILL_VARIABLE, PHASES, VARIABLE
 from tests.conftest import PY, Env, make_env
+from tests.node.test_nodes import wait_for
 from tests.test_e2e import Mount, fs, py  # noqa: F401
-from tests.test_nodes import wait_for
 
 pytestmark = [
     pytest.mark.fuse,

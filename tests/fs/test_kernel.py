@@ -14,8 +14,8 @@ import pytest
 
 from envfs.fs.kernel import mounts_under
 from tests.conftest import PY, Env
+from tests.node.test_nodes import wait_for
 from tests.test_e2e import Mount, fs, py  # noqa: F401
-from tests.test_nodes import wait_for
 
 pytestmark = [
     pytest.mark.fuse,

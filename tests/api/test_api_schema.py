@@ -33,8 +33,8 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from tests.api.test_api import TOKEN, Server, start_server, stop_server
 from tests.conftest import PY, Env
-from tests.test_api import TOKEN, Server, start_server, stop_server
 
 pytestmark = pytest.mark.slow
 

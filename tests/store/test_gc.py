@@ -12,8 +12,8 @@ import pytest
 
 from tests.conftest import PY, Env
 from tests.fusehelpers import force_unmount
+from tests.node.test_nodes import wait_for
 from tests.test_e2e import Mount, fs, py  # noqa: F401  (fixture)
-from tests.test_nodes import wait_for
 
 pytestmark = [
     pytest.mark.fuse,
