@@ -15,7 +15,7 @@ import pytest
 
 from envfs.build import interpreters
 from envfs.build.relocate import patchelf_binary
-from envfs.model import Interpreter, SpecInfo
+from envfs.store.formats import Interpreter, SpecInfo
 from tests.conftest import PY, Env, make_env
 from tests.test_e2e import Mount, fs  # noqa: F401  (fixture)
 

@@ -7,7 +7,7 @@ import pytest
 from envfs.build import interpreters, sources, spec
 from envfs.core.errors import BadInput, InterpreterNotFound
 from envfs.core.names import parse_target
-from envfs.model import Interpreter
+from envfs.store.formats import Interpreter
 
 INTERP = Interpreter(
     implementation="cpython",

@@ -64,8 +64,9 @@ from envfs.core.errors import (
     NotFound,
 )
 from envfs.core.names import validate_name
-from envfs.model import EnvInfo, Revision
 from envfs.service.envs import Inputs, Service
+from envfs.service.reports import EnvInfo
+from envfs.store.formats import Revision
 
 log = logging.getLogger("envfs.api")
 

@@ -5,6 +5,6 @@ through the store's pool (``bytecode``), interpreters found on this node
 (``interpreters``), captured into the store (``capture``) and made relocatable
 (``relocate``), and Ray driver pinning (``raydriver``).
 
-May import: ``envfs.core``, ``envfs.model`` and ``envfs.store``; never the node, the file
+May import: ``envfs.core`` and ``envfs.store``; never the node, the file
 system or the faces.
 """

@@ -35,8 +35,8 @@ from envfs.build.uv import (
 from envfs.core import crashpoints
 from envfs.core.config import node_time
 from envfs.core.errors import BuildFailed, EnvironmentProblem
-from envfs.model import Interpreter, InterpreterInfo, Manifest, Selection
 from envfs.store.files import META, remove_tree
+from envfs.store.formats import Interpreter, InterpreterInfo, Manifest, Selection
 from envfs.store.layout import Store
 
 

@@ -43,8 +43,8 @@ from envfs.build.tree import scan_tree, tree_digest
 from envfs.build.uv import BuildLog
 from envfs.core.config import node_time
 from envfs.core.errors import BadInput, BuildFailed, CaptureFailed
-from envfs.model import Interpreter, InterpreterInfo
 from envfs.store.files import META, regular_files, remove_tree
+from envfs.store.formats import Interpreter, InterpreterInfo
 from envfs.store.layout import Store
 
 Progress = Callable[[str], None]

@@ -18,7 +18,7 @@ from typing import Any
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 
 from envfs.core.errors import BadInput, InterpreterNotFound
-from envfs.model import Interpreter
+from envfs.store.formats import Interpreter
 
 _PROBE = r"""
 import json, platform, sys, sysconfig

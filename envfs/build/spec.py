@@ -26,7 +26,7 @@ from envfs.build.sources import (
     _parse,
 )
 from envfs.core.errors import BadInput
-from envfs.model import LAYOUT_VERSION, Interpreter, Selection
+from envfs.store.formats import LAYOUT_VERSION, Interpreter, Selection
 
 ENV_PROJECT_NAME = "envfs-env"
 # a PEP 508 requirement starts with a distribution name; options and paths are refused

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Protocol
 
 from envfs.core.errors import BuildFailed
-from envfs.model import ManifestEntry
 from envfs.store.files import META
+from envfs.store.formats import ManifestEntry
 from envfs.store.layout import Store
 from envfs.store.wheel import record_digests
 

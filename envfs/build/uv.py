@@ -16,7 +16,7 @@ from pathlib import Path
 from envfs.build.spec import Indexes, ProjectFiles, render_pyproject
 from envfs.core import crashpoints
 from envfs.core.errors import BadInput, BuildFailed, EnvironmentProblem
-from envfs.model import Interpreter
+from envfs.store.formats import Interpreter
 from envfs.store.layout import Store
 
 Progress = Callable[[str], None]

@@ -38,8 +38,8 @@ from envfs.fs.mounted import (
     is_stale_mount,
     unmount,
 )
+from envfs.fs.status import BuildStats, DaemonStatus, ServedEnv
 from envfs.fs.vfs import Namespace
-from envfs.model import BuildStats, DaemonStatus, ServedEnv
 from envfs.node.builds import RETRY_AFTER, BuildQueue
 from envfs.node.cache import NodeCache
 from envfs.store.files import pid_start_time

@@ -14,7 +14,7 @@ import pydantic
 
 from envfs.core.errors import BadInput, EnvironmentProblem
 from envfs.fs import kernel
-from envfs.model import DaemonStatus
+from envfs.fs.status import DaemonStatus
 from envfs.store.files import pid_start_time
 
 

@@ -2,6 +2,6 @@
 importer), the node cache that rides out store outages (``cache``), and the queue of
 builds started by first accesses (``builds``).
 
-May import: ``envfs.core``, ``envfs.model`` and ``envfs.store``; never the build package,
+May import: ``envfs.core`` and ``envfs.store``; never the build package,
 the file system or the faces.
 """

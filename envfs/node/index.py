@@ -29,8 +29,8 @@ import lmdb
 
 from envfs.core.errors import BadInput, EnvfsError, EnvironmentProblem
 from envfs.core.views import BindingView
-from envfs.model import Revision
 from envfs.store import feed
+from envfs.store.formats import Revision
 from envfs.store.layout import Store
 
 log = logging.getLogger(__name__)

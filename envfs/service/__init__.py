@@ -4,5 +4,5 @@ back, remove, verify, measure (``envs``: `Service`, `Inputs`), building once acr
 and the node check (``doctor``).
 
 May import: every package below it (``envfs.store``, ``envfs.build``, ``envfs.node``,
-``envfs.fs``, ``envfs.core``, ``envfs.model``); never the faces.
+``envfs.fs``, ``envfs.core``); never the faces.
 """

@@ -13,11 +13,9 @@ from pathlib import Path
 from envfs.build import builder, interpreters, spec, uv
 from envfs.core import crashpoints
 from envfs.core.errors import BuildFailed, Busy, EnvfsError, EnvironmentProblem
-from envfs.model import (
-    FailureInfo,
-    State,
-)
 from envfs.service.base import ServiceBase
+from envfs.service.reports import State
+from envfs.store.formats import FailureInfo
 from envfs.store.leases import Lease
 
 BUILD_WAIT = 3600.0  # how long a waiter waits for another node's build

@@ -23,7 +23,7 @@ from envfs.build.uv import uv_binary, uv_version
 from envfs.core.config import Settings
 from envfs.core.errors import EnvfsError
 from envfs.fs import kernel
-from envfs.model import DoctorFinding, DoctorReport
+from envfs.service.reports import DoctorFinding, DoctorReport
 from envfs.store.layout import Store
 
 #: Free space on the store below this is a warning.

@@ -19,20 +19,17 @@ from envfs.core.config import node_time
 from envfs.core.errors import BadInput, NotFound
 from envfs.core.names import parse_target
 from envfs.core.views import BindingView
-from envfs.model import (
-    DiskUsage,
-    EnvInfo,
+from envfs.service.building import Building
+from envfs.service.reports import DiskUsage, EnvInfo, InterpreterUse, VerifyReport
+from envfs.store.files import regular_files
+from envfs.store.formats import (
     GcReport,
     Interpreter,
     InterpreterInfo,
-    InterpreterUse,
     Revision,
     Selection,
     SpecInfo,
-    VerifyReport,
 )
-from envfs.service.building import Building
-from envfs.store.files import regular_files
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,8 @@ from typing import Self, TypeVar
 import pydantic
 
 from envfs.core.errors import CorruptRecord, EnvironmentProblem
-from envfs.model import LAYOUT_VERSION, Record
+from envfs.core.records import Record
+from envfs.store.formats import LAYOUT_VERSION
 
 R = TypeVar("R", bound=Record)
 

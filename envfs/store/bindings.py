@@ -12,8 +12,8 @@ from typing import Any
 
 from envfs.core import crashpoints
 from envfs.core.names import parse_revision
-from envfs.model import Revision
 from envfs.store.base import StoreBase
+from envfs.store.formats import Revision
 
 
 def _revision_files(names: list[str]) -> list[int]:

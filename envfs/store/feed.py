@@ -1,6 +1,6 @@
 """The change feed: what happened in the store, one append-only log per host.
 
-``log/<host>.jsonl`` holds one JSON object (`envfs.model.AuditEvent`) per line, written by
+``log/<host>.jsonl`` holds one JSON object (`envfs.store.formats.AuditEvent`) per line, written by
 that host only: appends from many NFS clients to one file are not atomic, appends of one
 client are.  Readers follow every host's log from a `Cursor` (per file: its inode and the
 offset read up to), and never stop on what they cannot read: a line that is not a JSON
@@ -26,7 +26,7 @@ import pydantic
 
 from envfs.core import crashpoints
 from envfs.core.config import node_time
-from envfs.model import AuditEvent
+from envfs.store.formats import AuditEvent
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 

@@ -19,8 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from envfs.core.errors import EnvfsError, EnvironmentProblem
-from envfs.model import GcReport
 from envfs.store.files import META, regular_files, remove_tree, remove_unshared
+from envfs.store.formats import GcReport
 from envfs.store.layout import Store
 
 

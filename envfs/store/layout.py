@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from envfs.core.errors import EnvironmentProblem, NotFound
-from envfs.model import AuditEvent, FailureInfo, InterpreterInfo, Manifest, SpecInfo
 from envfs.store import feed
 from envfs.store.bindings import Bindings
 from envfs.store.files import META, make_read_only, remove_tree
+from envfs.store.formats import AuditEvent, FailureInfo, InterpreterInfo, Manifest, SpecInfo
 from envfs.store.leases import Leases
 from envfs.store.pool import Pool
 

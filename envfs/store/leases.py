@@ -17,10 +17,10 @@ import pydantic
 
 from envfs.core.config import node_time
 from envfs.core.errors import Busy, EnvironmentProblem
-from envfs.model import LeaseInfo
 from envfs.store import feed
 from envfs.store.base import StoreBase
 from envfs.store.files import pid_start_time
+from envfs.store.formats import LeaseInfo
 
 #: A lease not heartbeaten for this long (store clock) is broken by waiters;
 #: ``ENVFS_LEASE_STALE`` overrides it (tests).  Holders beat four times as often.

@@ -12,9 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from envfs.core.errors import EnvironmentProblem
-from envfs.model import ManifestEntry
 from envfs.store.base import StoreBase
 from envfs.store.files import _copy_file_data
+from envfs.store.formats import ManifestEntry
 
 
 class Pool(StoreBase):

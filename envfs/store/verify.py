@@ -13,8 +13,8 @@ import stat
 from pathlib import Path
 
 from envfs.core.errors import CorruptRecord, EnvfsError
-from envfs.model import Manifest, ManifestEntry, Revision, SpecInfo
 from envfs.store.files import META
+from envfs.store.formats import Manifest, ManifestEntry, Revision, SpecInfo
 from envfs.store.layout import Store
 from envfs.store.wheel import record_digests
 

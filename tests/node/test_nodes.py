@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from envfs.model import Revision
+from envfs.store.formats import Revision
 from envfs.store.layout import Store
 from tests.conftest import PY, Env, make_env
 from tests.test_e2e import Mount, py

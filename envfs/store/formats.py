@@ -1,20 +1,18 @@
-"""Pydantic models for everything that crosses an edge: files on the store and JSON output."""
+"""The records of the store (pydantic), one model per file format on it: specs, revisions,
+manifests, leases, failures, the change feed's events, captured interpreters; and what gc
+reports. Their fields are the store format: change them only with ``LAYOUT_VERSION``."""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import ConfigDict
+
+from envfs.core.records import Record
 
 #: 1: a venv whose bin/python names the builder's interpreter; 2: a self-contained prefix
 #: (the captured interpreter plus the locked packages).
 LAYOUT_VERSION = 2
-
-State = Literal["bound", "building", "ready", "failed"]
-
-
-class Record(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True, defer_build=True)
 
 
 class Interpreter(Record):
@@ -138,23 +136,6 @@ class FailureInfo(Record):
     log: str | None = None
 
 
-class EnvInfo(Record):
-    """What ``envfs show`` prints."""
-
-    workflow: str
-    node: str
-    revision: int
-    snapshot_id: str
-    state: State
-    snapshot_path: str
-    python: str
-    layout: Literal["self-contained", "venv"] = "self-contained"
-    reason: str | None = None
-    #: a project's sync options (`--extra X --no-dev ...`); the index a list was locked on
-    selection: str | None = None
-    index_url: str | None = None
-
-
 class AuditEvent(Record):
     """One line of ``log/<host>.jsonl`` (`envfs.store.feed` owns the format)."""
 
@@ -207,48 +188,6 @@ class InterpreterInfo(Record):
         )
 
 
-class InterpreterUse(Record):
-    """What ``envfs python ls`` prints for one captured interpreter."""
-
-    digest: str
-    implementation: str
-    version: str
-    abi: str
-    platform: str
-    total_bytes: int
-    file_count: int
-    libraries: list[str]
-    source: str
-    captured_at: float
-    envs: list[str]  # bindings whose current snapshot runs it
-
-
-class VerifyReport(Record):
-    """What ``envfs verify --json`` prints."""
-
-    checked: int  # snapshots checked
-    damaged: dict[str, list[str]]  # snapshot id -> problems (paths relative to the snapshot)
-    gone: list[str] = []  # bindings whose built snapshot is no longer in the store
-    uv_cache_checked: int = 0  # files of unpacked wheels checked against their RECORD
-    uv_cache: list[str] = []  # problems, as paths under uv-cache/
-    corrupt: list[str] = []  # store records that cannot be read: "<file> is corrupt: <why>"
-
-    @property
-    def ok(self) -> bool:
-        return not (self.damaged or self.gone or self.uv_cache or self.corrupt)
-
-
-class DiskUsage(Record):
-    """What ``envfs du --json`` prints."""
-
-    snapshots: int
-    real_bytes: int  # file sizes of distinct inodes
-    disk_bytes: int  # blocks of those inodes
-    apparent_bytes: int  # as if every env were a copy
-    uv_cache_extra_bytes: int  # uv cache files no snapshot links
-    per_snapshot: dict[str, dict[str, int]]
-
-
 class GcReport(Record):
     """What ``envfs gc --json`` prints."""
 
@@ -261,56 +200,3 @@ class GcReport(Record):
     trash_deleted: int = 0
     objects_deleted: int = 0
     links_deleted: int = 0
-
-
-class ServedEnv(Record):
-    path: str  # below the mountpoint: wf/node, wf/node@rev or .snapshots/<id>
-    snapshot_id: str
-    kernel: bool = False  # a read-only bind mount serves it (envfs.fs.kernel), not FUSE
-
-
-class RunningBuild(Record):
-    snapshot_id: str
-    since: float
-
-
-class FailedBuild(Record):
-    snapshot_id: str
-    errno: int
-    reason: str
-    at: float
-
-
-class BuildStats(Record):
-    running: list[RunningBuild] = []
-    failed: list[FailedBuild] = []
-    completed: int = 0
-
-
-class DaemonStatus(Record):
-    """``$XDG_RUNTIME_DIR/envfs/mounts/<hash>.json``, written by a daemon (`envfs.fs.mount`)."""
-
-    mountpoint: str
-    pid: int
-    pid_start: int = 0  # the pid's start time (clock ticks since boot): a reused pid differs
-    store: str | None = None  # the store it serves (absolute path)
-    started: str
-    envs: list[ServedEnv] = []
-    builds: BuildStats = BuildStats()
-    cache: dict[str, int] = {}
-    refresh: dict[str, float | str | None] = {}
-    alive: bool | None = None  # filled in by `envfs status`, not by the daemon
-
-
-class DoctorFinding(Record):
-    name: str
-    level: Literal["ok", "warn", "error"]
-    detail: str
-    hint: str | None = None  # what to do about it
-
-
-class DoctorReport(Record):
-    """What ``envfs doctor --json`` prints."""
-
-    ok: bool  # no finding is an error
-    findings: list[DoctorFinding]
