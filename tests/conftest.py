@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -133,3 +134,20 @@ def pypi(tmp_path: Path) -> Iterator[Env]:
     env = make_env(tmp_path / "pypi", None)
     yield env
     remove_tree(env.root)
+
+
+@contextlib.contextmanager
+def reachable_by_all(path: Path) -> Iterator[None]:
+    """Let every user (``nobody`` in a test) reach ``path``, as on a node: its parents up to
+    /tmp get o+rx for the context, and their modes back after it."""
+    opened = {}
+    for parent in path.parents:
+        if parent in (Path("/tmp"), Path("/")):
+            break
+        opened[parent] = os.stat(parent).st_mode & 0o7777
+        os.chmod(parent, opened[parent] | 0o755)
+    try:
+        yield
+    finally:
+        for parent, mode in opened.items():
+            os.chmod(parent, mode)

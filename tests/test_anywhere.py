@@ -16,7 +16,7 @@ import pytest
 from envfs.build import interpreters
 from envfs.build.relocate import patchelf_binary
 from envfs.store.formats import Interpreter, SpecInfo
-from tests.conftest import PY, Env, make_env
+from tests.conftest import PY, Env, make_env, reachable_by_all
 from tests.test_e2e import Mount, fs  # noqa: F401  (fixture)
 
 pytestmark = [
@@ -72,15 +72,8 @@ def built(fs: tuple[Env, Path, list[Mount]]) -> Iterator[tuple[Env, Path]]:  # n
     env, mnt, mounts = fs
     env.run("build", "wf/a", "extra-a==1.0", "tool-pkg==0.1", "--python", PY)
     mounts.append(Mount(env, mnt))
-    opened = {}  # let `nobody` reach the mountpoint; restored after the test
-    for parent in mnt.parents:
-        if parent == Path("/tmp") or parent == Path("/"):
-            break
-        opened[parent] = os.stat(parent).st_mode & 0o7777
-        os.chmod(parent, opened[parent] | 0o755)
-    yield env, mnt
-    for parent, mode in opened.items():
-        os.chmod(parent, mode)
+    with reachable_by_all(mnt):  # by `nobody`
+        yield env, mnt
 
 
 def test_env_runs_as_nobody_with_builder_python_and_store_hidden(

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from envfs.store.files import remove_tree
-from tests.conftest import PY, Env, make_env
+from tests.conftest import PY, Env, make_env, reachable_by_all
 
 
 def _files(root: Path) -> list[Path]:
@@ -593,13 +593,7 @@ _HOLD = (
 @pytest.mark.skipif(os.geteuid() != 0, reason="runs a process as another user (setpriv)")
 def test_a_node_user_cannot_freeze_builds_with_flock(local: Env) -> None:
     local.run("build", "wf/a", "extra-a==1.0", "--python", PY)
-    opened = {}  # let `nobody` reach the store, as on a node; restored after the test
-    for parent in local.store.parents:
-        if parent in (Path("/tmp"), Path("/")):
-            break
-        opened[parent] = os.stat(parent).st_mode & 0o7777
-        os.chmod(parent, opened[parent] | 0o755)
-    try:
+    with reachable_by_all(local.store):  # by `nobody`, as on a node
         gc = local.store / "locks" / "gc"
         for private in (gc, local.store / "leases"):  # lock and lease files: not for others
             out = subprocess.run(
@@ -627,6 +621,3 @@ def test_a_node_user_cannot_freeze_builds_with_flock(local: Env) -> None:
             holder.wait(timeout=30)
         assert not (local.store / "bindings" / "wf" / "b").exists()
         local.run("bind", "wf/b", "extra-b==2.0", "--python", PY)
-    finally:
-        for parent, mode in opened.items():
-            os.chmod(parent, mode)

@@ -20,7 +20,7 @@ import pytest
 
 from envfs.build.uv import uv_binary
 from envfs.fs.mounted import is_stale_mount
-from tests.conftest import ENVFS, PY, Env, make_env
+from tests.conftest import ENVFS, PY, Env, make_env, reachable_by_all
 from tests.fusehelpers import force_unmount, is_mounted, stat_errno, stop_daemon
 
 pytestmark = [
@@ -279,22 +279,13 @@ def test_a_user_who_did_not_mount_it_is_told_permission_denied(
     env, mnt, mounts = fs
     env.run("build", "wf/a", "extra-a==1.0", "--python", PY)
     mounts.append(Mount(env, mnt))
-    opened = {}  # let `nobody` reach the mountpoint; restored after the test
-    for parent in mnt.parents:
-        if parent in (Path("/tmp"), Path("/")):
-            break
-        opened[parent] = os.stat(parent).st_mode & 0o7777
-        os.chmod(parent, opened[parent] | 0o755)
-    try:
+    with reachable_by_all(mnt):  # by `nobody`
         nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
         out = subprocess.run(
             [*nobody, *ENVFS, "umount", str(mnt)], capture_output=True, text=True, timeout=60,
             env={k: v for k, v in env.vars.items() if k not in ("ENVFS_INDEX", "ENVFS_STORE")}
             | {"HOME": "/nonexistent"}, cwd="/",
         )  # fmt: skip
-    finally:
-        for parent, mode in opened.items():
-            os.chmod(parent, mode)
     assert out.returncode == 8, out.stderr
     (line,) = out.stderr.strip().splitlines()
     assert "permission denied" in line and "uid 0" in line and "mtab" not in line, line
