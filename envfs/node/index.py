@@ -30,6 +30,7 @@ import lmdb
 from envfs.core.errors import BadInput, EnvfsError, EnvironmentProblem
 from envfs.core.views import BindingView
 from envfs.store import feed
+from envfs.store.files import make_private
 from envfs.store.formats import Revision
 from envfs.store.layout import Store
 
@@ -375,7 +376,7 @@ def _claim(path: Path) -> None:
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     entries = set(os.listdir(path))
     if MARKER in entries:
-        _make_private(path)
+        make_private(path)
         return
     ours = entries <= {*_LMDB_FILES, *_ALSO_OURS}
     if not ours or ("data.mdb" in entries and not _is_envfs_lmdb(path)):
@@ -383,16 +384,8 @@ def _claim(path: Path) -> None:
             f"the index directory {path} holds files envfs did not make (no {MARKER} file "
             "in it); give --index (or ENVFS_INDEX) a new or empty directory"
         )
-    _make_private(path)
+    make_private(path)
     (path / MARKER).write_text("an envfs index (a cache of the store): envfs may delete it\n")
-
-
-def _make_private(path: Path) -> None:
-    """The index names every binding and snapshot: its owner's only (an index made by an
-    older envfs was world-readable)."""
-    st = os.stat(path)
-    if st.st_mode & 0o077 and st.st_uid == os.geteuid():
-        os.chmod(path, 0o700)
 
 
 def _is_envfs_lmdb(path: Path) -> bool:

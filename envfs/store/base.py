@@ -7,7 +7,6 @@ into place, so a crash leaves the old state or the new one, never half."""
 from __future__ import annotations
 
 import os
-import stat
 import threading
 import uuid
 from pathlib import Path
@@ -17,6 +16,7 @@ import pydantic
 
 from envfs.core.errors import CorruptRecord, EnvironmentProblem
 from envfs.core.records import Record
+from envfs.store.files import make_private
 from envfs.store.formats import LAYOUT_VERSION
 
 R = TypeVar("R", bound=Record)
@@ -75,7 +75,7 @@ class StoreBase:
             for sub in self.SUBDIRS:
                 (self.root / sub).mkdir(parents=True, exist_ok=True)
             for sub in PRIVATE_DIRS:
-                self._make_private(self.root / sub)
+                make_private(self.root / sub)
             config = self.root / "envfs.toml"
             if not config.exists():
                 text = f'format = {LAYOUT_VERSION}\nuuid = "{uuid.uuid4().hex}"\n'
@@ -86,14 +86,6 @@ class StoreBase:
                 "pass --store DIR (or ENVFS_STORE) on a writable filesystem"
             ) from exc
         return self
-
-    @staticmethod
-    def _make_private(path: Path) -> None:
-        """Take group and other permissions off a directory of ours (stores made before
-        lock and lease directories were private are fixed on their next build)."""
-        st = os.stat(path)
-        if st.st_mode & 0o077 and st.st_uid == os.geteuid():
-            os.chmod(path, stat.S_IMODE(st.st_mode) & 0o700)
 
     @property
     def uuid(self) -> str:

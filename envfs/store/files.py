@@ -17,6 +17,14 @@ from envfs.core.errors import EnvironmentProblem
 META = ".envfs"  # metadata directory inside a snapshot (manifest, build log); not served
 
 
+def make_private(path: Path) -> None:
+    """Take group and other permissions off a directory of ours: the store's lock and lease
+    directories, a node's index (made before they were private, they are fixed on next use)."""
+    st = os.stat(path)
+    if st.st_mode & 0o077 and st.st_uid == os.geteuid():
+        os.chmod(path, stat.S_IMODE(st.st_mode) & 0o700)
+
+
 def pid_start_time(pid: int) -> int:
     """The start time of a process (clock ticks since boot), 0 if it does not exist."""
     try:

@@ -19,7 +19,7 @@ from envfs.core.config import node_time
 from envfs.core.errors import Busy, EnvironmentProblem
 from envfs.store import feed
 from envfs.store.base import StoreBase
-from envfs.store.files import pid_start_time
+from envfs.store.files import make_private, pid_start_time
 from envfs.store.formats import LeaseInfo
 
 #: A lease not heartbeaten for this long (store clock) is broken by waiters;
@@ -170,7 +170,7 @@ class Leases(StoreBase):
         one line instead of freezing it."""
         import fcntl
 
-        self._make_private(self.locks)
+        make_private(self.locks)
         path = self.locks / "gc"
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
