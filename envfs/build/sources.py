@@ -60,14 +60,11 @@ def _project_requirements(project: dict[str, Any]) -> Iterator[object]:
     yield from project.get("build-system", {}).get("requires", [])
 
 
+#: uv's variables naming indexes: the CLI turns them into a spec's indexes (so the id covers
+#: them); locks and builds of a requirement list then use only those.
+INDEX_VARS = ("UV_INDEX_URL", "UV_EXTRA_INDEX_URL", "UV_DEFAULT_INDEX", "UV_INDEX")
 #: uv's variables through which whoever runs envfs names its package indexes and find-links.
-_REGISTRY_VARS = (
-    "UV_FIND_LINKS",
-    "UV_INDEX_URL",
-    "UV_DEFAULT_INDEX",
-    "UV_EXTRA_INDEX_URL",
-    "UV_INDEX",
-)
+_REGISTRY_VARS = ("UV_FIND_LINKS", *INDEX_VARS)
 
 
 def configured_registries(environ: Mapping[str, str]) -> frozenset[str]:
@@ -116,10 +113,8 @@ def check_index_only(
             if uv.get(key):
                 raise BadInput(f"{source}: [tool.uv] {key} names local paths; not allowed here")
         indexes = [i.get("url") for i in uv.get("index", [])]
-        for url in [*indexes, *([uv["index-url"]] if "index-url" in uv else [])]:
-            if not _is_http(url):
-                raise BadInput(f"{source}: index {url!r} is not an http(s) URL")
-        for url in uv.get("extra-index-url", []):
+        indexes += [uv["index-url"]] if "index-url" in uv else []
+        for url in [*indexes, *uv.get("extra-index-url", [])]:
             if not _is_http(url):
                 raise BadInput(f"{source}: index {url!r} is not an http(s) URL")
         for name, value in uv.get("sources", {}).items():

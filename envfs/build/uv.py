@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from envfs.build.sources import INDEX_VARS
 from envfs.build.spec import Indexes, ProjectFiles, render_pyproject
 from envfs.core import crashpoints
 from envfs.core.errors import BadInput, BuildFailed, EnvironmentProblem
@@ -52,11 +53,6 @@ def uv_binary() -> str:
     if found is None:
         raise EnvironmentProblem("uv is not installed; run scripts/setup or `pip install uv`")
     return found
-
-
-#: uv's variables naming indexes: the CLI turns them into a spec's indexes (so the id covers
-#: them); locks and builds of a requirement list then use only those.
-INDEX_VARS = ("UV_INDEX_URL", "UV_EXTRA_INDEX_URL", "UV_DEFAULT_INDEX", "UV_INDEX")
 
 
 def uv_env(store: Store, indexes: Indexes | None = None) -> dict[str, str]:

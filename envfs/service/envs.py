@@ -281,10 +281,8 @@ class Service(Building):
     def revisions(self, workflow: str, node: str) -> list[Revision]:
         revisions = self.store.revisions(workflow, node)
         if not revisions:
-            raise NotFound(f"no binding {workflow}/{node}; create it with `envfs build` or `bind`")
+            raise _no_binding(workflow, node)
         return revisions
-
-    # -- building -------------------------------------------------------------------------
 
     # -- interpreters ---------------------------------------------------------------------
 
@@ -336,7 +334,7 @@ class Service(Building):
         are not read: a binding with a corrupt revision can be removed too."""
         revisions = self.store.revision_numbers(workflow, node)
         if not revisions:
-            raise NotFound(f"no binding {workflow}/{node}; create it with `envfs build` or `bind`")
+            raise _no_binding(workflow, node)
         with self.store.gc_fence():
             self.store.trash_binding(workflow, node, self.store.store_now())
             self.store.audit("removed", self.host, None, workflow=workflow, node=node)
@@ -477,3 +475,7 @@ def _user() -> str:
         return getpass.getuser()
     except (KeyError, OSError):
         return str(os.getuid())
+
+
+def _no_binding(workflow: str, node: str) -> NotFound:
+    return NotFound(f"no binding {workflow}/{node}; create it with `envfs build` or `bind`")
