@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import click
 
@@ -78,11 +78,17 @@ def _bind_command(
     wf, node = parse_target(target)
     svc = _service(ctx)
     rev, _reused = svc.bind_inputs(wf, node, inputs, reason, build)
+    _report_bind(svc, wf, node, rev.revision, rev.snapshot_id, as_json)
+
+
+def _report_bind(
+    svc: Service, wf: str, node: str, revision: int, snapshot_id: str, as_json: bool
+) -> None:
     info = svc.show(wf, node)
     if as_json:
         _emit(info.model_dump())
     else:
-        click.echo(f"{wf}/{node}@{rev.revision} -> {rev.snapshot_id[:12]} ({info.state})")
+        click.echo(f"{wf}/{node}@{revision} -> {snapshot_id[:12]} ({info.state})")
 
 
 @main.command()
@@ -99,16 +105,82 @@ def build(ctx: click.Context, /, target: str, reason: str, as_json: bool, **spec
 
 
 @main.command()
-@click.argument("target", metavar="WF/NODE")
+@click.argument("target", metavar="WF/NODE", required=False)
 @spec_options
+@click.option(
+    "--snapshot",
+    "snapshot_ref",
+    metavar="ID",
+    help="Bind to a snapshot the store has (built or bound), by id or unique prefix.",
+)
+@click.option(
+    "--batch",
+    type=click.File("r"),
+    metavar="FILE",
+    help="Bind many: one 'WF/NODE SNAPSHOT_ID' per line ('-': stdin), each line all or "
+    "nothing; prints a summary, exit 3 if any line failed.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
-def bind(ctx: click.Context, /, target: str, reason: str, as_json: bool, **spec: Any) -> None:
+def bind(
+    ctx: click.Context,
+    /,
+    target: str | None,
+    reason: str,
+    snapshot_ref: str | None,
+    batch: IO[str] | None,
+    as_json: bool,
+    **spec: Any,
+) -> None:
     """Bind WF/NODE to an env without building it.
 
     The env is built on first access through the mount (or by `envfs build`).
+    With --snapshot, WF/NODE is bound to an env the store already has; with --batch,
+    many bindings at once (each a revision as usual).
     """
+    from_env = click.core.ParameterSource.ENVIRONMENT  # UV_INDEX & co. apply to specs only
+    given = [
+        k.replace("_", "-")
+        for k, v in spec.items()
+        if v not in (None, False, ()) and ctx.get_parameter_source(k) is not from_env
+    ]
+    if batch is not None:
+        if target is not None or snapshot_ref is not None or given:
+            raise click.UsageError("--batch takes no WF/NODE, --snapshot or spec options")
+        _bind_batch(ctx, batch, reason, as_json)
+        return
+    if target is None:
+        raise click.UsageError("missing WF/NODE (or --batch FILE)")
+    if snapshot_ref is not None:
+        if given:
+            raise click.UsageError(f"--snapshot takes no spec ({', '.join(given)})")
+        wf, node = parse_target(target)
+        svc = _service(ctx)
+        rev = svc.bind_snapshot(wf, node, snapshot_ref, reason)
+        _report_bind(svc, wf, node, rev.revision, rev.snapshot_id, as_json)
+        return
     _bind_command(ctx, target, _inputs(ctx, spec), reason, as_json, build=False)
+
+
+def _bind_batch(ctx: click.Context, batch: IO[str], reason: str, as_json: bool) -> None:
+    svc = _service(ctx)
+    report = svc.bind_batch(batch, reason)
+    if as_json:
+        _emit(
+            {
+                "bound": report.bound,
+                "unchanged": report.unchanged,
+                "failed": [{"line": n, "error": why} for n, why in report.failed],
+            }
+        )
+    else:
+        for n, why in report.failed:
+            click.echo(f"envfs: line {n}: {why}", err=True)
+        click.echo(
+            f"bound {report.bound}, unchanged {report.unchanged}, failed {len(report.failed)}"
+        )
+    if report.failed:
+        ctx.exit(BadInput.exit_code)
 
 
 @main.command(name="ls")

@@ -6,20 +6,18 @@ index: `Service` (over `Building` and `ServiceBase`) and the `Inputs` it resolve
 from __future__ import annotations
 
 import contextlib
-import getpass
 import hashlib
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from envfs.build import capture, interpreters, raydriver, sources, spec, uv
 from envfs.core.config import node_time
 from envfs.core.errors import BadInput, NotFound
 from envfs.core.names import parse_target
 from envfs.core.views import BindingView
-from envfs.service.building import Building
+from envfs.service.binding import Binding
 from envfs.service.reports import DiskUsage, EnvInfo, InterpreterUse, VerifyReport
 from envfs.store.files import regular_files
 from envfs.store.formats import (
@@ -58,7 +56,7 @@ class Resolved:
     interpreter: Interpreter
 
 
-class Service(Building):
+class Service(Binding):
     # -- specs ----------------------------------------------------------------------------
 
     def resolve(self, inputs: Inputs) -> Resolved:
@@ -209,81 +207,6 @@ class Service(Building):
                 self.ensure_built(resolved.snapshot_id)
             return self.bind(workflow, node, resolved.snapshot_id, reason), reused
 
-    def bind(self, workflow: str, node: str, snapshot_id: str, reason: str = "") -> Revision:
-        """Append a revision naming ``snapshot_id`` (no-op if it is already current)."""
-        current = self.index.current(workflow, node)
-        if current is not None and current.snapshot_id == snapshot_id:
-            revisions = self.store.revisions(workflow, node)
-            if revisions and revisions[-1].snapshot_id == snapshot_id:
-                return revisions[-1]
-        return self._append(workflow, node, snapshot_id, "bound", reason=reason)
-
-    def rollback(self, workflow: str, node: str, to: int | None) -> Revision:
-        """Append a revision naming an earlier revision's snapshot (default: the last other one)."""
-        revisions = self.revisions(workflow, node)
-        current = revisions[-1]
-        if to is None:
-            earlier = [r for r in revisions[:-1] if r.snapshot_id != current.snapshot_id]
-            if not earlier:
-                raise NotFound(f"{workflow}/{node} has no earlier revision to roll back to")
-            target = earlier[-1]
-        else:
-            matches = [r for r in revisions if r.revision == to]
-            if not matches:
-                raise NotFound(
-                    f"{workflow}/{node} has no revision {to}; see `envfs history {workflow}/{node}`"
-                )
-            target = matches[0]
-        return self._append(
-            workflow,
-            node,
-            target.snapshot_id,
-            "rolled_back",
-            action="rollback",
-            rollback_to=target.revision,
-            reason=f"rollback to revision {target.revision}",
-        )
-
-    def _append(
-        self, workflow: str, node: str, snapshot_id: str, event: str, **fields: Any
-    ) -> Revision:
-        """Append one revision, audit it, and update the index."""
-        user = self.user or _user()
-
-        def make(number: int) -> Revision:
-            return Revision(
-                workflow=workflow,
-                node=node,
-                revision=number,
-                snapshot_id=snapshot_id,
-                time=node_time(),
-                host=self.host,
-                user=user,
-                **fields,
-            )
-
-        with self.store.gc_fence():  # gc must not sweep what this revision names meanwhile
-            rev = self.store.append_revision(make)
-        extra = {"to": rev.rollback_to} if rev.rollback_to is not None else {}
-        self.store.audit(
-            event,
-            self.host,
-            snapshot_id,
-            workflow=workflow,
-            node=node,
-            revision=rev.revision,
-            user=user,
-            **extra,
-        )
-        self.index.put_binding(self.store.revisions(workflow, node))
-        return rev
-
-    def revisions(self, workflow: str, node: str) -> list[Revision]:
-        revisions = self.store.revisions(workflow, node)
-        if not revisions:
-            raise _no_binding(workflow, node)
-        return revisions
-
     # -- interpreters ---------------------------------------------------------------------
 
     def add_interpreter(self, request: str | None) -> InterpreterInfo:
@@ -328,18 +251,6 @@ class Service(Building):
             uv=uv.uv_binary(),
             uv_env=uv.uv_env(self.store),
         )
-
-    def remove(self, workflow: str, node: str) -> int:
-        """Remove a binding (its revisions go to ``trash/``); the revisions it had. Its files
-        are not read: a binding with a corrupt revision can be removed too."""
-        revisions = self.store.revision_numbers(workflow, node)
-        if not revisions:
-            raise _no_binding(workflow, node)
-        with self.store.gc_fence():
-            self.store.trash_binding(workflow, node, self.store.store_now())
-            self.store.audit("removed", self.host, None, workflow=workflow, node=node)
-            self.index.forget_binding(workflow, node)
-        return len(revisions)
 
     # -- checking and measuring the store ---------------------------------------------------
 
@@ -468,14 +379,3 @@ class Service(Building):
 
     def list_envs(self) -> list[EnvInfo]:
         return [self.describe(v) for v in self.index.all_bindings()]
-
-
-def _user() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return str(os.getuid())
-
-
-def _no_binding(workflow: str, node: str) -> NotFound:
-    return NotFound(f"no binding {workflow}/{node}; create it with `envfs build` or `bind`")

@@ -72,6 +72,13 @@ class Store(Bindings, Pool, Leases):
                 raise
             shutil.rmtree(tmp)
 
+    def spec_ids(self) -> list[str]:
+        """Every snapshot id with a spec (built, bound, or resolved only), sorted."""
+        try:
+            return sorted(n for n in os.listdir(self.specs) if not n.startswith("."))
+        except FileNotFoundError:
+            return []
+
     def read_spec(self, snapshot_id: str) -> SpecInfo:
         try:
             return self.read_model(self.spec_dir(snapshot_id) / "spec.json", SpecInfo)

@@ -1,0 +1,90 @@
+"""Many bindings: bulk binds by snapshot id (real CLI, local store)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+from tests.conftest import ENVFS, PY, Env
+
+
+def _sid(env: Env, target: str) -> str:
+    return str(env.show(target)["snapshot_id"])
+
+
+def test_bind_by_snapshot_id_or_unique_prefix(local: Env) -> None:
+    local.run("build", "s/a", "extra-a==1.0", "--python", PY)
+    sid = _sid(local, "s/a")
+    out = local.run("bind", "g/x", "--snapshot", sid[:8]).stdout
+    assert out.startswith("g/x@1 -> ") and _sid(local, "g/x") == sid
+    # again: already bound so, no new revision
+    local.run("bind", "g/x", "--snapshot", sid)
+    assert [r["revision"] for r in json.loads(local.run("history", "g/x", "--json").stdout)] == [1]
+    for ref, code, words in (
+        ("zz", 3, "is not a snapshot id"),
+        ("0" * 64, 4, "no snapshot"),
+        (sid[:4], 3, "is not a snapshot id"),
+    ):
+        proc = local.run("bind", "g/y", "--snapshot", ref, check=False)
+        assert proc.returncode == code and words in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+    proc = local.run("bind", "g/y", "extra-a==1.0", "--snapshot", sid, check=False)
+    assert proc.returncode == 2 and "--snapshot takes no spec" in proc.stderr
+    assert not (local.store / "bindings" / "g" / "y").exists()
+
+
+def test_a_prefix_two_snapshots_share_is_refused(local: Env) -> None:
+    specs = local.store / "specs"
+    local.run("build", "s/a", "extra-a==1.0", "--python", PY)
+    sid = _sid(local, "s/a")
+    twin = sid[:6] + ("0" if sid[6] != "0" else "1") + sid[7:]
+    os.symlink(specs / sid, specs / twin)  # a second spec sharing the first 6 digits
+    proc = local.run("bind", "g/y", "--snapshot", sid[:6], check=False)
+    assert proc.returncode == 3 and "names 2 snapshots" in proc.stderr
+    local.run("bind", "g/y", "--snapshot", sid[:7])
+    assert _sid(local, "g/y") == sid
+
+
+def test_bind_batch_binds_every_good_line_and_reports_the_bad_ones(local: Env) -> None:
+    local.run("build", "s/a", "extra-a==1.0", "--python", PY)
+    local.run("build", "s/b", "extra-b==2.0", "--python", PY)
+    a, b = _sid(local, "s/a"), _sid(local, "s/b")
+    lines = [f"wf{i // 10}/n{i % 10} {a[:10]}" for i in range(200)]
+    lines[7] = "wf0/n7 " + "f" * 12  # no such snapshot
+    lines[8] = "wf0/.n8 " + a  # a bad name
+    lines[9] = "wf0/n9"  # no id
+    lines.insert(0, "# a comment, then a blank line")
+    lines.insert(1, "")
+    lines.append(f"s/a {a}  # already bound so")
+    lines.append(f"s/b {a}")
+    batch = "\n".join(lines) + "\n"
+    proc = subprocess.run(
+        [*ENVFS, "bind", "--batch", "-", "--json"],
+        input=batch,
+        capture_output=True,
+        text=True,
+        env=local.vars,
+        timeout=300,
+    )
+    assert proc.returncode == 3, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["bound"] == 198 and report["unchanged"] == 1
+    assert [f["line"] for f in report["failed"]] == [10, 11, 12]
+    assert "no snapshot" in report["failed"][0]["error"]
+    envs = json.loads(local.run("ls", "--json").stdout)
+    listed = {f"{e['workflow']}/{e['node']}": e for e in envs}
+    assert len(listed) == 199 and "wf0/n7" not in listed
+    assert listed["wf19/n9"]["snapshot_id"] == a and listed["s/b"]["snapshot_id"] == a
+    assert listed["s/b"]["revision"] == 2 and _sid(local, "s/b") == a != b
+    # every line a revision as usual: in history and in the feed
+    bound = [e for e in local.audit() if e["event"] == "bound" and e["workflow"] == "wf3"]
+    assert len(bound) == 10
+    # a second node's fresh index sees them all
+    other = dict(local.vars, ENVFS_INDEX=str(local.root / "index2"))
+    out = subprocess.run(
+        [*ENVFS, "ls", "--json"], capture_output=True, text=True, env=other, timeout=300
+    )
+    assert len(json.loads(out.stdout)) == 199
+    proc = local.run("bind", "--batch", "-", "s/c", check=False)
+    assert proc.returncode == 2 and "--batch takes no WF/NODE" in proc.stderr
