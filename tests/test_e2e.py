@@ -253,13 +253,14 @@ def test_one_corrupt_binding_file_stops_nothing_else(fs: tuple[Env, Path, list[M
     bad = env.store / "bindings/wf/b/1.json"
     os.chmod(bad, 0o644)
     bad.write_bytes(b"garbage{{\x00\xff")
-    env.vars["ENVFS_INDEX"] = str(env.root / "fresh-index")  # a new node: rebuilds from the store
-    listed = env.run("ls", "--json")
-    assert [b["node"] for b in json.loads(listed.stdout)] == ["a"]
-    (line,) = listed.stderr.strip().splitlines()  # said once, in one line, without its bytes
+    env.vars["ENVFS_INDEX"] = str(env.root / "fresh-index")  # a new node: seeded from the logs
+    listed = env.run("ls", "--json")  # no binding file read: wf/b as its log line tells it
+    assert [b["node"] for b in json.loads(listed.stdout)] == ["a", "b"]
+    rebuilt = env.run("index", "rebuild")  # every binding file read
+    (line,) = rebuilt.stderr.strip().splitlines()  # said once, in one line, without its bytes
     assert str(bad) in line and "garbage" not in line, line
     assert env.show("wf/a")["state"] == "ready"
-    broken = env.run("show", "wf/b", check=False)
+    broken = env.run("history", "wf/b", check=False)
     assert broken.returncode == 8 and len(broken.stderr.strip().splitlines()) == 1
     assert "corrupt" in broken.stderr and "garbage" not in broken.stderr
     env.run("build", "wf/c", "extra-a==1.0", "--python", PY)

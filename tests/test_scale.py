@@ -1,12 +1,21 @@
-"""Many bindings: bulk binds by snapshot id (real CLI, local store)."""
+"""Many bindings: bulk binds by snapshot id (real CLI, local store); what a node costs the
+NAS at rest, to mount and to list, whatever the number of bindings (the store on nas-sim,
+a real daemon and mount)."""
 
 from __future__ import annotations
 
 import json
 import os
 import subprocess
+import time
+
+import pytest
 
 from tests.conftest import ENVFS, PY, Env
+from tests.node.test_cache import _copies, nas_node  # noqa: F401  (fixture)
+from tests.node.test_nodes import imports, wait_for
+from tests.test_e2e import Mount
+from tests.test_nas_sim import NasSim
 
 
 def _sid(env: Env, target: str) -> str:
@@ -88,3 +97,58 @@ def test_bind_batch_binds_every_good_line_and_reports_the_bad_ones(local: Env) -
     assert len(json.loads(out.stdout)) == 199
     proc = local.run("bind", "--batch", "-", "s/c", check=False)
     assert proc.returncode == 2 and "--batch takes no WF/NODE" in proc.stderr
+
+
+def _requests(nas: NasSim) -> int:
+    return sum(v for k, v in nas.counts().items() if not k.endswith("bytes"))
+
+
+def _bind_many(env: Env, n: int) -> str:
+    env.run("build", "s/a", "extra-a==1.0", "--python", PY)
+    sid = _sid(env, "s/a")
+    batch = "".join(f"wf{i // 100:03d}/n{i % 100:03d} {sid}\n" for i in range(n))
+    proc = subprocess.run(
+        [*ENVFS, "bind", "--batch", "-"],
+        input=batch,
+        capture_output=True,
+        text=True,
+        env=env.vars,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return sid
+
+
+@pytest.mark.fuse
+@pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
+def test_mount_listing_and_rest_cost_the_nas_the_same_whatever_the_bindings(
+    nas_node: tuple[Env, NasSim, list[Mount]],  # noqa: F811
+) -> None:
+    env, nas, mounts = nas_node
+    n = 400
+    _bind_many(env, n)
+    env.vars["ENVFS_INDEX"] = str(env.root / "fresh-index")  # a node that never saw the store
+
+    before = _requests(nas)
+    mnt = env.root / "mnt"
+    mounts.append(Mount(env, mnt))
+    to_mount = _requests(nas) - before
+    # the index is seeded from the logs (a few reads), no binding file opened: walking them
+    # cost > 5 requests per binding
+    assert to_mount < n / 4, to_mount
+    assert imports(mnt, "wf003/n042", "extra_a")()
+    wait_for(lambda: _copies(env) == 1, 60, "the node cache's copy")
+
+    time.sleep(2)
+    before = _requests(nas)
+    time.sleep(12)
+    at_rest = _requests(nas) - before
+    # one probe of the feed every 1.5 s, the sweep's 0.2 requests/s, a lease's refresh: a
+    # comparison of every binding directory every 2 s cost ~2 requests per binding and pass
+    assert at_rest <= 14, at_rest
+
+    before = _requests(nas)
+    listed = json.loads(env.run("ls", "--json").stdout)
+    assert len(listed) == n + 1
+    assert _requests(nas) - before < n / 4  # from the index: one spec read, not one per binding
+    assert mounts[0].proc.poll() is None

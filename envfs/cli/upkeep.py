@@ -152,7 +152,23 @@ def index() -> None:
 @index.command()
 @click.pass_context
 def rebuild(ctx: click.Context) -> None:
-    """Rebuild the index from the store."""
+    """Rebuild the index from the store: every binding file read and every snapshot's
+    readiness checked (progress on a TTY or with -v). Safe while a daemon serves."""
     svc = _service(ctx)
-    count = svc.index.rebuild()
-    click.echo(f"index rebuilt at {svc.settings.index}: {count} binding(s)")
+    behind = svc.refresh_index(full=True)
+    count = len(svc.index.all_bindings())
+    click.echo(
+        f"index rebuilt at {svc.settings.index}: {count} binding(s), {len(behind)} caught up"
+    )
+
+
+@index.command()
+@click.pass_context
+def refresh(ctx: click.Context) -> None:
+    """Compare every binding file with the index now (a daemon does it slowly in the
+    background) and tell every node's daemon about the bindings that were behind."""
+    svc = _service(ctx)
+    behind = svc.refresh_index()
+    for wf, node in behind:
+        click.echo(f"caught up {wf}/{node}")
+    click.echo(f"index refreshed: {len(behind)} binding(s) were behind")

@@ -53,6 +53,10 @@ _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 #: of every lease (well inside `envfs.store.leases.SERVE_LEASE_TTL`).
 LEASE_CHECK = 1.0
 LEASE_REFRESH = 60.0
+#: Seconds between looks at the change feed: one NAS request each at rest (the probe), so a
+#: change is seen within this (plus a few ms) on every node, and a node at rest costs the NAS
+#: 1/REFRESH_INTERVAL requests a second plus the sweep's (envfs.node.index.SWEEP_RATE).
+REFRESH_INTERVAL = 1.5
 #: Seconds between status-file refreshes (also written at once when a build starts or ends).
 STATUS_INTERVAL = 1.0
 #: Seconds the daemon waits for in-flight requests after SIGTERM before cancelling them.
@@ -83,7 +87,7 @@ def run_daemon(
     allow_other: bool,
     foreground: bool,
     status_path: Path | None,
-    refresh_interval: float = 0.5,
+    refresh_interval: float = REFRESH_INTERVAL,
     build_retry_after: float = RETRY_AFTER,
     max_tasks: int = MAX_TASKS,
     kernel_mounts: bool = True,

@@ -5,11 +5,16 @@ Databases:
     bindings   "wf/node"      -> current revision (JSON: revision, snapshot_id)
     revs       "wf/node@rev"  -> snapshot id
     snapshots  id             -> "ready" (present only once the snapshot is complete)
+    specs      id             -> its ``spec.json`` (immutable: read from the store once)
+    swept      workflow       -> its directory's stamp when the sweep last read all of it
     digests    "dev:ino:size:mtime_ns" -> sha256 of a store file shared with uv's cache, so
                builds do not hash a wheel's files again (node-local: inodes are)
 
-The index is never the source of truth: a missing, corrupt or foreign index (another store's)
-is rebuilt from the store automatically and gives the same answers.
+The index is never the source of truth. A missing, corrupt or foreign index (another
+store's) is seeded from the change feed (`seed`: a few large reads, whatever the number of
+bindings), then kept in step with it; the binding files are walked only by `rebuild` and
+`reconcile` (``envfs index rebuild`` / ``refresh``) and, a workflow at a time within a
+request budget, by a daemon's background `sweep_step`.
 """
 
 from __future__ import annotations
@@ -31,14 +36,19 @@ from envfs.core.errors import BadInput, EnvfsError, EnvironmentProblem
 from envfs.core.views import BindingView
 from envfs.store import feed
 from envfs.store.files import make_private
-from envfs.store.formats import Revision
+from envfs.store.formats import Revision, SpecInfo
 from envfs.store.layout import Store
 
 log = logging.getLogger(__name__)
 
-SCHEMA = b"2"  # 2: per-host logs (meta feed_cursor), file digests
-#: Seconds between passes that compare every binding directory with the index.
-RECONCILE_EVERY = 2.0
+SCHEMA = b"3"  # 2: per-host logs (meta feed_cursor), file digests; 3: specs, seeded from logs
+#: NAS requests per second a daemon's background sweep of the binding files may spend.
+SWEEP_RATE = 0.2
+#: Seconds a binding named by a ``binding_intent`` line is re-read until its change is logged.
+INTENT_WAIT = 60.0
+#: Threads that read binding files in a full walk (`rebuild`, `reconcile`): on a NAS each
+#: read is a few round trips, so they overlap.
+WALK_THREADS = 16
 MAP_SIZE = 1 << 30  # sparse; grows only as used
 #: The file that says a directory is an envfs index: envfs deletes only in directories that
 #: have it, and only its own files there.
@@ -87,9 +97,10 @@ class Index:
     def __init__(self, path: Path, store: Store) -> None:
         self.path = path
         self.store = store
-        self._lock = threading.Lock()
-        self._reconciled = -RECONCILE_EVERY  # the first follow_changes reconciles
-        self._binding_mtimes: dict[tuple[str, str], int] = {}
+        self._lock = threading.RLock()  # a read that meets garbage re-seeds under it
+        self._probe = feed.Probe(store.log_dir)
+        self._pending: dict[tuple[str, str], float] = {}  # intents not yet logged as done
+        self._sweep = _Sweep()
         self._unreadable: dict[tuple[str, str], str] = {}  # binding -> why (said once)
         self.rebuilt = False
         _claim(path)
@@ -98,7 +109,7 @@ class Index:
             with self.env.begin() as txn:
                 fresh = txn.get(b"schema", db=self.meta) is None
             if fresh:
-                self.rebuild()
+                self.seed()
             elif not self._valid():
                 self._reset_and_rebuild("it belongs to another store or an older schema")
         except _DAMAGED as exc:
@@ -114,6 +125,8 @@ class Index:
         self.bindings = self.env.open_db(b"bindings")
         self.revs = self.env.open_db(b"revs")
         self.snaps = self.env.open_db(b"snapshots")
+        self.specs = self.env.open_db(b"specs")
+        self.swept = self.env.open_db(b"swept")
         self.digests = self.env.open_db(b"digests")
 
     def _valid(self) -> bool:
@@ -133,33 +146,70 @@ class Index:
             self._open()
         except lmdb.Error as exc:
             raise EnvironmentProblem(f"cannot open the index at {self.path}: {exc}") from exc
-        self.rebuild()
+        self.seed()
 
     def close(self) -> None:
+        self._probe.close()
         self.env.close()
 
-    # -- rebuilding from the store --------------------------------------------------------
+    # -- seeding and rebuilding ------------------------------------------------------------
 
-    def rebuild(self) -> int:
-        """Replace the index contents with a fresh scan of the store; returns bindings found."""
-        cursor = self.store.feed_end()
-        count = 0
-        with self.env.begin(write=True) as txn:
-            for db in (self.bindings, self.revs, self.snaps):
-                txn.drop(db, delete=False)
-            for wf, node in self.store.binding_names():
-                revisions = self._revisions(wf, node)  # None: unreadable, said once, skipped
-                if revisions:
-                    self._put_binding(txn, revisions)
-                    count += 1
-            for sid in self.store.snapshot_ids():
-                if self.store.snapshot_ready(sid):
+    def seed(self) -> int:
+        """Fill an empty index from the change feed alone: every host's log read from its
+        start (a few large reads), no binding file opened. Bindings the logs do not tell of
+        (lost logs) are found later by the sweep, or at once by `reconcile`. Returns the
+        bindings found."""
+        with self._lock:
+            changes = self.store.changes_since(feed.Cursor())
+            found: dict[tuple[str, str], dict[int, str]] = {}
+            ready: set[str] = set()
+            for event in sorted(changes.events, key=lambda e: e.time):
+                name = (event.workflow or "", event.node or "")
+                if event.event in ("bound", "rolled_back") and all(name) and event.snapshot_id:
+                    if event.revision is not None:
+                        found.setdefault(name, {})[event.revision] = event.snapshot_id
+                    self._pending.pop(name, None)
+                elif event.event == "removed" and all(name):
+                    found.pop(name, None)
+                    self._pending.pop(name, None)
+                elif event.event == "binding_intent" and all(name):
+                    self._pending[name] = time.monotonic() + INTENT_WAIT
+                elif event.event == "built" and event.snapshot_id:
+                    ready.add(event.snapshot_id)
+                elif event.event == "gc_swept" and event.snapshot_id:
+                    ready.discard(event.snapshot_id)
+            with self.env.begin(write=True) as txn:
+                for db in (self.bindings, self.revs, self.snaps, self.swept):
+                    txn.drop(db, delete=False)
+                for (wf, node), revisions in found.items():
+                    newest = max(revisions)
+                    value = {"revision": newest, "snapshot_id": revisions[newest]}
+                    txn.put(_key(wf, node), json.dumps(value).encode(), db=self.bindings)
+                    for number, sid in revisions.items():
+                        txn.put(_key(wf, node) + b"@%d" % number, sid.encode(), db=self.revs)
+                for sid in ready:
                     txn.put(sid.encode(), b"ready", db=self.snaps)
-            txn.put(b"schema", SCHEMA, db=self.meta)
-            txn.put(b"store_uuid", self.store.uuid.encode(), db=self.meta)
-            txn.put(b"feed_cursor", cursor.dumps(), db=self.meta)
+                txn.put(b"schema", SCHEMA, db=self.meta)
+                txn.put(b"store_uuid", self.store.uuid.encode(), db=self.meta)
+                txn.put(b"feed_cursor", changes.cursor.dumps(), db=self.meta)
+            self.rebuilt = True
+            return len(found)
+
+    def rebuild(self, progress: Callable[[int, int], None] | None = None) -> list[tuple[str, str]]:
+        """Bring the index in line with a full walk of the store (every binding file read,
+        in threads; every snapshot's readiness checked); the bindings that were behind. Runs
+        while a daemon serves from the same index: entries are replaced in batches, never
+        dropped first."""
+        behind = self.reconcile(progress)
+        ready = {sid for sid in self.store.snapshot_ids() if self.store.snapshot_ready(sid)}
+        with self.env.begin(write=True) as txn:
+            for key, _value in list(txn.cursor(db=self.snaps)):
+                if bytes(key).decode() not in ready:
+                    txn.delete(key, db=self.snaps)
+            for sid in ready:
+                txn.put(sid.encode(), b"ready", db=self.snaps)
         self.rebuilt = True
-        return count
+        return behind
 
     def _put_binding(self, txn: lmdb.Transaction, revisions: list[Revision]) -> None:
         """Record revisions; the current one only moves forward (revisions are append-only,
@@ -182,17 +232,31 @@ class Index:
 
     def forget_binding(self, workflow: str, node: str) -> None:
         """Drop a removed binding (its ``@rev`` entries too)."""
-        key = _key(workflow, node)
         with self.env.begin(write=True) as txn:
-            txn.delete(key, db=self.bindings)
-            cursor = txn.cursor(db=self.revs)
-            ok = cursor.set_range(key + b"@")
-            while ok and bytes(cursor.key()).startswith(key + b"@"):
-                ok = cursor.delete()
+            self._forget(txn, workflow, node)
+
+    def _forget(self, txn: lmdb.Transaction, workflow: str, node: str) -> None:
+        key = _key(workflow, node)
+        txn.delete(key, db=self.bindings)
+        cursor = txn.cursor(db=self.revs)
+        ok = cursor.set_range(key + b"@")
+        while ok and bytes(cursor.key()).startswith(key + b"@"):
+            ok = cursor.delete()
 
     def mark_ready(self, snapshot_id: str) -> None:
         with self.env.begin(write=True) as txn:
             txn.put(snapshot_id.encode(), b"ready", db=self.snaps)
+
+    @_rebuilds_on_garbage
+    def spec(self, snapshot_id: str) -> SpecInfo | None:
+        """A spec read from the store before (specs never change once written)."""
+        with self.env.begin() as txn:
+            raw = txn.get(snapshot_id.encode(), db=self.specs)
+        return None if raw is None else SpecInfo.model_validate_json(bytes(raw))
+
+    def remember_spec(self, info: SpecInfo) -> None:
+        with self.env.begin(write=True) as txn:
+            txn.put(info.snapshot_id.encode(), info.model_dump_json().encode(), db=self.specs)
 
     # -- file digests (builds) -------------------------------------------------------------
 
@@ -274,56 +338,96 @@ class Index:
         with self.env.begin() as txn:
             return feed.Cursor.loads(txn.get(b"feed_cursor", db=self.meta))
 
-    def follow_changes(self, reconcile_every: float = RECONCILE_EVERY) -> list[tuple[str, str]]:
+    def follow_changes(self, sweep: bool = False) -> list[tuple[str, str]]:
         """Apply store changes since the last call; the bindings that changed.
 
-        Reads every host's log from the stored cursor (bindings named by ``bound`` /
-        ``rolled_back`` events are re-read from their files; ``built`` marks a snapshot
-        ready).  Every ``reconcile_every`` seconds it also compares each binding directory
-        with the index (`reconcile`): the binding files are the truth and a log only a hint,
-        so a bind whose writer died before logging is still seen.  A binding is returned
-        whether or not this process already had it in the index: another process on the
-        node may have written it first, and a daemon still has to invalidate the kernel's
-        entries.
+        At rest this costs one request: the feed's `feed.Probe`. When it moved, every
+        host's log is read from the stored cursor (bindings named by ``bound`` /
+        ``rolled_back`` / ``removed`` / ``rescanned`` lines are re-read from their files;
+        ``built`` and ``gc_swept`` mark a snapshot ready or not). A binding named by a
+        ``binding_intent`` line is re-read at every call until its change is logged (or
+        `INTENT_WAIT` passes): its writer may have died in between. With ``sweep`` (the
+        daemon), one `sweep_step` is taken when its request budget allows. A binding is
+        returned whether or not this process already had it in the index: another process
+        on the node may have written it first, and a daemon still has to invalidate the
+        kernel's entries.
         """
         with self._lock:
-            changes = self.store.changes_since(self.feed_cursor())
-            if changes.skipped:
-                log.warning(
-                    "skipped %d unreadable line(s) in %s", changes.skipped, self.store.log_dir
-                )
-            if changes.reread:
-                log.info("store logs shrank or were replaced, read again: %s", changes.reread)
             changed: dict[tuple[str, str], None] = {}
-            ready: set[str] = set()
-            for event in changes.events:
-                if (
-                    event.event in ("bound", "rolled_back", "removed")
-                    and event.workflow
-                    and event.node
-                ):
-                    changed[(event.workflow, event.node)] = None
-                elif event.event == "built" and event.snapshot_id:
-                    ready.add(event.snapshot_id)
-            with self.env.begin(write=True) as txn:
-                for wf, node in list(changed):
-                    revisions = self._revisions(wf, node)
-                    if revisions is None:
-                        del changed[(wf, node)]
-                    elif revisions:
-                        self._put_binding(txn, revisions)
-                    else:
-                        txn.delete(_key(wf, node), db=self.bindings)  # removed
-                for sid in ready:
-                    if self.store.snapshot_ready(sid):
-                        txn.put(sid.encode(), b"ready", db=self.snaps)
-                txn.put(b"feed_cursor", changes.cursor.dumps(), db=self.meta)
+            try:
+                if self._probe.changed():
+                    changed.update(dict.fromkeys(self._read_feed()))
+            except BaseException:
+                self._probe.close()  # read the logs again next time
+                raise
             now = time.monotonic()
-            if now - self._reconciled >= reconcile_every:
-                self._reconciled = now
-                for name in self.reconcile():
+            for name, deadline in list(self._pending.items()):
+                if self._catch_up(*name):
                     changed[name] = None
+                if now >= deadline:
+                    del self._pending[name]
+            if sweep and self._sweep.full_due:
+                self._sweep.full_due = False
+                log.info("reading every binding file (logs were rotated or replaced)")
+                changed.update(dict.fromkeys(self.reconcile()))
+            elif sweep and now >= self._sweep.next_at:
+                changed.update(dict.fromkeys(self.sweep_step()))
             return list(changed)
+
+    def _read_feed(self) -> list[tuple[str, str]]:
+        changes = self.store.changes_since(self.feed_cursor())
+        if changes.skipped:
+            log.warning("skipped %d unreadable line(s) in %s", changes.skipped, self.store.log_dir)
+        if changes.reread:
+            log.info("store logs shrank or were replaced, read again: %s", changes.reread)
+            self._sweep.full_due = True  # lines may be lost with them: walk the files
+        changed: dict[tuple[str, str], None] = {}
+        ready: dict[str, bool] = {}
+        for event in changes.events:
+            name = (event.workflow or "", event.node or "")
+            if event.event in ("bound", "rolled_back", "removed", "rescanned") and all(name):
+                changed[name] = None
+                self._pending.pop(name, None)
+            elif event.event == "binding_intent" and all(name):
+                self._pending[name] = time.monotonic() + INTENT_WAIT
+            elif event.event == "built" and event.snapshot_id:
+                ready[event.snapshot_id] = True
+            elif event.event == "gc_swept" and event.snapshot_id:
+                ready[event.snapshot_id] = False
+        with self.env.begin(write=True) as txn:
+            for wf, node in list(changed):
+                revisions = self._revisions(wf, node)
+                if revisions is None:
+                    del changed[(wf, node)]
+                elif revisions:
+                    self._put_binding(txn, revisions)
+                else:
+                    self._forget(txn, wf, node)  # removed
+            for sid, is_ready in ready.items():
+                if not is_ready:
+                    txn.delete(sid.encode(), db=self.snaps)
+                elif self.store.snapshot_ready(sid):
+                    txn.put(sid.encode(), b"ready", db=self.snaps)
+            txn.put(b"feed_cursor", changes.cursor.dumps(), db=self.meta)
+        return list(changed)
+
+    def _catch_up(self, workflow: str, node: str) -> bool:
+        """Re-read one binding from its files (its revisions only if the index is behind
+        their numbers); whether the index was behind."""
+        numbers = self.store.revision_numbers(workflow, node)
+        current = self.current(workflow, node)
+        if not numbers:
+            if current is None:
+                return False
+            self.forget_binding(workflow, node)
+            return True
+        if current is not None and current.revision >= numbers[-1]:
+            return False
+        revisions = self._revisions(workflow, node)
+        if not revisions:
+            return False
+        self.put_binding(revisions)
+        return True
 
     def _revisions(self, workflow: str, node: str) -> list[Revision] | None:
         """A binding's revisions; None (and a log line) if one cannot be read: one damaged
@@ -338,35 +442,135 @@ class Index:
         self._unreadable.pop((workflow, node), None)
         return revisions
 
-    def reconcile(self) -> list[tuple[str, str]]:
-        """Bring the index in line with the binding files; the bindings that were behind.
+    def sweep_step(self) -> list[tuple[str, str]]:
+        """One step of the background sweep, which compares the binding files with the
+        index; the bindings that were behind.
 
-        A binding directory whose mtime is unchanged since the last pass is skipped (a new
-        revision file changes it), so a pass over many unchanged bindings is one ``stat``
-        each.
+        A step is one small thing: a ``stat`` of ``bindings/`` (listed when it changed) at
+        the start of a pass; a ``stat`` of one workflow's directory, listed only when it
+        changed since its last full visit (a writer touches it after each new revision, and
+        adding or removing a node changes it anyway); or the listing of one node's
+        revisions, read only when the index is behind them. After each step the sweep waits
+        until the requests it made fit in `SWEEP_RATE`, so it costs the NAS the same
+        whatever the size of the store: a pass over W unchanged workflows takes about
+        2 W / SWEEP_RATE seconds (100 workflows: 17 minutes); a workflow not visited since
+        this index was made costs a listing per node (10,000 bindings: about 2 days).
+        ``envfs index refresh`` does a whole pass at once. Workflows fully visited are
+        remembered in the index with their directory's stamp, across restarts.
         """
+        sweep, root = self._sweep, self.store.bindings
         behind: list[tuple[str, str]] = []
-        present = set(self.store.binding_names())
-        for view in self.all_bindings():
-            if (view.workflow, view.node) not in present:  # removed, its log line missed
-                self.forget_binding(view.workflow, view.node)
-                behind.append((view.workflow, view.node))
-        for wf, node in present:
-            try:
-                mtime = os.stat(self.store.binding_dir(wf, node)).st_mtime_ns
-            except FileNotFoundError:
-                continue
-            if self._binding_mtimes.get((wf, node)) == mtime:
-                continue
-            revisions = self._revisions(wf, node)
-            if revisions is None:
-                continue  # unreadable: tried again next pass
-            current = self.current(wf, node)
-            if revisions and (current is None or current.revision < revisions[-1].revision):
-                self.put_binding(revisions)
-                behind.append((wf, node))
-            self._binding_mtimes[(wf, node)] = mtime
+        cost = 2  # a stat: the name looked up again (NAS clients cache names ~1 s), then read
+        if sweep.nodes:  # in the middle of a changed workflow: one node
+            node = sweep.nodes.pop()
+            cost = 4  # a listing of its revision numbers (more if it was behind)
+            if self._catch_up(sweep.workflow, node):
+                behind.append((sweep.workflow, node))
+            if not sweep.nodes:
+                self._swept(sweep.workflow, sweep.stamp)
+        elif sweep.queue:  # the next workflow: unchanged since its last visit, or listed
+            wf = sweep.queue.pop()
+            stamp = _stamp(root / wf)
+            if stamp is None:  # gone: every node of it went
+                for node in self.nodes(wf):
+                    self.forget_binding(wf, node)
+                    behind.append((wf, node))
+                self._swept(wf, None)
+            elif stamp != self._swept_stamp(wf):
+                cost += 4
+                try:
+                    present = set(os.listdir(root / wf))
+                except (FileNotFoundError, NotADirectoryError):
+                    present = set()
+                sweep.workflow, sweep.stamp = wf, stamp
+                sweep.nodes = sorted(present | set(self.nodes(wf)), reverse=True)
+                if not sweep.nodes:
+                    self._swept(wf, stamp)
+        else:  # a new pass
+            stamp = _stamp(root)
+            if stamp != sweep.root_stamp or sweep.workflows is None:
+                cost += 4
+                try:
+                    sweep.workflows = sorted(os.listdir(root))
+                except FileNotFoundError:
+                    sweep.workflows = []
+                sweep.root_stamp = stamp
+            gone = set(self.workflows()) - set(sweep.workflows)
+            sweep.queue = sorted(set(sweep.workflows) | gone, reverse=True)
+        sweep.next_at = time.monotonic() + cost / sweep.rate
         return behind
+
+    def _swept_stamp(self, workflow: str) -> str | None:
+        with self.env.begin() as txn:
+            raw = txn.get(workflow.encode(), db=self.swept)
+        return None if raw is None else bytes(raw).decode()
+
+    def _swept(self, workflow: str, stamp: str | None) -> None:
+        with self.env.begin(write=True) as txn:
+            if stamp is None:
+                txn.delete(workflow.encode(), db=self.swept)
+            else:
+                txn.put(workflow.encode(), stamp.encode(), db=self.swept)
+
+    def reconcile(
+        self, progress: Callable[[int, int], None] | None = None
+    ) -> list[tuple[str, str]]:
+        """Bring the index in line with every binding file now (``envfs index refresh``);
+        the bindings that were behind. Bindings are read by `WALK_THREADS` threads."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        workflows = {wf: _stamp(self.store.bindings / wf) for wf in self.store.workflow_names()}
+        present = list(self.store.binding_names())
+        behind: list[tuple[str, str]] = []
+        known = {(v.workflow, v.node) for v in self.all_bindings()}
+        for name in sorted(known - set(present)):  # removed, its log line missed
+            self.forget_binding(*name)
+            behind.append(name)
+        with ThreadPoolExecutor(WALK_THREADS) as pool:
+            done = 0
+            for start in range(0, len(present), 1000):
+                chunk = present[start : start + 1000]
+                read = list(pool.map(lambda name: self._revisions(*name), chunk))
+                with self.env.begin(write=True) as txn:
+                    for name, revisions in zip(chunk, read, strict=True):
+                        if not revisions:
+                            continue  # unreadable (said once) or emptied meanwhile
+                        raw = txn.get(_key(*name), db=self.bindings)
+                        before = None if raw is None else json.loads(bytes(raw))
+                        self._put_binding(txn, revisions)
+                        newest = revisions[-1]
+                        if before is None or before["revision"] < newest.revision:
+                            behind.append(name)
+                done += len(chunk)
+                if progress is not None:
+                    progress(done, len(present))
+        for wf, stamp in workflows.items():  # as of before the walk: the sweep starts there
+            self._swept(wf, stamp)
+        return behind
+
+
+class _Sweep:
+    """Where the background sweep is (see `Index.sweep_step`)."""
+
+    def __init__(self) -> None:
+        self.rate = float(os.environ.get("ENVFS_SWEEP_RATE") or SWEEP_RATE)  # a test knob
+        self.full_due = False
+        self.next_at = 0.0
+        self.root_stamp: str | None = None
+        self.workflows: list[str] | None = None
+        self.queue: list[str] = []  # workflows left in this pass, the next one last
+        self.workflow = ""  # the workflow whose nodes are being read, and its stamp
+        self.stamp = ""
+        self.nodes: list[str] = []  # its nodes left, the next one last
+
+
+def _stamp(path: Path) -> str | None:
+    """What changes when a directory's entries (or a writer's touch) change it."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return f"{st.st_ino}:{st.st_mtime_ns}:{st.st_ctime_ns}"
 
 
 def _claim(path: Path) -> None:

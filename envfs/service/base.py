@@ -49,6 +49,6 @@ class ServiceBase:
                 index = open_index(self.settings.index, self.store)
                 # what other processes and nodes logged since this node's index last looked
                 # (a daemon or the API also follow it; see Index.follow_changes)
-                index.follow_changes(reconcile_every=float("inf"))
+                index.follow_changes()
                 self._index = index
             return self._index

@@ -102,6 +102,21 @@ class Binding(Building):
                     self._say(f"{number} lines: {report.bound} bound, {len(report.failed)} failed")
         return report
 
+    def refresh_index(self, full: bool = False, every: int = 1000) -> list[tuple[str, str]]:
+        """`envfs index refresh` (``full``: `rebuild`): read every binding file now; the
+        bindings the index was behind on. Each is logged (``rescanned``), so that every
+        node's daemon re-reads it too and invalidates what its kernel cached."""
+
+        def progress(done: int, total: int) -> None:
+            if done == total or done % every == 0:
+                self._say(f"read {done} of {total} bindings")
+
+        index = self.index
+        behind = index.rebuild(progress) if full else index.reconcile(progress)
+        for workflow, node in behind:
+            self.store.audit("rescanned", self.host, None, workflow=workflow, node=node)
+        return behind
+
     def rollback(self, workflow: str, node: str, to: int | None) -> Revision:
         """Append a revision naming an earlier revision's snapshot (default: the last other one)."""
         revisions = self.revisions(workflow, node)
@@ -149,6 +164,9 @@ class Binding(Building):
             )
 
         with self.store.gc_fence():  # gc must not sweep what this revision names meanwhile
+            # readers re-read a binding named by an intent until its change is logged: a
+            # writer dying between the two is still seen (envfs.store.feed)
+            self.store.audit("binding_intent", self.host, snapshot_id, workflow=workflow, node=node)
             rev = self.store.append_revision(make)
         extra = {"to": rev.rollback_to} if rev.rollback_to is not None else {}
         self.store.audit(
@@ -177,6 +195,7 @@ class Binding(Building):
         if not revisions:
             raise no_binding(workflow, node)
         with self.store.gc_fence():
+            self.store.audit("binding_intent", self.host, None, workflow=workflow, node=node)
             self.store.trash_binding(workflow, node, self.store.store_now())
             self.store.audit("removed", self.host, None, workflow=workflow, node=node)
             self.index.forget_binding(workflow, node)

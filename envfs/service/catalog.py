@@ -54,7 +54,7 @@ class StoreCatalog:
         return self.service.ensure_built(snapshot_id)
 
     def refresh(self) -> list[tuple[str, str]]:
-        return self.index.follow_changes()
+        return self.index.follow_changes(sweep=True)
 
     def hold(self, snapshot_ids: list[str]) -> None:
         self.store.hold_snapshots(snapshot_ids, self.service.host)

@@ -358,10 +358,14 @@ class Service(Binding):
 
     def describe(self, view: BindingView) -> EnvInfo:
         state, reason = self.state(view.snapshot_id)
-        try:
-            info: SpecInfo | None = self.store.read_spec(view.snapshot_id)
-        except NotFound:
-            info = None
+        info = self.index.spec(view.snapshot_id)
+        if info is None:
+            try:
+                info = self.store.read_spec(view.snapshot_id)
+            except NotFound:
+                pass
+            else:
+                self.index.remember_spec(info)
         interp = info.interpreter if info is not None else None
         return EnvInfo(
             workflow=view.workflow,

@@ -4,6 +4,7 @@ other), and ``retired/<wf>/<node>/<rev>``, the last number of a removed binding.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -71,6 +72,8 @@ class Bindings(StoreBase):
             number = max([*numbers, retired]) + 1
             rev: Revision = make(number)
             if self.create_file(d / f"{number}.json", rev.model_dump_json(indent=2).encode()):
+                with contextlib.suppress(OSError):  # the sweep's cue (envfs.node.index)
+                    os.utime(d.parent)
                 crashpoints.reached("bind")
                 return rev
 
@@ -82,12 +85,14 @@ class Bindings(StoreBase):
         except (FileNotFoundError, NotADirectoryError):
             return False
 
-    def binding_names(self) -> Iterator[tuple[str, str]]:
+    def workflow_names(self) -> list[str]:
         try:
-            workflows = sorted(os.listdir(self.bindings))
+            return sorted(os.listdir(self.bindings))
         except FileNotFoundError:
-            return
-        for wf in workflows:
+            return []
+
+    def binding_names(self) -> Iterator[tuple[str, str]]:
+        for wf in self.workflow_names():
             try:
                 nodes = sorted(os.listdir(self.bindings / wf))
             except NotADirectoryError:

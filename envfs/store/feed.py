@@ -8,13 +8,22 @@ object of the right shape is skipped and counted; a file that shrank or was repl
 rotation) is read again from its start; a last line without its newline waits for it.  A
 writer starts its line on a fresh line if a crash left the file without a final newline.
 
-The logs are a hint, the binding files the truth: a bind whose writer died before logging
-is found by the index's reconciliation (`envfs.node.index.Index.follow_changes`).
+**The beacon.** After each line a writer appends one byte to ``log/beacon``. A reader
+that has caught up asks "has anything changed?" with one ``fstat`` of it (`Probe`): its
+size, inode and mtime move with every line, whatever the number of hosts and logs, so a
+node at rest costs the NAS one request per probe (CernVM-FS's one cheap request per
+repository and TTL). The beacon is cut back to empty past `BEACON_MAX` bytes (that too
+is a change).
+
+The logs are a hint, the binding files the truth: a writer logs ``binding_intent`` for a
+binding before it changes its files, so a reader re-reads a binding whose writer died
+between its change and its ``bound`` line (`envfs.node.index.Index.follow_changes`).
 ``log/audit.jsonl`` of stores written before per-host logs is read as one more log.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -36,8 +45,59 @@ def log_name(host: str) -> str:
     return (_UNSAFE.sub("_", host).lstrip(".") or "host") + ".jsonl"
 
 
+BEACON = "beacon"
+#: Bytes past which a writer cuts the beacon back to empty.
+BEACON_MAX = 1 << 20
+
+
+def ring(log_dir: Path) -> None:
+    """Tell readers that a log has grown: one more byte in the beacon."""
+    fd = os.open(log_dir / BEACON, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o664)
+    try:
+        if os.fstat(fd).st_size >= BEACON_MAX:
+            os.ftruncate(fd, 0)
+        os.write(fd, b".")
+    finally:
+        os.close(fd)
+
+
+class Probe:
+    """One ``fstat`` of the beacon per call to `changed` (its descriptor is kept open)."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.path = log_dir / BEACON
+        self._fd: int | None = None
+        self._stamp: tuple[int, int, int, int] | None = None
+
+    def changed(self) -> bool:
+        """Whether any log may have grown since the last call (True the first time, and
+        whenever the beacon cannot be read: then every log is read, as without it)."""
+        try:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            st = os.fstat(self._fd)
+            if st.st_nlink == 0:  # replaced or removed: follow the new one
+                self.close()
+                return True
+        except OSError:
+            self.close()
+            return True
+        stamp = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        return True
+
+    def close(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+        self._fd = None
+        self._stamp = None
+
+
 def append(log_dir: Path, host: str, event: str, snapshot_id: str | None, **fields: Any) -> None:
-    """Append one event to this host's log: one ``write()`` with ``O_APPEND``."""
+    """Append one event to this host's log: one ``write()`` with ``O_APPEND``; then ring."""
     record = {"event": event, "snapshot_id": snapshot_id, "host": host, "time": node_time()}
     record.update(fields)
     line = (json.dumps(record, sort_keys=True) + "\n").encode()
@@ -52,6 +112,7 @@ def append(log_dir: Path, host: str, event: str, snapshot_id: str | None, **fiel
         os.write(fd, line)
     finally:
         os.close(fd)
+    ring(log_dir)
 
 
 @dataclass

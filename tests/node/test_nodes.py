@@ -60,7 +60,7 @@ def test_each_host_appends_only_to_its_own_log(nodes: tuple[Env, Env, list[Mount
     a.run("build", "wf/x", "extra-a==1.0", "--python", PY)
     b.run("bind", "wf/y", "extra-b==2.0", "--python", PY)
     logs = a.store / "log"
-    assert sorted(os.listdir(logs)) == ["node-a.jsonl", "node-b.jsonl"]
+    assert sorted(os.listdir(logs)) == ["beacon", "node-a.jsonl", "node-b.jsonl"]
     for host in ("node-a", "node-b"):
         lines = (logs / f"{host}.jsonl").read_text().splitlines()
         assert lines and {json.loads(line)["host"] for line in lines} == {host}
@@ -114,8 +114,48 @@ def test_a_bind_whose_writer_died_before_logging_is_seen(
             user="u",
         )
 
-    Store(a.store).append_revision(revision)
+    # `bind` logs its intent first, then writes the revision, then dies before its line
+    store = Store(a.store)
+    store.audit("binding_intent", "node-a", other, workflow="wf", node="x")
+    store.append_revision(revision)
     wait_for(imports(mnt, "wf/x", "extra_b"), 6, "node b serving an unlogged bind")
+    assert b.show("wf/x")["revision"] == 2
+
+
+def test_a_binding_no_log_tells_of_is_found_by_the_sweep(
+    nodes: tuple[Env, Env, list[Mount]],
+) -> None:
+    a, b, mounts = nodes
+    b.vars["ENVFS_SWEEP_RATE"] = "100"  # the sweep at full speed (default: 0.2 requests/s)
+    mnt = serving_x(nodes)
+    other = a.show("wf/other")["snapshot_id"]
+    revision = Revision(
+        workflow="wf", node="x", revision=2, snapshot_id=other, time=0.0, host="a", user="u"
+    )
+    # no intent, no line: a binding whose log was lost (say, rotated away)
+    Store(a.store).append_revision(lambda number: revision.model_copy(update={"revision": number}))
+    wait_for(imports(mnt, "wf/x", "extra_b"), 10, "node b's sweep finding an unlogged bind")
+    assert "binding wf/x changed" in mounts[0].log()
+    # a workflow removed behind the logs' back goes too
+    subprocess.run(["rm", "-rf", str(a.store / "bindings" / "wf")], check=True)
+    wait_for(lambda: not (mnt / "wf" / "x").exists(), 10, "node b's sweep dropping wf/x")
+
+
+def test_index_refresh_tells_every_node_what_the_logs_missed(
+    nodes: tuple[Env, Env, list[Mount]],
+) -> None:
+    a, b, _mounts = nodes
+    mnt = serving_x(nodes)  # node b: the default sweep, far too slow to matter here
+    other = a.show("wf/other")["snapshot_id"]
+    revision = Revision(
+        workflow="wf", node="x", revision=2, snapshot_id=other, time=0.0, host="a", user="u"
+    )
+    Store(a.store).append_revision(lambda number: revision.model_copy(update={"revision": number}))
+    time.sleep(3)
+    assert imports(mnt, "wf/x", "extra_a")()  # nothing told node b yet
+    out = a.run("index", "refresh").stdout
+    assert "caught up wf/x" in out and "1 binding(s) were behind" in out
+    wait_for(imports(mnt, "wf/x", "extra_b"), 5, "node b after `envfs index refresh` on a")
     assert b.show("wf/x")["revision"] == 2
 
 
