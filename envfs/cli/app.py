@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from envfs.core.config import Settings
-from envfs.core.errors import EnvfsError, EnvironmentProblem
+from envfs.core.errors import BadInput, EnvfsError, EnvironmentProblem
 from envfs.service.envs import Service
 
 if TYPE_CHECKING:
@@ -45,6 +45,19 @@ def _human(n: int) -> str:
             return f"{size:.1f} {unit}"
         size /= 1024
     return f"{n} B"
+
+
+def duration(text: str) -> float:
+    """Seconds from ``90``, ``30s``, ``10m``, ``2h`` or ``7d``."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
+    try:
+        value = float(number)
+    except ValueError:
+        raise BadInput(f"{text!r} is not a duration; use e.g. 90, 30s, 10m, 2h or 7d") from None
+    if value < 0:
+        raise BadInput(f"{text!r} is negative; durations are 0 or more")
+    return value * units[unit]
 
 
 class EnvfsGroup(click.Group):

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from envfs.cli.app import _emit, _progress, _service, main
+from envfs.cli.app import _emit, _progress, _service, duration, main
 from envfs.core.errors import BadInput, EnvironmentProblem, NotFound
 from envfs.service.envs import Service
 
@@ -47,6 +47,15 @@ def _status_file(mountpoint: Path) -> Path:
     "CAP_SYS_ADMIN; without it FUSE serves everything.",
 )
 @click.option(
+    "--idle-release",
+    default="10m",
+    show_default=True,
+    metavar="DUR",
+    help="Let go of an env no process on this node has used for DUR (90, 30s, 10m, 2h): "
+    "its lease is dropped, so gc may sweep it. An env a running process uses is kept whole; "
+    "a later use loads it again (one manifest read).",
+)
+@click.option(
     "--cache",
     "cache_dir",
     default="auto",
@@ -69,6 +78,7 @@ def mount(
     allow_other: bool,
     log_file: Path | None,
     kernel_mounts: bool,
+    idle_release: str,
     cache_dir: str,
     cache_size: str,
 ) -> None:
@@ -81,6 +91,7 @@ def mount(
     """
     mountpoint = mountpoint.absolute()
     max_bytes = _size(cache_size)  # bad input fails before anything else
+    idle_seconds = duration(idle_release)
     status = _status_file(mountpoint)
     if foreground:
         import logging
@@ -106,6 +117,7 @@ def mount(
             cache=_node_cache(svc, cache_dir, max_bytes),
             served_path=svc.settings.index / "served.json",
             store=svc.store.root.resolve(),
+            idle_release=idle_seconds,
         )
         return
     from envfs.fs.mounted import is_stale_mount
@@ -117,7 +129,7 @@ def mount(
     _service(ctx, quiet=True).require_store()  # fail here, not in a detached daemon
     log = log_file or status.with_suffix(".log")
     extra = [] if kernel_mounts else ["--no-kernel-mounts"]
-    extra += ["--cache", cache_dir, "--cache-size", cache_size]
+    extra += ["--cache", cache_dir, "--cache-size", cache_size, "--idle-release", idle_release]
     _spawn_daemon(ctx, mountpoint, allow_other, extra, log)
 
 

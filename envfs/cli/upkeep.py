@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from envfs.cli.app import _emit, _human, _service, main
+from envfs.cli.app import _emit, _human, _service, duration, main
 from envfs.core.errors import BadInput
 
 if TYPE_CHECKING:
@@ -72,19 +72,6 @@ def verify(ctx: click.Context, target: str | None, check_all: bool, as_json: boo
         ctx.exit(5)
 
 
-def _duration(text: str) -> float:
-    """Seconds from ``90``, ``30s``, ``10m``, ``2h`` or ``7d``."""
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
-    try:
-        value = float(number)
-    except ValueError:
-        raise BadInput(f"{text!r} is not a duration; use e.g. 90, 30s, 10m, 2h or 7d") from None
-    if value < 0:
-        raise BadInput(f"{text!r} is negative; durations are 0 or more")
-    return value * units[unit]
-
-
 @main.command(name="gc")
 @click.option("--dry-run", is_flag=True, help="Report what would be swept; change nothing.")
 @click.option(
@@ -118,7 +105,7 @@ def gc_cmd(
     interpreter. Staging dirs and build leases of crashed builds are removed too.
     Builds and binds wait while a sweep runs (and the reverse).
     """  # fmt: skip
-    report = _service(ctx).gc(keep, _duration(min_age), _duration(quarantine), dry_run)
+    report = _service(ctx).gc(keep, duration(min_age), duration(quarantine), dry_run)
     if as_json:
         _emit(report.model_dump())
         return

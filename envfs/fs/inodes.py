@@ -127,6 +127,8 @@ class _File:
     parent: _Backing
     name: bytes
     target: bytes | None = None  # symlink target
+    #: other attached directories holding the same content (served from if ``parent`` goes)
+    others: list[tuple[_Backing, bytes]] = field(default_factory=list)
 
     @property
     def path(self) -> bytes:

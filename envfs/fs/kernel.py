@@ -68,6 +68,21 @@ def detach(target: os.PathLike[str] | str | bytes) -> bool:
     raise OSError(err, f"unmount: {os.strerror(err)}", os.fsdecode(dst))
 
 
+def unmount_unused(target: os.PathLike[str] | str | bytes) -> bool:
+    """Unmount the mount at ``target`` unless something uses it (an open file, a working
+    directory, a running program, a mount below it): False then (EBUSY). True if it is
+    gone, or was not mounted."""
+    dst = os.fsencode(target)
+    if _libc.umount2(dst, 0) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err == errno.EBUSY:
+        return False
+    if err in (errno.EINVAL, errno.ENOENT):
+        return True
+    raise OSError(err, f"unmount: {os.strerror(err)}", os.fsdecode(dst))
+
+
 _OCTAL_ESCAPE = re.compile(rb"\\([0-7]{3})")  # mountinfo writes " " as "\040"
 
 

@@ -9,7 +9,9 @@ If the daemon is killed (SIGKILL, OOM), the kernel answers ENOTCONN on the mount
 never hang); the next `run_daemon` on that mountpoint removes the stale mount and serves again.
 
 Past 500 lines, on purpose: `Daemon` is one trio nursery of loops (leases, refresh, kernel
-views, node cache, status) sharing its state; split out the next loop that grows.
+views, node cache, idle release, status) sharing its state; what each loop decides lives
+apart already (`envfs.fs.idle`, `envfs.fs.kernel`, `envfs.node.cache`, `envfs.fs.detached`);
+split out the next loop that grows.
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ import pyfuse3
 import trio
 
 from envfs.core.errors import EnvfsError, EnvironmentProblem
-from envfs.fs import fuse_loop, kernel
+from envfs.fs import fuse_loop, idle, kernel
 from envfs.fs.catalog import Catalog
+from envfs.fs.detached import run_detached
 from envfs.fs.fuse_ops import EnvfsOperations
 from envfs.fs.inodes import View
 from envfs.fs.mounted import (
@@ -57,6 +60,9 @@ LEASE_REFRESH = 60.0
 #: change is seen within this (plus a few ms) on every node, and a node at rest costs the NAS
 #: 1/REFRESH_INTERVAL requests a second plus the sweep's (envfs.node.index.SWEEP_RATE).
 REFRESH_INTERVAL = 1.5
+#: Seconds a snapshot no process uses stays attached (and leased) before the daemon lets
+#: go of it (`envfs mount --idle-release`), so that gc may take it.
+IDLE_RELEASE = 600.0
 #: Seconds between status-file refreshes (also written at once when a build starts or ends).
 STATUS_INTERVAL = 1.0
 #: Seconds the daemon waits for in-flight requests after SIGTERM before cancelling them.
@@ -94,6 +100,7 @@ def run_daemon(
     cache: NodeCache | None = None,
     served_path: Path | None = None,
     store: Path | None = None,
+    idle_release: float = IDLE_RELEASE,
 ) -> None:
     """Mount envfs at ``mountpoint`` and serve until SIGTERM/SIGINT or an external unmount.
 
@@ -105,6 +112,8 @@ def run_daemon(
     ``cache``: keep a node-local copy of every snapshot served, and serve from it.
     ``served_path``: where the daemon remembers the snapshots it served, to load them again
     before it mounts next time (a restarted node serves them at once).
+    ``idle_release``: seconds after which a snapshot no process uses (and that no binding
+    this daemon shows has as its current one) is let go of (`envfs.fs.idle`).
     """
     mountpoint = Path(os.path.abspath(mountpoint))
     _prepare_mountpoint(mountpoint)
@@ -118,12 +127,13 @@ def run_daemon(
         kernel_mounts,
         cache,
         served_path,
+        idle_release,
     )
     daemon.store = store
     if foreground:
         daemon(max_tasks, ready=None)
     else:
-        _run_detached(lambda ready: daemon(max_tasks, ready=ready))
+        run_detached(lambda ready: daemon(max_tasks, ready=ready))
 
 
 def _prepare_mountpoint(mountpoint: Path) -> None:
@@ -135,43 +145,6 @@ def _prepare_mountpoint(mountpoint: Path) -> None:
             f"{mountpoint} is already a mount point: run `envfs umount {mountpoint}` first"
         )
     mountpoint.mkdir(parents=True, exist_ok=True)
-
-
-def _run_detached(serve: Callable[[Callable[[], None]], None]) -> None:
-    """Fork; the child serves in a new session, the parent returns when the mount is ready."""
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid:
-        os.close(write_fd)
-        with os.fdopen(read_fd, "rb") as pipe:
-            answer = pipe.read().decode(errors="replace")
-        if answer != "ok":
-            os.waitpid(pid, 0)
-            raise EnvironmentProblem(answer or "the envfs daemon exited before mounting")
-        return
-    os.close(read_fd)
-    os.setsid()
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(null, fd)
-    code = 0
-
-    def ready() -> None:
-        os.write(write_fd, b"ok")
-        os.close(write_fd)
-
-    try:
-        serve(ready)
-    except EnvfsError as e:
-        with contextlib.suppress(OSError):
-            os.write(write_fd, e.message.encode())
-        code = e.exit_code
-    except Exception as e:
-        log.exception("envfs daemon failed")
-        with contextlib.suppress(OSError):
-            os.write(write_fd, f"envfs daemon failed: {e}".encode())
-        code = 1
-    os._exit(code)
 
 
 class Daemon:
@@ -188,8 +161,11 @@ class Daemon:
         kernel_mounts: bool = True,
         cache: NodeCache | None = None,
         served_path: Path | None = None,
+        idle_release: float = IDLE_RELEASE,
     ) -> None:
         self.catalog = catalog
+        self.idle_release = idle_release
+        self._held: set[str] = set()  # snapshots this daemon leases
         self.served_path = served_path
         self.store: Path | None = None  # the store served, as status shows it
         self.cache = cache
@@ -261,6 +237,7 @@ class Daemon:
             nursery.start_soon(self._watch_signals, nursery.cancel_scope)
             nursery.start_soon(self._refresh_loop)
             nursery.start_soon(self._lease_loop)
+            nursery.start_soon(self._idle_loop)
             if self.kernel_mounts:
                 nursery.start_soon(self._kernel_loop)
             if self.cache is not None:
@@ -307,13 +284,10 @@ class Daemon:
             _write_atomically(self.served_path, data)
 
     async def _lease_loop(self) -> None:
-        """Keep ``leases/<id>/<host>`` fresh for every snapshot this daemon has attached.
-
-        Files of one content are one inode here, read through whichever attached snapshot
-        showed them first; so every attached snapshot stays leased for the daemon's life
-        (gc keeps leased snapshots), and the leases go when the daemon exits cleanly.
-        """
-        held: set[str] = set()
+        """Keep ``leases/<id>/<host>`` fresh for every snapshot this daemon has attached
+        (gc keeps leased snapshots): from its first use until it is let go of
+        (`_idle_loop`), or the daemon exits cleanly."""
+        held = self._held
         last_full = time.monotonic()
         try:
             while True:
@@ -321,6 +295,7 @@ class Daemon:
                 attached = set(self.namespace.attached_snapshots())
                 full = time.monotonic() - last_full >= LEASE_REFRESH
                 todo = sorted(attached if full else attached - held)
+                held &= attached  # let go of meanwhile (`_release` drops its lease)
                 if not todo:
                     continue
                 try:
@@ -342,6 +317,60 @@ class Daemon:
                 if held:
                     with contextlib.suppress(Exception):
                         await trio.to_thread.run_sync(self.catalog.release, sorted(held))
+
+    async def _idle_loop(self) -> None:
+        """Let go of each attached snapshot that no process has used for `idle_release`
+        seconds and that no binding shown here has as its current one (`envfs.fs.idle`)."""
+        clock = idle.IdleClock(self.idle_release)
+        while True:
+            await trio.sleep(min(max(self.idle_release / 4, 0.5), 30.0))
+            current = set()
+            for view in self.namespace.views():
+                if view.kind == "current":
+                    binding = self.catalog.current(view.workflow, view.node)
+                    if binding is not None:
+                        current.add(binding.snapshot_id)
+            candidates = {
+                sid: self.namespace.view_paths(sid)
+                for sid in self.namespace.attached_snapshots()
+                if sid not in current
+            }
+            if not candidates:
+                continue
+            in_use = await trio.to_thread.run_sync(idle.views_in_use, self.mountpoint)
+            for sid in clock.idle(candidates, in_use):
+                if await self._release(sid, candidates[sid]):
+                    clock.forget(sid)
+                else:
+                    clock.busy(sid)
+
+    async def _release(self, snapshot_id: str, paths: list[str]) -> bool:
+        """Let go of one snapshot: its kernel views unmounted (unless busy: False), its
+        tables dropped, the kernel's entries of its views invalidated, its lease removed."""
+        for path in paths:
+            if self.kernel_views.get(path) == snapshot_id:
+                target = self.mountpoint / path
+                try:
+                    gone = await trio.to_thread.run_sync(kernel.unmount_unused, target)
+                except OSError as e:
+                    log.warning("cannot unmount the idle view %s: %s", path, e)
+                    return False
+                if not gone:
+                    return False  # in use after all: kept
+                del self.kernel_views[path]
+        for parent, name in self.namespace.release(snapshot_id):
+            pyfuse3.invalidate_entry_async(parent, name, ignore_enoent=True)
+        self.ops.backing_moved()
+        self.cached.discard(snapshot_id)
+        if snapshot_id in self._held:
+            self._held.discard(snapshot_id)
+            try:
+                await trio.to_thread.run_sync(self.catalog.release, [snapshot_id])
+            except Exception as e:  # its lease then lapses (SERVE_LEASE_TTL)
+                log.warning("cannot remove the lease of %s: %s", snapshot_id[:12], e)
+        log.info("let go of %s: unused for %.0fs", snapshot_id[:12], self.idle_release)
+        self._status_changed()
+        return True
 
     async def _watch_signals(self, cancel_scope: trio.CancelScope) -> None:
         with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
@@ -370,7 +399,17 @@ class Daemon:
         """A request in directory ``request_dir`` loaded a snapshot: bind its pinned views
         now, before the reply, so that the process it serves runs kernel-served (it is about
         to walk into ``wf/node@REV``).  Never a view whose directory is ``request_dir``: the
-        mount would wait for this very request (the kernel locks a mount point's inode)."""
+        mount would wait for this very request (the kernel locks a mount point's inode).
+        The snapshot is leased first: gc must not take what a process is about to use."""
+        new = sorted(set(self.namespace.attached_snapshots()) - self._held)
+        if new:
+            try:
+                with trio.move_on_after(KERNEL_WAIT):
+                    await trio.to_thread.run_sync(self.catalog.hold, new)
+                    self._held |= set(new)
+                    await trio.to_thread.run_sync(self._remember_served)
+            except Exception as e:  # the lease loop tries again
+                log.error("cannot lease %s: %s: %s", new, type(e).__name__, e)
         if self.kernel_mounts and not self._stopping:
             with trio.move_on_after(KERNEL_WAIT):
                 await self._place_kernel_views(skip=request_dir)

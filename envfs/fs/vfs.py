@@ -42,6 +42,7 @@ from typing import TypeVar
 
 from envfs.core.names import parse_revision
 from envfs.core.views import BindingView
+from envfs.fs.attached import Attachments
 from envfs.fs.catalog import Catalog
 from envfs.fs.inodes import (
     CACHE_LONG,
@@ -68,7 +69,6 @@ from envfs.fs.inodes import (
 )
 from envfs.fs.misses import Misses
 from envfs.fs.nowait import blocking_is_cheap
-from envfs.store.files import SnapshotUnreadable
 
 #: The interpreter's executable in a snapshot's ``bin/`` (served pinned in current views).
 _INTERPRETER = re.compile(rb"^python3\.\d+t?$")
@@ -79,7 +79,7 @@ _SHORT_ID = re.compile(r"^[0-9a-f]{12,63}$")
 K = TypeVar("K")
 
 
-class Namespace:
+class Namespace(Attachments):
     """Inode table and lookups for one mount.  Thread-safe; see the module docstring."""
 
     def __init__(
@@ -245,70 +245,6 @@ class Namespace:
             "store_lookups": self.store_lookups,
         }
 
-    def attached_snapshots(self) -> list[str]:
-        """Snapshots whose tree this namespace has loaded (it may serve their files)."""
-        with self._lock:
-            return list(self._roots)
-
-    def preload(self, snapshot_id: str) -> bool:
-        """Load a built snapshot's tree ahead of any access (False if it is not built or not
-        readable), so that its first access costs no manifest parse."""
-        if snapshot_id in self._roots:
-            return False
-        path = self._snapshot_path(snapshot_id)
-        if path is None:
-            return False
-        try:
-            tree, attr = _load_tree(path, blocking_is_cheap(os.path.dirname(path)))
-        except (OSError, SnapshotUnreadable):
-            return False
-        with self._lock:
-            self._roots.setdefault(snapshot_id, _Backing(tree, b"", attr))
-        return True
-
-    def snapshot_source(self, snapshot_id: str) -> bytes | None:
-        """The directory an attached snapshot is served from, or None if not attached."""
-        backing = self._roots.get(snapshot_id)
-        return None if backing is None else backing.tree.path
-
-    def relocate(self, snapshot_id: str, path: os.PathLike[str]) -> None:
-        """Serve an attached snapshot from ``path`` from now on (a complete copy of it: the
-        node cache's); files already open stay open where they are."""
-        raw = os.fsencode(path)
-        cheap = blocking_is_cheap(os.path.dirname(raw))
-        with self._lock:
-            backing = self._roots.get(snapshot_id)
-            if backing is not None:
-                backing.tree.path = raw
-                backing.tree.blocking_is_cheap = cheap
-
-    def kernel_candidates(self) -> list[tuple[View, bytes, int | None]]:
-        """Pinned views the daemon may hand to the kernel (`envfs.fs.kernel`), with the directory
-        their snapshot is served from and their root inode (None: not looked up yet).
-
-        Those are the pinned views (a revision, a snapshot by id) whose snapshot tree is
-        loaded, and the revision view behind each loaded current view: a process started
-        from ``wf/node/bin/python`` is about to run from ``wf/node@REV``.
-        """
-        out: dict[str, tuple[View, bytes, int | None]] = {}
-        with self._lock:
-            for ino in self._views.values():
-                node = self._inodes[ino]
-                view = node.view if isinstance(node, _Dir) else None
-                backing = self._roots.get(view.snapshot_id) if view is not None else None
-                if view is None or backing is None or view.alias:
-                    continue  # a short id is FUSE's: one kernel mount per name, canonical only
-                if view.kind == "current":
-                    pinned = View("revision", view.snapshot_id, view.workflow, view.node,
-                                  view.revision)  # fmt: skip
-                    rev_key = ("revision", view.workflow, view.node, view.revision)
-                    out.setdefault(
-                        pinned.path, (pinned, backing.tree.path, self._views.get(rev_key))
-                    )
-                else:
-                    out[view.path] = (view, backing.tree.path, ino)
-        return list(out.values())
-
     @property
     def attach_count(self) -> int:
         """How many view roots got their snapshot (grows by one at each view's first use)."""
@@ -458,7 +394,12 @@ class Namespace:
             cheap = blocking_is_cheap(os.path.dirname(path))
             if not io and not cheap:
                 raise WouldBlock
-            tree, attr = _load_tree(path, cheap)
+            try:
+                tree, attr = _load_tree(path, cheap)
+            except FileNotFoundError:  # gc took it since it was let go of: build it again
+                with self._lock:
+                    self._built.pop(snapshot_id, None)
+                raise NeedsBuild(snapshot_id) from None
             with self._lock:
                 backing = self._roots.setdefault(snapshot_id, _Backing(tree, b"", attr))
         if node.backing is None:
@@ -556,6 +497,8 @@ class Namespace:
                 link = os.fsencode(target) if kind == "symlink" and target is not None else None
                 key = (sha256, mode) if link is None else (target, stat.S_IFLNK)
                 child = self._files.get(key)
+                if child is not None and child.parent.tree is not tree and link is None:
+                    child.others.append((backing, name))  # served from here if its first goes
                 if child is None:
                     ino = self._alloc()
                     if link is None:

@@ -152,6 +152,7 @@ def test_a_killed_daemons_kernel_mounts_are_cleaned_by_the_next_mount(
     mounts[0].proc.wait(timeout=10)
     mounts[0].killed = True
     assert mnt / "wf/k@1" in mounts_under(mnt)  # left behind, on a dead FUSE mount
+    (env.index / "served.json").unlink(missing_ok=True)  # no preload: the old mounts only
     mounts.append(Mount(env, mnt))
     assert mounts_under(mnt) == []
     assert py(mnt, "wf/k", "import extra_a").returncode == 0

@@ -178,3 +178,50 @@ def test_a_dead_daemons_reused_pid_is_not_taken_for_it(
     finally:
         stranger.kill()
         stranger.wait()
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "fuse"])
+def test_gc_under_a_live_daemon_takes_idle_revisions_and_keeps_one_in_use(
+    fs: tuple[Env, Path, list[Mount]],  # noqa: F811
+    kernel: bool,
+) -> None:
+    env, mnt, mounts = fs
+    specs = [["extra-a==1.0"], ["extra-b==2.0"], ["extra-a==1.0", "extra-b==2.0"]]
+    ids = []
+    for packages in specs:
+        env.run("build", "wf/tmp", *packages, "--python", PY)
+        ids.append(_sid(env, "wf/tmp"))
+    env.run("rm", "wf/tmp")
+    env.run("bind", "g/x", "--snapshot", ids[0])
+    args = ["--idle-release", "1s"] + ([] if kernel else ["--no-kernel-mounts"])
+    mounts.append(Mount(env, mnt, *args))
+    # revision 1 used and done with; every revision shares the interpreter's files, which
+    # the daemon first saw (and so reads) through revision 1
+    assert py(mnt, "g/x", "import extra_a").returncode == 0
+    env.run("bind", "g/x", "--snapshot", ids[1])
+    wait_for(lambda: py(mnt, "g/x", "import extra_b").returncode == 0, 5, "revision 2")
+    code = "import sys; sys.stdin.readline(); import json, extra_b; print('late import ok')"
+    proc = subprocess.Popen(
+        [mnt / "g/x/bin/python", "-c", code],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    env.run("bind", "g/x", "--snapshot", ids[2])
+    wait_for(lambda: py(mnt, "g/x", "import extra_a, extra_b").returncode == 0, 5, "rev 3")
+    leases = env.store / "leases"
+    wait_for(lambda: not (leases / ids[0]).exists() or not os.listdir(leases / ids[0]), 10,
+             "the daemon letting go of revision 1")  # fmt: skip
+    out = json.loads(
+        env.run("gc", "--keep", "0", "--min-age", "0", "--quarantine", "0", "--json").stdout
+    )
+    assert ids[0] in out["swept"], out
+    assert ids[1] not in out["swept"] and out["kept"][ids[1]].startswith("served by"), out
+    assert not (env.store / "snapshots" / ids[0]).exists()
+    stdout, stderr = proc.communicate("go\n", timeout=60)  # imports what it had not yet
+    assert proc.returncode == 0 and stdout.strip() == "late import ok", stderr
+    assert py(mnt, "g/x", "import json, extra_a, extra_b").returncode == 0
+    # used again: revision 1 is attached again, built again from its spec (gc took it)
+    assert py(mnt, "g/x@1", "import extra_a").returncode == 0
+    assert "let go of " + ids[0][:12] in mounts[0].log()
