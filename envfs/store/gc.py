@@ -20,8 +20,11 @@ from pathlib import Path
 
 from envfs.core.errors import EnvfsError, EnvironmentProblem
 from envfs.store.files import META, regular_files, remove_tree, remove_unshared
-from envfs.store.formats import GcReport
+from envfs.store.formats import GcReport, Revision
 from envfs.store.layout import Store
+
+#: Threads that read binding files for the roots (on a NAS, each is a few round trips).
+READERS = 16
 
 
 def _manifest_age(store: Store, snapshot_id: str, now: float) -> float:
@@ -31,21 +34,37 @@ def _manifest_age(store: Store, snapshot_id: str, now: float) -> float:
         return float("inf")  # no manifest: an incomplete snapshot, never a root
 
 
-def roots(store: Store, keep: int) -> dict[str, str]:
-    """Snapshot id -> why it is kept, from the bindings (current and last ``keep``)."""
-    why: dict[str, str] = {}
-    for wf, node in store.binding_names():
+def _binding_roots(store: Store, wf: str, node: str, keep: int) -> list[tuple[str, str]]:
+    """(snapshot id, why) for a binding's current revision and its last ``keep`` earlier
+    ones: only those revision files are read."""
+    numbers = store.revision_numbers(wf, node)
+    out = []
+    for i, number in enumerate(reversed(numbers[-(keep + 1) :])):
+        path = store.binding_dir(wf, node) / f"{number}.json"
         try:
-            revisions = store.revisions(wf, node)
+            rev = store.read_model(path, Revision)
+        except FileNotFoundError:
+            continue
         except EnvfsError as exc:  # unknown references: sweeping could break this binding
             raise EnvironmentProblem(
                 f"binding {wf}/{node} is unreadable ({exc.message}); fix or remove it before gc"
             ) from exc
-        if not revisions:
-            continue
-        why.setdefault(revisions[-1].snapshot_id, f"current revision of {wf}/{node}")
-        for rev in revisions[-(keep + 1) : -1] if keep else []:
-            why.setdefault(rev.snapshot_id, f"revision {rev.revision} of {wf}/{node}")
+        why = f"current revision of {wf}/{node}" if i == 0 else f"revision {number} of {wf}/{node}"
+        out.append((rev.snapshot_id, why))
+    return out
+
+
+def roots(store: Store, keep: int) -> dict[str, str]:
+    """Snapshot id -> why it is kept, from the bindings (current and last ``keep``), read
+    by `READERS` threads (on a NAS each binding is a few round trips)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    names = list(store.binding_names())
+    why: dict[str, str] = {}
+    with ThreadPoolExecutor(READERS) as pool:
+        for found in pool.map(lambda name: _binding_roots(store, name[0], name[1], keep), names):
+            for sid, reason in found:
+                why.setdefault(sid, reason)
     return why
 
 
@@ -75,8 +94,12 @@ def collect(
 ) -> GcReport:
     with store.gc_fence(exclusive=True):
         now = store.store_now()
-        kept = roots(store, keep)
+        # what nodes serve, read before and after the (long, on a big store) walk of the
+        # bindings: a snapshot served at either moment is kept
         served = store.served_snapshots(now)
+        kept = roots(store, keep)
+        for sid, hosts in store.served_snapshots(now).items():
+            served[sid] = sorted({*served.get(sid, []), *hosts})
         swept: list[str] = []
         for sid in store.snapshot_ids():
             if sid in kept:
