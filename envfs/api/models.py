@@ -124,3 +124,43 @@ class Health(pydantic.BaseModel):
     version: str
     store_exists: bool  # (not where it is: this answer needs no token)
     audit_queued: int | None = None  # rows waiting for PostgreSQL (None: no --audit-dsn)
+
+
+class BatchBinding(pydantic.BaseModel):
+    """One binding of ``POST /envs:batch``: a node and a snapshot the store has."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    workflow_id: str = pydantic.Field(json_schema_extra=_NAME_DOC)
+    node_id: str = pydantic.Field(json_schema_extra=_NAME_DOC)
+    snapshot_id: str = pydantic.Field(pattern=r"^[0-9a-f]{6,64}$")
+
+    @pydantic.field_validator("workflow_id", "node_id")
+    @classmethod
+    def _name(cls, value: str, info: pydantic.ValidationInfo) -> str:
+        try:
+            return validate_name(value, "workflow" if info.field_name == "workflow_id" else "node")
+        except BadInput as exc:
+            raise ValueError(exc.message) from None
+
+
+class BatchRequest(pydantic.BaseModel):
+    """``POST /envs:batch``: bind many nodes to snapshots the store has (by id or prefix)."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    bindings: list[BatchBinding] = pydantic.Field(max_length=100_000)
+    reason: str = ""
+
+
+class BatchFailure(pydantic.BaseModel):
+    index: int  # in ``bindings``, from 0
+    error: str
+
+
+class BatchAnswer(pydantic.BaseModel):
+    """What ``POST /envs:batch`` did: each binding is all or nothing."""
+
+    bound: int
+    unchanged: int
+    failed: list[BatchFailure]

@@ -44,6 +44,9 @@ from envfs.api.audit import AuditRow, PgAudit
 from envfs.api.metrics import Metrics
 from envfs.api.models import (
     _ERRORS,
+    BatchAnswer,
+    BatchFailure,
+    BatchRequest,
     EnvPage,
     EnvRequest,
     EnvView,
@@ -64,6 +67,7 @@ from envfs.core.errors import (
     NotFound,
 )
 from envfs.core.names import validate_name
+from envfs.service.binding import BatchReport
 from envfs.service.envs import Inputs, Service
 from envfs.service.reports import EnvInfo
 from envfs.store.formats import Revision
@@ -282,20 +286,26 @@ def _validation_message(errors: Sequence[Any]) -> str:
     return "; ".join(parts)
 
 
+async def _read_json(request: Request) -> dict[str, Any]:
+    """A JSON object body (422 for anything else, nested too deeply included)."""
+    try:
+        raw = json.loads(await request.body())
+    except ValueError as exc:
+        raise HTTPException(422, f"the body is not JSON: {exc}") from None
+    except RecursionError:
+        raise HTTPException(422, "the body is nested too deeply") from None
+    if not isinstance(raw, dict):
+        raise HTTPException(422, "the body must be a JSON object")
+    return raw
+
+
 async def _read_env_request(request: Request) -> EnvRequest:
     """The body of ``POST /envs``, as JSON or as form fields (``packages`` repeated,
     ``pyproject``/``uv_lock``/``requirements`` as text or file parts)."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     raw: dict[str, Any]
     if kind == "application/json":
-        try:
-            raw = json.loads(await request.body())
-        except ValueError as exc:
-            raise HTTPException(422, f"the body is not JSON: {exc}") from None
-        except RecursionError:
-            raise HTTPException(422, "the body is nested too deeply") from None
-        if not isinstance(raw, dict):
-            raise HTTPException(422, "the body must be a JSON object")
+        raw = await _read_json(request)
     elif kind in ("multipart/form-data", "application/x-www-form-urlencoded"):
         form = await request.form()
         raw = {}
@@ -325,6 +335,16 @@ _BODY_DOC: dict[str, Any] = {
         "content": {
             "application/json": {"schema": {"$ref": "#/components/schemas/EnvRequest"}},
             "multipart/form-data": {"schema": {"$ref": "#/components/schemas/EnvRequest"}},
+        },
+    }
+}
+
+
+_BATCH_DOC: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/BatchRequest"}},
         },
     }
 }
@@ -418,6 +438,38 @@ def create_app(
         )
         return JSONResponse(view.model_dump(), status_code=code)
 
+    @app.post(
+        "/envs:batch",
+        dependencies=[Depends(authorized)],
+        openapi_extra=_BATCH_DOC,
+        response_model=BatchAnswer,
+    )
+    async def post_batch(request: Request) -> BatchAnswer:
+        """Bind many nodes to snapshots the store has, each all or nothing (as
+        `envfs bind --batch`); failed ones are listed with their index."""
+        try:
+            body = BatchRequest.model_validate(await _read_json(request))
+        except pydantic.ValidationError as exc:
+            raise HTTPException(422, _validation_message(exc.errors())) from None
+        service.require_store()
+        entries = [
+            (i, f"{b.workflow_id}/{b.node_id}", b.snapshot_id) for i, b in enumerate(body.bindings)
+        ]
+
+        def bind() -> BatchReport:
+            with api.mutations:
+                return service.bind_entries(entries, body.reason)
+
+        report = await run_in_threadpool(bind)
+        for rev in report.revisions:
+            api.audited(request, "post_batch", rev.workflow, rev.node, 200,
+                        revision=rev.revision, snapshot_id=rev.snapshot_id)  # fmt: skip
+        return BatchAnswer(
+            bound=report.bound,
+            unchanged=report.unchanged,
+            failed=[BatchFailure(index=i, error=api.public(why)) for i, why in report.failed],
+        )
+
     @app.get("/envs")
     def list_envs(
         workflow: str | None = None,
@@ -487,6 +539,9 @@ def create_app(
             schemas["EnvRequest"] = EnvRequest.model_json_schema(
                 ref_template="#/components/schemas/{model}"
             )
+            batch = BatchRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas.update(batch.pop("$defs", {}))
+            schemas["BatchRequest"] = batch
             app.openapi_schema = doc
         return app.openapi_schema
 

@@ -27,6 +27,7 @@ class BatchReport:
     bound: int = 0
     unchanged: int = 0
     failed: list[tuple[int, str]] = field(default_factory=list)  # (line number, why)
+    revisions: list[Revision] = field(default_factory=list)  # those appended
 
 
 class Binding(Building):
@@ -72,34 +73,44 @@ class Binding(Building):
 
     def bind_batch(self, lines: Iterable[str], reason: str = "", every: int = 1000) -> BatchReport:
         """`envfs bind --batch`: one ``WF/NODE ID`` per line (blank lines and ``#`` comments
-        skipped), each bound as `bind_snapshot` would, all or nothing per line; a line that
-        fails is reported and the others go on. Progress every ``every`` lines."""
-        report = BatchReport()
-        ids: dict[str, str] = {}  # reference -> full id, found once per batch
-        with self.store.gc_fence():  # taken once: every line binds under it
+        skipped), each bound as `bind_snapshot` would (see `bind_entries`)."""
+
+        def entries() -> Iterable[tuple[int, str, str]]:
             for number, raw in enumerate(lines, 1):
                 line = raw.split("#", 1)[0].strip()
-                if not line:
-                    continue
-                try:
+                if line:
                     fields = line.split()
-                    if len(fields) != 2:
-                        raise BadInput(f"{line!r} is not 'WF/NODE SNAPSHOT_ID'")
-                    workflow, node = parse_target(fields[0])
-                    if fields[1] not in ids:
-                        ids[fields[1]] = self.find_snapshot(fields[1])
-                    _rev, appended = self._bind(
-                        workflow, node, ids[fields[1]], reason, reread=False
-                    )
+                    yield number, fields[0], fields[1] if len(fields) == 2 else ""
+
+        return self.bind_entries(entries(), reason, every)
+
+    def bind_entries(
+        self, entries: Iterable[tuple[int, str, str]], reason: str = "", every: int = 1000
+    ) -> BatchReport:
+        """Bind each ``(number, "WF/NODE", snapshot id or prefix)`` as `bind_snapshot` would,
+        all or nothing per entry: one that fails is reported with its number and the others
+        go on. One gc fence for all; progress every ``every`` entries."""
+        report = BatchReport()
+        ids: dict[str, str] = {}  # reference -> full id, found once per batch
+        with self.store.gc_fence():  # taken once: every entry binds under it
+            for count, (number, target, ref) in enumerate(entries, 1):
+                try:
+                    if not ref:
+                        raise BadInput(f"{target!r} is not followed by a snapshot id")
+                    workflow, node = parse_target(target)
+                    if ref not in ids:
+                        ids[ref] = self.find_snapshot(ref)
+                    rev, appended = self._bind(workflow, node, ids[ref], reason, reread=False)
                 except EnvfsError as exc:
                     report.failed.append((number, exc.message))
                     continue
                 if appended:
                     report.bound += 1
+                    report.revisions.append(rev)
                 else:
                     report.unchanged += 1
-                if number % every == 0:
-                    self._say(f"{number} lines: {report.bound} bound, {len(report.failed)} failed")
+                if count % every == 0:
+                    self._say(f"{count} bound or checked, {len(report.failed)} failed")
         return report
 
     def refresh_index(self, full: bool = False, every: int = 1000) -> list[tuple[str, str]]:

@@ -401,6 +401,29 @@ def test_cli_and_api_see_each_others_changes(api: Server) -> None:
     assert audit.count("bound") == 3 and "rolled_back" in audit and "removed" in audit
 
 
+def test_batch_binds_many_each_all_or_nothing(api: Server) -> None:
+    api.env.run("build", "s/a", "extra-a==1.0", "--python", PY)
+    sid = api.env.show("s/a")["snapshot_id"]
+    rows = [{"workflow_id": "bulk", "node_id": f"n{i}", "snapshot_id": sid[:10]} for i in range(50)]
+    rows[3]["snapshot_id"] = "f" * 12  # no such snapshot
+    body = {"bindings": rows, "reason": "roll-out"}
+    assert api.call("POST", "/envs:batch", body, token=None).code == 401
+    assert not any(b.startswith("bulk/") for b in _bindings(api.env))  # nothing written
+    got = api.call("POST", "/envs:batch", body)
+    assert got.code == 200, got.text
+    assert got.body["bound"] == 49 and got.body["unchanged"] == 0
+    assert [f["index"] for f in got.body["failed"]] == [3]
+    assert "no snapshot" in got.body["failed"][0]["error"]
+    assert str(api.env.store) not in got.text
+    assert api.call("GET", "/envs/bulk/n49").body["snapshot_id"] == sid
+    assert api.call("GET", "/envs/bulk/n3").code == 404
+    again = api.call("POST", "/envs:batch", body)
+    assert again.body["bound"] == 0 and again.body["unchanged"] == 49
+    bad = {"bindings": [{"workflow_id": ".x", "node_id": "n", "snapshot_id": sid}]}
+    assert api.call("POST", "/envs:batch", bad).code == 422
+    assert api.call("POST", "/envs:batch", {"bindings": "x" * 10}).code == 422
+
+
 def test_openapi_document_is_served(api: Server) -> None:
     doc = api.call("GET", "/openapi.json").body
     assert {"/envs", "/envs/{wf}/{node}", "/envs/{wf}/{node}/history", "/metrics"} <= set(
