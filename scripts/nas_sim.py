@@ -19,8 +19,9 @@ once mounted.  Like a NAS it is slow and uncached:
 Signals:
     SIGUSR1  toggle an outage: while it lasts every request fails with EIO (after the latency);
              logs ``outage on`` / ``outage off`` to stderr
-    SIGUSR2  print the request counts by operation as one JSON object line to stderr (and
-             rewrite --counts FILE atomically); done at exit too
+    SIGUSR2  print the request counts by operation, and the bytes read and written
+             (``read_bytes``, ``write_bytes``: not requests), as one JSON object line to
+             stderr (and rewrite --counts FILE atomically); done at exit too
     SIGTERM, SIGINT  unmount and exit 0
 
 BACKING must be one file system (its inode numbers are passed through).  Extended attributes
@@ -426,11 +427,15 @@ class NasSim(pyfuse3.Operations):
 
     @_op()
     async def read(self, fh: FileHandleT, off: int, size: int) -> bytes:
-        return os.pread(fh, size, off)
+        data = os.pread(fh, size, off)
+        self.counts["read_bytes"] += len(data)
+        return data
 
     @_op()
     async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
-        return os.pwrite(fh, buf, off)
+        written = os.pwrite(fh, buf, off)
+        self.counts["write_bytes"] += written
+        return written
 
     @_op()
     async def flush(self, fh: FileHandleT) -> None:

@@ -233,9 +233,12 @@ def test_outage_and_counts(start_nas: Callable[..., NasSim], tmp_path: Path) -> 
     assert wait_for(lambda: stat_errno() == 0), sim.stderr()
     assert "outage off" in sim.stderr()
 
+    (sim.mountpoint / "data").write_bytes(b"x" * 5000)
+    assert (sim.mountpoint / "data").read_bytes() == b"x" * 5000
     counts = sim.counts()
     assert counts["lookup"] > 0
     assert counts["getattr"] > 0
+    assert counts["read_bytes"] >= 5000 and counts["write_bytes"] >= 5000
     assert json.loads(counts_file.read_text()) == counts
     sim.stop()
     final = json.loads(counts_file.read_text())

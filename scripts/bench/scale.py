@@ -1,0 +1,212 @@
+"""What a node costs as the store grows: 100 to 100,000 bindings on a NAS (nas-sim, 1 ms).
+
+For each size, in one run: bind N workflow nodes to one built env (`envfs bind --batch`, on
+the local backing directory), serve the store through `scripts/nas-sim` at --latency-ms,
+then on a node that never saw it (a fresh index): time until `envfs mount` has mounted, the
+first `import six` through it, the NAS requests a second of the idle daemon (after a
+warm-up), `envfs ls --json`, the API's `GET /envs/{wf}/{node}` p99 (one client, the API on
+the same node index), `envfs gc --dry-run`, and the daemon's RSS. Prints a table, writes
+--json and a plot (--png). The env is `six` from the index uv is configured with.
+Usage: scripts/bench/scale [--sizes 100,1000,10000,100000] [--idle S] [--png FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from api import Load, start_server, stop_server
+
+ROOT = Path(__file__).resolve().parents[2]
+NODES_PER_WORKFLOW = 100
+
+
+def say(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def cli(env: dict[str, str], *args: str, stdin: str | None = None) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "envfs", *args],
+        env=env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"envfs {' '.join(args)}: {done.stderr.strip()}")
+    return done.stdout
+
+
+class Nas:
+    """scripts/nas-sim over ``backing`` at ``mnt``, with its request counts."""
+
+    def __init__(self, backing: Path, mnt: Path, latency_ms: float) -> None:
+        mnt.mkdir(exist_ok=True)
+        self.counts_path = mnt.parent / "counts.json"
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "scripts/nas_sim.py"), str(backing), str(mnt),
+             "--latency-ms", str(latency_ms), "--counts", str(self.counts_path)],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )  # fmt: skip
+        assert self.proc.stdout is not None
+        if self.proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("nas-sim did not start")
+        self.mnt = mnt
+
+    def requests(self) -> int:
+        before = self.counts_path.stat().st_mtime_ns if self.counts_path.exists() else 0
+        self.proc.send_signal(signal.SIGUSR2)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.counts_path.exists() and self.counts_path.stat().st_mtime_ns != before:
+                break
+            time.sleep(0.05)
+        counts = json.loads(self.counts_path.read_text())
+        return sum(v for k, v in counts.items() if isinstance(v, int) and "bytes" not in k)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=30)
+
+
+def measure(root: Path, base: dict[str, str], n: int, args: argparse.Namespace) -> dict[str, Any]:
+    backing = root / f"back-{n}"
+    env = dict(base, ENVFS_STORE=str(backing), ENVFS_INDEX=str(root / f"index-{n}-writer"))
+    cli(env, "build", "s/a", "six==1.16.0", "--python", args.python)
+    sid = json.loads(cli(env, "show", "s/a", "--json"))["snapshot_id"]
+    lines = "".join(
+        f"wf{i // NODES_PER_WORKFLOW:04d}/n{i % NODES_PER_WORKFLOW:03d} {sid}\n" for i in range(n)
+    )
+    t0 = time.perf_counter()
+    cli(env, "bind", "--batch", "-", stdin=lines)
+    row: dict[str, Any] = {"bindings": n, "bulk_bind_s": time.perf_counter() - t0}
+    nas = Nas(backing, root / f"nas-{n}", args.latency_ms)
+    node = dict(
+        base,
+        ENVFS_STORE=str(nas.mnt),
+        ENVFS_INDEX=str(root / f"index-{n}"),
+        XDG_RUNTIME_DIR=str(root / f"run-{n}"),
+    )
+    mnt = root / f"envs-{n}"
+    mnt.mkdir()
+    daemon = None
+    try:
+        t0 = time.perf_counter()
+        with open(root / f"daemon-{n}.log", "wb") as log:
+            daemon = subprocess.Popen(
+                [sys.executable, "-m", "envfs", "mount", str(mnt), "--foreground"],
+                env=node, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        while not os.path.ismount(mnt):
+            if daemon.poll() is not None or time.perf_counter() - t0 > 600:
+                raise RuntimeError(f"no mount; see {root}/daemon-{n}.log")
+            time.sleep(0.02)
+        row["mount_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        subprocess.run([mnt / "wf0000/n000/bin/python", "-c", "import six"], check=True)
+        row["first_import_s"] = time.perf_counter() - t0
+        time.sleep(args.warmup)
+        c0 = nas.requests()
+        time.sleep(args.idle)
+        row["idle_requests_per_s"] = (nas.requests() - c0) / args.idle
+        t0 = time.perf_counter()
+        listed = json.loads(cli(node, "ls", "--json"))
+        row["ls_s"] = time.perf_counter() - t0
+        assert len(listed) == n + 1, len(listed)
+        t0 = time.perf_counter()
+        cli(node, "gc", "--dry-run", "--json")
+        row["gc_dry_run_s"] = time.perf_counter() - t0
+        server, port, _log = start_server(root / f"run-{n}", node)
+        try:
+            paths = [
+                f"/envs/wf{i // NODES_PER_WORKFLOW:04d}/n{i % NODES_PER_WORKFLOW:03d}"
+                for i in range(0, n, max(1, n // 500))
+            ]
+            row["api_get_p99_ms"] = Load(port, paths, 1, args.api_seconds).measure()["p99"]
+        finally:
+            stop_server(server)
+        with open(f"/proc/{daemon.pid}/status") as f:
+            rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
+        row["daemon_rss_mb"] = rss / 1024
+    finally:
+        if daemon is not None:
+            daemon.send_signal(signal.SIGTERM)
+            daemon.wait(timeout=60)
+        nas.stop()
+    return row
+
+
+COLUMNS = [
+    ("bindings", "{:,}"),
+    ("bulk_bind_s", "{:.1f}"),
+    ("mount_s", "{:.2f}"),
+    ("first_import_s", "{:.2f}"),
+    ("idle_requests_per_s", "{:.2f}"),
+    ("ls_s", "{:.2f}"),
+    ("api_get_p99_ms", "{:.2f}"),
+    ("gc_dry_run_s", "{:.1f}"),
+    ("daemon_rss_mb", "{:.0f}"),
+]
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = ["mount_s", "idle_requests_per_s", "ls_s", "api_get_p99_ms", "daemon_rss_mb"]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2))
+    xs = [r["bindings"] for r in rows]
+    for ax, key in zip(axes, keys, strict=True):
+        ax.plot(xs, [r[key] for r in rows], marker="o")
+        ax.set_xscale("log")
+        ax.set_title(key)
+        ax.set_xlabel("bindings")
+        ax.set_ylim(bottom=0)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="100,1000,10000,100000")
+    parser.add_argument("--latency-ms", type=float, default=1.0)
+    parser.add_argument("--warmup", type=float, default=10.0, help="seconds before idle (10)")
+    parser.add_argument("--idle", type=float, default=30.0, help="idle seconds counted (30)")
+    parser.add_argument("--api-seconds", type=float, default=5.0)
+    parser.add_argument("--python", default="3.12")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--png", type=Path)
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="envfs-bench-scale."))
+    base = dict(os.environ)
+    rows = []
+    for n in [int(s) for s in args.sizes.split(",") if s.strip()]:
+        say(f"{n:,} bindings")
+        rows.append(measure(root, base, n, args))
+        say("  " + ", ".join(f"{k} {v:.2f}" for k, v in rows[-1].items() if k != "bindings"))
+    print("| " + " | ".join(k for k, _ in COLUMNS) + " |")
+    print("|" + "---|" * len(COLUMNS))
+    for r in rows:
+        print("| " + " | ".join(fmt.format(r[k]) for k, fmt in COLUMNS) + " |")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    if args.png:
+        plot(rows, args.png)
+    subprocess.run(["chmod", "-R", "u+w", str(root)], check=False)
+    subprocess.run(["rm", "-rf", str(root)], check=False)
+
+
+if __name__ == "__main__":
+    main()
