@@ -152,3 +152,17 @@ def test_mount_listing_and_rest_cost_the_nas_the_same_whatever_the_bindings(
     assert len(listed) == n + 1
     assert _requests(nas) - before < n / 4  # from the index: one spec read, not one per binding
     assert mounts[0].proc.poll() is None
+
+
+def test_a_new_list_locks_from_the_nearest_lock_the_index_knows(local: Env) -> None:
+    local.run("build", "s/a", "extra-a==1.0", "base-lib==1.0", "--python", PY)
+    sid = _sid(local, "s/a")
+    (line,) = [e for e in local.audit() if e["event"] == "spec_written"]
+    assert line["snapshot_id"] == sid
+    assert sorted(line["spec"]["requirements"]) == ["base-lib==1.0", "extra-a==1.0"]
+    # 250 newer spec directories: a scan of the 200 newest specs would never reach it
+    for i in range(250):
+        (local.store / "specs" / f"{i:064x}").mkdir()
+    local.vars["ENVFS_INDEX"] = str(local.root / "fresh-index")  # learns it from the feed
+    out = local.run("-v", "build", "s/b", "extra-a==1.0", "extra-b==2.0", "--python", PY)
+    assert f"from the lock of {sid[:12]} (1 in common)" in out.stderr, out.stderr

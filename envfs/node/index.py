@@ -7,6 +7,8 @@ Databases:
     snapshots  id             -> "ready" (present only once the snapshot is complete)
     specs      id             -> its ``spec.json`` (immutable: read from the store once)
     swept      workflow       -> its directory's stamp when the sweep last read all of it
+    locks      "digest\0created\0id" -> "" (requirement-list specs by interpreter, oldest
+               first: where a new list's lock starts from, `nearest_spec`)
     digests    "dev:ino:size:mtime_ns" -> sha256 of a store file shared with uv's cache, so
                builds do not hash a wheel's files again (node-local: inodes are)
 
@@ -31,12 +33,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import lmdb
+import pydantic
 
 from envfs.core.errors import BadInput, EnvfsError, EnvironmentProblem
 from envfs.core.views import BindingView
 from envfs.store import feed
 from envfs.store.files import make_private
-from envfs.store.formats import Revision, SpecInfo
+from envfs.store.formats import AuditEvent, Revision, SpecInfo
 from envfs.store.layout import Store
 
 log = logging.getLogger(__name__)
@@ -120,13 +123,14 @@ class Index:
     # -- opening --------------------------------------------------------------------------
 
     def _open(self) -> None:
-        self.env = lmdb.open(str(self.path), map_size=MAP_SIZE, max_dbs=8, max_readers=512)
+        self.env = lmdb.open(str(self.path), map_size=MAP_SIZE, max_dbs=16, max_readers=512)
         self.meta = self.env.open_db(b"meta")
         self.bindings = self.env.open_db(b"bindings")
         self.revs = self.env.open_db(b"revs")
         self.snaps = self.env.open_db(b"snapshots")
         self.specs = self.env.open_db(b"specs")
         self.swept = self.env.open_db(b"swept")
+        self.locks = self.env.open_db(b"locks")
         self.digests = self.env.open_db(b"digests")
 
     def _valid(self) -> bool:
@@ -178,7 +182,10 @@ class Index:
                     ready.add(event.snapshot_id)
                 elif event.event == "gc_swept" and event.snapshot_id:
                     ready.discard(event.snapshot_id)
+            specs = [s for s in map(_spec_of, changes.events) if s is not None]
             with self.env.begin(write=True) as txn:
+                for info in specs:
+                    self._put_spec(txn, info)
                 for db in (self.bindings, self.revs, self.snaps, self.swept):
                     txn.drop(db, delete=False)
                 for (wf, node), revisions in found.items():
@@ -256,7 +263,54 @@ class Index:
 
     def remember_spec(self, info: SpecInfo) -> None:
         with self.env.begin(write=True) as txn:
-            txn.put(info.snapshot_id.encode(), info.model_dump_json().encode(), db=self.specs)
+            self._put_spec(txn, info)
+
+    def _put_spec(self, txn: lmdb.Transaction, info: SpecInfo) -> None:
+        txn.put(info.snapshot_id.encode(), info.model_dump_json().encode(), db=self.specs)
+        if info.kind == "requirements" and info.interpreter.digest:
+            key = b"%s\0%017.6f\0%s" % (
+                info.interpreter.digest.encode(),
+                info.created,
+                info.snapshot_id.encode(),
+            )
+            txn.put(key, b"", db=self.locks)
+
+    @_rebuilds_on_garbage
+    def nearest_spec(
+        self,
+        reqs: list[str],
+        interpreter: str,
+        indexes: tuple[str | None, list[str]] = (None, []),
+        scan: int = 200,
+    ) -> SpecInfo | bool | None:
+        """The requirement-list spec sharing the most requirements with ``reqs`` for this
+        interpreter digest and these indexes (default, extra), among the ``scan`` newest this
+        index knows (from the feed's ``spec_written`` lines and the specs read); None if none
+        shares any; False if the index knows no spec of this interpreter at all (a store
+        from before those lines: the caller may scan the store)."""
+        prefix = interpreter.encode() + b"\0"
+        with self.env.begin() as txn:
+            cursor = txn.cursor(db=self.locks)
+            ids: list[bytes] = []
+            ok = cursor.set_range(prefix)
+            while ok and bytes(cursor.key()).startswith(prefix):
+                ids.append(bytes(cursor.key()).rsplit(b"\0", 1)[1])
+                ok = cursor.next()
+            if not ids:
+                return False
+            wanted = set(reqs)
+            best: tuple[int, SpecInfo] | None = None
+            for sid in reversed(ids[-scan:]):
+                raw = txn.get(sid, db=self.specs)
+                if raw is None:
+                    continue
+                info = SpecInfo.model_validate_json(bytes(raw))
+                if (info.index_url, info.extra_index_urls) != indexes:
+                    continue
+                score = len(wanted & set(info.requirements))
+                if score and (best is None or score > best[0]):
+                    best = (score, info)
+        return None if best is None else best[1]
 
     # -- file digests (builds) -------------------------------------------------------------
 
@@ -394,7 +448,10 @@ class Index:
                 ready[event.snapshot_id] = True
             elif event.event == "gc_swept" and event.snapshot_id:
                 ready[event.snapshot_id] = False
+        specs = [s for s in map(_spec_of, changes.events) if s is not None]
         with self.env.begin(write=True) as txn:
+            for info in specs:
+                self._put_spec(txn, info)
             for wf, node in list(changed):
                 revisions = self._revisions(wf, node)
                 if revisions is None:
@@ -547,6 +604,16 @@ class Index:
         for wf, stamp in workflows.items():  # as of before the walk: the sweep starts there
             self._swept(wf, stamp)
         return behind
+
+
+def _spec_of(event: AuditEvent) -> SpecInfo | None:
+    """The spec a ``spec_written`` line carries (None for other lines, or a bad one)."""
+    if event.event != "spec_written" or not event.model_extra:
+        return None
+    try:
+        return SpecInfo.model_validate(event.model_extra.get("spec"))
+    except pydantic.ValidationError:
+        return None
 
 
 class _Sweep:

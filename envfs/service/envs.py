@@ -156,7 +156,11 @@ class Service(Binding):
                 index_url=indexes.default,
                 extra_index_urls=list(indexes.extra),
             )
-            self.store.write_spec(info, files.pyproject, files.lock, wheel)
+            if self.store.write_spec(info, files.pyproject, files.lock, wheel):
+                # every node's index learns it from the feed: where new locks start from
+                spec_line = info.model_dump(mode="json")
+                self.store.audit("spec_written", self.host, sid, spec=spec_line)
+            self.index.remember_spec(info)
         if inputs.project is None:
             self.store.input_record(key, sid)
         return Resolved(sid, interp)
@@ -173,9 +177,7 @@ class Service(Binding):
         near = (
             None
             if upgrade or interp.digest is None
-            else self.store.nearest_spec(
-                reqs, interp.digest, (indexes.default, list(indexes.extra))
-            )
+            else self._nearest(reqs, interp.digest, indexes)
         )
         if near is None:
             self._say(f"locking {what}")
@@ -191,6 +193,21 @@ class Service(Binding):
         return uv.lock_requirements(
             self.store, reqs, interp, seed=seed, offline_first=offline, indexes=indexes
         )
+
+    def _nearest(
+        self, reqs: list[str], digest: str, indexes: spec.Indexes
+    ) -> tuple[SpecInfo, str] | None:
+        """The most similar known requirement-list spec and its lock: an index lookup (a
+        scan of the store's specs only for stores whose logs never named one)."""
+        found = self.index.nearest_spec(reqs, digest, (indexes.default, list(indexes.extra)))
+        if found is False:
+            return self.store.nearest_spec(reqs, digest, (indexes.default, list(indexes.extra)))
+        if not isinstance(found, SpecInfo):
+            return None
+        try:
+            return found, (self.store.spec_dir(found.snapshot_id) / "uv.lock").read_text()
+        except FileNotFoundError:
+            return None
 
     # -- bindings -------------------------------------------------------------------------
 

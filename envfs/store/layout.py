@@ -52,12 +52,12 @@ class Store(Bindings, Pool, Leases):
 
     def write_spec(
         self, info: SpecInfo, pyproject: str, lock: str, extra: Path | None = None
-    ) -> None:
+    ) -> bool:
         """Publish ``specs/<id>/`` (pyproject.toml, uv.lock, spec.json, and the ``extra``
-        file, the project's wheel, if any) if not there yet."""
+        file, the project's wheel, if any) if not there yet; whether this call did."""
         final = self.spec_dir(info.snapshot_id)
         if (final / "spec.json").exists():
-            return
+            return False
         tmp = self.staging / f"spec-{info.snapshot_id}.{uuid.uuid4().hex[:12]}"
         tmp.mkdir()
         if extra is not None:
@@ -71,6 +71,8 @@ class Store(Bindings, Pool, Leases):
             if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
                 raise
             shutil.rmtree(tmp)
+            return False
+        return True
 
     def spec_ids(self) -> list[str]:
         """Every snapshot id with a spec (built, bound, or resolved only), sorted."""
