@@ -27,19 +27,25 @@ class ServiceBase:
         self._index_lock = threading.Lock()
         self._indexes = spec.Indexes()
         self.user: str | None = None  # who revisions name (default: this process's user)
+        self._store_checked = False
 
     def _say(self, message: str) -> None:
         if self.progress is not None:
             self.progress(message)
 
     def require_store(self) -> None:
-        """Only `build`, `bind` and `python add` create a store; everything else needs one."""
+        """Only `build`, `bind` and `python add` create a store; everything else needs one.
+        Checked once per process (the API asks on every request: on a NAS, the layout
+        check is dozens of round trips)."""
+        if self._store_checked:
+            return
         if not self.store.exists():
             raise NotFound(
                 f"no envfs store at {self.store.root}; pass the right --store (ENVFS_STORE), "
                 "or create it with `envfs build`, `envfs bind` or `envfs python add`"
             )
         self.store.ensure()  # a store of an older version may lack newer directories
+        self._store_checked = True
 
     @property
     def index(self) -> Index:
