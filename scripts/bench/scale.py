@@ -7,12 +7,16 @@ first `import six` through it, the NAS requests a second of the idle daemon (aft
 warm-up), `envfs ls --json`, the API's `GET /envs/{wf}/{node}` p99 (one client, the API on
 the same node index), `envfs gc --dry-run`, and the daemon's RSS. Prints a table, writes
 --json and a plot (--png). The env is `six` from the index uv is configured with.
-Usage: scripts/bench/scale [--sizes 100,1000,10000,100000] [--idle S] [--png FILE]
+With --nodes K, then K daemons (own index and host id) on one store of --nodes-bindings:
+their idle NAS requests/s together, and how long a rebind made on another node takes to
+show through all K mounts.
+Usage: scripts/bench/scale [--sizes 100,1000,10000,100000] [--idle S] [--png FILE] [--nodes K]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -79,17 +83,92 @@ class Nas:
         self.proc.wait(timeout=30)
 
 
-def measure(root: Path, base: dict[str, str], n: int, args: argparse.Namespace) -> dict[str, Any]:
-    backing = root / f"back-{n}"
-    env = dict(base, ENVFS_STORE=str(backing), ENVFS_INDEX=str(root / f"index-{n}-writer"))
+def make_store(
+    root: Path, base: dict[str, str], n: int, args: argparse.Namespace, name: str
+) -> tuple[Path, float, str]:
+    """A backing store with ``n`` nodes bound to six 1.16 (and s/b on six 1.15): its path,
+    the bulk bind's seconds, and the 1.15 snapshot's id."""
+    backing = root / f"back-{name}"
+    env = dict(base, ENVFS_STORE=str(backing), ENVFS_INDEX=str(root / f"index-{name}-writer"))
     cli(env, "build", "s/a", "six==1.16.0", "--python", args.python)
+    cli(env, "build", "s/b", "six==1.15.0", "--python", args.python)
     sid = json.loads(cli(env, "show", "s/a", "--json"))["snapshot_id"]
+    other = json.loads(cli(env, "show", "s/b", "--json"))["snapshot_id"]
     lines = "".join(
         f"wf{i // NODES_PER_WORKFLOW:04d}/n{i % NODES_PER_WORKFLOW:03d} {sid}\n" for i in range(n)
     )
     t0 = time.perf_counter()
     cli(env, "bind", "--batch", "-", stdin=lines)
-    row: dict[str, Any] = {"bindings": n, "bulk_bind_s": time.perf_counter() - t0}
+    return backing, time.perf_counter() - t0, other
+
+
+def start_daemon(root: Path, node: dict[str, str], mnt: Path, log: Path) -> subprocess.Popen[bytes]:
+    mnt.mkdir()
+    with open(log, "wb") as out:
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "envfs", "mount", str(mnt), "--foreground"],
+            env=node, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    t0 = time.perf_counter()
+    while not os.path.ismount(mnt):
+        if daemon.poll() is not None or time.perf_counter() - t0 > 600:
+            raise RuntimeError(f"no mount; see {log}")
+        time.sleep(0.02)
+    return daemon
+
+
+def many_nodes(root: Path, base: dict[str, str], n: int, k: int, args: argparse.Namespace) -> str:
+    """``k`` daemons (own index and host id) on one nas-sim store of ``n`` bindings: their
+    idle NAS requests/s together, and how long a rebind on one takes to show on all."""
+    backing, _bind_s, other = make_store(root, base, n, args, f"nodes-{n}")
+    nas = Nas(backing, root / f"nas-nodes-{n}", args.latency_ms)
+    daemons = []
+    mounts = []
+    try:
+        for j in range(k):
+            node = dict(
+                base,
+                ENVFS_STORE=str(nas.mnt),
+                ENVFS_INDEX=str(root / f"index-node{j}"),
+                ENVFS_HOST=f"node-{j}",
+                XDG_RUNTIME_DIR=str(root / f"run-node{j}"),
+            )
+            mnt = root / f"envs-node{j}"
+            daemons.append(start_daemon(root, node, mnt, root / f"daemon-node{j}.log"))
+            mounts.append(mnt)
+            subprocess.run([mnt / "wf0000/n000/bin/python", "-c", "import six"], check=True)
+        time.sleep(args.warmup)
+        c0 = nas.requests()
+        time.sleep(args.idle)
+        idle = (nas.requests() - c0) / args.idle
+        writer = dict(base, ENVFS_STORE=str(nas.mnt), ENVFS_INDEX=str(root / "index-rebinder"))
+        t0 = time.perf_counter()
+        cli(writer, "bind", "wf0000/n000", "--snapshot", other)
+        seen: dict[int, float] = {}
+        while len(seen) < k and time.perf_counter() - t0 < 30:
+            for j, mnt in enumerate(mounts):
+                if j not in seen:
+                    with contextlib.suppress(OSError):
+                        if os.getxattr(mnt / "wf0000/n000", "user.envfs.id").decode() == other:
+                            seen[j] = time.perf_counter() - t0
+            time.sleep(0.02)
+        slowest = max(seen.values()) if len(seen) == k else float("inf")
+    finally:
+        for d in daemons:
+            d.send_signal(signal.SIGTERM)
+        for d in daemons:
+            d.wait(timeout=60)
+        nas.stop()
+    return (
+        f"{k} daemons on one nas-sim store of {n:,} bindings: idle {idle:.2f} NAS requests/s "
+        f"together; a rebind on another node seen through all {k} mounts after "
+        f"{slowest:.2f} s (bind command included)"
+    )
+
+
+def measure(root: Path, base: dict[str, str], n: int, args: argparse.Namespace) -> dict[str, Any]:
+    backing, bind_s, _other = make_store(root, base, n, args, str(n))
+    row: dict[str, Any] = {"bindings": n, "bulk_bind_s": bind_s}
     nas = Nas(backing, root / f"nas-{n}", args.latency_ms)
     node = dict(
         base,
@@ -98,19 +177,10 @@ def measure(root: Path, base: dict[str, str], n: int, args: argparse.Namespace) 
         XDG_RUNTIME_DIR=str(root / f"run-{n}"),
     )
     mnt = root / f"envs-{n}"
-    mnt.mkdir()
     daemon = None
     try:
         t0 = time.perf_counter()
-        with open(root / f"daemon-{n}.log", "wb") as log:
-            daemon = subprocess.Popen(
-                [sys.executable, "-m", "envfs", "mount", str(mnt), "--foreground"],
-                env=node, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        while not os.path.ismount(mnt):
-            if daemon.poll() is not None or time.perf_counter() - t0 > 600:
-                raise RuntimeError(f"no mount; see {root}/daemon-{n}.log")
-            time.sleep(0.02)
+        daemon = start_daemon(root, node, mnt, root / f"daemon-{n}.log")
         row["mount_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         subprocess.run([mnt / "wf0000/n000/bin/python", "-c", "import six"], check=True)
@@ -186,6 +256,8 @@ def main() -> None:
     parser.add_argument("--idle", type=float, default=30.0, help="idle seconds counted (30)")
     parser.add_argument("--api-seconds", type=float, default=5.0)
     parser.add_argument("--python", default="3.12")
+    parser.add_argument("--nodes", type=int, default=0, help="then K daemons on one store")
+    parser.add_argument("--nodes-bindings", type=int, default=10_000)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--png", type=Path)
     args = parser.parse_args()
@@ -204,6 +276,8 @@ def main() -> None:
         args.json.write_text(json.dumps(rows, indent=2))
     if args.png:
         plot(rows, args.png)
+    if args.nodes:
+        print(many_nodes(root, base, args.nodes_bindings, args.nodes, args))
     subprocess.run(["chmod", "-R", "u+w", str(root)], check=False)
     subprocess.run(["rm", "-rf", str(root)], check=False)
 
