@@ -192,7 +192,7 @@ def measure(root: Path, base: dict[str, str], n: int, args: argparse.Namespace) 
         t0 = time.perf_counter()
         listed = json.loads(cli(node, "ls", "--json"))
         row["ls_s"] = time.perf_counter() - t0
-        assert len(listed) == n + 1, len(listed)
+        assert len(listed) == n + 2, len(listed)  # and s/a, s/b
         t0 = time.perf_counter()
         cli(node, "gc", "--dry-run", "--json")
         row["gc_dry_run_s"] = time.perf_counter() - t0
