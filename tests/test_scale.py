@@ -166,3 +166,19 @@ def test_a_new_list_locks_from_the_nearest_lock_the_index_knows(local: Env) -> N
     local.vars["ENVFS_INDEX"] = str(local.root / "fresh-index")  # learns it from the feed
     out = local.run("-v", "build", "s/b", "extra-a==1.0", "extra-b==2.0", "--python", PY)
     assert f"from the lock of {sid[:12]} (1 in common)" in out.stderr, out.stderr
+
+
+def test_history_is_answered_from_the_index_with_the_files_records(local: Env) -> None:
+    for packages in (["extra-a==1.0"], ["extra-b==2.0"]):
+        local.run("build", "wf/h", *packages, "--python", PY, "--reason", f"with {packages[0]}")
+    local.run("rollback", "wf/h")
+    from_files = json.loads(local.run("history", "wf/h", "--json").stdout)
+    assert [r["action"] for r in from_files] == ["bind", "bind", "rollback"]
+    local.vars["ENVFS_INDEX"] = str(local.root / "fresh-index")  # seeded from the logs alone
+    binding = local.store / "bindings" / "wf" / "h"
+    hidden = local.root / "hidden"
+    binding.rename(hidden)  # the files out of reach: the answer can only be the index's
+    try:
+        assert json.loads(local.run("history", "wf/h", "--json").stdout) == from_files
+    finally:
+        hidden.rename(binding)

@@ -3,7 +3,8 @@
 Databases:
     meta       schema version, store uuid, feed cursor (how far each host's log was read)
     bindings   "wf/node"      -> current revision (JSON: revision, snapshot_id)
-    revs       "wf/node@rev"  -> snapshot id
+    revs       "wf/node@rev"  -> the revision (its JSON record; a bare snapshot id when
+               only a log line without the revision's reason told of it)
     snapshots  id             -> "ready" (present only once the snapshot is complete)
     specs      id             -> its ``spec.json`` (immutable: read from the store once)
     swept      workflow       -> its directory's stamp when the sweep last read all of it
@@ -165,13 +166,13 @@ class Index:
         bindings found."""
         with self._lock:
             changes = self.store.changes_since(feed.Cursor())
-            found: dict[tuple[str, str], dict[int, str]] = {}
+            found: dict[tuple[str, str], dict[int, bytes]] = {}
             ready: set[str] = set()
             for event in sorted(changes.events, key=lambda e: e.time):
                 name = (event.workflow or "", event.node or "")
                 if event.event in ("bound", "rolled_back") and all(name) and event.snapshot_id:
                     if event.revision is not None:
-                        found.setdefault(name, {})[event.revision] = event.snapshot_id
+                        found.setdefault(name, {})[event.revision] = _logged_revision(event)
                     self._pending.pop(name, None)
                 elif event.event == "removed" and all(name):
                     found.pop(name, None)
@@ -190,10 +191,12 @@ class Index:
                     txn.drop(db, delete=False)
                 for (wf, node), revisions in found.items():
                     newest = max(revisions)
-                    value = {"revision": newest, "snapshot_id": revisions[newest]}
+                    last = _revision_of(revisions[newest])
+                    sid = last if isinstance(last, str) else last.snapshot_id
+                    value = {"revision": newest, "snapshot_id": sid}
                     txn.put(_key(wf, node), json.dumps(value).encode(), db=self.bindings)
-                    for number, sid in revisions.items():
-                        txn.put(_key(wf, node) + b"@%d" % number, sid.encode(), db=self.revs)
+                    for number, raw in revisions.items():
+                        txn.put(_key(wf, node) + b"@%d" % number, raw, db=self.revs)
                 for sid in ready:
                     txn.put(sid.encode(), b"ready", db=self.snaps)
                 txn.put(b"schema", SCHEMA, db=self.meta)
@@ -228,7 +231,7 @@ class Index:
             value = {"revision": newest.revision, "snapshot_id": newest.snapshot_id}
             txn.put(key, json.dumps(value).encode(), db=self.bindings)
         for rev in revisions:
-            txn.put(key + b"@%d" % rev.revision, rev.snapshot_id.encode(), db=self.revs)
+            txn.put(key + b"@%d" % rev.revision, rev.model_dump_json().encode(), db=self.revs)
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -345,7 +348,29 @@ class Index:
     def at_revision(self, workflow: str, node: str, revision: int) -> BindingView | None:
         with self.env.begin() as txn:
             raw = txn.get(_key(workflow, node) + b"@%d" % revision, db=self.revs)
-        return None if raw is None else BindingView(workflow, node, revision, raw.decode())
+        if raw is None:
+            return None
+        sid = _revision_of(bytes(raw))
+        return BindingView(
+            workflow, node, revision, sid if isinstance(sid, str) else sid.snapshot_id
+        )
+
+    @_rebuilds_on_garbage
+    def revisions(self, workflow: str, node: str) -> list[Revision] | None:
+        """A binding's revisions, oldest first, as the index has them; None if it has only
+        the snapshot id of one of them (or none): then the files must be read."""
+        prefix = _key(workflow, node) + b"@"
+        found: list[Revision] = []
+        with self.env.begin() as txn:
+            cursor = txn.cursor(db=self.revs)
+            ok = cursor.set_range(prefix)
+            while ok and bytes(cursor.key()).startswith(prefix):
+                rev = _revision_of(bytes(cursor.value()))
+                if isinstance(rev, str):
+                    return None
+                found.append(rev)
+                ok = cursor.next()
+        return sorted(found, key=lambda r: r.revision) or None
 
     def is_ready(self, snapshot_id: str) -> bool:
         with self.env.begin() as txn:
@@ -604,6 +629,34 @@ class Index:
         for wf, stamp in workflows.items():  # as of before the walk: the sweep starts there
             self._swept(wf, stamp)
         return behind
+
+
+def _revision_of(raw: bytes) -> Revision | str:
+    """A ``revs`` value: the revision's record, or only its snapshot id."""
+    if raw.startswith(b"{"):
+        return Revision.model_validate_json(raw)
+    return raw.decode()
+
+
+def _logged_revision(event: AuditEvent) -> bytes:
+    """The ``revs`` value a ``bound`` / ``rolled_back`` line gives: the whole revision when
+    the line has everything of it (lines from before reasons were logged do not)."""
+    extra = event.model_extra or {}
+    if {"reason", "user", "revision_time"} <= extra.keys() and event.snapshot_id and event.revision:
+        rev = Revision(
+            workflow=event.workflow or "",
+            node=event.node or "",
+            revision=event.revision,
+            snapshot_id=event.snapshot_id,
+            action="rollback" if event.event == "rolled_back" else "bind",
+            rollback_to=extra.get("to"),
+            time=float(extra["revision_time"]),
+            host=event.host,
+            user=str(extra["user"]),
+            reason=str(extra["reason"]),
+        )
+        return rev.model_dump_json().encode()
+    return (event.snapshot_id or "").encode()
 
 
 def _spec_of(event: AuditEvent) -> SpecInfo | None:

@@ -188,15 +188,24 @@ class Binding(Building):
             node=node,
             revision=rev.revision,
             user=user,
+            reason=rev.reason,
+            revision_time=rev.time,
             **extra,
         )
         self.index.put_binding(self.store.revisions(workflow, node) if reread else [rev])
         return rev
 
     def revisions(self, workflow: str, node: str) -> list[Revision]:
+        """A binding's history: from the index when it has every revision whole (their
+        log lines carry them), else from the binding's files (then kept in the index)."""
+        found = self.index.revisions(workflow, node)
+        current = self.index.current(workflow, node)
+        if found and current is not None and found[-1].revision == current.revision:
+            return found
         revisions = self.store.revisions(workflow, node)
         if not revisions:
             raise no_binding(workflow, node)
+        self.index.put_binding(revisions)
         return revisions
 
     def remove(self, workflow: str, node: str) -> int:
