@@ -86,6 +86,10 @@ def test_bind_batch_binds_every_good_line_and_reports_the_bad_ones(local: Env) -
     assert len(listed) == 199 and "wf0/n7" not in listed
     assert listed["wf19/n9"]["snapshot_id"] == a and listed["s/b"]["snapshot_id"] == a
     assert listed["s/b"]["revision"] == 2 and _sid(local, "s/b") == a != b
+    one = json.loads(local.run("ls", "--workflow", "wf3", "--json").stdout)
+    assert sorted(e["node"] for e in one) == [f"n{i}" for i in range(10)]
+    assert local.run("ls", "--workflow", "no-such", "--json").stdout.strip() == "[]"
+    assert local.run("ls", "--workflow", ".bad", check=False).returncode == 3
     # every line a revision as usual: in history and in the feed
     bound = [e for e in local.audit() if e["event"] == "bound" and e["workflow"] == "wf3"]
     assert len(bound) == 10

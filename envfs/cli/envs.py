@@ -11,7 +11,7 @@ import click
 
 from envfs.cli.app import F, _emit, _service, main
 from envfs.core.errors import BadInput, NotFound
-from envfs.core.names import parse_revision, parse_target
+from envfs.core.names import parse_revision, parse_target, validate_name
 from envfs.service.envs import Inputs, Service
 
 if TYPE_CHECKING:
@@ -184,11 +184,14 @@ def _bind_batch(ctx: click.Context, batch: IO[str], reason: str, as_json: bool) 
 
 
 @main.command(name="ls")
+@click.option("--workflow", metavar="WF", help="Only the bindings of this workflow.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
-def ls_cmd(ctx: click.Context, as_json: bool) -> None:
-    """List bindings with their current snapshot and state."""
-    envs = _service(ctx).list_envs()
+def ls_cmd(ctx: click.Context, workflow: str | None, as_json: bool) -> None:
+    """List bindings with their current snapshot and state (from this node's index)."""
+    if workflow is not None:
+        validate_name(workflow, "workflow")
+    envs = _service(ctx).list_envs(workflow)
     if as_json:
         _emit([e.model_dump() for e in envs])
         return

@@ -398,5 +398,9 @@ class Service(Binding):
             index_url=info.index_url if info is not None else None,
         )
 
-    def list_envs(self) -> list[EnvInfo]:
-        return [self.describe(v) for v in self.index.all_bindings()]
+    def list_envs(self, workflow: str | None = None) -> list[EnvInfo]:
+        """Every binding (of ``workflow`` only, if given), from the index."""
+        if workflow is None:
+            return [self.describe(v) for v in self.index.all_bindings()]
+        views = (self.index.current(workflow, node) for node in self.index.nodes(workflow))
+        return [self.describe(v) for v in views if v is not None]
