@@ -186,3 +186,16 @@ def test_history_is_answered_from_the_index_with_the_files_records(local: Env) -
         assert json.loads(local.run("history", "wf/h", "--json").stdout) == from_files
     finally:
         hidden.rename(binding)
+
+
+def test_gc_takes_what_the_index_knows_of_a_revision_instead_of_reading_it(local: Env) -> None:
+    local.run("build", "wf/g", "extra-a==1.0", "--python", PY)
+    local.run("build", "wf/old", "extra-b==2.0", "--python", PY)
+    kept, old = _sid(local, "wf/g"), _sid(local, "wf/old")
+    local.run("rm", "wf/old")
+    revision = local.store / "bindings/wf/g/1.json"
+    os.chmod(revision, 0o644)
+    revision.write_text("{ unreadable")  # the index has its record: gc need not read it
+    out = json.loads(local.run("gc", "--keep", "0", "--min-age", "0", "--dry-run", "--json").stdout)
+    assert out["kept"][kept] == "current revision of wf/g" and out["swept"] == [old]
+    assert local.run("verify", check=False).returncode == 5  # the damage is still reported

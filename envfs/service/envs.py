@@ -267,7 +267,14 @@ class Service(Binding):
             say=self._say,
             uv=uv.uv_binary(),
             uv_env=uv.uv_env(self.store),
+            known=self._known_revision,
         )
+
+    def _known_revision(self, workflow: str, node: str, number: int) -> str | None:
+        """gc's shortcut: the snapshot of a revision the index has (the files it came from,
+        or their log lines: a revision never changes and its number is never reused)."""
+        view = self.index.at_revision(workflow, node, number)
+        return None if view is None else view.snapshot_id
 
     # -- checking and measuring the store ---------------------------------------------------
 

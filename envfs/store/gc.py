@@ -34,35 +34,53 @@ def _manifest_age(store: Store, snapshot_id: str, now: float) -> float:
         return float("inf")  # no manifest: an incomplete snapshot, never a root
 
 
-def _binding_roots(store: Store, wf: str, node: str, keep: int) -> list[tuple[str, str]]:
+#: The snapshot id of revision N of WF/NODE where the caller knows it for certain (a
+#: revision never changes once written, and its number is never reused), else None.
+Known = Callable[[str, str, int], str | None]
+
+
+def _unknown(_wf: str, _node: str, _number: int) -> str | None:
+    return None
+
+
+def _binding_roots(
+    store: Store, wf: str, node: str, keep: int, known: Known
+) -> list[tuple[str, str]]:
     """(snapshot id, why) for a binding's current revision and its last ``keep`` earlier
-    ones: only those revision files are read."""
+    ones: the binding's listing says which revisions exist; only those files whose
+    record ``known`` lacks are read."""
     numbers = store.revision_numbers(wf, node)
     out = []
     for i, number in enumerate(reversed(numbers[-(keep + 1) :])):
-        path = store.binding_dir(wf, node) / f"{number}.json"
-        try:
-            rev = store.read_model(path, Revision)
-        except FileNotFoundError:
-            continue
-        except EnvfsError as exc:  # unknown references: sweeping could break this binding
-            raise EnvironmentProblem(
-                f"binding {wf}/{node} is unreadable ({exc.message}); fix or remove it before gc"
-            ) from exc
+        sid = known(wf, node, number)
+        if sid is None:
+            path = store.binding_dir(wf, node) / f"{number}.json"
+            try:
+                sid = store.read_model(path, Revision).snapshot_id
+            except FileNotFoundError:
+                continue
+            except EnvfsError as exc:  # unknown references: sweeping could break this binding
+                raise EnvironmentProblem(
+                    f"binding {wf}/{node} is unreadable ({exc.message}); fix or remove it before gc"
+                ) from exc
         why = f"current revision of {wf}/{node}" if i == 0 else f"revision {number} of {wf}/{node}"
-        out.append((rev.snapshot_id, why))
+        out.append((sid, why))
     return out
 
 
-def roots(store: Store, keep: int) -> dict[str, str]:
+def roots(store: Store, keep: int, known: Known = _unknown) -> dict[str, str]:
     """Snapshot id -> why it is kept, from the bindings (current and last ``keep``), read
     by `READERS` threads (on a NAS each binding is a few round trips)."""
     from concurrent.futures import ThreadPoolExecutor
 
     names = list(store.binding_names())
     why: dict[str, str] = {}
+
+    def one(name: tuple[str, str]) -> list[tuple[str, str]]:
+        return _binding_roots(store, name[0], name[1], keep, known)
+
     with ThreadPoolExecutor(READERS) as pool:
-        for found in pool.map(lambda name: _binding_roots(store, name[0], name[1], keep), names):
+        for found in pool.map(one, names):
             for sid, reason in found:
                 why.setdefault(sid, reason)
     return why
@@ -91,13 +109,14 @@ def collect(
     say: Callable[[str], None],
     uv: str | None = None,
     uv_env: dict[str, str] | None = None,
+    known: Known = _unknown,
 ) -> GcReport:
     with store.gc_fence(exclusive=True):
         now = store.store_now()
         # what nodes serve, read before and after the (long, on a big store) walk of the
         # bindings: a snapshot served at either moment is kept
         served = store.served_snapshots(now)
-        kept = roots(store, keep)
+        kept = roots(store, keep, known)
         for sid, hosts in store.served_snapshots(now).items():
             served[sid] = sorted({*served.get(sid, []), *hosts})
         swept: list[str] = []
