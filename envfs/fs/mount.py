@@ -58,7 +58,7 @@ LEASE_CHECK = 1.0
 LEASE_REFRESH = 60.0
 #: Seconds between looks at the change feed: one NAS request each at rest (the probe), so a
 #: change is seen within this (plus a few ms) on every node, and a node at rest costs the NAS
-#: 1/REFRESH_INTERVAL requests a second plus the sweep's (envfs.node.index.SWEEP_RATE).
+#: 1/REFRESH_INTERVAL requests a second plus the sweep's (envfs.node.sweep.SWEEP_RATE).
 REFRESH_INTERVAL = 1.5
 #: Seconds a snapshot no process uses stays attached (and leased) before the daemon lets
 #: go of it (`envfs mount --idle-release`), so that gc may take it.

@@ -34,25 +34,21 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import lmdb
-import pydantic
 
 from envfs.core.errors import BadInput, EnvfsError, EnvironmentProblem
 from envfs.core.views import BindingView
+from envfs.node.records import binding_key, logged_revision, revision_of, spec_of
+from envfs.node.sweep import Sweeping, _Sweep
 from envfs.store import feed
 from envfs.store.files import make_private
-from envfs.store.formats import AuditEvent, Revision, SpecInfo
+from envfs.store.formats import Revision, SpecInfo
 from envfs.store.layout import Store
 
 log = logging.getLogger(__name__)
 
 SCHEMA = b"3"  # 2: per-host logs (meta feed_cursor), file digests; 3: specs, seeded from logs
-#: NAS requests per second a daemon's background sweep of the binding files may spend.
-SWEEP_RATE = 0.2
 #: Seconds a binding named by a ``binding_intent`` line is re-read until its change is logged.
 INTENT_WAIT = 60.0
-#: Threads that read binding files in a full walk (`rebuild`, `reconcile`): on a NAS each
-#: read is a few round trips, so they overlap.
-WALK_THREADS = 16
 MAP_SIZE = 1 << 30  # sparse; grows only as used
 #: The file that says a directory is an envfs index: envfs deletes only in directories that
 #: have it, and only its own files there.
@@ -91,11 +87,7 @@ def _rebuilds_on_garbage(method: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _key(workflow: str, node: str) -> bytes:
-    return f"{workflow}/{node}".encode()
-
-
-class Index:
+class Index(Sweeping):
     """An open index over one store. Thread-safe for readers; writes serialize in LMDB."""
 
     def __init__(self, path: Path, store: Store) -> None:
@@ -172,7 +164,7 @@ class Index:
                 name = (event.workflow or "", event.node or "")
                 if event.event in ("bound", "rolled_back") and all(name) and event.snapshot_id:
                     if event.revision is not None:
-                        found.setdefault(name, {})[event.revision] = _logged_revision(event)
+                        found.setdefault(name, {})[event.revision] = logged_revision(event)
                     self._pending.pop(name, None)
                 elif event.event == "removed" and all(name):
                     found.pop(name, None)
@@ -183,7 +175,7 @@ class Index:
                     ready.add(event.snapshot_id)
                 elif event.event == "gc_swept" and event.snapshot_id:
                     ready.discard(event.snapshot_id)
-            specs = [s for s in map(_spec_of, changes.events) if s is not None]
+            specs = [s for s in map(spec_of, changes.events) if s is not None]
             with self.env.begin(write=True) as txn:
                 for info in specs:
                     self._put_spec(txn, info)
@@ -191,12 +183,12 @@ class Index:
                     txn.drop(db, delete=False)
                 for (wf, node), revisions in found.items():
                     newest = max(revisions)
-                    last = _revision_of(revisions[newest])
+                    last = revision_of(revisions[newest])
                     sid = last if isinstance(last, str) else last.snapshot_id
                     value = {"revision": newest, "snapshot_id": sid}
-                    txn.put(_key(wf, node), json.dumps(value).encode(), db=self.bindings)
+                    txn.put(binding_key(wf, node), json.dumps(value).encode(), db=self.bindings)
                     for number, raw in revisions.items():
-                        txn.put(_key(wf, node) + b"@%d" % number, raw, db=self.revs)
+                        txn.put(binding_key(wf, node) + b"@%d" % number, raw, db=self.revs)
                 for sid in ready:
                     txn.put(sid.encode(), b"ready", db=self.snaps)
                 txn.put(b"schema", SCHEMA, db=self.meta)
@@ -225,7 +217,7 @@ class Index:
         """Record revisions; the current one only moves forward (revisions are append-only,
         so a writer holding an older list, e.g. from a parallel bind, never wins)."""
         newest = revisions[-1]
-        key = _key(newest.workflow, newest.node)
+        key = binding_key(newest.workflow, newest.node)
         raw = txn.get(key, db=self.bindings)
         if raw is None or json.loads(bytes(raw))["revision"] <= newest.revision:
             value = {"revision": newest.revision, "snapshot_id": newest.snapshot_id}
@@ -246,7 +238,7 @@ class Index:
             self._forget(txn, workflow, node)
 
     def _forget(self, txn: lmdb.Transaction, workflow: str, node: str) -> None:
-        key = _key(workflow, node)
+        key = binding_key(workflow, node)
         txn.delete(key, db=self.bindings)
         cursor = txn.cursor(db=self.revs)
         ok = cursor.set_range(key + b"@")
@@ -338,7 +330,7 @@ class Index:
     @_rebuilds_on_garbage
     def current(self, workflow: str, node: str) -> BindingView | None:
         with self.env.begin() as txn:
-            raw = txn.get(_key(workflow, node), db=self.bindings)
+            raw = txn.get(binding_key(workflow, node), db=self.bindings)
         if raw is None:
             return None
         value = json.loads(raw)
@@ -347,10 +339,10 @@ class Index:
     @_rebuilds_on_garbage
     def at_revision(self, workflow: str, node: str, revision: int) -> BindingView | None:
         with self.env.begin() as txn:
-            raw = txn.get(_key(workflow, node) + b"@%d" % revision, db=self.revs)
+            raw = txn.get(binding_key(workflow, node) + b"@%d" % revision, db=self.revs)
         if raw is None:
             return None
-        sid = _revision_of(bytes(raw))
+        sid = revision_of(bytes(raw))
         return BindingView(
             workflow, node, revision, sid if isinstance(sid, str) else sid.snapshot_id
         )
@@ -359,13 +351,13 @@ class Index:
     def revisions(self, workflow: str, node: str) -> list[Revision] | None:
         """A binding's revisions, oldest first, as the index has them; None if it has only
         the snapshot id of one of them (or none): then the files must be read."""
-        prefix = _key(workflow, node) + b"@"
+        prefix = binding_key(workflow, node) + b"@"
         found: list[Revision] = []
         with self.env.begin() as txn:
             cursor = txn.cursor(db=self.revs)
             ok = cursor.set_range(prefix)
             while ok and bytes(cursor.key()).startswith(prefix):
-                rev = _revision_of(bytes(cursor.value()))
+                rev = revision_of(bytes(cursor.value()))
                 if isinstance(rev, str):
                     return None
                 found.append(rev)
@@ -473,7 +465,7 @@ class Index:
                 ready[event.snapshot_id] = True
             elif event.event == "gc_swept" and event.snapshot_id:
                 ready[event.snapshot_id] = False
-        specs = [s for s in map(_spec_of, changes.events) if s is not None]
+        specs = [s for s in map(spec_of, changes.events) if s is not None]
         with self.env.begin(write=True) as txn:
             for info in specs:
                 self._put_spec(txn, info)
@@ -523,174 +515,6 @@ class Index:
             return None
         self._unreadable.pop((workflow, node), None)
         return revisions
-
-    def sweep_step(self) -> list[tuple[str, str]]:
-        """One step of the background sweep, which compares the binding files with the
-        index; the bindings that were behind.
-
-        A step is one small thing: a ``stat`` of ``bindings/`` (listed when it changed) at
-        the start of a pass; a ``stat`` of one workflow's directory, listed only when it
-        changed since its last full visit (a writer touches it after each new revision, and
-        adding or removing a node changes it anyway); or the listing of one node's
-        revisions, read only when the index is behind them. After each step the sweep waits
-        until the requests it made fit in `SWEEP_RATE`, so it costs the NAS the same
-        whatever the size of the store: a pass over W unchanged workflows takes about
-        2 W / SWEEP_RATE seconds (100 workflows: 17 minutes); a workflow not visited since
-        this index was made costs a listing per node (10,000 bindings: about 2 days).
-        ``envfs index refresh`` does a whole pass at once. Workflows fully visited are
-        remembered in the index with their directory's stamp, across restarts.
-        """
-        sweep, root = self._sweep, self.store.bindings
-        behind: list[tuple[str, str]] = []
-        cost = 2  # a stat: the name looked up again (NAS clients cache names ~1 s), then read
-        if sweep.nodes:  # in the middle of a changed workflow: one node
-            node = sweep.nodes.pop()
-            cost = 4  # a listing of its revision numbers (more if it was behind)
-            if self._catch_up(sweep.workflow, node):
-                behind.append((sweep.workflow, node))
-            if not sweep.nodes:
-                self._swept(sweep.workflow, sweep.stamp)
-        elif sweep.queue:  # the next workflow: unchanged since its last visit, or listed
-            wf = sweep.queue.pop()
-            stamp = _stamp(root / wf)
-            if stamp is None:  # gone: every node of it went
-                for node in self.nodes(wf):
-                    self.forget_binding(wf, node)
-                    behind.append((wf, node))
-                self._swept(wf, None)
-            elif stamp != self._swept_stamp(wf):
-                cost += 4
-                try:
-                    present = set(os.listdir(root / wf))
-                except (FileNotFoundError, NotADirectoryError):
-                    present = set()
-                sweep.workflow, sweep.stamp = wf, stamp
-                sweep.nodes = sorted(present | set(self.nodes(wf)), reverse=True)
-                if not sweep.nodes:
-                    self._swept(wf, stamp)
-        else:  # a new pass
-            stamp = _stamp(root)
-            if stamp != sweep.root_stamp or sweep.workflows is None:
-                cost += 4
-                try:
-                    sweep.workflows = sorted(os.listdir(root))
-                except FileNotFoundError:
-                    sweep.workflows = []
-                sweep.root_stamp = stamp
-            gone = set(self.workflows()) - set(sweep.workflows)
-            sweep.queue = sorted(set(sweep.workflows) | gone, reverse=True)
-        sweep.next_at = time.monotonic() + cost / sweep.rate
-        return behind
-
-    def _swept_stamp(self, workflow: str) -> str | None:
-        with self.env.begin() as txn:
-            raw = txn.get(workflow.encode(), db=self.swept)
-        return None if raw is None else bytes(raw).decode()
-
-    def _swept(self, workflow: str, stamp: str | None) -> None:
-        with self.env.begin(write=True) as txn:
-            if stamp is None:
-                txn.delete(workflow.encode(), db=self.swept)
-            else:
-                txn.put(workflow.encode(), stamp.encode(), db=self.swept)
-
-    def reconcile(
-        self, progress: Callable[[int, int], None] | None = None
-    ) -> list[tuple[str, str]]:
-        """Bring the index in line with every binding file now (``envfs index refresh``);
-        the bindings that were behind. Bindings are read by `WALK_THREADS` threads."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        workflows = {wf: _stamp(self.store.bindings / wf) for wf in self.store.workflow_names()}
-        present = list(self.store.binding_names())
-        behind: list[tuple[str, str]] = []
-        known = {(v.workflow, v.node) for v in self.all_bindings()}
-        for name in sorted(known - set(present)):  # removed, its log line missed
-            self.forget_binding(*name)
-            behind.append(name)
-        with ThreadPoolExecutor(WALK_THREADS) as pool:
-            done = 0
-            for start in range(0, len(present), 1000):
-                chunk = present[start : start + 1000]
-                read = list(pool.map(lambda name: self._revisions(*name), chunk))
-                with self.env.begin(write=True) as txn:
-                    for name, revisions in zip(chunk, read, strict=True):
-                        if not revisions:
-                            continue  # unreadable (said once) or emptied meanwhile
-                        raw = txn.get(_key(*name), db=self.bindings)
-                        before = None if raw is None else json.loads(bytes(raw))
-                        self._put_binding(txn, revisions)
-                        newest = revisions[-1]
-                        if before is None or before["revision"] < newest.revision:
-                            behind.append(name)
-                done += len(chunk)
-                if progress is not None:
-                    progress(done, len(present))
-        for wf, stamp in workflows.items():  # as of before the walk: the sweep starts there
-            self._swept(wf, stamp)
-        return behind
-
-
-def _revision_of(raw: bytes) -> Revision | str:
-    """A ``revs`` value: the revision's record, or only its snapshot id."""
-    if raw.startswith(b"{"):
-        return Revision.model_validate_json(raw)
-    return raw.decode()
-
-
-def _logged_revision(event: AuditEvent) -> bytes:
-    """The ``revs`` value a ``bound`` / ``rolled_back`` line gives: the whole revision when
-    the line has everything of it (lines from before reasons were logged do not)."""
-    extra = event.model_extra or {}
-    if {"reason", "user", "revision_time"} <= extra.keys() and event.snapshot_id and event.revision:
-        rev = Revision(
-            workflow=event.workflow or "",
-            node=event.node or "",
-            revision=event.revision,
-            snapshot_id=event.snapshot_id,
-            action="rollback" if event.event == "rolled_back" else "bind",
-            rollback_to=extra.get("to"),
-            time=float(extra["revision_time"]),
-            host=event.host,
-            user=str(extra["user"]),
-            reason=str(extra["reason"]),
-        )
-        return rev.model_dump_json().encode()
-    return (event.snapshot_id or "").encode()
-
-
-def _spec_of(event: AuditEvent) -> SpecInfo | None:
-    """The spec a ``spec_written`` line carries (None for other lines, or a bad one)."""
-    if event.event != "spec_written" or not event.model_extra:
-        return None
-    try:
-        return SpecInfo.model_validate(event.model_extra.get("spec"))
-    except pydantic.ValidationError:
-        return None
-
-
-class _Sweep:
-    """Where the background sweep is (see `Index.sweep_step`)."""
-
-    def __init__(self) -> None:
-        self.rate = float(os.environ.get("ENVFS_SWEEP_RATE") or SWEEP_RATE)  # a test knob
-        self.full_due = False
-        self.next_at = 0.0
-        self.root_stamp: str | None = None
-        self.workflows: list[str] | None = None
-        self.queue: list[str] = []  # workflows left in this pass, the next one last
-        self.workflow = ""  # the workflow whose nodes are being read, and its stamp
-        self.stamp = ""
-        self.nodes: list[str] = []  # its nodes left, the next one last
-
-
-def _stamp(path: Path) -> str | None:
-    """What changes when a directory's entries (or a writer's touch) change it."""
-    try:
-        st = os.stat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    return f"{st.st_ino}:{st.st_mtime_ns}:{st.st_ctime_ns}"
 
 
 def _claim(path: Path) -> None:
