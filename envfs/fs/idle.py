@@ -21,21 +21,24 @@ from pathlib import Path
 _LINKS = ("cwd", "root", "exe")
 
 
-def views_in_use(mountpoint: Path) -> set[str]:
+def views_in_use(mountpoint: Path, entered_only: bool = False) -> set[str]:
     """The views (``wf/node``, ``wf/node@REV``, ``.snapshots/ID``: the first two components
-    below ``mountpoint``) that some process is in, has open or mapped, or runs from."""
+    below ``mountpoint``) that some process is in, has open or mapped, or runs from.
+    ``entered_only``: only working directories, roots and open descriptors (a process
+    walking a view: a mount placed on it then would make ``..`` from below it land on the
+    mount, and walkers such as ``find`` see the tree change under them)."""
     prefix = os.fsencode(mountpoint).rstrip(b"/") + b"/"
     found: set[str] = set()
     for pid in os.listdir("/proc"):
         if pid.isdigit():
-            for path in _paths_of(f"/proc/{pid}".encode()):
+            for path in _paths_of(f"/proc/{pid}".encode(), maps=not entered_only):
                 if path.startswith(prefix):
                     parts = path[len(prefix) :].split(b"/", 2)
                     found.add(os.fsdecode(b"/".join(parts[:2])))
     return found
 
 
-def _paths_of(proc: bytes) -> list[bytes]:
+def _paths_of(proc: bytes, maps: bool = True) -> list[bytes]:
     """The files ``/proc/<pid>`` says a process uses: cwd, root, exe, open files, mappings."""
     paths = []
     for name in _LINKS:
@@ -48,6 +51,8 @@ def _paths_of(proc: bytes) -> list[bytes]:
     for fd in fds:
         with contextlib.suppress(OSError):
             paths.append(os.readlink(proc + b"/fd/" + fd))
+    if not maps:
+        return paths
     with contextlib.suppress(OSError), open(proc + b"/maps", "rb") as f:
         for line in f:
             fields = line.split(None, 5)

@@ -418,8 +418,11 @@ class Daemon:
         """Bind each candidate view's snapshot read-only onto the view (`envfs.fs.kernel`).
 
         Without the privilege (EPERM: no CAP_SYS_ADMIN) FUSE serves everything, as it does
-        for processes in mount namespaces the bind mounts do not propagate to.
+        for processes in mount namespaces the bind mounts do not propagate to. A view some
+        process is in (its working directory, an open directory: a walk) is left to FUSE
+        until it leaves: a mount placed under a walker changes what ``..`` is below it.
         """
+        todo = []
         for view, source, ino in self.namespace.kernel_candidates():
             path = view.path
             if path in self.kernel_views or path in self._kernel_failed or path in self._pending:
@@ -428,6 +431,16 @@ class Daemon:
                 continue
             if self.cache is not None and not self._in_cache(source):
                 continue  # the kernel serves the node's copy, once it is made
+            todo.append((view, source))
+        if not todo:
+            return
+        entered = await trio.to_thread.run_sync(
+            lambda: idle.views_in_use(self.mountpoint, entered_only=True)
+        )
+        for view, source in todo:
+            path = view.path
+            if path in entered or path in self.kernel_views or path in self._pending:
+                continue
             if self._stopping or not self.kernel_mounts:
                 return
             self._pending.add(path)

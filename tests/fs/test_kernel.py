@@ -199,3 +199,21 @@ def test_umount_of_a_busy_mount_is_refused_and_the_mount_keeps_serving(
             busy.wait()
     env.run("umount", str(mnt))  # nobody uses it now
     assert not os.path.ismount(mnt)
+
+
+def test_a_walk_inside_a_view_from_its_first_use_sees_one_tree(
+    fs: tuple[Env, Path, list[Mount]],  # noqa: F811
+) -> None:
+    env, mnt, mounts = fs
+    env.run("build", "wf/k", "extra-a==1.0", "--python", PY)
+    sid = env.show("wf/k")["snapshot_id"]
+    mounts.append(Mount(env, mnt))
+    view = mnt / ".snapshots" / sid
+    # the walk's first readdir attaches the snapshot: a kernel mount placed on the view
+    # under it would make '..' from below land on the mount, and find fail (ENOENT)
+    walk = "find . -type f -name '*.py' -exec cat {} + >/dev/null && find . -type d -exec true \\;"
+    out = subprocess.run(
+        ["bash", "-c", f"cd {view} && {walk}"], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    wait_for(lambda: view in mounts_under(mnt), 10, "the view kernel-served once walked")
