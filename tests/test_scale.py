@@ -8,13 +8,14 @@ import json
 import os
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import ENVFS, PY, Env
 from tests.node.test_cache import _copies, nas_node  # noqa: F401  (fixture)
 from tests.node.test_nodes import imports, wait_for
-from tests.test_e2e import Mount
+from tests.test_e2e import Mount, fs  # noqa: F401  (fixture)
 from tests.test_nas_sim import NasSim
 
 
@@ -199,3 +200,22 @@ def test_gc_takes_what_the_index_knows_of_a_revision_instead_of_reading_it(local
     out = json.loads(local.run("gc", "--keep", "0", "--min-age", "0", "--dry-run", "--json").stdout)
     assert out["kept"][kept] == "current revision of wf/g" and out["swept"] == [old]
     assert local.run("verify", check=False).returncode == 5  # the damage is still reported
+
+
+@pytest.mark.fuse
+@pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
+def test_index_rebuild_shows_progress_and_runs_while_a_daemon_serves(
+    fs: tuple[Env, Path, list[Mount]],  # noqa: F811
+) -> None:
+    env, mnt, mounts = fs
+    _bind_many(env, 2500)
+    mounts.append(Mount(env, mnt))
+    assert imports(mnt, "wf001/n001", "extra_a")()
+    proc = env.popen("-v", "index", "rebuild")  # the daemon's own index
+    served_meanwhile = imports(mnt, "wf002/n003", "extra_a")()
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "read 1000 of 2501 bindings" in err and "read 2501 of 2501 bindings" in err
+    assert "2501 binding(s), 0 caught up" in out
+    assert served_meanwhile and imports(mnt, "wf024/n099", "extra_a")()
+    assert mounts[0].proc.poll() is None
