@@ -46,14 +46,27 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-class EnvRequest(pydantic.BaseModel):
-    """``POST /envs``: one of packages, requirements (a file's text, ``uv export`` output
-    too) or pyproject + uv_lock (a uv project's two files)."""
+class _NamedNode(pydantic.BaseModel):
+    """A request body naming a workflow node (names checked as the CLI checks them)."""
 
     model_config = pydantic.ConfigDict(extra="forbid")
 
     workflow_id: str = pydantic.Field(json_schema_extra=_NAME_DOC)
     node_id: str = pydantic.Field(json_schema_extra=_NAME_DOC)
+
+    @pydantic.field_validator("workflow_id", "node_id")
+    @classmethod
+    def _name(cls, value: str, info: pydantic.ValidationInfo) -> str:
+        try:
+            return validate_name(value, "workflow" if info.field_name == "workflow_id" else "node")
+        except BadInput as exc:
+            raise ValueError(exc.message) from None
+
+
+class EnvRequest(_NamedNode):
+    """``POST /envs``: one of packages, requirements (a file's text, ``uv export`` output
+    too) or pyproject + uv_lock (a uv project's two files)."""
+
     packages: list[str] = []
     requirements: str | None = None
     pyproject: str | None = None
@@ -63,14 +76,6 @@ class EnvRequest(pydantic.BaseModel):
     )
     build: Literal["now", "lazy"] = "now"
     reason: str = ""
-
-    @pydantic.field_validator("workflow_id", "node_id")
-    @classmethod
-    def _name(cls, value: str, info: pydantic.ValidationInfo) -> str:
-        try:
-            return validate_name(value, "workflow" if info.field_name == "workflow_id" else "node")
-        except BadInput as exc:
-            raise ValueError(exc.message) from None
 
     @pydantic.field_validator("python")
     @classmethod
@@ -126,22 +131,10 @@ class Health(pydantic.BaseModel):
     audit_queued: int | None = None  # rows waiting for PostgreSQL (None: no --audit-dsn)
 
 
-class BatchBinding(pydantic.BaseModel):
+class BatchBinding(_NamedNode):
     """One binding of ``POST /envs:batch``: a node and a snapshot the store has."""
 
-    model_config = pydantic.ConfigDict(extra="forbid")
-
-    workflow_id: str = pydantic.Field(json_schema_extra=_NAME_DOC)
-    node_id: str = pydantic.Field(json_schema_extra=_NAME_DOC)
     snapshot_id: str = pydantic.Field(pattern=r"^[0-9a-f]{6,64}$")
-
-    @pydantic.field_validator("workflow_id", "node_id")
-    @classmethod
-    def _name(cls, value: str, info: pydantic.ValidationInfo) -> str:
-        try:
-            return validate_name(value, "workflow" if info.field_name == "workflow_id" else "node")
-        except BadInput as exc:
-            raise ValueError(exc.message) from None
 
 
 class BatchRequest(pydantic.BaseModel):

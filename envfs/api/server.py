@@ -480,12 +480,7 @@ def create_app(
             validate_name(workflow, "workflow")
         if not service.store.exists():  # nothing bound yet
             return EnvPage(items=[], total=0, offset=offset, limit=limit)
-        index = service.index
-        if workflow is None:
-            views = index.all_bindings()
-        else:  # one workflow's nodes, not a filter over every binding
-            found = (index.current(workflow, node) for node in index.nodes(workflow))
-            views = [v for v in found if v is not None]
+        views = service.binding_views(workflow)
         page = [api.view(service.describe(v)) for v in views[offset : offset + limit]]
         return EnvPage(items=page, total=len(views), offset=offset, limit=limit)
 

@@ -42,7 +42,7 @@ from envfs.node.sweep import Sweeping, _Sweep
 from envfs.store import feed
 from envfs.store.files import make_private
 from envfs.store.formats import Revision, SpecInfo
-from envfs.store.layout import Store
+from envfs.store.layout import Store, closest_spec
 
 log = logging.getLogger(__name__)
 
@@ -293,19 +293,9 @@ class Index(Sweeping):
                 ok = cursor.next()
             if not ids:
                 return False
-            wanted = set(reqs)
-            best: tuple[int, SpecInfo] | None = None
-            for sid in reversed(ids[-scan:]):
-                raw = txn.get(sid, db=self.specs)
-                if raw is None:
-                    continue
-                info = SpecInfo.model_validate_json(bytes(raw))
-                if (info.index_url, info.extra_index_urls) != indexes:
-                    continue
-                score = len(wanted & set(info.requirements))
-                if score and (best is None or score > best[0]):
-                    best = (score, info)
-        return None if best is None else best[1]
+            raws = [txn.get(sid, db=self.specs) for sid in reversed(ids[-scan:])]
+        specs = (SpecInfo.model_validate_json(bytes(raw)) for raw in raws if raw is not None)
+        return closest_spec(specs, reqs, interpreter, indexes)
 
     # -- file digests (builds) -------------------------------------------------------------
 

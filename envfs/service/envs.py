@@ -405,9 +405,13 @@ class Service(Binding):
             index_url=info.index_url if info is not None else None,
         )
 
-    def list_envs(self, workflow: str | None = None) -> list[EnvInfo]:
-        """Every binding (of ``workflow`` only, if given), from the index."""
+    def binding_views(self, workflow: str | None = None) -> list[BindingView]:
+        """Every binding's current revision (of ``workflow`` only, if given: its nodes,
+        not a filter over every binding), from the index."""
         if workflow is None:
-            return [self.describe(v) for v in self.index.all_bindings()]
+            return self.index.all_bindings()
         views = (self.index.current(workflow, node) for node in self.index.nodes(workflow))
-        return [self.describe(v) for v in views if v is not None]
+        return [v for v in views if v is not None]
+
+    def list_envs(self, workflow: str | None = None) -> list[EnvInfo]:
+        return [self.describe(v) for v in self.binding_views(workflow)]

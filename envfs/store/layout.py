@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,28 @@ def _libc_syncfs(fd: int) -> None:
     except (OSError, AttributeError):
         pass
     os.sync()
+
+
+def closest_spec(
+    specs: Iterable[SpecInfo],
+    reqs: list[str],
+    interpreter: str,
+    indexes: tuple[str | None, list[str]],
+) -> SpecInfo | None:
+    """Of ``specs`` (newest first), the requirement-list spec for this interpreter digest and
+    these indexes (default, extra) sharing the most requirements with ``reqs`` (the newest
+    of equals); None if none shares any. Where a new list's lock starts from."""
+    wanted = set(reqs)
+    best: tuple[int, SpecInfo] | None = None
+    for info in specs:
+        if info.kind != "requirements" or info.interpreter.digest != interpreter:
+            continue
+        if (info.index_url, info.extra_index_urls) != indexes:
+            continue
+        score = len(wanted & set(info.requirements))
+        if score and (best is None or score > best[0]):
+            best = (score, info)
+    return None if best is None else best[1]
 
 
 class Store(Bindings, Pool, Leases):
@@ -106,23 +129,18 @@ class Store(Bindings, Pool, Leases):
         except FileNotFoundError:
             return None
         entries.sort(key=lambda e: e.stat(follow_symlinks=False).st_mtime, reverse=True)
-        wanted = set(reqs)
-        best: tuple[int, SpecInfo] | None = None
-        for entry in entries[:scan]:
-            try:
-                info = self.read_model(Path(entry.path) / "spec.json", SpecInfo)
-            except (FileNotFoundError, EnvironmentProblem):
-                continue
-            if info.kind != "requirements" or info.interpreter.digest != interpreter:
-                continue
-            if (info.index_url, info.extra_index_urls) != indexes:
-                continue
-            score = len(wanted & set(info.requirements))
-            if score and (best is None or score > best[0]):
-                best = (score, info)
+
+        def specs() -> Iterator[SpecInfo]:
+            for entry in entries[:scan]:
+                try:
+                    yield self.read_model(Path(entry.path) / "spec.json", SpecInfo)
+                except (FileNotFoundError, EnvironmentProblem):
+                    continue
+
+        best = closest_spec(specs(), reqs, interpreter, indexes)
         if best is None:
             return None
-        return best[1], (self.spec_dir(best[1].snapshot_id) / "uv.lock").read_text()
+        return best, (self.spec_dir(best.snapshot_id) / "uv.lock").read_text()
 
     def input_lookup(self, key: str) -> str | None:
         try:
