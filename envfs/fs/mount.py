@@ -69,6 +69,8 @@ STATUS_INTERVAL = 1.0
 SHUTDOWN_GRACE = 2.0
 #: Seconds between looks for pinned views to hand to the kernel.
 KERNEL_CHECK = 0.2
+#: Seconds before a view some process was found in is looked at again for a kernel mount.
+ENTERED_RECHECK = 1.0
 #: Most envs a daemon loads at start because the last one served them.
 PRELOAD_MAX = 32
 #: Longest a request that loaded a snapshot waits for its kernel mounts before replying.
@@ -187,6 +189,7 @@ class Daemon:
         self.kernel_views: dict[str, str] = {}  # view path -> snapshot id, kernel-served
         self._kernel_failed: set[str] = set()
         self._pending: set[str] = set()  # views being bound (in worker threads)
+        self._entered: dict[str, float] = {}  # view a process was in -> when to look again
         self._warm_views: list[str] = []  # pinned views of the envs loaded at start
         self._stopping = False
 
@@ -431,6 +434,8 @@ class Daemon:
                 continue
             if self.cache is not None and not self._in_cache(source):
                 continue  # the kernel serves the node's copy, once it is made
+            if self._entered.get(path, 0.0) > time.monotonic():
+                continue  # a process was in it just now: looked at again after a while
             todo.append((view, source))
         if not todo:
             return
@@ -439,7 +444,11 @@ class Daemon:
         )
         for view, source in todo:
             path = view.path
-            if path in entered or path in self.kernel_views or path in self._pending:
+            if path in entered:  # not every KERNEL_CHECK: a /proc scan costs ms a time
+                self._entered[path] = time.monotonic() + ENTERED_RECHECK
+                continue
+            self._entered.pop(path, None)
+            if path in self.kernel_views or path in self._pending:
                 continue
             if self._stopping or not self.kernel_mounts:
                 return
