@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -200,6 +202,67 @@ def test_gc_takes_what_the_index_knows_of_a_revision_instead_of_reading_it(local
     out = json.loads(local.run("gc", "--keep", "0", "--min-age", "0", "--dry-run", "--json").stdout)
     assert out["kept"][kept] == "current revision of wf/g" and out["swept"] == [old]
     assert local.run("verify", check=False).returncode == 5  # the damage is still reported
+
+
+def test_gc_lists_no_binding_the_index_vouches_for_and_reads_those_it_cannot(
+    local: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At 100,000 bindings a listing each is minutes on a NAS: gc takes which revisions a
+    binding has from the index, caught up with the logs, and lists only the bindings the
+    logs do not describe: one whose writer died between its intent and its line, one
+    written with no line at all (lost logs), every one with --walk."""
+    from envfs.core.config import Settings
+    from envfs.service.envs import Service
+    from envfs.store.formats import GcReport, Revision
+
+    for key, value in local.vars.items():
+        if key.startswith("UV_"):
+            monkeypatch.setenv(key, value)
+    a = _bind_many(local, 30)  # wf000/n000..n029, 30 bindings, one revision each
+    local.run("build", "s/b", "extra-b==2.0", "--python", PY)
+    b = _sid(local, "s/b")
+    local.run("bind", "wf000/n001", "--snapshot", b)
+    local.run("bind", "wf000/n001", "--snapshot", a)  # n001: @1 a, @2 b, @3 a
+    local.run("rm", "s/b")
+
+    def gc(walk: bool = False, keep: int = 0) -> tuple[GcReport, set[str]]:
+        svc = Service(Settings.resolve(local.store, local.index))
+        listed: list[str] = []
+        numbers = svc.store.revision_numbers
+
+        def counted(wf: str, node: str) -> list[int]:
+            listed.append(f"{wf}/{node}")
+            return numbers(wf, node)
+
+        monkeypatch.setattr(svc.store, "revision_numbers", counted)
+        report = svc.gc(keep, 0.0, 0.0, dry_run=True, walk=walk)
+        svc.index.close()
+        return report, set(listed)
+
+    report, listed = gc()
+    assert report.swept == [b] and listed == set()
+    report, listed = gc(keep=1)  # n001's revision 2 is kept, and no binding was listed
+    assert report.kept[b] == "revision 2 of wf000/n001" and listed == set()
+    shutil.rmtree(local.index)  # a fresh index, seeded from the logs alone
+    assert gc()[1] == set()
+
+    store = Service(Settings.resolve(local.store, local.index)).store
+
+    def revision(wf: str, node: str) -> Callable[[int], Revision]:
+        return lambda number: Revision(
+            workflow=wf, node=node, revision=number, snapshot_id=b, time=0.0, host="x", user="u"
+        )
+
+    # a bind that died after its intent and its file, before its line
+    store.audit("binding_intent", "x", b, workflow="wf000", node="n005")
+    store.append_revision(revision("wf000", "n005"))
+    report, listed = gc()
+    assert report.kept[b] == "current revision of wf000/n005" and listed == {"wf000/n005"}
+    # a binding no log line tells of (files written behind envfs's back, or logs lost)
+    store.append_revision(revision("lost", "n0"))
+    report, listed = gc()
+    assert listed == {"lost/n0", "wf000/n005"} and b in report.kept
+    assert len(gc(walk=True)[1]) == 32
 
 
 @pytest.mark.fuse

@@ -93,10 +93,22 @@ def verify(ctx: click.Context, target: str | None, check_all: bool, as_json: boo
     show_default=True,
     help="How long swept snapshots stay in trash/ before they are deleted.",
 )
+@click.option(
+    "--walk",
+    is_flag=True,
+    help="Read every binding's revisions from its files, not from this node's index "
+    "(for a store whose binding files were changed other than by envfs).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def gc_cmd(
-    ctx: click.Context, dry_run: bool, keep: int, min_age: str, quarantine: str, as_json: bool
+    ctx: click.Context,
+    dry_run: bool,
+    keep: int,
+    min_age: str,
+    quarantine: str,
+    walk: bool,
+    as_json: bool,
 ) -> None:
     """Sweep snapshots nothing needs into trash/, delete old trash, prune the pools.
 
@@ -104,8 +116,12 @@ def gc_cmd(
     --min-age, snapshots a node serves (its daemon's leases/<id>/<host>), and every captured
     interpreter. Staging dirs and build leases of crashed builds are removed too.
     Builds and binds wait while a sweep runs (and the reverse).
+
+    Which revisions a binding has is read from this node's index, caught up with the
+    store's logs, where it knows for certain (every envfs writer logs a change before
+    making it); the binding's files are read for the others, or for all with --walk.
     """  # fmt: skip
-    report = _service(ctx).gc(keep, duration(min_age), duration(quarantine), dry_run)
+    report = _service(ctx).gc(keep, duration(min_age), duration(quarantine), dry_run, walk)
     if as_json:
         _emit(report.model_dump())
         return

@@ -1,13 +1,17 @@
 """The node-local LMDB index: a fast, rebuildable view of the store. The only lmdb importer.
 
 Databases:
-    meta       schema version, store uuid, feed cursor (how far each host's log was read)
-    bindings   "wf/node"      -> current revision (JSON: revision, snapshot_id)
+    meta       schema version, store uuid, feed cursor (how far each host's log was read),
+               walk_due (logs were rotated under this index: lines may be lost)
+    bindings   "wf/node"      -> current revision (JSON: revision, snapshot_id, and first:
+               the lowest revision number its files have, when known)
     revs       "wf/node@rev"  -> the revision (its JSON record; a bare snapshot id when
                only a log line without the revision's reason told of it)
     snapshots  id             -> "ready" (present only once the snapshot is complete)
     specs      id             -> its ``spec.json`` (immutable: read from the store once)
     swept      workflow       -> its directory's stamp when the sweep last read all of it
+    unsettled  "wf/node"      -> "" (a ``binding_intent`` or ``rescanned`` line told of a
+               change its files hold and no line has described yet: gc reads its files)
     locks      "digest\0created\0id" -> "" (requirement-list specs by interpreter, oldest
                first: where a new list's lock starts from, `nearest_spec`)
     digests    "dev:ino:size:mtime_ns" -> sha256 of a store file shared with uv's cache, so
@@ -46,7 +50,8 @@ from envfs.store.layout import Store, closest_spec
 
 log = logging.getLogger(__name__)
 
-SCHEMA = b"3"  # 2: per-host logs (meta feed_cursor), file digests; 3: specs, seeded from logs
+SCHEMA = b"4"  # 2: per-host logs (meta feed_cursor), file digests; 3: specs, seeded from logs;
+#                 4: first revisions, unsettled bindings (what gc may trust)
 #: Seconds a binding named by a ``binding_intent`` line is re-read until its change is logged.
 INTENT_WAIT = 60.0
 MAP_SIZE = 1 << 30  # sparse; grows only as used
@@ -125,6 +130,7 @@ class Index(Sweeping):
         self.swept = self.env.open_db(b"swept")
         self.locks = self.env.open_db(b"locks")
         self.digests = self.env.open_db(b"digests")
+        self.unsettled = self.env.open_db(b"unsettled")
 
     def _valid(self) -> bool:
         with self.env.begin() as txn:
@@ -159,18 +165,28 @@ class Index(Sweeping):
         with self._lock:
             changes = self.store.changes_since(feed.Cursor())
             found: dict[tuple[str, str], dict[int, bytes]] = {}
+            firsts: dict[tuple[str, str], int] = {}
+            unsettled: set[tuple[str, str]] = set()
             ready: set[str] = set()
             for event in sorted(changes.events, key=lambda e: e.time):
                 name = (event.workflow or "", event.node or "")
                 if event.event in ("bound", "rolled_back") and all(name) and event.snapshot_id:
                     if event.revision is not None:
                         found.setdefault(name, {})[event.revision] = logged_revision(event)
+                        if event.first is not None:
+                            firsts[name] = event.first
                     self._pending.pop(name, None)
+                    unsettled.discard(name)
                 elif event.event == "removed" and all(name):
                     found.pop(name, None)
+                    firsts.pop(name, None)
                     self._pending.pop(name, None)
+                    unsettled.discard(name)
                 elif event.event == "binding_intent" and all(name):
                     self._pending[name] = time.monotonic() + INTENT_WAIT
+                    unsettled.add(name)
+                elif event.event == "rescanned" and all(name):
+                    unsettled.add(name)  # its files changed without a line saying how
                 elif event.event == "built" and event.snapshot_id:
                     ready.add(event.snapshot_id)
                 elif event.event == "gc_swept" and event.snapshot_id:
@@ -179,13 +195,17 @@ class Index(Sweeping):
             with self.env.begin(write=True) as txn:
                 for info in specs:
                     self._put_spec(txn, info)
-                for db in (self.bindings, self.revs, self.snaps, self.swept):
+                for db in (self.bindings, self.revs, self.snaps, self.swept, self.unsettled):
                     txn.drop(db, delete=False)
+                for name in unsettled:
+                    txn.put(binding_key(*name), b"", db=self.unsettled)
                 for (wf, node), revisions in found.items():
                     newest = max(revisions)
                     last = revision_of(revisions[newest])
                     sid = last if isinstance(last, str) else last.snapshot_id
-                    value = {"revision": newest, "snapshot_id": sid}
+                    value: dict[str, Any] = {"revision": newest, "snapshot_id": sid}
+                    if (wf, node) in firsts:
+                        value["first"] = firsts[(wf, node)]
                     txn.put(binding_key(wf, node), json.dumps(value).encode(), db=self.bindings)
                     for number, raw in revisions.items():
                         txn.put(binding_key(wf, node) + b"@%d" % number, raw, db=self.revs)
@@ -213,24 +233,33 @@ class Index(Sweeping):
         self.rebuilt = True
         return behind
 
-    def _put_binding(self, txn: lmdb.Transaction, revisions: list[Revision]) -> None:
-        """Record revisions; the current one only moves forward (revisions are append-only,
-        so a writer holding an older list, e.g. from a parallel bind, never wins)."""
+    def _put_binding(
+        self, txn: lmdb.Transaction, revisions: list[Revision], first: int | None = None
+    ) -> None:
+        """Record revisions: all a binding's files hold, or (given ``first``, the lowest
+        revision number its files have) some of them. The current one only moves forward
+        (revisions are append-only, so a writer holding an older list, e.g. from a
+        parallel bind, never wins)."""
         newest = revisions[-1]
         key = binding_key(newest.workflow, newest.node)
         raw = txn.get(key, db=self.bindings)
         if raw is None or json.loads(bytes(raw))["revision"] <= newest.revision:
-            value = {"revision": newest.revision, "snapshot_id": newest.snapshot_id}
+            value = {
+                "revision": newest.revision,
+                "snapshot_id": newest.snapshot_id,
+                "first": revisions[0].revision if first is None else first,
+            }
             txn.put(key, json.dumps(value).encode(), db=self.bindings)
         for rev in revisions:
             txn.put(key + b"@%d" % rev.revision, rev.model_dump_json().encode(), db=self.revs)
 
     # -- writes ---------------------------------------------------------------------------
 
-    def put_binding(self, revisions: list[Revision]) -> None:
+    def put_binding(self, revisions: list[Revision], first: int | None = None) -> None:
+        """Record all of a binding's revisions, or some given its ``first``."""
         if revisions:
             with self.env.begin(write=True) as txn:
-                self._put_binding(txn, revisions)
+                self._put_binding(txn, revisions, first)
 
     def forget_binding(self, workflow: str, node: str) -> None:
         """Drop a removed binding (its ``@rev`` entries too)."""
@@ -442,15 +471,20 @@ class Index(Sweeping):
         if changes.reread:
             log.info("store logs shrank or were replaced, read again: %s", changes.reread)
             self._sweep.full_due = True  # lines may be lost with them: walk the files
+            with self.env.begin(write=True) as txn:  # and gc may not trust the index meanwhile
+                txn.put(b"walk_due", b"1", db=self.meta)
         changed: dict[tuple[str, str], None] = {}
+        settled: dict[tuple[str, str], bool] = {}  # the last word of the lines on a binding
         ready: dict[str, bool] = {}
         for event in changes.events:
             name = (event.workflow or "", event.node or "")
             if event.event in ("bound", "rolled_back", "removed", "rescanned") and all(name):
                 changed[name] = None
                 self._pending.pop(name, None)
+                settled[name] = True  # its files are read below
             elif event.event == "binding_intent" and all(name):
                 self._pending[name] = time.monotonic() + INTENT_WAIT
+                settled[name] = False
             elif event.event == "built" and event.snapshot_id:
                 ready[event.snapshot_id] = True
             elif event.event == "gc_swept" and event.snapshot_id:
@@ -459,10 +493,16 @@ class Index(Sweeping):
         with self.env.begin(write=True) as txn:
             for info in specs:
                 self._put_spec(txn, info)
+            for name, done in settled.items():
+                if done:
+                    txn.delete(binding_key(*name), db=self.unsettled)
+                else:
+                    txn.put(binding_key(*name), b"", db=self.unsettled)
             for wf, node in list(changed):
                 revisions = self._revisions(wf, node)
-                if revisions is None:
+                if revisions is None:  # unreadable: gc must read it (and refuse) too
                     del changed[(wf, node)]
+                    txn.put(binding_key(wf, node), b"", db=self.unsettled)
                 elif revisions:
                     self._put_binding(txn, revisions)
                 else:

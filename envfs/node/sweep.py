@@ -30,8 +30,10 @@ class Sweeping:
 
     store: Store
     env: lmdb.Environment
+    meta: lmdb._Database
     bindings: lmdb._Database
     swept: lmdb._Database
+    unsettled: lmdb._Database
     _sweep: _Sweep
     _lock: threading.RLock
 
@@ -160,7 +162,28 @@ class Sweeping:
                     progress(done, len(present))
         for wf, stamp in workflows.items():  # as of before the walk: the sweep starts there
             self._swept(wf, stamp)
+        with self.env.begin(write=True) as txn:  # what rotated logs lost is read now
+            txn.delete(b"walk_due", db=self.meta)
         return behind
+
+    def settled_bindings(self) -> dict[tuple[str, str], tuple[int, int]]:
+        """The bindings whose revisions this index knows for certain, as (first, current)
+        revision numbers: those a line or a read of their files described last, with the
+        lowest number their files have; not those named by an intent or a rescan no line
+        has described since, nor any while logs were lost under the index (rotated:
+        until `reconcile`). What gc may take without listing a binding (`envfs.store.gc`):
+        every envfs writer logs its intent before it changes a binding's files."""
+        out: dict[tuple[str, str], tuple[int, int]] = {}
+        with self.env.begin() as txn:
+            if txn.get(b"walk_due", db=self.meta) is not None:
+                return out
+            unsettled = {bytes(key) for key, _value in txn.cursor(db=self.unsettled)}
+            for key, raw in txn.cursor(db=self.bindings):
+                value = json.loads(raw)
+                if "first" in value and bytes(key) not in unsettled:
+                    wf, node = bytes(key).decode().split("/", 1)
+                    out[(wf, node)] = (int(value["first"]), int(value["revision"]))
+        return out
 
 
 class _Sweep:

@@ -178,7 +178,7 @@ class Binding(Building):
             # readers re-read a binding named by an intent until its change is logged: a
             # writer dying between the two is still seen (envfs.store.feed)
             self.store.audit("binding_intent", self.host, snapshot_id, workflow=workflow, node=node)
-            rev = self.store.append_revision(make)
+            rev, first = self.store.append_revision(make)
         extra = {"to": rev.rollback_to} if rev.rollback_to is not None else {}
         self.store.audit(
             event,
@@ -190,9 +190,13 @@ class Binding(Building):
             user=user,
             reason=rev.reason,
             revision_time=rev.time,
+            first=first,
             **extra,
         )
-        self.index.put_binding(self.store.revisions(workflow, node) if reread else [rev])
+        if reread:
+            self.index.put_binding(self.store.revisions(workflow, node))
+        else:
+            self.index.put_binding([rev], first=first)
         return rev
 
     def revisions(self, workflow: str, node: str) -> list[Revision]:

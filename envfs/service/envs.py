@@ -253,8 +253,19 @@ class Service(Binding):
 
     # -- garbage collection ---------------------------------------------------------------
 
-    def gc(self, keep: int, min_age: float, quarantine: float, dry_run: bool) -> GcReport:
+    def gc(
+        self, keep: int, min_age: float, quarantine: float, dry_run: bool, walk: bool = False
+    ) -> GcReport:
+        """Sweep what nothing keeps. Which revisions each binding has comes from the node's
+        index where it knows for certain (caught up under the gc fence), else from the
+        binding's files; ``walk``: from the files for every binding."""
         from envfs.store import gc
+
+        def view() -> gc.IndexView:
+            if walk:
+                return gc.IndexView(known=self._known_revision)
+            self.index.follow_changes()
+            return gc.IndexView(self.index.settled_bindings(), self._known_revision)
 
         self.require_store()
         return gc.collect(
@@ -267,7 +278,7 @@ class Service(Binding):
             say=self._say,
             uv=uv.uv_binary(),
             uv_env=uv.uv_env(self.store),
-            known=self._known_revision,
+            index=view,
         )
 
     def _known_revision(self, workflow: str, node: str, number: int) -> str | None:

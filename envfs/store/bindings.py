@@ -59,23 +59,25 @@ class Bindings(StoreBase):
             d.mkdir(parents=True, exist_ok=True)
             self.create_file(d / str(max(numbers)), b"")
 
-    def append_revision(self, make: Any) -> Revision:
+    def append_revision(self, make: Any) -> tuple[Revision, int]:
         """Append a revision: ``make(number) -> Revision``; retried if another writer won.
         Numbers go on after those of a removed binding of the same name: ``wf/node@3``
-        names one revision, ever."""
-        first = make(0)
-        d = self.binding_dir(first.workflow, first.node)
+        names one revision, ever. Returns it and the binding's lowest revision number: a
+        binding's files are ``first..revision``, every number between (each is the highest
+        before it plus one, created exclusively; only a removal takes them, all at once)."""
+        draft = make(0)
+        d = self.binding_dir(draft.workflow, draft.node)
         d.mkdir(parents=True, exist_ok=True)
         while True:
-            numbers = self.revision_numbers(first.workflow, first.node)
-            retired = self.retired_revision(first.workflow, first.node)
+            numbers = self.revision_numbers(draft.workflow, draft.node)
+            retired = self.retired_revision(draft.workflow, draft.node)
             number = max([*numbers, retired]) + 1
             rev: Revision = make(number)
             if self.create_file(d / f"{number}.json", rev.model_dump_json(indent=2).encode()):
                 with contextlib.suppress(OSError):  # the sweep's cue (envfs.node.index)
                     os.utime(d.parent)
                 crashpoints.reached("bind")
-                return rev
+                return rev, numbers[0] if numbers else number
 
     def has_workflow(self, workflow: str) -> bool:
         """Whether any node of ``workflow`` has a binding directory."""

@@ -148,6 +148,9 @@ class AuditEvent(Record):
     workflow: str | None = None  # bound, rolled_back
     node: str | None = None
     revision: int | None = None
+    #: bound, rolled_back: the binding's lowest revision number once this one was appended
+    #: (its revisions are first..revision, contiguous: gc needs no listing to know them)
+    first: int | None = None
 
 
 class InterpreterInfo(Record):

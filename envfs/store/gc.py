@@ -16,6 +16,7 @@ import os
 import subprocess
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from envfs.core.errors import EnvfsError, EnvironmentProblem
@@ -43,16 +44,31 @@ def _unknown(_wf: str, _node: str, _number: int) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class IndexView:
+    """What a node's index vouches for, asked under the gc fence once it has caught up
+    with the change feed: ``settled`` bindings' (first, current) revision numbers (their
+    files are ``first..current``: `Bindings.append_revision`), so they are not listed;
+    ``known``, the snapshot of a revision it has, so that file is not read."""
+
+    settled: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)
+    known: Known = _unknown
+
+
 def _binding_roots(
-    store: Store, wf: str, node: str, keep: int, known: Known
+    store: Store, wf: str, node: str, keep: int, view: IndexView
 ) -> list[tuple[str, str]]:
     """(snapshot id, why) for a binding's current revision and its last ``keep`` earlier
-    ones: the binding's listing says which revisions exist; only those files whose
-    record ``known`` lacks are read."""
-    numbers = store.revision_numbers(wf, node)
+    ones: which revisions exist is the index's word for a settled binding, else the
+    binding's listing; only those files whose record the index lacks are read."""
+    span = view.settled.get((wf, node))
+    if span is None:
+        numbers = store.revision_numbers(wf, node)
+    else:
+        numbers = list(range(max(span[0], span[1] - keep), span[1] + 1))
     out = []
     for i, number in enumerate(reversed(numbers[-(keep + 1) :])):
-        sid = known(wf, node, number)
+        sid = view.known(wf, node, number)
         if sid is None:
             path = store.binding_dir(wf, node) / f"{number}.json"
             try:
@@ -68,16 +84,18 @@ def _binding_roots(
     return out
 
 
-def roots(store: Store, keep: int, known: Known = _unknown) -> dict[str, str]:
-    """Snapshot id -> why it is kept, from the bindings (current and last ``keep``), read
-    by `READERS` threads (on a NAS each binding is a few round trips)."""
+def roots(store: Store, keep: int, view: IndexView | None = None) -> dict[str, str]:
+    """Snapshot id -> why it is kept, from the bindings (current and last ``keep``) the
+    store's listings name (one per workflow), each read as far as ``view`` does not say
+    it, by `READERS` threads (on a NAS each binding read is a few round trips)."""
     from concurrent.futures import ThreadPoolExecutor
 
     names = list(store.binding_names())
     why: dict[str, str] = {}
+    view = view or IndexView()
 
     def one(name: tuple[str, str]) -> list[tuple[str, str]]:
-        return _binding_roots(store, name[0], name[1], keep, known)
+        return _binding_roots(store, name[0], name[1], keep, view)
 
     with ThreadPoolExecutor(READERS) as pool:
         for found in pool.map(one, names):
@@ -109,14 +127,17 @@ def collect(
     say: Callable[[str], None],
     uv: str | None = None,
     uv_env: dict[str, str] | None = None,
-    known: Known = _unknown,
+    index: Callable[[], IndexView] = IndexView,
 ) -> GcReport:
+    """Sweep (see the module). ``index`` is asked once the fence is held: no binding
+    changes then, so an index caught up with the feed knows every binding but those an
+    intent line names."""
     with store.gc_fence(exclusive=True):
         now = store.store_now()
         # what nodes serve, read before and after the (long, on a big store) walk of the
         # bindings: a snapshot served at either moment is kept
         served = store.served_snapshots(now)
-        kept = roots(store, keep, known)
+        kept = roots(store, keep, index())
         for sid, hosts in store.served_snapshots(now).items():
             served[sid] = sorted({*served.get(sid, []), *hosts})
         swept: list[str] = []
