@@ -70,6 +70,15 @@ def _status_file(mountpoint: Path) -> Path:
     show_default=True,
     help="Bound of the node cache (K, M, G, T); least recently used envs not in use go first.",
 )
+@click.option(
+    "--fill-rate",
+    default="100M",
+    show_default=True,
+    metavar="RATE",
+    help="Bytes a second (K, M, G) the background copy of a whole env into the node cache "
+    "may read from the store, once its first use has quietened; `off`: no whole copies "
+    "(each file is still copied on its first read, so the kernel never serves the env).",
+)
 @click.pass_context
 def mount(
     ctx: click.Context,
@@ -81,6 +90,7 @@ def mount(
     idle_release: str,
     cache_dir: str,
     cache_size: str,
+    fill_rate: str,
 ) -> None:
     """Mount the envs filesystem at MOUNTPOINT (default /envs).
 
@@ -91,6 +101,7 @@ def mount(
     """
     mountpoint = mountpoint.absolute()
     max_bytes = _size(cache_size)  # bad input fails before anything else
+    rate = 0 if fill_rate.strip().lower() == "off" else _size(fill_rate)
     idle_seconds = duration(idle_release)
     status = _status_file(mountpoint)
     if foreground:
@@ -114,7 +125,7 @@ def mount(
             foreground=True,
             status_path=status,
             kernel_mounts=kernel_mounts,
-            cache=_node_cache(svc, cache_dir, max_bytes),
+            cache=_node_cache(svc, cache_dir, max_bytes, rate),
             served_path=svc.settings.index / "served.json",
             store=svc.store.root.resolve(),
             idle_release=idle_seconds,
@@ -129,11 +140,12 @@ def mount(
     _service(ctx, quiet=True).require_store()  # fail here, not in a detached daemon
     log = log_file or status.with_suffix(".log")
     extra = [] if kernel_mounts else ["--no-kernel-mounts"]
-    extra += ["--cache", cache_dir, "--cache-size", cache_size, "--idle-release", idle_release]
+    extra += ["--cache", cache_dir, "--cache-size", cache_size, "--fill-rate", fill_rate]
+    extra += ["--idle-release", idle_release]
     _spawn_daemon(ctx, mountpoint, allow_other, extra, log)
 
 
-def _node_cache(svc: Service, where: str, max_bytes: int) -> NodeCache | None:
+def _node_cache(svc: Service, where: str, max_bytes: int, fill_rate: int) -> NodeCache | None:
     """The node cache `mount --cache` asks for (see its help)."""
     from envfs.fs.nowait import blocking_is_cheap
     from envfs.node.cache import NodeCache
@@ -143,8 +155,8 @@ def _node_cache(svc: Service, where: str, max_bytes: int) -> NodeCache | None:
     if where == "auto":
         if blocking_is_cheap(os.fsencode(svc.store.root)):
             return None  # a store on a local disk is its own node-local copy
-        return NodeCache(svc.settings.index / "cache", max_bytes)
-    return NodeCache(Path(where).absolute(), max_bytes)
+        return NodeCache(svc.settings.index / "cache", max_bytes, fill_rate)
+    return NodeCache(Path(where).absolute(), max_bytes, fill_rate)
 
 
 def _size(text: str) -> int:

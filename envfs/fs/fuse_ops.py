@@ -45,7 +45,8 @@ from envfs.fs.inodes import CACHE_LONG, CACHE_NONE, CACHE_SHORT, Attr, NeedsBuil
 from envfs.fs.nowait import open_cached, read_cached
 from envfs.fs.vfs import Namespace
 from envfs.node.builds import BuildQueue
-from envfs.store.files import SnapshotUnreadable
+from envfs.node.cache import NodeCache
+from envfs.store.files import ListingEntry, SnapshotUnreadable
 
 log = logging.getLogger(__name__)
 
@@ -102,9 +103,14 @@ class EnvfsOperations(pyfuse3.Operations):
         namespace: Namespace,
         builds: BuildQueue,
         on_attach: Callable[[int], Awaitable[None]] | None = None,
+        cache: NodeCache | None = None,
+        on_fetch: Callable[[], None] | None = None,
     ) -> None:
         super().__init__()
         self._ns = namespace
+        self._on_fetch = on_fetch  # called after a file was read into the node cache
+        self._cache = cache  # files of a store on a NAS are read into it on first read
+        self._local: set[int] = set()  # inodes whose descriptor is the node cache's copy
         self._on_attach = on_attach  # awaited after a request loaded a snapshot
         self._builds = builds
         self._entries: dict[int, EntryAttributes] = {}
@@ -242,9 +248,16 @@ class EnvfsOperations(pyfuse3.Operations):
         if fd is None:
             path = self._ns.file_path(fh)
             assert path is not None  # _backing_fd checked it
+            remote = self._ns.remote_file(fh) if self._cache is not None else None
+            if remote is not None:
+                path = await trio.to_thread.run_sync(self._fetch, *remote)
             self.reads_threaded += 1
             new_fd, data = await trio.to_thread.run_sync(_open_and_read, path, off, size)
             self._fds.add(fh, new_fd)
+            if remote is not None and path != remote[0]:
+                self._local.add(fh)
+                if self._on_fetch is not None:
+                    self._on_fetch()
             return data
         try:
             inline = self._read_inline(fd, fh, off, size)
@@ -265,6 +278,13 @@ class EnvfsOperations(pyfuse3.Operations):
         path = self._ns.file_path(inode)
         if path is None:
             raise FUSEError(errno.EBADF)
+        remote = self._ns.remote_file(inode) if self._cache is not None else None
+        if remote is not None:  # the node's copy, or None: `read` copies it in a thread
+            local = self._cache.object_path(remote[1]) if self._cache is not None else None
+            if local is None:
+                return None
+            self._local.add(inode)
+            return self._fds.add(inode, os.open(local, os.O_RDONLY | os.O_CLOEXEC), busy=True)
         opened = open_cached(path)
         if opened is None and self._ns.blocking_is_cheap(inode):
             opened = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -274,9 +294,20 @@ class EnvfsOperations(pyfuse3.Operations):
 
     def _read_inline(self, fd: int, inode: int, off: int, size: int) -> bytes | None:
         """The bytes, read on the event loop if that cannot stall it, else None."""
-        if self._ns.blocking_is_cheap(inode):
+        if inode in self._local or self._ns.blocking_is_cheap(inode):
             return os.pread(fd, size, off)
         return read_cached(fd, off, size)
+
+    def _fetch(self, path: bytes, entry: ListingEntry) -> bytes:
+        """In a worker thread: the node cache's copy of a store file, copied now if the
+        node lacks its content; the store's own path if it cannot be (read there, as
+        before: `envfs verify` names a store file that does not match its manifest)."""
+        assert self._cache is not None
+        try:
+            return os.fsencode(self._cache.fetch(entry, path))
+        except (OSError, EnvfsError) as e:
+            log.warning("serving %s from the store: %s", os.fsdecode(path), e)
+            return path
 
     async def release(self, fh: FileHandleT) -> None:
         return None  # backing descriptors outlive opens: see `_Descriptors`
@@ -293,6 +324,7 @@ class EnvfsOperations(pyfuse3.Operations):
     def backing_moved(self) -> None:
         """Snapshots are served from new paths (the node cache): reopen files there."""
         self._fds.invalidate()
+        self._local.clear()
 
     # -- extended attributes --------------------------------------------------------------
 

@@ -37,10 +37,7 @@ from envfs.fs.catalog import Catalog
 from envfs.fs.detached import run_detached
 from envfs.fs.fuse_ops import EnvfsOperations
 from envfs.fs.inodes import View
-from envfs.fs.mounted import (
-    is_stale_mount,
-    unmount,
-)
+from envfs.fs.mounted import prepare_mountpoint
 from envfs.fs.status import BuildStats, DaemonStatus, ServedEnv
 from envfs.fs.vfs import Namespace
 from envfs.node.builds import RETRY_AFTER, BuildQueue
@@ -79,6 +76,8 @@ KERNEL_WAIT = 2.0
 #: before trying again a copy that failed (the store was unreachable, say).
 CACHE_CHECK = 1.0
 CACHE_RETRY = 30.0
+#: Seconds without a file read in on demand before whole copies into the node cache start.
+FILL_QUIET = 2.0
 
 
 class ServedBindings(pydantic.BaseModel):
@@ -118,7 +117,7 @@ def run_daemon(
     this daemon shows has as its current one) is let go of (`envfs.fs.idle`).
     """
     mountpoint = Path(os.path.abspath(mountpoint))
-    _prepare_mountpoint(mountpoint)
+    prepare_mountpoint(mountpoint)
     daemon = Daemon(
         catalog,
         mountpoint,
@@ -136,17 +135,6 @@ def run_daemon(
         daemon(max_tasks, ready=None)
     else:
         run_detached(lambda ready: daemon(max_tasks, ready=ready))
-
-
-def _prepare_mountpoint(mountpoint: Path) -> None:
-    if is_stale_mount(mountpoint):
-        log.warning("removing the stale mount at %s (its daemon died)", mountpoint)
-        unmount(mountpoint)
-    elif os.path.ismount(mountpoint):
-        raise EnvironmentProblem(
-            f"{mountpoint} is already a mount point: run `envfs umount {mountpoint}` first"
-        )
-    mountpoint.mkdir(parents=True, exist_ok=True)
 
 
 class Daemon:
@@ -180,7 +168,13 @@ class Daemon:
         self.builds = BuildQueue(
             catalog, retry_after=build_retry_after, on_change=self._status_changed
         )
-        self.ops = EnvfsOperations(self.namespace, self.builds, on_attach=self._attached)
+        self.ops = EnvfsOperations(
+            self.namespace,
+            self.builds,
+            on_attach=self._attached,
+            cache=cache,
+            on_fetch=self._status_changed,
+        )
         self.started = time.time()
         self.refresh_error: str | None = None
         self.last_refresh: float | None = None
@@ -494,6 +488,8 @@ class Daemon:
             for sid in attached:
                 if sid in self.cached or retry_at.get(sid, 0.0) > time.monotonic():
                     continue
+                if cache.fill_rate == 0 or time.monotonic() - cache.last_fetch < FILL_QUIET:
+                    break  # off, or a job is reading files in: whole copies wait for it
                 source = self.namespace.snapshot_source(sid)
                 if source is None:
                     continue
@@ -568,7 +564,7 @@ class Daemon:
             cache={
                 **self.namespace.statistics(),
                 **self.ops.statistics(),
-                **({"node_cache_copies": len(self.cached)} if self.cache is not None else {}),
+                **(self.cache.statistics(len(self.cached)) if self.cache is not None else {}),
             },
             refresh={"last_ok": self.last_refresh, "error": self.refresh_error},
         )

@@ -5,6 +5,7 @@ alive, and the live mount of a store on this node."""
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import subprocess
 import time
@@ -16,6 +17,8 @@ from envfs.core.errors import BadInput, EnvironmentProblem
 from envfs.fs import kernel
 from envfs.fs.status import DaemonStatus
 from envfs.store.files import pid_start_time
+
+log = logging.getLogger(__name__)
 
 
 def is_stale_mount(path: Path) -> bool:
@@ -130,3 +133,16 @@ def live_mount_of(store: Path) -> Path | None:
         if status is not None and status.store == wanted and daemon_alive(status):
             return Path(status.mountpoint)
     return None
+
+
+def prepare_mountpoint(mountpoint: Path) -> None:
+    """Make ``mountpoint`` ready for a new mount: a stale one (its daemon died) removed, a
+    live one refused in one line."""
+    if is_stale_mount(mountpoint):
+        log.warning("removing the stale mount at %s (its daemon died)", mountpoint)
+        unmount(mountpoint)
+    elif os.path.ismount(mountpoint):
+        raise EnvironmentProblem(
+            f"{mountpoint} is already a mount point: run `envfs umount {mountpoint}` first"
+        )
+    mountpoint.mkdir(parents=True, exist_ok=True)

@@ -69,6 +69,7 @@ from envfs.fs.inodes import (
 )
 from envfs.fs.misses import Misses
 from envfs.fs.nowait import blocking_is_cheap
+from envfs.store.files import ListingEntry
 
 #: The interpreter's executable in a snapshot's ``bin/`` (served pinned in current views).
 _INTERPRETER = re.compile(rb"^python3\.\d+t?$")
@@ -133,6 +134,20 @@ class Namespace(Attachments):
         """The backing path of a regular file or symlink inode."""
         node = self._inodes.get(ino)
         return node.path if isinstance(node, _File) else None
+
+    def remote_file(self, ino: int) -> tuple[bytes, ListingEntry] | None:
+        """A regular file served from a store that is not cheap to read (a NAS): its
+        path there and its manifest entry (its content's sha256); None for any other."""
+        node = self._inodes.get(ino)
+        if not isinstance(node, _File) or node.target is not None:
+            return None
+        backing = node.parent
+        if backing.tree.blocking_is_cheap:
+            return None
+        entry = backing.tree.listing.get(backing.rel, {}).get(node.name)
+        if entry is None or entry.type != "file" or entry.sha256 is None:
+            return None
+        return backing.path + b"/" + node.name, entry
 
     def blocking_is_cheap(self, ino: int) -> bool:
         """Whether blocking reads of this file's backing may run on the event loop."""

@@ -8,11 +8,14 @@ Layout (this module owns it)::
                                            its manifest in .envfs/ (as in the store)
     <cache>/staging/<id>.<nonce>/          a copy being made
 
-A copy is made in the background after a snapshot's first use (FUSE serves from the store
-meanwhile): the manifest is read, every file whose content the node lacks is copied from the
-store by several threads (directory file descriptors, so a NAS sees one lookup per file, not
-one per path component) and checked against the manifest's sha256 as it is written, then the
-tree appears by one rename.  One copy of numpy per node, whatever the number of envs using it.
+Each file a process reads is copied on its first read (`NodeCache.fetch`: whole, checked,
+into ``objects/``, unless the node has its content already, from any snapshot) and served
+from there. A whole copy is made in the background once a snapshot's first use has
+quietened (FUSE serves from ``objects/`` and the store meanwhile): the manifest is read,
+every file whose content the node lacks is copied from the store by several threads
+(directory file descriptors, so a NAS sees one lookup per file, not one per path
+component) and checked against the manifest's sha256 as it is written, then the tree
+appears by one rename.  One copy of numpy per node, whatever the number of envs using it.
 
 The cache is bounded (``max_bytes``, counting each content once): after a copy, the least
 recently used snapshots that are not in use are evicted, then objects nothing links.
@@ -26,6 +29,7 @@ import logging
 import os
 import shutil
 import stat
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -56,14 +60,25 @@ class CacheDamage(EnvironmentProblem):
 class NodeCache:
     """Complete local copies of snapshots, under ``root``."""
 
-    def __init__(self, root: Path, max_bytes: int | None = None) -> None:
+    def __init__(
+        self, root: Path, max_bytes: int | None = None, fill_rate: int | None = None
+    ) -> None:
         self.root = root
         self.max_bytes = max_bytes
+        #: bytes a second whole copies may read from the store (None: no bound; 0: no whole
+        #: copies, only the files read are copied)
+        self.fill_rate = fill_rate
+        self._throttle = _Throttle(fill_rate) if fill_rate else None
         self.objects = root / "objects"
         self.snapshots = root / "snapshots"
         self.staging = root / "staging"
         for d in (self.objects, self.snapshots, self.staging):
             d.mkdir(parents=True, exist_ok=True)
+        self._fetch_lock = threading.Lock()
+        self._fetching: dict[str, threading.Lock] = {}  # object name -> its copier's lock
+        self.fetched_files = 0  # contents copied on first read (`fetch`), and their bytes
+        self.fetched_bytes = 0
+        self.last_fetch = 0.0  # when the last one was (monotonic)
         for leftover in os.listdir(self.staging):  # copies a killed daemon did not finish
             remove_tree(self.staging / leftover)
 
@@ -74,6 +89,46 @@ class NodeCache:
 
     def copies(self) -> list[str]:
         return sorted(os.listdir(self.snapshots))
+
+    def statistics(self, copies: int) -> dict[str, int]:
+        """For ``envfs status``: whole copies served, contents read in on first read."""
+        return {
+            "node_cache_copies": copies,
+            "node_cache_fetched_files": self.fetched_files,
+            "node_cache_fetched_bytes": self.fetched_bytes,
+        }
+
+    # -- one file at a time, as it is first read ----------------------------------------
+
+    def object_path(self, entry: ListingEntry) -> Path | None:
+        """The node's copy of one content, if it has it (from any snapshot that holds it)."""
+        path = self._object(entry)
+        return path if path.exists() else None
+
+    def fetch(self, entry: ListingEntry, source: bytes) -> Path:
+        """The node's copy of one file's content, copied now from ``source`` (its path in
+        the store) if the node lacks it: a fresh node reads a file from the NAS once, in
+        large reads, when it is first read, not a page at a time. Checked against the
+        manifest's sha256 (`CacheDamage`); two readers of one content copy it once."""
+        target = self._object(entry)
+        if target.exists():
+            return target
+        with self._fetch_lock:
+            lock = self._fetching.setdefault(target.name, threading.Lock())
+        with lock:
+            if not target.exists():
+                dirname, _, name = source.rpartition(b"/")
+                dfd = os.open(dirname, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    self._copy_file(dfd, name, entry)
+                finally:
+                    os.close(dfd)
+                self.fetched_files += 1
+                self.fetched_bytes += entry.size
+        with self._fetch_lock:
+            self._fetching.pop(target.name, None)
+        self.last_fetch = time.monotonic()
+        return target
 
     def touch(self, snapshot_id: str) -> None:
         """Record a use of a copy (its directory's mtime orders eviction)."""
@@ -153,6 +208,8 @@ class NodeCache:
         dfd = os.open(os.path.join(os.fsencode(source), rel), os.O_RDONLY | os.O_DIRECTORY)
         try:
             for name, entry in entries:
+                if self._throttle is not None:
+                    self._throttle.take(entry.size)
                 self._copy_file(dfd, name, entry)
         finally:
             os.close(dfd)
@@ -224,6 +281,23 @@ class NodeCache:
     def prune(self) -> int:
         """Delete objects no copy links; how many."""
         return remove_unshared(self.objects)
+
+
+class _Throttle:
+    """A bound on bytes a second, shared by threads: ``take(n)`` waits its turn."""
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self._lock = threading.Lock()
+        self._next = time.monotonic()  # when the bytes taken so far are paid for
+
+    def take(self, size: int) -> None:
+        with self._lock:
+            now = time.monotonic()
+            start = max(self._next, now)
+            self._next = start + size / self.rate
+        if start > now:
+            time.sleep(start - now)
 
 
 def _dir_mode(listing: Listing, rel: bytes) -> int:

@@ -92,6 +92,52 @@ def test_used_envs_keep_working_through_a_store_outage(
     wait_for(lambda: os.path.exists(env.store / "envfs.toml"), 5, "the end of the outage")
 
 
+def test_a_fresh_node_copies_each_file_it_reads_whole_once_and_serves_it_from_there(
+    nas_node: tuple[Env, NasSim, list[Mount]], tmp_path: Path
+) -> None:
+    """Not a page at a time from the NAS, and not the whole env first: a file is copied
+    into the node cache on its first read (checked), then served from there; with
+    `--fill-rate off` nothing else is copied. A store file that does not match its
+    manifest is not copied: it is served from the store, as before, and logged."""
+    env, nas, mounts = nas_node
+    env.run("build", "wf/n", "extra-a==1.0", "--python", PY)
+    sid = env.show("wf/n")["snapshot_id"]
+    site = "lib/python3.12/site-packages"
+    manifest = Store(env.store).read_manifest(sid)
+    entries = {e.path: e for e in manifest.files if e.type == "file"}
+    backing = tmp_path / "backing/store/snapshots" / sid / site / "base_lib/data.py"
+    os.chmod(backing, 0o644)
+    with open(backing, "r+b") as f:  # behind the NAS's back: a flipped byte
+        f.write(b"#")
+    mnt = tmp_path / "envs"
+    mounts.append(Mount(env, mnt, "--no-kernel-mounts", "--fill-rate", "off"))
+    objects = env.index / "cache" / "objects"
+
+    def cached(rel: str) -> bool:
+        entry = entries[rel]
+        assert entry.sha256 is not None
+        return (objects / entry.sha256[:2] / f"{entry.sha256}.{entry.mode & 0o7777:o}").exists()
+
+    init = f"{site}/extra_a/__init__.py"
+    assert "__init__.py" in os.listdir(mnt / "wf/n" / site / "extra_a")  # the manifest read
+    read = nas.counts().get("read_bytes", 0)
+    assert (mnt / "wf/n" / init).read_bytes() == (tmp_path / "backing/store/snapshots" / sid
+                                                   / init).read_bytes()  # fmt: skip
+    assert cached(init)
+    assert not cached(f"{site}/extra_a-1.0.dist-info/RECORD")  # not read: not copied
+    read_after = nas.counts().get("read_bytes", 0)
+    assert entries[init].size <= read_after - read < entries[init].size + 65536
+    status = _status(env)["cache"]
+    assert isinstance(status, dict)
+    assert status["node_cache_fetched_files"] >= 1 and status["node_cache_copies"] == 0
+    damaged = (mnt / "wf/n" / site / "base_lib/data.py").read_bytes()
+    assert damaged.startswith(b"#") and not cached(f"{site}/base_lib/data.py")
+    assert (
+        "base_lib/data.py" in mounts[0].log() and "does not match its manifest" in mounts[0].log()
+    )
+    assert _copies(env) == 0
+
+
 def test_the_cache_is_bounded_and_evicts_what_is_not_in_use(local: Env, tmp_path: Path) -> None:
     ids = []
     for i, pkg in enumerate(["extra-a==1.0", "extra-b==2.0", "tool-pkg==0.1"]):
