@@ -41,6 +41,28 @@ def test_two_envs_share_a_package_as_one_inode(local: Env) -> None:
     assert os.stat(pyc).st_ino == os.stat(other).st_ino
 
 
+def test_a_build_records_the_files_a_first_import_reads_in_order(local: Env) -> None:
+    """The access trace a fresh node prefetches by: the interpreter first, then what
+    importing the direct requirements read (sources and bytecode); not what it did not."""
+    local.run("build", "wf/t", "extra-a==1.0", "--python", PY)
+    sid = local.show("wf/t")["snapshot_id"]
+    snap = local.store / "snapshots" / sid
+    trace = json.loads((snap / ".envfs/trace.json").read_text())["files"]
+    site = "lib/python3.12/site-packages"
+    assert trace[0].startswith("bin/python3")
+    init = f"{site}/extra_a/__pycache__/__init__.cpython-312.pyc"
+    assert init in trace and trace.index(init) > 0, trace
+    assert all((snap / rel).is_file() for rel in trace)  # what exists, once each
+    assert len(set(trace)) == len(trace)
+    assert not any(".dist-info/" in rel for rel in trace)  # not read by the import
+    assert "access trace:" in (snap / ".envfs/build.log").read_text()
+    proc = subprocess.run(
+        [str(snap / "bin/python"), "-c", "import extra_a"], capture_output=True, timeout=60
+    )
+    assert proc.returncode == 0  # the traced import left the env as it was
+    assert local.run("verify", sid).returncode == 0
+
+
 def test_snapshot_runs_is_read_only_and_names_no_builder_path(local: Env) -> None:
     local.run("build", "wf/tool", "tool-pkg==0.1", "--python", PY)
     info = local.show("wf/tool")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from envfs.build import bytecode
 from envfs.build.spec import Indexes, ProjectFiles
+from envfs.build.trace import direct_requirements, record_trace
 from envfs.build.tree import (
     DigestCache,
     check_records,
@@ -168,6 +169,10 @@ def build_into(
     meta.mkdir()
     (meta / "manifest.json").write_text(manifest.model_dump_json(indent=1))
     crashpoints.reached("manifest")
+    if interp.digest is not None:
+        t0 = time.monotonic()
+        record_trace(python, staged, direct_requirements(files.pyproject), log)
+        durations["trace"] = time.monotonic() - t0
     (meta / "build.log").write_text(log.text())
     return manifest
 

@@ -9,7 +9,7 @@ import threading
 
 from envfs.fs.inodes import View, _Backing, _Dir, _File, _load_tree, _Node
 from envfs.fs.nowait import blocking_is_cheap
-from envfs.store.files import SnapshotUnreadable
+from envfs.store.files import Listing, SnapshotUnreadable
 
 
 class Attachments:
@@ -44,6 +44,14 @@ class Attachments:
         with self._lock:
             self._roots.setdefault(snapshot_id, _Backing(tree, b"", attr))
         return True
+
+    def remote_tree(self, snapshot_id: str) -> tuple[bytes, Listing] | None:
+        """Where an attached snapshot served from a NAS (not a local disk) is, and its
+        entries; None for any other."""
+        backing = self._roots.get(snapshot_id)
+        if backing is None or backing.tree.blocking_is_cheap:
+            return None
+        return backing.tree.path, backing.tree.listing
 
     def snapshot_source(self, snapshot_id: str) -> bytes | None:
         """The directory an attached snapshot is served from, or None if not attached."""

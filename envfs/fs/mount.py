@@ -38,6 +38,7 @@ from envfs.fs.detached import run_detached
 from envfs.fs.fuse_ops import EnvfsOperations
 from envfs.fs.inodes import View
 from envfs.fs.mounted import prepare_mountpoint
+from envfs.fs.prefetch import prefetch_snapshot
 from envfs.fs.status import BuildStats, DaemonStatus, ServedEnv
 from envfs.fs.vfs import Namespace
 from envfs.node.builds import RETRY_AFTER, BuildQueue
@@ -231,6 +232,7 @@ class Daemon:
         gc.freeze()
         self._status_dirty = trio.Event()
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             nursery.start_soon(self._watch_signals, nursery.cancel_scope)
             nursery.start_soon(self._refresh_loop)
             nursery.start_soon(self._lease_loop)
@@ -407,6 +409,9 @@ class Daemon:
                     await trio.to_thread.run_sync(self._remember_served)
             except Exception as e:  # the lease loop tries again
                 log.error("cannot lease %s: %s: %s", new, type(e).__name__, e)
+            for sid in new:  # a fresh node's head start
+                if self.cache is not None:
+                    self._nursery.start_soon(prefetch_snapshot, self.namespace, self.cache, sid)
         if self.kernel_mounts and not self._stopping:
             with trio.move_on_after(KERNEL_WAIT):
                 await self._place_kernel_views(skip=request_dir)

@@ -12,7 +12,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import pydantic
+
 from envfs.core.errors import EnvironmentProblem
+from envfs.store.formats import AccessTrace
 
 META = ".envfs"  # metadata directory inside a snapshot (manifest, build log); not served
 
@@ -122,6 +125,17 @@ class ListingEntry(NamedTuple):
 
 #: A snapshot's entries by directory: relative dir (b"" is the root) -> name -> entry.
 Listing = dict[bytes, dict[bytes, ListingEntry]]
+
+
+def read_trace(snapshot_path: bytes) -> AccessTrace | None:
+    """A built snapshot's access trace (`AccessTrace`), or None: none recorded, or not
+    readable (a damaged one is ignored: serving works without it)."""
+    path = snapshot_path + b"/" + META.encode() + b"/trace.json"
+    try:
+        with open(path, "rb") as f:
+            return AccessTrace.model_validate_json(f.read())
+    except (OSError, pydantic.ValidationError):
+        return None
 
 
 def read_listing(snapshot_path: bytes) -> Listing:

@@ -100,6 +100,13 @@ class ManifestEntry(Record):
     target: str | None = None
 
 
+class AccessTrace(Record):
+    """``snapshots/<id>/.envfs/trace.json``: the files (relative paths) a first import of
+    the env's direct requirements read, in the order it read them (`envfs.build.trace`)."""
+
+    files: list[str]
+
+
 class Manifest(Record):
     """``snapshots/<id>/.envfs/manifest.json``."""
 

@@ -105,7 +105,8 @@ def test_a_fresh_node_copies_each_file_it_reads_whole_once_and_serves_it_from_th
     site = "lib/python3.12/site-packages"
     manifest = Store(env.store).read_manifest(sid)
     entries = {e.path: e for e in manifest.files if e.type == "file"}
-    backing = tmp_path / "backing/store/snapshots" / sid / site / "base_lib/data.py"
+    snap = tmp_path / "backing/store/snapshots" / sid
+    backing = snap / site / "base_lib/data.py"
     os.chmod(backing, 0o644)
     with open(backing, "r+b") as f:  # behind the NAS's back: a flipped byte
         f.write(b"#")
@@ -118,15 +119,16 @@ def test_a_fresh_node_copies_each_file_it_reads_whole_once_and_serves_it_from_th
         assert entry.sha256 is not None
         return (objects / entry.sha256[:2] / f"{entry.sha256}.{entry.mode & 0o7777:o}").exists()
 
-    init = f"{site}/extra_a/__init__.py"
-    assert "__init__.py" in os.listdir(mnt / "wf/n" / site / "extra_a")  # the manifest read
+    meta = f"{site}/extra_a-1.0.dist-info/METADATA"  # in no trace: read on demand
+    assert "METADATA" in os.listdir(mnt / "wf/n" / site / "extra_a-1.0.dist-info")
+    wait_for(lambda: "prefetched" in mounts[0].log(), 30, "the build's trace copied")
+    assert not cached(meta)
     read = nas.counts().get("read_bytes", 0)
-    assert (mnt / "wf/n" / init).read_bytes() == (tmp_path / "backing/store/snapshots" / sid
-                                                   / init).read_bytes()  # fmt: skip
-    assert cached(init)
+    assert (mnt / "wf/n" / meta).read_bytes() == (snap / meta).read_bytes()
+    assert cached(meta)
     assert not cached(f"{site}/extra_a-1.0.dist-info/RECORD")  # not read: not copied
     read_after = nas.counts().get("read_bytes", 0)
-    assert entries[init].size <= read_after - read < entries[init].size + 65536
+    assert entries[meta].size <= read_after - read < entries[meta].size + 65536
     status = _status(env)["cache"]
     assert isinstance(status, dict)
     assert status["node_cache_fetched_files"] >= 1 and status["node_cache_copies"] == 0
@@ -136,6 +138,34 @@ def test_a_fresh_node_copies_each_file_it_reads_whole_once_and_serves_it_from_th
         "base_lib/data.py" in mounts[0].log() and "does not match its manifest" in mounts[0].log()
     )
     assert _copies(env) == 0
+
+
+def test_a_fresh_node_copies_what_the_build_traced_as_soon_as_the_env_is_first_used(
+    nas_node: tuple[Env, NasSim, list[Mount]], tmp_path: Path
+) -> None:
+    """The build's access trace is a fresh node's head start: the first look at the env
+    copies the files it names into the node cache, before the job reads them."""
+    env, _nas, mounts = nas_node
+    env.run("build", "wf/n", "extra-a==1.0", "--python", PY)
+    sid = env.show("wf/n")["snapshot_id"]
+    snap = tmp_path / "backing/store/snapshots" / sid
+    traced = json.loads((snap / ".envfs/trace.json").read_text())["files"]
+    manifest = {e.path: e for e in Store(env.store).read_manifest(sid).files}
+    mnt = tmp_path / "envs"
+    mounts.append(Mount(env, mnt, "--no-kernel-mounts", "--fill-rate", "off"))
+    objects = env.index / "cache" / "objects"
+
+    def cached(rel: str) -> bool:
+        entry = manifest[rel]
+        assert entry.sha256 is not None
+        return (objects / entry.sha256[:2] / f"{entry.sha256}.{entry.mode & 0o7777:o}").exists()
+
+    assert not any(cached(rel) for rel in traced)
+    os.stat(mnt / "wf/n/bin")  # a first look: nothing read yet
+    wait_for(lambda: all(cached(rel) for rel in traced), 30, "the traced files on the node")
+    assert not cached("lib/python3.12/site-packages/extra_a-1.0.dist-info/RECORD")
+    assert py(mnt, "wf/n", "import extra_a").returncode == 0
+    assert "prefetched" in mounts[0].log()
 
 
 def test_the_cache_is_bounded_and_evicts_what_is_not_in_use(local: Env, tmp_path: Path) -> None:

@@ -1,0 +1,157 @@
+"""The access trace a build records: which files of the env a first import of its direct
+requirements reads, in order (``.envfs/trace.json``, `envfs.store.formats.AccessTrace`).
+A fresh node copies those files into its cache in that order, in parallel, as soon as the
+env is first used (`envfs.fs.prefetch`), so the job's imports find them on the node
+instead of waiting for the NAS one file at a time.
+
+The import runs the packages' own import-time code, so when envfs runs as root it runs as
+``nobody`` in a private mount namespace that shows it the env read-only (`unshare`,
+`setpriv`); always isolated (``-I``), from an empty scratch directory, with no input and a
+time limit. Whatever goes wrong, the build goes on without a trace (serving works without
+one, only slower on a fresh node).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import tomlkit
+
+from envfs.build.uv import BuildLog
+from envfs.store.files import META
+from envfs.store.formats import AccessTrace
+
+#: Seconds the traced import may take.
+TRACE_TIMEOUT = 120.0
+#: Most files a trace names (the rest are read on demand).
+TRACE_MAX = 20_000
+
+# Run by the env's own Python: argv[1] the env root, argv[2] the output, argv[3:] the
+# distributions to import. Records, in order, every file under the root that the
+# interpreter had open or mapped before the hook, then each file opened (audit "open"
+# events: sources, bytecode, data) and mapped (shared libraries: /proc/self/maps) by the
+# import of each top-level module of those distributions.
+_SCRIPT = r"""
+import importlib, importlib.metadata as md, json, os, re, sys
+root, out, names = sys.argv[1], sys.argv[2], sys.argv[3:]
+order, seen = [], set()
+def note(path):
+    path = os.path.abspath(os.fsdecode(path))
+    if path.startswith(root + "/") and path not in seen:
+        seen.add(path)
+        order.append(path[len(root) + 1:])
+def maps():
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split(None, 5)
+            if len(parts) == 6 and parts[5].startswith("/"):
+                note(parts[5].strip())
+note(sys.executable)
+maps()
+for module in list(sys.modules.values()):
+    if getattr(module, "__file__", None):
+        note(module.__file__)
+norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()
+want = {norm(n) for n in names}
+tops = sorted(m for m, dists in md.packages_distributions().items()
+              if m.isidentifier() and any(norm(d) in want for d in dists))
+def hook(event, args):
+    if event == "open" and isinstance(args[0], (str, bytes)):
+        note(args[0])
+sys.addaudithook(hook)
+for top in tops:
+    try:
+        importlib.import_module(top)
+    except BaseException:
+        pass
+    maps()
+order = [rel for rel in order if os.path.isfile(os.path.join(root, rel))]
+with open(out, "w") as f:
+    json.dump(order, f)
+"""
+
+_NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
+
+
+def direct_requirements(pyproject: str) -> list[str]:
+    """The distribution names ``[project].dependencies`` asks for (what a job imports)."""
+    try:
+        project = tomlkit.parse(pyproject).get("project") or {}
+    except Exception:  # tomlkit's errors have no common base: no names, no trace
+        return []
+    names = []
+    for dep in project.get("dependencies") or []:
+        match = _NAME.match(str(dep))
+        if match:
+            names.append(match.group(1))
+    return names
+
+
+def record_trace(python: str, staged: Path, names: list[str], log: BuildLog) -> AccessTrace | None:
+    """Import ``names`` with the staged env's ``python`` (a path inside ``staged``) and write
+    what it read to ``staged/.envfs/trace.json``; the trace, or None if there is none."""
+    if not names:
+        return None
+    log.step(f"access trace: importing {', '.join(names)} to record the files read first")
+    with tempfile.TemporaryDirectory(prefix="envfs-trace-") as tmp:
+        os.chmod(tmp, 0o755)
+        root = Path(tmp) / "env"
+        root.mkdir()
+        out = Path(tmp) / "out" / "trace.json"
+        out.parent.mkdir()
+        rel = os.path.relpath(python, staged)
+        if rel.startswith(".."):  # a venv over the node's interpreter (layout 1): none
+            return None
+        cmd = [str(root / rel), "-I", "-B", "-c", _SCRIPT, str(root), str(out), *names]
+        if os.geteuid() == 0:
+            dropped = _as_nobody(staged, root, out.parent, cmd)
+            if dropped is None:
+                log.step("access trace: skipped (no unshare/setpriv to drop root with)")
+                return None
+            cmd = dropped
+        else:
+            os.rmdir(root)
+            os.symlink(staged, root)
+        env = {"PATH": "/usr/bin:/bin", "HOME": str(out.parent), "LC_ALL": "C.UTF-8"}
+        try:
+            proc = subprocess.run(
+                cmd,
+                cwd=out.parent,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=TRACE_TIMEOUT,
+                check=False,
+            )
+            files = json.loads(out.read_text()) if proc.returncode == 0 else None
+        except (OSError, subprocess.TimeoutExpired, ValueError) as e:
+            log.step(f"access trace: skipped ({type(e).__name__})")
+            return None
+    if not isinstance(files, list) or not files:
+        log.step("access trace: skipped (the import recorded nothing)")
+        return None
+    trace = AccessTrace(files=[str(f) for f in files if not str(f).startswith(META)][:TRACE_MAX])
+    (staged / META / "trace.json").write_text(trace.model_dump_json())
+    log.step(f"access trace: {len(trace.files)} files")
+    return trace
+
+
+def _as_nobody(staged: Path, root: Path, scratch: Path, cmd: list[str]) -> list[str] | None:
+    """``cmd`` run as nobody in a private mount namespace where ``staged`` is bound read-only
+    at ``root`` (reachable whatever the modes of the store's parents): it can read the env
+    and write only ``scratch``."""
+    unshare, setpriv = shutil.which("unshare"), shutil.which("setpriv")
+    if unshare is None or setpriv is None:
+        return None
+    os.chmod(staged, 0o755)  # as the snapshot will be (read-only for all)
+    os.chown(scratch, 65534, 65534)
+    script = 'mount --bind "$0" "$1" && mount -o remount,bind,ro "$1" && shift && exec "$@"'
+    drop = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", "--no-new-privs"]
+    return [unshare, "--mount", "--propagation", "private", "sh", "-c", script,
+            str(staged), str(root), *drop, *cmd]  # fmt: skip
