@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import trio
 
 from envfs.core.errors import EnvfsError
 from envfs.fs.vfs import Namespace
-from envfs.node.cache import NodeCache
+from envfs.node.cache import NodeCache, StoreDirs
 from envfs.store.files import Listing, ListingEntry, read_trace
 
 log = logging.getLogger(__name__)
@@ -31,13 +32,15 @@ async def prefetch_snapshot(namespace: Namespace, cache: NodeCache, snapshot_id:
     if found is None:
         return
     source, listing = found
+    t0 = time.monotonic()
     try:
         copied = await trio.to_thread.run_sync(copy_traced, cache, source, listing)
     except (OSError, EnvfsError) as e:  # the job's reads copy what they need themselves
         log.warning("prefetch of %s stopped: %s", snapshot_id[:12], e)
         return
     if copied:
-        log.info("prefetched %d traced file(s) of %s", copied, snapshot_id[:12])
+        took = time.monotonic() - t0
+        log.info("prefetched %d traced file(s) of %s in %.2fs", copied, snapshot_id[:12], took)
 
 
 def copy_traced(cache: NodeCache, source: bytes, listing: Listing) -> int:
@@ -52,6 +55,10 @@ def copy_traced(cache: NodeCache, source: bytes, listing: Listing) -> int:
         entry = listing.get(parent, {}).get(name)
         if entry is not None and entry.type == "file" and entry.sha256 is not None:
             todo.append((source + b"/" + raw, entry))
-    with ThreadPoolExecutor(PREFETCH_THREADS, thread_name_prefix="prefetch") as pool:
-        list(pool.map(lambda item: cache.fetch(item[1], item[0]), todo))
+    dirs = StoreDirs()
+    try:
+        with ThreadPoolExecutor(PREFETCH_THREADS, thread_name_prefix="prefetch") as pool:
+            list(pool.map(lambda item: cache.fetch(item[1], item[0], dirs), todo))
+    finally:
+        dirs.close()
     return len(todo)

@@ -202,6 +202,30 @@ def test_a_copy_is_checked_against_the_manifest(local: Env, tmp_path: Path) -> N
     assert cache.path(sid) is None and os.listdir(tmp_path / "cache" / "staging") == []
 
 
+def test_a_big_file_is_copied_in_ranges_and_checked_whole(tmp_path: Path) -> None:
+    """Files past 8 MB are read in ranges at once (an interpreter, a BLAS library): the
+    copy is the file, and one changed byte anywhere is refused."""
+    import hashlib
+
+    from envfs.store.files import ListingEntry
+
+    data = os.urandom(9 << 20) + b"tail"
+    src = tmp_path / "big.so"
+    src.write_bytes(data)
+    entry = ListingEntry("file", 0o100755, len(data), hashlib.sha256(data).hexdigest(), None)
+    cache = NodeCache(tmp_path / "cache")
+    copy = cache.fetch(entry, os.fsencode(src))
+    assert copy.read_bytes() == data and cache.fetched_bytes == len(data)
+    assert cache.fetch(entry, b"/nonexistent/big.so") == copy  # held: the store not asked
+    damaged = bytearray(data)
+    damaged[5 << 20] ^= 1
+    src.write_bytes(bytes(damaged))
+    other = entry._replace(mode=0o100644)  # another object, the same content claimed
+    with pytest.raises(CacheDamage):
+        cache.fetch(other, os.fsencode(src))
+    assert not any(p.name.startswith(".") for p in copy.parent.iterdir())  # no leftovers
+
+
 def test_a_bad_cache_size_is_one_line(local: Env, tmp_path: Path) -> None:
     out = local.run("mount", str(tmp_path / "m"), "--cache-size", "lots", check=False)
     assert out.returncode == 3 and "bad size" in out.stderr

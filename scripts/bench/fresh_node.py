@@ -1,0 +1,175 @@
+"""A fresh node's first run: the first import on nodes that have never seen the env.
+
+For each --latency-ms (default 1) and each node count in --nodes (default 1,4), in one
+run: build the env (--packages, default pandas + numpy) into a local backing store and
+the same packages into a plain local venv (copied, bytecode compiled), serve the store
+through `scripts/nas-sim`, then
+
+- local cold: drop the page cache, K imports at once in the local venv (the slowest);
+- fresh: K daemons, each with an empty index and node cache and its own host id, drop the
+  page cache, K imports at once through them (the slowest), with the NAS requests and
+  bytes read for them (per node) and the bytes of the files the build traced.
+
+Prints one markdown row per (latency, K). Needs root (drop_caches, mounts) and PyPI.
+
+    scripts/bench/fresh-node [--packages "pandas==2.2.3 numpy==2.1.3"] [--module pandas]
+                             [--latency-ms 0.5,1,5] [--nodes 1,4] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from scale import Nas, cli, say, start_daemon  # type: ignore[import-not-found]
+
+
+def base_python(version: str) -> str:
+    """An installed CPython of ``version`` for the local venv (pyenv's, else on PATH)."""
+    pyenv = subprocess.run(["pyenv", "root"], capture_output=True, text=True, check=False)
+    versions = Path(pyenv.stdout.strip() or "/nonexistent") / "versions"
+    found = sorted(versions.glob(f"{version}*/bin/python{version}"))
+    if found:
+        return str(found[-1])
+    return shutil.which(f"python{version}") or version
+
+
+def drop_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def timed_imports(pythons: list[str], module: str) -> float:
+    """Seconds until the slowest of these imports (run at once) is done."""
+    t0 = time.perf_counter()
+    procs = [
+        subprocess.Popen([p, "-c", f"import {module}"], stdout=subprocess.DEVNULL) for p in pythons
+    ]
+    worst = 0.0
+    for proc in procs:
+        if proc.wait(timeout=600) != 0:
+            raise RuntimeError(f"import {module} failed")
+        worst = max(worst, time.perf_counter() - t0)
+    return worst
+
+
+def nas_counts(nas: Nas) -> tuple[int, int]:
+    requests = nas.requests()
+    counts = json.loads(nas.counts_path.read_text())
+    return requests, int(counts.get("read_bytes", 0))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--packages", default="pandas==2.2.3 numpy==2.1.3")
+    parser.add_argument("--module", default="pandas")
+    parser.add_argument("--latency-ms", default="1")
+    parser.add_argument("--nodes", default="1,4")
+    parser.add_argument("--python", default="3.12")
+    parser.add_argument("--keep", type=Path, help="use (and keep) this directory")
+    args = parser.parse_args()
+    packages = args.packages.split()
+    root = args.keep or Path(tempfile.mkdtemp(prefix="envfs-bench-fresh."))
+    root.mkdir(parents=True, exist_ok=True)
+    backing = root / "back"
+    base = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    writer = dict(base, ENVFS_STORE=str(backing), ENVFS_INDEX=str(root / "index-writer"))
+    say(f"building {' '.join(packages)}")
+    cli(writer, "build", "bench/fresh", *packages, "--python", args.python)
+    sid = json.loads(cli(writer, "show", "bench/fresh", "--json"))["snapshot_id"]
+    snap = backing / "snapshots" / sid
+    traced = json.loads((snap / ".envfs/trace.json").read_text())["files"]
+    traced_bytes = sum((snap / rel).stat().st_size for rel in traced)
+    native = root / "native"
+    if not (native / "bin/python").exists():
+        say("making the local venv")
+        subprocess.run(["uv", "venv", "-q", "--python", base_python(args.python), str(native)],
+                       check=True)  # fmt: skip
+        subprocess.run(
+            ["uv", "pip", "install", "-q", "--python", str(native / "bin/python"), *packages],
+            env=dict(base, UV_LINK_MODE="copy"),
+            check=True,
+        )
+        subprocess.run(
+            [str(native / "bin/python"), "-m", "compileall", "-q", str(native / "lib")],
+            check=False,
+            stdout=subprocess.DEVNULL,
+        )
+    rows = []
+    for latency in [float(x) for x in args.latency_ms.split(",")]:
+        nas = Nas(backing, root / f"nas-{latency}", latency)
+        try:
+            for k in [int(x) for x in args.nodes.split(",")]:
+                rows.append(one_round(root, base, nas, k, latency, args.module, traced_bytes))
+        finally:
+            nas.stop()
+    print(
+        "| latency | nodes | local cold | fresh node | ratio | NAS requests / node "
+        "| NAS MB read / node | traced MB |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(
+            f"| {row['latency']} ms | {row['nodes']} | {row['local']:.2f} s | "
+            f"{row['fresh']:.2f} s | {row['fresh'] / row['local']:.2f}x | "
+            f"{row['requests']:,.0f} | {row['read_mb']:.1f} | {row['traced_mb']:.1f} |"
+        )
+    if args.keep is None:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def one_round(
+    root: Path, base: dict[str, str], nas: Nas, k: int, latency: float, module: str, traced: int
+) -> dict[str, float]:
+    say(f"{latency} ms, {k} node(s)")
+    drop_caches()
+    local = timed_imports([str(root / "native/bin/python")] * k, module)
+    daemons, mnts = [], []
+    tag = f"{latency}-{k}-{time.monotonic_ns()}"
+    try:
+        for i in range(k):
+            node = dict(
+                base,
+                ENVFS_STORE=str(nas.mnt),
+                ENVFS_INDEX=str(root / f"idx-{tag}-{i}"),
+                ENVFS_HOST=f"fresh-{tag}-{i}",
+                XDG_RUNTIME_DIR=str(root / f"run-{tag}-{i}"),
+            )
+            mnt = root / f"mnt-{tag}-{i}"
+            daemons.append(start_daemon(root, node, mnt, root / f"daemon-{tag}-{i}.log"))
+            mnts.append(mnt)
+        time.sleep(1)
+        requests0, read0 = nas_counts(nas)
+        drop_caches()
+        fresh = timed_imports([str(m / "bench/fresh/bin/python") for m in mnts], module)
+        requests1, read1 = nas_counts(nas)
+    finally:
+        for daemon in daemons:
+            daemon.send_signal(signal.SIGTERM)
+        for daemon, mnt in zip(daemons, mnts, strict=False):
+            try:
+                daemon.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+                subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
+    return {
+        "latency": latency,
+        "nodes": k,
+        "local": local,
+        "fresh": fresh,
+        "requests": (requests1 - requests0) / k,
+        "read_mb": (read1 - read0) / k / 2**20,
+        "traced_mb": traced / 2**20,
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())
