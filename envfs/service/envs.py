@@ -19,6 +19,7 @@ from envfs.core.names import parse_target
 from envfs.core.views import BindingView
 from envfs.service.binding import Binding
 from envfs.service.reports import DiskUsage, EnvInfo, InterpreterUse, VerifyReport
+from envfs.service.travel import Travel
 from envfs.store.files import regular_files
 from envfs.store.formats import (
     GcReport,
@@ -56,7 +57,7 @@ class Resolved:
     interpreter: Interpreter
 
 
-class Service(Binding):
+class Service(Binding, Travel):
     # -- specs ----------------------------------------------------------------------------
 
     def resolve(self, inputs: Inputs) -> Resolved:

@@ -81,3 +81,12 @@ class DoctorReport(Record):
 
     ok: bool  # no finding is an error
     findings: list[DoctorFinding]
+
+
+class ImportReport(Record):
+    """What ``envfs import`` did."""
+
+    snapshot_id: str
+    added: list[str]  # what the store lacked: interpreter, spec, snapshot
+    binding: str | None = None
+    revision: int | None = None

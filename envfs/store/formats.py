@@ -100,6 +100,15 @@ class ManifestEntry(Record):
     target: str | None = None
 
 
+class BundleInfo(Record):
+    """``envfs-bundle.json``, the head of a bundle (`envfs.store.bundle` owns the format)."""
+
+    format: int = 1
+    snapshot_id: str
+    interpreter: str | None = None  # the digest of the captured interpreter it carries
+    exported_from: str | None = None  # the binding it was exported as, ``wf/node@rev``
+
+
 class AccessTrace(Record):
     """``snapshots/<id>/.envfs/trace.json``: the files (relative paths) a first import of
     the env's direct requirements read, in the order it read them (`envfs.build.trace`)."""

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from envfs.core.errors import CorruptRecord, EnvfsError
 from envfs.store.files import META
-from envfs.store.formats import Manifest, ManifestEntry, Revision, SpecInfo
+from envfs.store.formats import ManifestEntry, Revision, SpecInfo
 from envfs.store.layout import Store
 from envfs.store.wheel import record_digests
 
@@ -35,7 +35,7 @@ def snapshot_problems(store: Store, snapshot_id: str) -> list[str]:
         manifest = store.read_manifest(snapshot_id)
     except EnvfsError as exc:
         return [f"manifest unreadable: {exc.message}", *problems]
-    return tree_problems(root, manifest) + problems
+    return tree_problems(root, manifest.files) + problems
 
 
 def spec_problems(store: Store, snapshot_id: str) -> list[str]:
@@ -69,8 +69,9 @@ def corrupt_records(store: Store) -> list[str]:
     return out
 
 
-def tree_problems(root: Path, manifest: Manifest) -> list[str]:
-    want = {e.path: e for e in manifest.files}
+def tree_problems(root: Path, files: list[ManifestEntry]) -> list[str]:
+    """What differs between the tree at ``root`` (its ``.envfs/`` aside) and ``files``."""
+    want = {e.path: e for e in files}
     problems: list[str] = []
     seen: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(root):

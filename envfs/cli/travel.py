@@ -1,0 +1,95 @@
+"""Commands that carry envs elsewhere: ``envfs export`` (a bundle, a template) and
+``envfs import``."""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from pathlib import Path
+
+import click
+
+from envfs.cli.app import _emit, _service, main
+from envfs.core.errors import BadInput
+from envfs.core.names import parse_target
+
+
+@main.command(name="export")
+@click.argument("target", metavar="WF/NODE[@REV]")
+@click.option(
+    "-o",
+    "--output",
+    metavar="FILE",
+    help="Write a bundle (tar + zstd) to FILE (`-`: stdout): everything another store needs "
+    "to serve the env with no network. The same snapshot always gives the same bytes.",
+)
+@click.option(
+    "--template",
+    type=click.Path(path_type=Path, file_okay=False),
+    metavar="DIR",
+    help="Write the pyproject.toml, uv.lock and .python-version the env was built from to "
+    "DIR (`uv sync --frozen` there installs exactly its packages).",
+)
+@click.pass_context
+def export_cmd(ctx: click.Context, target: str, output: str | None, template: Path | None) -> None:
+    """Export a built env: a bundle for `envfs import` elsewhere, or its template."""
+    if (output is None) == (template is None):
+        raise BadInput("give one of -o FILE (a bundle) or --template DIR")
+    svc = _service(ctx)
+    if template is not None:
+        names = svc.export_template(target, template)
+        click.echo(f"wrote {', '.join(names)} to {template}")
+        return
+    assert output is not None
+    if output == "-":
+        if sys.stdout.isatty():
+            raise BadInput("a bundle is binary: give -o FILE, or send stdout to a file or pipe")
+        sys.stdout.flush()
+        svc.export_bundle(target, sys.stdout.buffer)
+        return
+    dest = Path(output)
+    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
+    try:
+        with open(tmp, "xb") as out:
+            head = svc.export_bundle(target, out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    size = dest.stat().st_size
+    click.echo(f"exported {head.exported_from} ({head.snapshot_id[:12]}) to {dest}, {size} bytes")
+
+
+@main.command(name="import")
+@click.argument("bundle", metavar="FILE")
+@click.option("--bind", "bind_as", metavar="WF/NODE", help="Bind WF/NODE to the imported env.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def import_cmd(ctx: click.Context, bundle: str, bind_as: str | None, as_json: bool) -> None:
+    """Import a bundle written by `envfs export` (FILE, or `-` for stdin).
+
+    Every file is checked against its manifest, the snapshot id against its spec and the
+    interpreter against its digest before anything is published; a damaged or tampered
+    bundle is refused and leaves nothing in the store. Needs no network. Content the store
+    has already is linked, not stored again.
+    """
+    target = parse_target(bind_as) if bind_as else None
+    svc = _service(ctx)
+    if bundle == "-":
+        report = svc.import_bundle(sys.stdin.buffer, target, "from stdin")
+    else:
+        try:
+            source = open(bundle, "rb")  # noqa: SIM115  (closed below)
+        except OSError as exc:
+            raise BadInput(f"cannot read {bundle}: {exc.strerror}") from None
+        with source:
+            report = svc.import_bundle(source, target, f"from {Path(bundle).name}")
+    if as_json:
+        _emit(report.model_dump())
+        return
+    what = ", ".join(report.added) or "nothing new (the store had it)"
+    click.echo(f"imported {report.snapshot_id[:12]}: added {what}")
+    if report.binding is not None:
+        click.echo(f"{report.binding}@{report.revision} -> {report.snapshot_id[:12]}")

@@ -1,0 +1,203 @@
+"""Environments that travel: a snapshot exported as a bundle (`envfs.store.bundle`) and
+imported into another store with no network, and the template it was built from."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from pathlib import Path
+from typing import IO
+
+from envfs.build import spec
+from envfs.build.tree import tree_digest
+from envfs.core.errors import BadInput, NotFound
+from envfs.core.names import parse_revision, parse_target
+from envfs.service.base import ServiceBase
+from envfs.service.reports import EnvInfo, ImportReport
+from envfs.store import bundle, verify
+from envfs.store.files import META, remove_tree
+from envfs.store.formats import (
+    BundleInfo,
+    InterpreterInfo,
+    Manifest,
+    Revision,
+    SpecInfo,
+)
+
+#: The files of ``specs/<id>/`` a rebuild needs (a project's wheel comes with them).
+SPEC_FILES = ("spec.json", "pyproject.toml", "uv.lock")
+
+
+class Travel(ServiceBase):
+    """Export and import (a part of `envfs.service.envs.Service`)."""
+
+    def show(self, workflow: str, node: str, revision: int | None = None) -> EnvInfo:
+        raise NotImplementedError
+
+    def bind(self, workflow: str, node: str, snapshot_id: str, reason: str = "") -> Revision:
+        raise NotImplementedError
+
+    def _exported(self, target: str) -> tuple[str, SpecInfo, str]:
+        """The built snapshot ``WF/NODE[@REV]`` names, its spec, and the name it goes by."""
+        name, _, rev = target.partition("@")
+        wf, node = parse_target(name)
+        revision = parse_revision(rev) if rev else None
+        if rev and revision is None:
+            raise BadInput(f"revision {rev!r} is not a number; see `envfs history {name}`")
+        info = self.show(wf, node, revision)
+        if not self.store.snapshot_ready(info.snapshot_id):
+            raise NotFound(f"{name} is not built yet: build it first (`envfs build {name}`)")
+        return info.snapshot_id, self.store.read_spec(info.snapshot_id), f"{name}@{info.revision}"
+
+    def export_bundle(self, target: str, out: IO[bytes]) -> BundleInfo:
+        """Write the bundle of ``WF/NODE[@REV]`` to ``out``: the same bytes every time."""
+        sid, info, name = self._exported(target)
+        digest = info.interpreter.digest
+        parts = [("snapshot", self.store.snapshot_dir(sid)), ("spec", self.store.spec_dir(sid))]
+        if digest is not None:
+            parts.append(("interpreter", self.store.interpreter_dir(digest)))
+        head = BundleInfo(snapshot_id=sid, interpreter=digest, exported_from=name)
+
+        def progress(done: int, total: int) -> None:
+            self._say(f"bundled {done} of {total} entries")
+
+        bundle.write_bundle(out, head, parts, progress)
+        return head
+
+    def export_template(self, target: str, dest: Path) -> list[str]:
+        """Write the ``pyproject.toml``, ``uv.lock`` and ``.python-version`` ``WF/NODE[@REV]``
+        was built from into ``dest`` (never over a file there); the names written."""
+        sid, info, _name = self._exported(target)
+        pyproject, lock = self.store.spec_files(sid)
+        files = {
+            "pyproject.toml": pyproject,
+            "uv.lock": lock,
+            ".python-version": info.interpreter.version + "\n",
+        }
+        taken = [n for n in files if (dest / n).exists()]
+        if taken:
+            raise BadInput(f"{dest} has {', '.join(taken)} already: give an empty directory")
+        dest.mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            (dest / name).write_text(text)
+        return sorted(files)
+
+    def import_bundle(
+        self, source: IO[bytes], bind_as: tuple[str, str] | None = None, label: str = ""
+    ) -> ImportReport:
+        """Check a bundle whole (every file against its manifest, the snapshot id against
+        its spec, the interpreter against its digest), then publish what the store lacks
+        (content it has already is linked, not stored again) and bind it if asked. A
+        bundle that fails a check leaves nothing in the store."""
+        self.store.ensure()
+        work = self.store.staging / f"import.{uuid.uuid4().hex[:12]}"
+        work.mkdir()
+        try:
+            self._say("reading the bundle")
+            head = bundle.read_bundle(source, work)
+            self._say("checking every file against its manifest")
+            info, manifest, interp = _checked(work, head)
+            with self.store.gc_fence():
+                added = self._publish_import(work, info, manifest, interp)
+                revision = None
+                if bind_as is not None:
+                    revision = self.bind(*bind_as, head.snapshot_id, f"imported {label}".strip())
+        finally:
+            remove_tree(work)
+        return ImportReport(
+            snapshot_id=head.snapshot_id,
+            added=added,
+            binding=None if revision is None else f"{revision.workflow}/{revision.node}",
+            revision=None if revision is None else revision.revision,
+        )
+
+    def _publish_import(
+        self,
+        work: Path,
+        info: SpecInfo,
+        manifest: Manifest,
+        interp: InterpreterInfo | None,
+    ) -> list[str]:
+        sid = info.snapshot_id
+        added = []
+        if interp is not None and not self.store.interpreter_ready(interp.digest):
+            staged = self.store.new_interpreter_staging(self.host)
+            try:
+                self.store.receive_tree(work / "interpreter", staged, interp.files)
+                _copy_meta(work / "interpreter", staged)
+                if self.store.publish_interpreter(staged, interp.digest):
+                    added.append("interpreter")
+            except BaseException:
+                remove_tree(staged)
+                raise
+        extra = [p for p in (work / "spec").iterdir() if p.name not in SPEC_FILES]
+        pyproject = (work / "spec/pyproject.toml").read_text()
+        lock = (work / "spec/uv.lock").read_text()
+        if self.store.write_spec(info, pyproject, lock, extra[0] if extra else None):
+            self.store.audit("spec_written", self.host, sid, spec=info.model_dump(mode="json"))
+            added.append("spec")
+        self.index.remember_spec(info)
+        if not self.store.snapshot_ready(sid):
+            staged = self.store.new_staging(sid, self.host)
+            try:
+                self.store.receive_tree(work / "snapshot", staged, manifest.files)
+                _copy_meta(work / "snapshot", staged)
+                if self.store.publish(staged, sid):
+                    added.append("snapshot")
+                    self.store.audit(
+                        "built", self.host, sid, imported=True, files=manifest.file_count
+                    )
+            except BaseException:
+                remove_tree(staged)
+                raise
+        self.index.mark_ready(sid)
+        return added
+
+
+def _copy_meta(src: Path, dest: Path) -> None:
+    (dest / META).mkdir(exist_ok=True)
+    for item in sorted((src / META).iterdir()):
+        if item.is_file() and not item.is_symlink():
+            shutil.copyfile(item, dest / META / item.name)
+
+
+def _checked(work: Path, head: BundleInfo) -> tuple[SpecInfo, Manifest, InterpreterInfo | None]:
+    """The bundle's spec, manifest and interpreter, once every check holds; else one
+    `BadBundle` line naming the first that does not."""
+    bad = bundle.BadBundle
+    try:
+        info = SpecInfo.model_validate_json((work / "spec/spec.json").read_bytes())
+        pyproject = (work / "spec/pyproject.toml").read_text()
+        lock = (work / "spec/uv.lock").read_text()
+        manifest = Manifest.model_validate_json(
+            (work / "snapshot" / META / "manifest.json").read_bytes()
+        )
+    except (OSError, ValueError) as exc:
+        raise bad(f"the bundle lacks a readable spec or manifest ({type(exc).__name__})") from None
+    sid = head.snapshot_id
+    if info.snapshot_id != sid or manifest.snapshot_id != sid:
+        raise bad("the bundle's spec, manifest and head name different snapshots")
+    files = spec.ProjectFiles(pyproject, lock)
+    if spec.snapshot_id(files, info.interpreter, info.selection) != sid:
+        raise bad(f"the bundle's spec does not give snapshot {sid[:12]} (tampered?)")
+    if tree_digest(manifest.files) != manifest.tree_digest:
+        raise bad("the bundle's manifest does not match its own digest (tampered?)")
+    problems = verify.tree_problems(work / "snapshot", manifest.files)
+    if problems:
+        raise bad(f"the bundle's snapshot does not match its manifest: {problems[0]}")
+    interp = None
+    digest = info.interpreter.digest
+    if digest is not None:
+        try:
+            interp = InterpreterInfo.model_validate_json(
+                (work / "interpreter" / META / "interpreter.json").read_bytes()
+            )
+        except (OSError, ValueError):
+            raise bad(f"the bundle lacks its interpreter {digest[:12]}") from None
+        sources = [e for e in interp.files if "__pycache__" not in e.path.split("/")]
+        if interp.digest != digest or tree_digest(sources) != digest:
+            raise bad(f"the bundle's interpreter does not match its digest {digest[:12]}")
+        problems = verify.tree_problems(work / "interpreter", interp.files)
+        if problems:
+            raise bad(f"the bundle's interpreter does not match its files: {problems[0]}")
+    return info, manifest, interp

@@ -1,0 +1,139 @@
+"""Environments that travel: bundles exported the same every time and imported into
+another store with no network (checked whole, refused in one line when damaged, nothing
+left), content shared between bundles stored once; templates (real CLI, real stores)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ENVFS, PY, Env, make_env
+from tests.test_e2e import Mount, fs  # noqa: F401  (fixture)
+
+
+def _sid(env: Env, target: str) -> str:
+    return str(env.show(target)["snapshot_id"])
+
+
+def _entries(store: Path) -> list[str]:
+    return sorted(
+        f"{d}/{n}"
+        for d in ("snapshots", "staging", "bindings", "specs")
+        if (store / d).is_dir()
+        for n in os.listdir(store / d)
+    )
+
+
+def _offline(env: Env, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """The CLI in a network namespace with no network at all (`unshare -n`)."""
+    proc = subprocess.run(
+        ["unshare", "-n", *ENVFS, *args], capture_output=True, text=True, env=env.vars, timeout=300
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"envfs {' '.join(args)} -> {proc.returncode}\n{proc.stderr}")
+    return proc
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare")
+def test_a_bundle_is_the_same_bytes_twice_and_imports_offline_as_the_same_env(
+    local: Env, tmp_path: Path, wheelhouse: Path
+) -> None:
+    local.run("build", "wf/t", "extra-a==1.0", "--python", PY)
+    local.run("build", "wf/u", "extra-a==1.0", "extra-b==2.0", "--python", PY)
+    sid, other = _sid(local, "wf/t"), _sid(local, "wf/u")
+    one, two = tmp_path / "one.envfs", tmp_path / "two.envfs"
+    local.run("export", "wf/t@1", "-o", str(one))
+    local.run("export", "wf/t", "-o", str(two))
+    assert one.read_bytes() == two.read_bytes()
+    elsewhere = make_env(tmp_path / "elsewhere", None, host="site-b", seed=False)
+    out = _offline(elsewhere, "import", str(one), "--bind", "x/y", "--json").stdout
+    report = json.loads(out)
+    assert report["snapshot_id"] == sid and report["binding"] == "x/y"
+    assert set(report["added"]) == {"interpreter", "spec", "snapshot"}
+    assert _sid(elsewhere, "x/y") == sid
+    assert elsewhere.run("verify").returncode == 0
+    site = "lib/python3.12/site-packages"
+    here, there = (e.store / "snapshots" / sid for e in (local, elsewhere))
+    for rel in (f"{site}/extra_a/__init__.py", "bin/python3.12"):
+        assert (here / rel).read_bytes() == (there / rel).read_bytes()
+    run = subprocess.run(
+        [str(there / "bin/python"), "-c", "import extra_a, sys; print(sys.prefix)"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0 and run.stdout.strip() == str(there)
+    # a second bundle sharing extra-a: its files are linked to what the store has
+    third = tmp_path / "u.envfs"
+    local.run("export", "wf/u", "-o", str(third))
+    report = json.loads(_offline(elsewhere, "import", str(third), "--json").stdout)
+    assert report["added"] == ["spec", "snapshot"]
+    shared = f"{site}/extra_a/__init__.py"
+    a, b = there / shared, elsewhere.store / "snapshots" / other / shared
+    assert os.stat(a).st_ino == os.stat(b).st_ino
+    # again: nothing new
+    report = json.loads(_offline(elsewhere, "import", str(one), "--json").stdout)
+    assert report["added"] == []
+
+
+def test_a_damaged_or_foreign_bundle_is_refused_in_one_line_and_leaves_nothing(
+    local: Env, tmp_path: Path
+) -> None:
+    local.run("build", "wf/t", "extra-a==1.0", "--python", PY)
+    good = tmp_path / "good.envfs"
+    local.run("export", "wf/t", "-o", str(good))
+    data = bytearray(good.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    flipped = tmp_path / "flipped.envfs"
+    flipped.write_bytes(bytes(data))
+    truncated = tmp_path / "truncated.envfs"
+    truncated.write_bytes(bytes(good.read_bytes()[: len(data) // 3]))
+    junk = tmp_path / "junk.envfs"
+    junk.write_bytes(b"not a bundle at all\n" * 100)
+    target = make_env(tmp_path / "target", None, host="t", seed=False)
+    for bad in (flipped, truncated, junk, tmp_path / "missing.envfs"):
+        proc = target.run("import", str(bad), "--bind", "x/z", check=False)
+        assert proc.returncode == 3, (bad.name, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+        assert _entries(target.store) == [], bad.name
+    proc = target.run("export", "wf/t", check=False)
+    assert proc.returncode == 3 and "give one of -o FILE" in proc.stderr
+
+
+def test_a_tampered_file_inside_an_intact_archive_is_refused(local: Env, tmp_path: Path) -> None:
+    """zstd's checksum is not the only guard: a bundle rewritten with one file changed
+    (valid archive, valid compression) fails the manifest check."""
+    local.run("build", "wf/t", "extra-a==1.0", "--python", PY)
+    good = tmp_path / "good.envfs"
+    local.run("export", "wf/t", "-o", str(good))
+    raw = subprocess.run(["zstd", "-d", "-q", "-c", str(good)], capture_output=True, check=True)
+    tar = raw.stdout
+    marker = b"VERSION = '1.0'"  # in a package's __init__.py
+    at = tar.find(marker)
+    assert at > 0
+    tar = tar[:at] + b"VERSION = '6.6'" + tar[at + len(marker) :]
+    evil = tmp_path / "evil.envfs"
+    evil.write_bytes(
+        subprocess.run(["zstd", "-q", "-c"], input=tar, capture_output=True, check=True).stdout
+    )
+    target = make_env(tmp_path / "target", None, host="t", seed=False)
+    proc = target.run("import", str(evil), check=False)
+    assert proc.returncode == 3 and "does not match its manifest" in proc.stderr, proc.stderr
+    assert _entries(target.store) == []
+
+
+def test_a_template_is_what_the_env_was_built_from(local: Env, tmp_path: Path) -> None:
+    local.run("build", "wf/t", "extra-a==1.0", "--python", PY)
+    dest = tmp_path / "tpl"
+    local.run("export", "wf/t", "--template", str(dest))
+    spec = local.store / "specs" / _sid(local, "wf/t")
+    assert (dest / "uv.lock").read_text() == (spec / "uv.lock").read_text()
+    assert (dest / "pyproject.toml").read_text() == (spec / "pyproject.toml").read_text()
+    assert (dest / ".python-version").read_text().startswith("3.12")
+    proc = local.run("export", "wf/t", "--template", str(dest), check=False)
+    assert proc.returncode == 3 and "already" in proc.stderr  # nothing overwritten
