@@ -50,6 +50,10 @@ def test_a_bundle_is_the_same_bytes_twice_and_imports_offline_as_the_same_env(
     local.run("export", "wf/t@1", "-o", str(one))
     local.run("export", "wf/t", "-o", str(two))
     assert one.read_bytes() == two.read_bytes()
+    listing = subprocess.run(
+        f"zstd -d -q -c {one} | tar -t", shell=True, capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert listing[:2] == ["envfs-bundle.json", "sbom.cdx.json"]
     elsewhere = make_env(tmp_path / "elsewhere", None, host="site-b", seed=False)
     out = _offline(elsewhere, "import", str(one), "--bind", "x/y", "--json").stdout
     report = json.loads(out)
@@ -137,3 +141,46 @@ def test_a_template_is_what_the_env_was_built_from(local: Env, tmp_path: Path) -
     assert (dest / ".python-version").read_text().startswith("3.12")
     proc = local.run("export", "wf/t", "--template", str(dest), check=False)
     assert proc.returncode == 3 and "already" in proc.stderr  # nothing overwritten
+
+
+def test_the_sbom_lists_every_package_and_is_valid_and_the_same_twice(local: Env) -> None:
+    from cyclonedx.schema import SchemaVersion
+    from cyclonedx.validation.json import JsonStrictValidator
+
+    local.run("build", "wf/t", "extra-a==1.0", "--python", PY)
+    first = local.run("sbom", "wf/t").stdout
+    assert local.run("sbom", "wf/t@1", "--format", "cyclonedx-json").stdout == first
+    assert JsonStrictValidator(SchemaVersion.V1_6).validate_str(first) is None
+    doc = json.loads(first)
+    assert doc["bomFormat"] == "CycloneDX" and doc["specVersion"] == "1.6"
+    found = {c["name"]: c for c in doc["components"]}
+    assert found["extra-a"]["version"] == "1.0" and found["base-lib"]["version"] == "1.0"
+    assert found["extra-a"]["purl"] == "pkg:pypi/extra-a@1.0"
+    assert found["cpython"]["version"].startswith("3.12")
+    assert "hashes" not in found["extra-a"]  # a lock pins no hash for a local wheel path
+    assert doc["metadata"]["component"]["version"] == _sid(local, "wf/t")
+
+
+def test_the_sbom_hash_is_the_one_the_lock_pins_for_the_file_installed() -> None:
+    from envfs.build.sbom import _installed_hash, pinned_sha256
+
+    lock = """
+[[package]]
+name = "NumPy"
+version = "2.1.3"
+sdist = { url = "https://x/numpy-2.1.3.tar.gz", hash = "sha256:aa" }
+wheels = [
+    { url = "https://x/numpy-2.1.3-cp312-cp312-musllinux_1_2_x86_64.whl", hash = "sha256:bb" },
+    { url = "https://x/WHEEL", hash = "sha256:cc" },
+]
+[[package]]
+name = "six"
+version = "1.16.0"
+wheels = [{ url = "https://x/six-1.16.0-py2.py3-none-any.whl", hash = "sha256:dd" }]
+"""
+    wheel = "numpy-2.1.3-cp312-cp312-manylinux_2_17_x86_64.manylinux2014_x86_64.whl"
+    pins = pinned_sha256(lock.replace("WHEEL", wheel))
+    manylinux = {"cp312-cp312-manylinux_2_17_x86_64", "cp312-cp312-manylinux2014_x86_64"}
+    assert _installed_hash(pins[("numpy", "2.1.3")], manylinux) == "cc"
+    assert _installed_hash(pins[("numpy", "2.1.3")], {"cp312-cp312-linux_x86_64"}) == "aa"
+    assert _installed_hash(pins[("six", "1.16.0")], {"py3-none-any"}) == "dd"

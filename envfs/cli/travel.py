@@ -93,3 +93,21 @@ def import_cmd(ctx: click.Context, bundle: str, bind_as: str | None, as_json: bo
     click.echo(f"imported {report.snapshot_id[:12]}: added {what}")
     if report.binding is not None:
         click.echo(f"{report.binding}@{report.revision} -> {report.snapshot_id[:12]}")
+
+
+@main.command()
+@click.argument("target", metavar="WF/NODE[@REV]")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["cyclonedx-json"]),
+    default="cyclonedx-json",
+    show_default=True,
+    help="The document format (CycloneDX 1.6, JSON).",
+)
+@click.pass_context
+def sbom(ctx: click.Context, target: str, fmt: str) -> None:
+    """Print the software bill of materials of a built env: the interpreter and every
+    installed distribution with its version, PURL and the sha256 the lock pins. The same
+    env always gives the same bytes."""
+    click.echo(_service(ctx).sbom(target), nl=False)

@@ -61,8 +61,19 @@ class Travel(ServiceBase):
         def progress(done: int, total: int) -> None:
             self._say(f"bundled {done} of {total} entries")
 
-        bundle.write_bundle(out, head, parts, progress)
+        sbom = self.sbom(target).encode()
+        bundle.write_bundle(out, head, parts, progress, {"sbom.cdx.json": sbom})
         return head
+
+    def sbom(self, target: str) -> str:
+        """The CycloneDX 1.6 JSON of ``WF/NODE[@REV]`` (`envfs.build.sbom`): the same bytes
+        every time."""
+        from envfs.build import sbom
+
+        sid, info, name = self._exported(target)
+        _pyproject, lock = self.store.spec_files(sid)
+        manifest = self.store.read_manifest(sid)
+        return sbom.render(self.store.snapshot_dir(sid), info, manifest, lock, name)
 
     def export_template(self, target: str, dest: Path) -> list[str]:
         """Write the ``pyproject.toml``, ``uv.lock`` and ``.python-version`` ``WF/NODE[@REV]``

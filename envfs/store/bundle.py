@@ -5,6 +5,7 @@ Entries, sorted by name, each with mtime 0, owner 0:0, no user or group names, a
 mode as in the store (so one snapshot always gives the same bytes)::
 
     envfs-bundle.json   `BundleInfo`: what the bundle holds
+    sbom.cdx.json       its CycloneDX SBOM (`envfs.build.sbom`), for people and scanners
     interpreter/...     ``interpreters/<digest>/`` of a self-contained snapshot, with its
                         ``.envfs/interpreter.json`` (every file and digest)
     snapshot/...        ``snapshots/<id>/``, with its ``.envfs/`` (manifest, trace, log)
@@ -53,9 +54,11 @@ def write_bundle(
     info: BundleInfo,
     parts: list[tuple[str, Path]],
     progress: Callable[[int, int], None] | None = None,
+    documents: dict[str, bytes] | None = None,
 ) -> int:
     """Write a bundle of ``parts`` (name prefix in the bundle, directory in the store) to
-    ``out``; the number of entries."""
+    ``out``, with ``documents`` (name -> bytes: the SBOM) after its head; the number of
+    entries."""
     entries: list[tuple[str, Path, os.stat_result]] = []
     for prefix, root in parts:
         for dirpath, dirnames, filenames in os.walk(root):
@@ -76,9 +79,10 @@ def write_bundle(
     assert proc.stdin is not None
     try:
         with tarfile.open(fileobj=proc.stdin, mode="w|", format=tarfile.GNU_FORMAT) as tar:
-            head = _tarinfo(INFO_NAME, tarfile.REGTYPE, 0o444)
-            head.size = len(blob)
-            tar.addfile(head, _BytesReader(blob))
+            for name, data in [(INFO_NAME, blob), *sorted((documents or {}).items())]:
+                head = _tarinfo(name, tarfile.REGTYPE, 0o444)
+                head.size = len(data)
+                tar.addfile(head, _BytesReader(data))
             first: dict[tuple[int, int], str] = {}
             for done, (name, path, st) in enumerate(entries, 1):
                 _add(tar, name, path, st, first)
