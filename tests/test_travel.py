@@ -184,3 +184,59 @@ wheels = [{ url = "https://x/six-1.16.0-py2.py3-none-any.whl", hash = "sha256:dd
     assert _installed_hash(pins[("numpy", "2.1.3")], manylinux) == "cc"
     assert _installed_hash(pins[("numpy", "2.1.3")], {"cp312-cp312-linux_x86_64"}) == "aa"
     assert _installed_hash(pins[("six", "1.16.0")], {"py3-none-any"}) == "dd"
+
+
+def _podman_env(tmp_path: Path) -> dict[str, str]:
+    """Podman on this machine: runc (crun fails on its mixed cgroups) and raised ulimits."""
+    conf = tmp_path / "containers.conf"
+    conf.write_text(
+        '[containers]\ndefault_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]\n'
+        '[engine]\nruntime = "runc"\n'
+    )
+    return dict(os.environ, CONTAINERS_CONF=str(conf))
+
+
+def test_an_oci_image_is_the_same_twice_and_runs_the_env_in_a_container(
+    local: Env, tmp_path: Path
+) -> None:
+    local.run("build", "wf/t", "extra-a==1.0", "--python", PY)
+    sid = _sid(local, "wf/t")
+    one, two = tmp_path / "one", tmp_path / "two"
+    local.run("export", "wf/t", "--oci", str(one))
+    local.run("export", "wf/t@1", "--oci", str(two))
+    index = json.loads((one / "index.json").read_text())
+    assert index == json.loads((two / "index.json").read_text())
+    assert json.loads((one / "oci-layout").read_text()) == {"imageLayoutVersion": "1.0.0"}
+    digest = index["manifests"][0]["digest"].removeprefix("sha256:")
+    manifest = json.loads((one / "blobs/sha256" / digest).read_text())
+    assert len(manifest["layers"]) == 3
+    config = json.loads((one / "blobs/sha256" / manifest["config"]["digest"][7:]).read_text())
+    assert config["config"]["Entrypoint"] == ["/envs/wf/t/bin/python"]
+    assert config["config"]["Labels"]["dev.envfs.snapshot-id"] == sid
+    # another env of the same interpreter shares the interpreter layer
+    local.run("build", "wf/u", "extra-b==2.0", "--python", PY)
+    local.run("export", "wf/u", "--oci", str(tmp_path / "three"))
+    other = json.loads((tmp_path / "three/index.json").read_text())["manifests"][0]["digest"]
+    layers = json.loads((tmp_path / "three/blobs/sha256" / other[7:]).read_text())["layers"]
+    assert layers[1] == manifest["layers"][1] and layers[2] != manifest["layers"][2]
+    proc = local.run("export", "wf/t", "--oci", str(one), check=False)  # not over an image
+    assert proc.returncode != 0 and "not empty" in proc.stderr
+    if shutil.which("podman") is None or shutil.which("runc") is None:
+        pytest.skip("podman and runc are not installed (scripts/setup installs them)")
+    env = _podman_env(tmp_path)
+    pulled = subprocess.run(
+        ["podman", "pull", "-q", f"oci:{one}"], capture_output=True, text=True, env=env,
+        timeout=300,
+    )  # fmt: skip
+    assert pulled.returncode == 0, pulled.stderr
+    image = pulled.stdout.strip().splitlines()[-1]
+    try:
+        run = subprocess.run(
+            ["podman", "run", "--rm", "--network", "none", "--user", "65534:65534", image,
+             "-c", "import extra_a, sys; print(sys.prefix, extra_a.VERSION)"],
+            capture_output=True, text=True, env=env, timeout=300,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.split() == ["/envs/wf/t", "1.0"]
+    finally:
+        subprocess.run(["podman", "rmi", "-f", image], capture_output=True, env=env, timeout=120)

@@ -31,12 +31,30 @@ from envfs.core.names import parse_target
     help="Write the pyproject.toml, uv.lock and .python-version the env was built from to "
     "DIR (`uv sync --frozen` there installs exactly its packages).",
 )
+@click.option(
+    "--oci",
+    type=click.Path(path_type=Path, file_okay=False),
+    metavar="DIR",
+    help="Write an OCI image layout to DIR (a new directory) that runs the env at "
+    "/envs/WF/NODE with no Python in the image (podman run oci:DIR ...).",
+)
 @click.pass_context
-def export_cmd(ctx: click.Context, target: str, output: str | None, template: Path | None) -> None:
-    """Export a built env: a bundle for `envfs import` elsewhere, or its template."""
-    if (output is None) == (template is None):
-        raise BadInput("give one of -o FILE (a bundle) or --template DIR")
+def export_cmd(
+    ctx: click.Context,
+    target: str,
+    output: str | None,
+    template: Path | None,
+    oci: Path | None,
+) -> None:
+    """Export a built env: a bundle for `envfs import` elsewhere, an OCI image, or its
+    template."""
+    if sum(x is not None for x in (output, template, oci)) != 1:
+        raise BadInput("give one of -o FILE (a bundle), --oci DIR (an image), --template DIR")
     svc = _service(ctx)
+    if oci is not None:
+        digest = svc.export_oci(target, oci)
+        click.echo(f"wrote an OCI image of {target} to {oci}: {digest}")
+        return
     if template is not None:
         names = svc.export_template(target, template)
         click.echo(f"wrote {', '.join(names)} to {template}")

@@ -65,6 +65,51 @@ class Travel(ServiceBase):
         bundle.write_bundle(out, head, parts, progress, {"sbom.cdx.json": sbom})
         return head
 
+    def export_oci(self, target: str, dest: Path) -> str:
+        """Write an OCI image layout of ``WF/NODE[@REV]`` at ``dest`` (`envfs.store.oci`);
+        its manifest digest, the same every time for one snapshot."""
+        from datetime import UTC, datetime
+
+        from envfs.store import oci
+
+        sid, info, name = self._exported(target)
+        digest = info.interpreter.digest
+        if digest is None:
+            raise BadInput(
+                f"{name} runs on its node's own Python (built before self-contained envs): "
+                "rebuild it (`envfs build --rebuild`) to make an image"
+            )
+        interp = self.store.read_interpreter(digest)
+        manifest = self.store.read_manifest(sid)
+        wf, node = name.split("@", 1)[0].split("/", 1)
+        env_at, interp_at = f"envs/{wf}/{node}", f"envs/.interpreters/{digest}"
+        mine = {e.path: e.sha256 for e in manifest.files if e.type == "file"}
+        links = {
+            e.path: f"/{interp_at}/{e.path}"
+            for e in interp.files
+            if e.type == "file" and e.path != interp.executable and mine.get(e.path) == e.sha256
+        }
+        self._say("writing the runtime, interpreter and env layers")
+        layers = [
+            oci.layer_tar(oci.runtime_entries()),
+            oci.layer_tar(oci.tree_entries(self.store.interpreter_dir(digest), interp_at)),
+            oci.layer_tar(oci.tree_entries(self.store.snapshot_dir(sid), env_at, links)),
+        ]
+        created = datetime.fromtimestamp(int(manifest.built_at), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        labels = {
+            "org.opencontainers.image.title": f"{wf}/{node}",
+            "dev.envfs.snapshot-id": sid,
+            "dev.envfs.binding": name,
+        }
+        return oci.write_layout(
+            dest,
+            layers,
+            entrypoint=[f"/{env_at}/bin/python"],
+            env=[f"PATH=/{env_at}/bin:/usr/bin:/bin"],
+            labels=labels,
+            created=created,
+        )
+
     def sbom(self, target: str) -> str:
         """The CycloneDX 1.6 JSON of ``WF/NODE[@REV]`` (`envfs.build.sbom`): the same bytes
         every time."""

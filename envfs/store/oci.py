@@ -1,0 +1,188 @@
+"""OCI images of an env (``envfs export --oci DIR``): an image layout (image-spec v1.1:
+``oci-layout``, ``index.json``, ``blobs/sha256/``) whose filesystem holds the env at
+``/envs/WF/NODE`` and runs it with no Python in the image. This module owns the format.
+
+Three layers, uncompressed tars written the same way every time (sorted entries, mtime 0,
+owner 0:0), so one snapshot gives one manifest digest:
+
+1. the C runtime that manylinux wheels assume (glibc's core, libgcc_s, libstdc++, libz),
+   copied from this node at their merged-/usr paths, ``/lib`` and ``/lib64`` as links;
+2. the captured interpreter at ``/envs/.interpreters/<digest>/``: the same bytes for every
+   env of that interpreter, so images of such envs share this layer;
+3. the env at ``/envs/WF/NODE/``: its own files, and a symbolic link into layer 2 for each
+   file it shares with the interpreter, but the executable (a real file: Python finds
+   its prefix from where the executable is).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import stat
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from envfs.core.errors import EnvironmentProblem
+
+#: The C runtime libraries a manylinux wheel may link against beyond what it bundles.
+RUNTIME_LIBS = (
+    "ld-linux-x86-64.so.2",
+    "libc.so.6",
+    "libm.so.6",
+    "libpthread.so.0",
+    "libdl.so.2",
+    "librt.so.1",
+    "libutil.so.1",
+    "libresolv.so.2",
+    "libgcc_s.so.1",
+    "libstdc++.so.6",
+    "libz.so.1",
+)
+_LIB_DIRS = ("/usr/lib/x86_64-linux-gnu", "/lib/x86_64-linux-gnu", "/usr/lib64", "/lib64")
+LAYER = "application/vnd.oci.image.layer.v1.tar"
+MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+CONFIG = "application/vnd.oci.image.config.v1+json"
+INDEX = "application/vnd.oci.image.index.v1+json"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One layer entry: a directory, a file (copied from ``source``) or a symbolic link."""
+
+    name: str  # absolute path in the image, without the leading "/"
+    kind: str  # "dir", "file", "symlink"
+    mode: int = 0o755
+    source: Path | None = None
+    target: str = ""
+
+
+def runtime_entries() -> list[Entry]:
+    """Layer 1: the C runtime libraries, found on this node (a missing one is an error)."""
+    entries = [
+        Entry("lib", "symlink", target="usr/lib"),
+        Entry("lib64", "symlink", target="usr/lib64"),
+        Entry("usr/lib64/ld-linux-x86-64.so.2", "symlink",
+              target="../lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"),
+        Entry("tmp", "dir", mode=0o1777),
+    ]  # fmt: skip
+    for name in RUNTIME_LIBS:
+        found = next((Path(d, name) for d in _LIB_DIRS if Path(d, name).exists()), None)
+        if found is None:
+            raise EnvironmentProblem(f"{name} is not on this node: cannot make the runtime layer")
+        real = found.resolve()
+        entries.append(Entry(f"usr/lib/x86_64-linux-gnu/{name}", "file", 0o755, real))
+    return entries
+
+
+def tree_entries(root: Path, prefix: str, links: dict[str, str] | None = None) -> list[Entry]:
+    """The files of a tree at ``prefix`` in the image (its ``.envfs/`` aside); a file whose
+    relative path is in ``links`` becomes a symbolic link to the path given there."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = os.path.relpath(dirpath, root)
+        if rel_dir == ".":
+            dirnames[:] = [d for d in dirnames if d != ".envfs"]
+        for name in dirnames + filenames:
+            path = Path(dirpath, name)
+            rel = os.path.normpath(os.path.join(rel_dir, name))
+            st = os.lstat(path)
+            where = f"{prefix}/{rel}"
+            if stat.S_ISLNK(st.st_mode):
+                out.append(Entry(where, "symlink", target=os.readlink(path)))
+            elif stat.S_ISDIR(st.st_mode):
+                out.append(Entry(where, "dir", stat.S_IMODE(st.st_mode) | 0o555))
+            elif links is not None and rel in links:
+                out.append(Entry(where, "symlink", target=links[rel]))
+            else:
+                out.append(Entry(where, "file", stat.S_IMODE(st.st_mode) | 0o444, path))
+    return out
+
+
+def layer_tar(entries: list[Entry]) -> bytes:
+    """An uncompressed layer: the entries and every parent directory, sorted, mtime 0."""
+    byname = {e.name: e for e in entries}
+    for e in entries:
+        for parent in PurePosixPath(e.name).parents:
+            if str(parent) != "." and str(parent) not in byname:
+                byname[str(parent)] = Entry(str(parent), "dir")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for name in sorted(byname):
+            e = byname[name]
+            ti = tarfile.TarInfo(name)
+            ti.mtime, ti.uid, ti.gid, ti.uname, ti.gname = 0, 0, 0, "", ""
+            ti.mode = e.mode
+            if e.kind == "dir":
+                ti.type = tarfile.DIRTYPE
+                tar.addfile(ti)
+            elif e.kind == "symlink":
+                ti.type, ti.linkname, ti.mode = tarfile.SYMTYPE, e.target, 0o777
+                tar.addfile(ti)
+            else:
+                assert e.source is not None
+                ti.type = tarfile.REGTYPE
+                ti.size = os.stat(e.source).st_size
+                with open(e.source, "rb") as f:
+                    tar.addfile(ti, f)
+    return buf.getvalue()
+
+
+def _blob(dest: Path, data: bytes) -> dict[str, Any]:
+    digest = hashlib.sha256(data).hexdigest()
+    path = dest / "blobs" / "sha256" / digest
+    if not path.exists():
+        path.write_bytes(data)
+    return {"digest": f"sha256:{digest}", "size": len(data)}
+
+
+def _json(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+
+
+def write_layout(
+    dest: Path,
+    layers: list[bytes],
+    entrypoint: list[str],
+    env: list[str],
+    labels: dict[str, str],
+    created: str,
+) -> str:
+    """Write an OCI image layout of ``layers`` at ``dest`` (new or empty); the manifest's
+    digest (the same for the same inputs)."""
+    if dest.exists() and any(dest.iterdir()):
+        raise EnvironmentProblem(f"{dest} is not empty: give a new directory for the image")
+    (dest / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+    descriptors = [{"mediaType": LAYER, **_blob(dest, layer)} for layer in layers]
+    config = {
+        "architecture": "amd64",
+        "os": "linux",
+        "created": created,
+        "config": {"Entrypoint": entrypoint, "Env": env, "Labels": labels},
+        "rootfs": {"type": "layers", "diff_ids": [d["digest"] for d in descriptors]},
+    }
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": MANIFEST,
+        "config": {"mediaType": CONFIG, **_blob(dest, _json(config))},
+        "layers": descriptors,
+        "annotations": {"org.opencontainers.image.created": created, **labels},
+    }
+    described = _blob(dest, _json(manifest))
+    index = {
+        "schemaVersion": 2,
+        "mediaType": INDEX,
+        "manifests": [
+            {
+                "mediaType": MANIFEST,
+                **described,
+                "annotations": {"org.opencontainers.image.ref.name": "latest"},
+            }
+        ],
+    }
+    (dest / "oci-layout").write_bytes(_json({"imageLayoutVersion": "1.0.0"}))
+    (dest / "index.json").write_bytes(_json(index))
+    return str(described["digest"])
