@@ -40,6 +40,7 @@ from prometheus_client import generate_latest
 from starlette.datastructures import UploadFile
 
 from envfs import __version__
+from envfs.api import exports
 from envfs.api.audit import AuditRow, PgAudit
 from envfs.api.metrics import Metrics
 from envfs.api.models import (
@@ -517,6 +518,8 @@ def create_app(
             removed = service.remove(wf, node)
         api.audited(request, "delete", wf, node, 200, detail={"revisions_removed": removed})
         return {"revisions_removed": removed}
+
+    exports.add_routes(app, service, authorized)
 
     @app.get("/metrics", response_class=PlainTextResponse)
     def metrics() -> PlainTextResponse:

@@ -6,7 +6,9 @@ from __future__ import annotations
 import os
 import sys
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO, TypeVar
 
 import click
 
@@ -38,6 +40,12 @@ from envfs.core.names import parse_target
     help="Write an OCI image layout to DIR (a new directory) that runs the env at "
     "/envs/WF/NODE with no Python in the image (podman run oci:DIR ...).",
 )
+@click.option(
+    "--oci-archive",
+    type=click.Path(path_type=Path, dir_okay=False),
+    metavar="FILE",
+    help="Write the same image as one tar (podman load -i FILE, docker load -i FILE).",
+)
 @click.pass_context
 def export_cmd(
     ctx: click.Context,
@@ -45,12 +53,20 @@ def export_cmd(
     output: str | None,
     template: Path | None,
     oci: Path | None,
+    oci_archive: Path | None,
 ) -> None:
     """Export a built env: a bundle for `envfs import` elsewhere, an OCI image, or its
     template."""
-    if sum(x is not None for x in (output, template, oci)) != 1:
-        raise BadInput("give one of -o FILE (a bundle), --oci DIR (an image), --template DIR")
+    if sum(x is not None for x in (output, template, oci, oci_archive)) != 1:
+        raise BadInput(
+            "give one of -o FILE (a bundle), --oci DIR or --oci-archive FILE (an image), "
+            "--template DIR"
+        )
     svc = _service(ctx)
+    if oci_archive is not None:
+        digest = _atomically(oci_archive, lambda out: svc.export_oci_archive(target, out))
+        click.echo(f"wrote an OCI image archive of {target} to {oci_archive}: {digest}")
+        return
     if oci is not None:
         digest = svc.export_oci(target, oci)
         click.echo(f"wrote an OCI image of {target} to {oci}: {digest}")
@@ -67,17 +83,27 @@ def export_cmd(
         svc.export_bundle(target, sys.stdout.buffer)
         return
     dest = Path(output)
+    head = _atomically(dest, lambda out: svc.export_bundle(target, out))
+    size = dest.stat().st_size
+    click.echo(f"exported {head.exported_from} ({head.snapshot_id[:12]}) to {dest}, {size} bytes")
+
+
+T = TypeVar("T")
+
+
+def _atomically(dest: Path, write: Callable[[IO[bytes]], T]) -> T:
+    """``write`` into a new file that becomes ``dest`` only once complete (nothing
+    half-written is ever at ``dest``)."""
     tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
     try:
         with open(tmp, "xb") as out:
-            head = svc.export_bundle(target, out)
+            result = write(out)
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
-    size = dest.stat().st_size
-    click.echo(f"exported {head.exported_from} ({head.snapshot_id[:12]}) to {dest}, {size} bytes")
+    return result
 
 
 @main.command(name="import")

@@ -110,6 +110,32 @@ class Travel(ServiceBase):
             created=created,
         )
 
+    def export_oci_archive(self, target: str, out: IO[bytes]) -> str:
+        """The image of `export_oci` as one tar on ``out``; its manifest digest."""
+        import tempfile
+
+        from envfs.store import oci
+
+        with tempfile.TemporaryDirectory(prefix="envfs-oci-") as tmp:
+            digest = self.export_oci(target, Path(tmp) / "image")
+            oci.write_archive(Path(tmp) / "image", out)
+        return digest
+
+    def template_tar(self, target: str, out: IO[bytes]) -> None:
+        """The files of `export_template` as one tar on ``out``."""
+        import tarfile
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="envfs-template-") as tmp:
+            names = self.export_template(target, Path(tmp))
+            with tarfile.open(fileobj=out, mode="w|", format=tarfile.GNU_FORMAT) as tar:
+                for name in names:
+                    ti = tar.gettarinfo(str(Path(tmp) / name), arcname=name)
+                    ti.mtime, ti.uid, ti.gid, ti.uname, ti.gname = 0, 0, 0, "", ""
+                    ti.mode = 0o644
+                    with open(Path(tmp) / name, "rb") as f:
+                        tar.addfile(ti, f)
+
     def sbom(self, target: str) -> str:
         """The CycloneDX 1.6 JSON of ``WF/NODE[@REV]`` (`envfs.build.sbom`): the same bytes
         every time."""

@@ -1,6 +1,7 @@
-"""OCI images of an env (``envfs export --oci DIR``): an image layout (image-spec v1.1:
-``oci-layout``, ``index.json``, ``blobs/sha256/``) whose filesystem holds the env at
-``/envs/WF/NODE`` and runs it with no Python in the image. This module owns the format.
+"""OCI images of an env (``envfs export --oci DIR``, ``--oci-archive FILE``): an image
+layout (image-spec v1.1: ``oci-layout``, ``index.json``, ``blobs/sha256/``) whose
+filesystem holds the env at ``/envs/WF/NODE`` and runs it with no Python in the image.
+This module owns the format.
 
 Three layers, uncompressed tars written the same way every time (sorted entries, mtime 0,
 owner 0:0), so one snapshot gives one manifest digest:
@@ -24,7 +25,7 @@ import stat
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import IO, Any
 
 from envfs.core.errors import EnvironmentProblem
 
@@ -186,3 +187,22 @@ def write_layout(
     (dest / "oci-layout").write_bytes(_json({"imageLayoutVersion": "1.0.0"}))
     (dest / "index.json").write_bytes(_json(index))
     return str(described["digest"])
+
+
+def write_archive(layout: Path, out: IO[bytes]) -> None:
+    """The image layout at ``layout`` as one tar on ``out`` (``podman load``, ``docker
+    load`` and ``skopeo copy oci-archive:``), written the same way every time."""
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.GNU_FORMAT) as tar:
+        names = ["blobs", "blobs/sha256", "index.json", "oci-layout"]
+        names += [f"blobs/sha256/{n}" for n in os.listdir(layout / "blobs" / "sha256")]
+        for name in sorted(names):
+            path = layout / name
+            ti = tarfile.TarInfo(name)
+            ti.mtime, ti.uid, ti.gid, ti.uname, ti.gname = 0, 0, 0, "", ""
+            if path.is_dir():
+                ti.type, ti.mode = tarfile.DIRTYPE, 0o755
+                tar.addfile(ti)
+                continue
+            ti.mode, ti.size = 0o644, path.stat().st_size
+            with open(path, "rb") as f:
+                tar.addfile(ti, f)

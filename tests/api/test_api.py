@@ -437,3 +437,43 @@ def test_openapi_document_is_served(api: Server) -> None:
 def test_serve_api_refuses_to_start_without_a_token(local: Env) -> None:
     out = local.run("serve-api", "--port", "1", check=False)
     assert out.returncode == 3 and "--token-file" in out.stderr
+
+
+def test_export_streams_what_the_cli_writes_with_a_token_and_sbom_answers(
+    api: Server, tmp_path: Path
+) -> None:
+    import io
+    import tarfile
+
+    env = api.env
+    env.run("build", "wf/t", "extra-a==1.0", "--python", PY)
+
+    def get(path: str, token: str | None = TOKEN) -> tuple[int, bytes, str]:
+        req = urllib.request.Request(api.url + path)
+        if token is not None:
+            req.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(req, timeout=300) as resp:
+                return resp.status, resp.read(), resp.headers.get("Content-Type", "")
+        except urllib.error.HTTPError as err:
+            return err.code, err.read(), ""
+
+    bundle, archive = tmp_path / "cli.envfs", tmp_path / "cli.oci.tar"
+    env.run("export", "wf/t", "-o", str(bundle))
+    env.run("export", "wf/t", "--oci-archive", str(archive))
+    code, body, media = get("/envs/wf/t/export")
+    assert code == 200 and media == "application/zstd" and body == bundle.read_bytes()
+    code, body, _media = get("/envs/wf/t/export?format=oci-archive")
+    assert code == 200 and body == archive.read_bytes()
+    with tarfile.open(fileobj=io.BytesIO(body)) as tar:
+        assert {"oci-layout", "index.json"} <= set(tar.getnames())
+    code, body, _media = get("/envs/wf/t/export?format=template")
+    with tarfile.open(fileobj=io.BytesIO(body)) as tar:
+        assert sorted(tar.getnames()) == [".python-version", "pyproject.toml", "uv.lock"]
+    assert get("/envs/wf/t/export", token=None)[0] == 401  # every byte of an env: a token
+    assert get("/envs/wf/t/export", token="wrong")[0] == 401
+    assert get("/envs/wf/nope/export")[0] == 404
+    assert get("/envs/wf/t/export?format=zip")[0] == 422
+    code, body, media = get("/envs/wf/t/sbom", token=None)
+    assert code == 200 and media == "application/vnd.cyclonedx+json"
+    assert body.decode() == env.run("sbom", "wf/t").stdout
