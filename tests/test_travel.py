@@ -213,6 +213,7 @@ def test_an_oci_image_is_the_same_twice_and_runs_the_env_in_a_container(
     config = json.loads((one / "blobs/sha256" / manifest["config"]["digest"][7:]).read_text())
     assert config["config"]["Entrypoint"] == ["/envs/wf/t/bin/python"]
     assert config["config"]["Labels"]["dev.envfs.snapshot-id"] == sid
+    assert config["config"]["Labels"]["dev.envfs.sbom"] == "/envs/.sbom/wf/t.cdx.json"
     # another env of the same interpreter shares the interpreter layer
     local.run("build", "wf/u", "extra-b==2.0", "--python", PY)
     local.run("export", "wf/u", "--oci", str(tmp_path / "three"))
@@ -233,10 +234,11 @@ def test_an_oci_image_is_the_same_twice_and_runs_the_env_in_a_container(
     try:
         run = subprocess.run(
             ["podman", "run", "--rm", "--network", "none", "--user", "65534:65534", image,
-             "-c", "import extra_a, sys; print(sys.prefix, extra_a.VERSION)"],
+             "-c", "import extra_a, sys, json; print(sys.prefix, extra_a.VERSION, "
+                   "json.load(open('/envs/.sbom/wf/t.cdx.json'))['bomFormat'])"],
             capture_output=True, text=True, env=env, timeout=300,
         )  # fmt: skip
         assert run.returncode == 0, run.stderr
-        assert run.stdout.split() == ["/envs/wf/t", "1.0"]
+        assert run.stdout.split() == ["/envs/wf/t", "1.0", "CycloneDX"]
     finally:
         subprocess.run(["podman", "rmi", "-f", image], capture_output=True, env=env, timeout=120)

@@ -68,6 +68,7 @@ class Travel(ServiceBase):
     def export_oci(self, target: str, dest: Path) -> str:
         """Write an OCI image layout of ``WF/NODE[@REV]`` at ``dest`` (`envfs.store.oci`);
         its manifest digest, the same every time for one snapshot."""
+        import tempfile
         from datetime import UTC, datetime
 
         from envfs.store import oci
@@ -90,16 +91,23 @@ class Travel(ServiceBase):
             if e.type == "file" and e.path != interp.executable and mine.get(e.path) == e.sha256
         }
         self._say("writing the runtime, interpreter and env layers")
-        layers = [
-            oci.layer_tar(oci.runtime_entries()),
-            oci.layer_tar(oci.tree_entries(self.store.interpreter_dir(digest), interp_at)),
-            oci.layer_tar(oci.tree_entries(self.store.snapshot_dir(sid), env_at, links)),
-        ]
+        sbom_at = f"envs/.sbom/{wf}/{node}.cdx.json"
+        with tempfile.TemporaryDirectory(prefix="envfs-oci-") as tmp:
+            sbom = Path(tmp) / "sbom.cdx.json"
+            sbom.write_text(self.sbom(target))
+            env_layer = oci.tree_entries(self.store.snapshot_dir(sid), env_at, links)
+            env_layer.append(oci.Entry(sbom_at, "file", 0o444, sbom))
+            layers = [
+                oci.layer_tar(oci.runtime_entries()),
+                oci.layer_tar(oci.tree_entries(self.store.interpreter_dir(digest), interp_at)),
+                oci.layer_tar(env_layer),
+            ]
         created = datetime.fromtimestamp(int(manifest.built_at), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         labels = {
             "org.opencontainers.image.title": f"{wf}/{node}",
             "dev.envfs.snapshot-id": sid,
             "dev.envfs.binding": name,
+            "dev.envfs.sbom": f"/{sbom_at}",  # CycloneDX 1.6, in the env's layer
         }
         return oci.write_layout(
             dest,
