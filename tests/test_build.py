@@ -643,3 +643,69 @@ def test_a_node_user_cannot_freeze_builds_with_flock(local: Env) -> None:
             holder.wait(timeout=30)
         assert not (local.store / "bindings" / "wf" / "b").exists()
         local.run("bind", "wf/b", "extra-b==2.0", "--python", PY)
+
+
+def _local_index(root: Path, wheelhouse: Path) -> Path:
+    """A PEP 503 tree: ``probe`` only as an sdist whose setup.py would record its uid,
+    and the test wheels (``extra-a`` and its dependency) as wheels."""
+    import tarfile
+
+    simple = root / "simple"
+    src = root / "src" / "probe-1.0"
+    src.mkdir(parents=True)
+    (src / "setup.py").write_text(
+        "import os, pathlib\npathlib.Path('/tmp/envfs-probe-ran').write_text(str(os.getuid()))\n"
+        "from setuptools import setup\nsetup(name='probe', version='1.0')\n"
+    )
+    (src / "PKG-INFO").write_text("Metadata-Version: 2.1\nName: probe\nVersion: 1.0\n")
+    (simple / "probe").mkdir(parents=True)
+    with tarfile.open(simple / "probe" / "probe-1.0.tar.gz", "w:gz") as tar:
+        tar.add(src, arcname="probe-1.0")
+    (simple / "probe" / "index.html").write_text(
+        '<a href="probe-1.0.tar.gz">probe-1.0.tar.gz</a>\n'
+    )
+    for wheel in wheelhouse.glob("*.whl"):
+        name = wheel.name.split("-")[0].replace("_", "-")
+        (simple / name).mkdir(exist_ok=True)
+        (simple / name / wheel.name).write_bytes(wheel.read_bytes())
+        with open(simple / name / "index.html", "a") as f:
+            f.write(f'<a href="{wheel.name}">{wheel.name}</a>\n')
+    return simple
+
+
+def test_wheels_only_refuses_a_source_build_in_one_line_and_binds_nothing(
+    tmp_path: Path, wheelhouse: Path
+) -> None:
+    import socket
+
+    simple = _local_index(tmp_path / "index", wheelhouse)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        ["python3", "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+        cwd=simple.parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}/simple"
+        env = make_env(tmp_path / "node", None)
+        deadline = time.monotonic() + 20
+        while subprocess.run(["curl", "-sf", url + "/probe/"], capture_output=True).returncode:
+            assert time.monotonic() < deadline, "the local index did not start"
+            time.sleep(0.2)
+        Path("/tmp/envfs-probe-ran").unlink(missing_ok=True)
+        proc = env.run("build", "s/wo", "probe==1.0", "--python", PY, "--index-url", url,
+                       "--build-policy", "wheels-only", check=False)  # fmt: skip
+        assert proc.returncode == 3, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and "probe" in proc.stderr
+        assert "source build" in proc.stderr
+        assert not Path("/tmp/envfs-probe-ran").exists()  # its build code never ran
+        assert env.run("show", "s/wo", check=False).returncode != 0  # nothing bound
+        # wheels pass: the policy refuses source builds, not packages
+        env.run("build", "s/ok", "extra-a==1.0", "--python", PY, "--index-url", url,
+                "--build-policy", "wheels-only")  # fmt: skip
+        assert env.show("s/ok")["state"] == "ready"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+        Path("/tmp/envfs-probe-ran").unlink(missing_ok=True)

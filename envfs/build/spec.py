@@ -193,6 +193,9 @@ class Indexes:
     default: str | None = None
     extra: tuple[str, ...] = ()
     secrets: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+    #: ``--build-policy wheels-only``: uv may not build a source distribution (no package's
+    #: build code runs); how an env is installed, not what it is (not in the id)
+    no_build: bool = field(default=False, compare=False)
 
     def named(self) -> list[tuple[str, str, bool]]:
         """(name, url, is_default) in uv's order of priority."""

@@ -5,6 +5,7 @@ project's wheel)."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -65,6 +66,8 @@ def uv_env(store: Store, indexes: Indexes | None = None) -> dict[str, str]:
         for var in INDEX_VARS:
             env.pop(var, None)
         env.update(indexes.secrets)
+        if indexes.no_build:
+            env["UV_NO_BUILD"] = "1"
     env.update(
         UV_CACHE_DIR=str(store.uv_cache),
         UV_LINK_MODE="hardlink",
@@ -171,8 +174,26 @@ def lock_requirements(
                     "URL (never stored), as UV_INDEX_ENVFS_DEFAULT_USERNAME/_PASSWORD "
                     "(ENVFS_EXTRA_1, ... for extra indexes) or in ~/.netrc"
                 )
+            if indexes.no_build:
+                _refuse_source_builds(proc.stderr)
             raise BadInput(f"cannot resolve the requirements: {reason}")
         return ProjectFiles(pyproject=pyproject, lock=(Path(tmp) / "uv.lock").read_text())
+
+
+_NO_BUILD = re.compile(r"`([A-Za-z0-9][A-Za-z0-9._-]*)(?:==[^`]*)?`[^`\n]*(?:--no-build|build)")
+
+
+def _refuse_source_builds(stderr: str) -> None:
+    """The one-line refusal of ``--build-policy wheels-only`` when uv needed to build a
+    source distribution (the packages named), else nothing."""
+    if "no-build" not in stderr and "building is disabled" not in stderr.lower():
+        return
+    names = sorted({m[1] for m in _NO_BUILD.finditer(stderr)} - {"uv", "envfs-env"})
+    raise BadInput(
+        f"--build-policy wheels-only: {', '.join(names) or 'a package'} has no wheel for this "
+        "Python and would need a source build (its build code would run); pick a version "
+        "with wheels or another build policy"
+    )
 
 
 def check_lock(store: Store, project: Path, interp: Interpreter) -> None:

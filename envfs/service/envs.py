@@ -6,6 +6,7 @@ index: `Service` (over `Building` and `ServiceBase`) and the `Inputs` it resolve
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import tempfile
@@ -30,6 +31,11 @@ from envfs.store.formats import (
     SpecInfo,
 )
 
+#: How source distributions are treated: ``source`` builds them as the user running envfs
+#: (the unprivileged sandbox of issue "Builds run unprivileged" is not there yet);
+#: ``wheels-only`` refuses a spec that needs one.
+BUILD_POLICIES = ("source", "wheels-only")
+
 
 @dataclass(frozen=True, slots=True)
 class Inputs:
@@ -49,6 +55,7 @@ class Inputs:
     no_dev: bool = False
     install_project: bool = False
     ray_driver: str | None = None
+    build_policy: str = "source"  # "wheels-only": no package's build code runs
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +86,9 @@ class Service(Binding, Travel):
         hashes: dict[str, frozenset[str]] = {}
         files: spec.ProjectFiles | None = None
         indexes = spec.make_indexes(inputs.index_url, inputs.extra_index_urls)
+        if inputs.build_policy not in BUILD_POLICIES:
+            raise BadInput(f"--build-policy is one of {', '.join(BUILD_POLICIES)}")
+        indexes = dataclasses.replace(indexes, no_build=inputs.build_policy == "wheels-only")
         if inputs.project is not None:
             files = spec.read_project(inputs.project)
             if inputs.index_only:
