@@ -144,6 +144,8 @@ class Api:
         self.audit = audit
         self.service.user = "api"
         self.token = token
+        #: serve-api's --index-url / --extra-index-url: requirement lists are locked there
+        self.indexes: tuple[str | None, tuple[str, ...]] = (None, ())
         self.mount_path = mount_path
         self.metrics = Metrics()
         self.builds = Builds(service, self.metrics)
@@ -237,12 +239,15 @@ class Api:
                 (tmp / "pyproject.toml").write_text(req.pyproject)
                 (tmp / "uv.lock").write_text(req.uv_lock)
                 project = tmp
+            default, extra = self.indexes if project is None else (None, ())
             inputs = Inputs(
                 packages=tuple(req.packages),
                 requirements_file=requirements_file,
                 project=project,
                 python=req.python,
                 index_only=True,
+                index_url=default,
+                extra_index_urls=extra,
             )
             with self.mutations:
                 rev, reused = self.service.bind_inputs(
@@ -352,10 +357,16 @@ _BATCH_DOC: dict[str, Any] = {
 
 
 def create_app(
-    service: Service, token: str, mount_path: Path | None = None, audit: PgAudit | None = None
+    service: Service,
+    token: str,
+    mount_path: Path | None = None,
+    audit: PgAudit | None = None,
+    indexes: tuple[str | None, tuple[str, ...]] = (None, ()),
 ) -> FastAPI:
-    """The API over ``service``; mutations need ``token``; ``audit`` also gets each one."""
+    """The API over ``service``; mutations need ``token``; ``audit`` also gets each one;
+    ``indexes`` (default, extra) are where every requirement list is locked from."""
     api = Api(service, token, mount_path, audit)
+    api.indexes = indexes
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

@@ -335,6 +335,22 @@ def status(as_json: bool) -> None:
     help="Also write every mutation to PostgreSQL (postgresql://...); rows wait in "
     "<index>/audit-spool while it is down [env: ENVFS_AUDIT_DSN].",
 )
+@click.option(
+    "--index-url",
+    metavar="URL",
+    envvar=["UV_DEFAULT_INDEX", "UV_INDEX_URL"],
+    help="Package index instead of PyPI for every requirement list this server locks "
+    "[env: UV_DEFAULT_INDEX, UV_INDEX_URL]. Credentials in the URL are used, never stored.",
+)
+@click.option(
+    "--extra-index-url",
+    "extra_index_urls",
+    metavar="URL",
+    multiple=True,
+    envvar=["UV_INDEX", "UV_EXTRA_INDEX_URL"],
+    help="Another index, asked before the default one (repeatable) "
+    "[env: UV_INDEX, UV_EXTRA_INDEX_URL].",
+)
 @click.pass_context
 def serve_api(
     ctx: click.Context,
@@ -343,6 +359,8 @@ def serve_api(
     token_file: Path | None,
     mount_path: Path | None,
     audit_dsn: str | None,
+    index_url: str | None,
+    extra_index_urls: tuple[str, ...],
 ) -> None:
     """Serve the HTTP API for workflow platforms (docs/api.md).
 
@@ -356,6 +374,9 @@ def serve_api(
     if token_file is None:
         raise BadInput("serve-api needs --token-file (mutations need a bearer token)")
     token = _read_token(token_file)
+    from envfs.build.spec import make_indexes
+
+    make_indexes(index_url, extra_index_urls)  # a bad URL fails here, in one line
     svc = _service(ctx, quiet=True)
     audit = None
     if audit_dsn:
@@ -363,7 +384,8 @@ def serve_api(
 
         audit = PgAudit(audit_dsn, svc.settings.index / "audit-spool")
     click.echo(f"envfs: serving the API on http://{host}:{port} (store {svc.store.root})", err=True)
-    serve(create_app(svc, token, mount_path, audit), host, port)
+    app = create_app(svc, token, mount_path, audit, indexes=(index_url, extra_index_urls))
+    serve(app, host, port)
 
 
 def _read_token(path: Path) -> str:

@@ -477,3 +477,41 @@ def test_export_streams_what_the_cli_writes_with_a_token_and_sbom_answers(
     code, body, media = get("/envs/wf/t/sbom", token=None)
     assert code == 200 and media == "application/vnd.cyclonedx+json"
     assert body.decode() == env.run("sbom", "wf/t").stdout
+
+
+def test_the_server_locks_requirement_lists_from_its_own_index(
+    tmp_path: Path, wheelhouse: Path
+) -> None:
+    """serve-api --index-url: a platform's private index serves every build the API runs
+    (here a real local PEP 503 index holding the test wheels, and no PyPI)."""
+    from tests.conftest import make_env
+    from tests.test_build import _local_index
+
+    simple = _local_index(tmp_path / "index", wheelhouse)
+    port = _free_port()
+    index = subprocess.Popen(
+        ["python3", "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+        cwd=simple.parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    env = make_env(tmp_path / "node", None)
+    url = f"http://127.0.0.1:{port}/simple"
+    try:
+        deadline = time.monotonic() + 20
+        while subprocess.run(["curl", "-sf", url + "/extra-a/"], capture_output=True).returncode:
+            assert time.monotonic() < deadline, "the local index did not start"
+            time.sleep(0.2)
+        server = start_server(env, "--index-url", url)
+        try:
+            body = {"workflow_id": "p", "node_id": "n", "packages": ["extra-a==1.0"], "python": PY}
+            got = server.call("POST", "/envs", body)
+            assert got.code in (200, 202), got.text
+            server.wait_ready("p/n")
+        finally:
+            stop_server(server)
+        sid = env.show("p/n")["snapshot_id"]
+        info = json.loads((env.store / "specs" / sid / "spec.json").read_text())
+        assert info["index_url"] == url
+        assert (env.store / "snapshots" / sid / "lib/python3.12/site-packages/extra_a").is_dir()
+    finally:
+        index.terminate()
+        index.wait(timeout=10)
