@@ -709,3 +709,79 @@ def test_wheels_only_refuses_a_source_build_in_one_line_and_binds_nothing(
         server.terminate()
         server.wait(timeout=10)
         Path("/tmp/envfs-probe-ran").unlink(missing_ok=True)
+
+
+@pytest.mark.network
+def test_a_source_build_runs_unprivileged_and_the_package_still_installs(
+    pypi: Env, tmp_path: Path, wheelhouse: Path
+) -> None:
+    """An sdist whose setup.py records who ran it and tries to write the store, the uv
+    cache and /root and to read a root-only file: it ran as the build user, every attempt
+    failed, and the package is in the env (build dependencies came from PyPI)."""
+    import socket
+
+    secret = tmp_path / "token"
+    secret.write_text("s3cret\n")
+    secret.chmod(0o600)
+    simple = tmp_path / "index" / "simple"
+    src = tmp_path / "index" / "src" / "uidprobe-1.0"
+    src.mkdir(parents=True)
+    (src / "setup.py").write_text(f"""
+import os, json, pathlib
+r = {{"uid": os.getuid()}}
+def tryit(name, fn):
+    try:
+        fn(); r[name] = "done"
+    except Exception as e:
+        r[name] = type(e).__name__
+tryit("write_store", lambda: pathlib.Path({str(pypi.store)!r}, "pwned").write_text("x"))
+tryit("write_cache", lambda: pathlib.Path({str(pypi.store)!r}, "uv-cache", "pwned").write_text("x"))
+tryit("write_root", lambda: pathlib.Path("/root/envfs-test-pwned").write_text("x"))
+tryit("read_token", lambda: pathlib.Path({str(secret)!r}).read_text())
+pathlib.Path("uidprobe_report.py").write_text("REPORT = " + json.dumps(r) + "\\n")
+from setuptools import setup
+setup(name="uidprobe", version="1.0", py_modules=["uidprobe_report"])
+""")
+    (src / "PKG-INFO").write_text("Metadata-Version: 2.1\nName: uidprobe\nVersion: 1.0\n")
+    (simple / "uidprobe").mkdir(parents=True)
+    import tarfile
+
+    with tarfile.open(simple / "uidprobe" / "uidprobe-1.0.tar.gz", "w:gz") as tar:
+        tar.add(src, arcname="uidprobe-1.0")
+    (simple / "uidprobe" / "index.html").write_text(
+        '<a href="uidprobe-1.0.tar.gz">uidprobe-1.0.tar.gz</a>\n'
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        ["python3", "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+        cwd=simple.parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}/simple"
+        deadline = time.monotonic() + 20
+        while subprocess.run(["curl", "-sf", url + "/uidprobe/"], capture_output=True).returncode:
+            assert time.monotonic() < deadline, "the local index did not start"
+            time.sleep(0.2)
+        pypi.run("build", "s/p", "uidprobe==1.0", "--python", PY, "--extra-index-url", url)
+        snap = Path(pypi.show("s/p")["snapshot_path"])
+        out = subprocess.run(
+            [str(snap / "bin/python"), "-c",
+             "import json, uidprobe_report; print(json.dumps(uidprobe_report.REPORT))"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        report = json.loads(out.stdout)
+        assert report["uid"] != 0 if os.geteuid() == 0 else True
+        if os.geteuid() == 0:
+            assert {k: report[k] for k in ("write_store", "write_cache", "write_root",
+                                           "read_token")} == dict.fromkeys(
+                ("write_store", "write_cache", "write_root", "read_token"), "PermissionError"
+            ), report  # fmt: skip
+        assert not (pypi.store / "pwned").exists() and not (pypi.store / "uv-cache/pwned").exists()
+        assert not Path("/root/envfs-test-pwned").exists()
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+        Path("/root/envfs-test-pwned").unlink(missing_ok=True)

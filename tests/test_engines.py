@@ -62,6 +62,14 @@ def test_doctor_passes_here_and_names_what_is_broken(
     levels = {f["name"]: f["level"] for f in report["findings"]}
     assert levels["fuse device"] == levels["uv"] == levels["kernel"] == "ok"
     assert levels["store"] == "warn"  # not made yet: not an error
+    import pwd
+
+    try:
+        pwd.getpwnam("envfs-build")
+        sandbox = "ok"
+    except KeyError:
+        sandbox = "warn" if os.geteuid() == 0 else "ok"  # builds fall back to nobody
+    assert levels["build sandbox"] == sandbox
 
     env.run("build", "wf/d", "extra-a==1.0", "--python", PY)
     mounts.append(Mount(env, mnt))

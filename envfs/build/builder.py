@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from envfs.build import bytecode
+from envfs.build import bytecode, sandbox
 from envfs.build.spec import Indexes, ProjectFiles
 from envfs.build.trace import direct_requirements, record_trace
 from envfs.build.tree import (
@@ -27,7 +27,10 @@ from envfs.build.tree import (
 from envfs.build.uv import (
     BuildLog,
     _crash_while_running,
+    _refuse_source_builds,
     _run,
+    needs_source_build,
+    source_builds,
     tool_command,
     uv_binary,
     uv_env,
@@ -90,10 +93,14 @@ def build_into(
 
         t0 = time.monotonic()
         log.step("installing locked packages (uv sync --frozen, hardlinked from the cache)")
-        sync_env = dict(env, UV_PROJECT_ENVIRONMENT=str(staged))
+        # build code never runs here: uv installs wheels only; an sdist is built into one
+        # in the sandbox first (envfs.build.sandbox), unless the policy is wheels-only
+        sync_env = dict(env, UV_PROJECT_ENVIRONMENT=str(staged), UV_NO_BUILD="1")
         sync = [uv, "sync", "--frozen", "--no-install-project", "--link-mode", "hardlink"]
         sync += [*selection.sync_args(), "--project", str(project), "--python", python]
-        stderr = _run(sync, sync_env, log, "uv sync", "sync")
+        builder_python = python if interp.digest is None else python_of(store, interp.digest)
+        stderr = _sync(sync, sync_env, log, files.lock, python, builder_python,
+                       indexes or Indexes(), project)  # fmt: skip
         if selection.project_wheel is not None:
             wheel = store.spec_dir(snapshot_id) / selection.project_wheel
             log.step(f"installing the project from {selection.project_wheel} (not editable)")
@@ -235,6 +242,44 @@ def compile_bytecode(python: str, root: Path, targets: list[Path], log: BuildLog
     # those files simply stay uncompiled.
     if proc.returncode not in (0, 1):
         raise BuildFailed(f"compiling bytecode failed: {proc.stderr.strip()[-300:]}")
+
+
+def _sync(
+    sync: list[str],
+    env: dict[str, str],
+    log: BuildLog,
+    lock: str,
+    python: str,
+    builder_python: str,
+    indexes: Indexes,
+    scratch: Path,
+) -> str:
+    """``uv sync`` with no source build; packages that need one are built into wheels in
+    the sandbox, then installed (wheels only) after the others."""
+    try:
+        return _run(sync, env, log, "uv sync", "sync")
+    except BuildFailed:
+        output = "\n".join(log.lines[-40:])
+        if not needs_source_build(output):
+            raise
+    names = source_builds(output)
+    if indexes.no_build or not names:
+        _refuse_source_builds(output)
+        raise BuildFailed("uv sync failed: a package needs a source build")
+    log.step(f"building {', '.join(names)} from source, unprivileged (sandboxed)")
+    wheels_dir = scratch / "wheels"
+    wheels_dir.mkdir()
+    wheels = sandbox.build_wheels(builder_python, uv_binary(), lock, names, env, wheels_dir)
+    rest = [*sync, *(a for n in names for a in ("--no-install-package", n))]
+    out = _run(rest, env, log, "uv sync")
+    install = [uv_binary(), "pip", "install", "--no-deps", "--link-mode", "hardlink"]
+    out += _run([*install, "--python", python, *map(str, wheels)], env, log, "uv pip install")
+    return out
+
+
+def python_of(store: Store, digest: str) -> str:
+    """The executable of a captured interpreter in the store (what sandboxed builds run)."""
+    return str(store.interpreter_dir(digest) / store.read_interpreter(digest).executable)
 
 
 def link_interpreter(source: Path, info: InterpreterInfo, dest: Path) -> dict[tuple[int, int], str]:

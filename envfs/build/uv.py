@@ -152,7 +152,7 @@ def lock_requirements(
         if seed is not None:
             (Path(tmp) / "uv.lock").write_text(seed)
         cmd = [uv_binary(), "lock", "--project", tmp, "--python", python_path(store, interp)]
-        env = uv_env(store, indexes)
+        env = dict(uv_env(store, indexes), UV_NO_BUILD="1")  # build code: only in the sandbox
         _crash_while_running("lock", cmd, env)
         proc = None
         if offline_first:
@@ -162,6 +162,8 @@ def lock_requirements(
             proc = subprocess.run(
                 tool_command(cmd), capture_output=True, text=True, env=env, check=False
             )
+        if proc.returncode != 0 and needs_source_build(proc.stderr) and not indexes.no_build:
+            proc = _lock_in_sandbox(Path(tmp), python_path(store, interp), env)
         if proc.returncode != 0:
             reason = _uv_error(proc.stderr) + _uv_hint(proc.stderr)
             if _uv_network_failure(proc.stderr):
@@ -180,15 +182,42 @@ def lock_requirements(
         return ProjectFiles(pyproject=pyproject, lock=(Path(tmp) / "uv.lock").read_text())
 
 
-_NO_BUILD = re.compile(r"`([A-Za-z0-9][A-Za-z0-9._-]*)(?:==[^`]*)?`[^`\n]*(?:--no-build|build)")
+def needs_source_build(stderr: str) -> bool:
+    """Whether uv failed only because ``--no-build`` kept it from building an sdist."""
+    return "no-build" in stderr or "building is disabled" in stderr.lower()
+
+
+def source_builds(stderr: str) -> list[str]:
+    """The packages a ``--no-build`` failure of uv names."""
+    return sorted({m[1] for m in _NO_BUILD.finditer(stderr)} - {"uv", "envfs-env"})
+
+
+def _lock_in_sandbox(
+    project: Path, python: str, env: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
+    """``uv lock`` of ``project`` in the sandbox (`envfs.build.sandbox`), which may run
+    build backends for metadata; its ``uv.lock`` copied back on success."""
+    from envfs.build import sandbox
+
+    with sandbox.sandbox(python, uv_binary()) as box:
+        work = box.scratch / "work" / "project"
+        shutil.copytree(project, work)
+        box.give(work)
+        proc = box.run(["lock", "--project", str(work), "--python", box.python], env)
+        if proc.returncode == 0:
+            shutil.copyfile(work / "uv.lock", project / "uv.lock")
+        return proc
+
+
+_NO_BUILD = re.compile(r"`([A-Za-z0-9][A-Za-z0-9._-]*)(?:==[^`]*)?`[^\n]*(?:no-build|build)")
 
 
 def _refuse_source_builds(stderr: str) -> None:
     """The one-line refusal of ``--build-policy wheels-only`` when uv needed to build a
     source distribution (the packages named), else nothing."""
-    if "no-build" not in stderr and "building is disabled" not in stderr.lower():
+    if not needs_source_build(stderr):
         return
-    names = sorted({m[1] for m in _NO_BUILD.finditer(stderr)} - {"uv", "envfs-env"})
+    names = source_builds(stderr)
     raise BadInput(
         f"--build-policy wheels-only: {', '.join(names) or 'a package'} has no wheel for this "
         "Python and would need a source build (its build code would run); pick a version "

@@ -54,11 +54,11 @@ def spec_options(f: F) -> F:
         click.option("--install-project", is_flag=True,
                      help="With --project: install the project itself, built into a wheel "
                           "now (not editable: the env never reads the project dir)."),
-        click.option("--build-policy", type=click.Choice(["source", "wheels-only"]),
-                     default="source", show_default=True,
-                     help="wheels-only: refuse a spec a package of which has no wheel for "
-                          "this Python (no package's build code runs); source: build such "
-                          "packages from source, as the user running envfs."),
+        click.option("--build-policy", type=click.Choice(["sandboxed", "wheels-only"]),
+                     default="sandboxed", show_default=True,
+                     help="sandboxed: a package with no wheel for this Python is built from "
+                          "source as an unprivileged user that can write nothing but its "
+                          "scratch dir; wheels-only: refuse such a spec (no build code runs)."),
         click.option("--reason", default="", help="Why (kept in the binding's history)."),
     ]  # fmt: skip
     for option in reversed(options):

@@ -1,6 +1,7 @@
 """`envfs doctor`: what this node has and lacks for envfs, each finding with a fix.
 
-Checks, in order: the FUSE device and fusermount3, the kernel, uv, the interpreters on the
+Checks, in order: the FUSE device and fusermount3, the kernel, uv, the build sandbox (a
+build user, unshare and setpriv), the interpreters on the
 node and in the store, the store (exists, free space, uv cache and staging on one file system
 with hardlinks working), the index, envfs mounts (stale ones, propagation), and whether the
 daemon may hand views to the kernel (CAP_SYS_ADMIN).  Nothing is changed, except a probe
@@ -203,12 +204,41 @@ def check_kernel_views() -> DoctorFinding:
     )
 
 
+def check_build_sandbox() -> DoctorFinding:
+    """Whether source builds can run unprivileged here (`envfs.build.sandbox`)."""
+    import pwd
+
+    from envfs.build.sandbox import BUILD_USER
+
+    name = "build sandbox"
+    if os.geteuid() != 0:
+        return _ok(name, "envfs runs unprivileged: source builds run as this user")
+    missing = [t for t in ("unshare", "setpriv") if shutil.which(t) is None]
+    if missing:
+        return _error(
+            name,
+            f"no {', '.join(missing)}: a package that needs a source build cannot be built "
+            "unprivileged (the build fails)",
+            "apt-get install util-linux",
+        )
+    try:
+        pwd.getpwnam(BUILD_USER)
+    except KeyError:
+        return _warn(
+            name,
+            f"no user {BUILD_USER}: source builds run as nobody (shared with other services)",
+            f"useradd --system --no-create-home --shell /usr/sbin/nologin {BUILD_USER}",
+        )
+    return _ok(name, f"source builds run as {BUILD_USER}, in a private mount namespace")
+
+
 def diagnose(settings: Settings, say: Callable[[str], None] | None = None) -> DoctorReport:
     store = Store(settings.store)
     findings: list[DoctorFinding] = []
     steps: list[Callable[[], list[DoctorFinding]]] = [
         check_fuse,
         lambda: [check_uv()],
+        lambda: [check_build_sandbox()],
         lambda: check_store(store),
         lambda: check_interpreters(store if store.exists() else None),
         lambda: [check_index(settings, store)],

@@ -31,10 +31,10 @@ from envfs.store.formats import (
     SpecInfo,
 )
 
-#: How source distributions are treated: ``source`` builds them as the user running envfs
-#: (the unprivileged sandbox of issue "Builds run unprivileged" is not there yet);
-#: ``wheels-only`` refuses a spec that needs one.
-BUILD_POLICIES = ("source", "wheels-only")
+#: How source distributions are treated: ``sandboxed`` builds them into wheels as an
+#: unprivileged user in a private mount namespace (`envfs.build.sandbox`), then installs
+#: wheels only; ``wheels-only`` refuses a spec that needs one.
+BUILD_POLICIES = ("sandboxed", "wheels-only")
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +55,7 @@ class Inputs:
     no_dev: bool = False
     install_project: bool = False
     ray_driver: str | None = None
-    build_policy: str = "source"  # "wheels-only": no package's build code runs
+    build_policy: str = "sandboxed"  # "wheels-only": no package's build code runs at all
 
 
 @dataclass(frozen=True, slots=True)
