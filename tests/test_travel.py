@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -242,3 +243,44 @@ def test_an_oci_image_is_the_same_twice_and_runs_the_env_in_a_container(
         assert run.stdout.split() == ["/envs/wf/t", "1.0", "CycloneDX"]
     finally:
         subprocess.run(["podman", "rmi", "-f", image], capture_output=True, env=env, timeout=120)
+
+
+def test_an_image_over_a_users_base_keeps_its_layers_and_settings(
+    local: Env, tmp_path: Path
+) -> None:
+    local.run("build", "wf/t", "extra-a==1.0", "--python", PY)
+    local.run("build", "wf/u", "extra-b==2.0", "--python", PY)
+    base, image = tmp_path / "base", tmp_path / "image"
+    local.run("export", "wf/t", "--oci", str(base))
+    local.run("export", "wf/u", "--oci", str(image), "--base", f"oci:{base}:latest")
+
+    def manifest(layout: Path) -> dict[str, Any]:
+        digest = json.loads((layout / "index.json").read_text())["manifests"][0]["digest"]
+        return dict(json.loads((layout / "blobs/sha256" / digest[7:]).read_text()))
+
+    under, over = manifest(base), manifest(image)
+    assert over["layers"][:3] == under["layers"] and len(over["layers"]) == 5
+    config = json.loads((image / "blobs/sha256" / over["config"]["digest"][7:]).read_text())
+    assert config["config"]["Entrypoint"] == ["/envs/wf/u/bin/python"]
+    assert config["config"]["Labels"]["dev.envfs.binding"] == "wf/u@1"
+    assert config["rootfs"]["diff_ids"][:3] == [d["digest"] for d in under["layers"]]
+    for bad, words in ((f"oci:{base}:nope", "no image tagged"), ("docker://x", "oci:DIR")):
+        proc = local.run("export", "wf/u", "--oci", str(tmp_path / "x"), "--base", bad,
+                         check=False)  # fmt: skip
+        assert proc.returncode == 3 and words in proc.stderr, proc.stderr
+    if shutil.which("podman") is None or shutil.which("runc") is None:
+        pytest.skip("podman and runc are not installed (scripts/setup installs them)")
+    env = _podman_env(tmp_path)
+    pulled = subprocess.run(["podman", "pull", "-q", f"oci:{image}"], capture_output=True,
+                            text=True, env=env, timeout=300)  # fmt: skip
+    assert pulled.returncode == 0, pulled.stderr
+    found = pulled.stdout.strip().splitlines()[-1]
+    try:
+        run = subprocess.run(
+            ["podman", "run", "--rm", "--network", "none", found, "-c",
+             "import extra_b; print(extra_b.VERSION)"],
+            capture_output=True, text=True, env=env, timeout=300,
+        )  # fmt: skip
+        assert run.returncode == 0 and run.stdout.strip() == "2.0", run.stderr
+    finally:
+        subprocess.run(["podman", "rmi", "-f", found], capture_output=True, env=env, timeout=120)

@@ -46,6 +46,12 @@ from envfs.core.names import parse_target
     metavar="FILE",
     help="Write the same image as one tar (podman load -i FILE, docker load -i FILE).",
 )
+@click.option(
+    "--base",
+    metavar="oci:DIR[:TAG]",
+    help="With --oci/--oci-archive: build the image over this one (an OCI image layout, "
+    "its TAG or only image) instead of envfs's C runtime layer.",
+)
 @click.pass_context
 def export_cmd(
     ctx: click.Context,
@@ -54,6 +60,7 @@ def export_cmd(
     template: Path | None,
     oci: Path | None,
     oci_archive: Path | None,
+    base: str | None,
 ) -> None:
     """Export a built env: a bundle for `envfs import` elsewhere, an OCI image, or its
     template."""
@@ -62,13 +69,15 @@ def export_cmd(
             "give one of -o FILE (a bundle), --oci DIR or --oci-archive FILE (an image), "
             "--template DIR"
         )
+    if base is not None and oci is None and oci_archive is None:
+        raise BadInput("--base is for images: give it with --oci DIR or --oci-archive FILE")
     svc = _service(ctx)
     if oci_archive is not None:
-        digest = _atomically(oci_archive, lambda out: svc.export_oci_archive(target, out))
+        digest = _atomically(oci_archive, lambda out: svc.export_oci_archive(target, out, base))
         click.echo(f"wrote an OCI image archive of {target} to {oci_archive}: {digest}")
         return
     if oci is not None:
-        digest = svc.export_oci(target, oci)
+        digest = svc.export_oci(target, oci, base)
         click.echo(f"wrote an OCI image of {target} to {oci}: {digest}")
         return
     if template is not None:

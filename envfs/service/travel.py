@@ -65,9 +65,10 @@ class Travel(ServiceBase):
         bundle.write_bundle(out, head, parts, progress, {"sbom.cdx.json": sbom})
         return head
 
-    def export_oci(self, target: str, dest: Path) -> str:
-        """Write an OCI image layout of ``WF/NODE[@REV]`` at ``dest`` (`envfs.store.oci`);
-        its manifest digest, the same every time for one snapshot."""
+    def export_oci(self, target: str, dest: Path, base: str | None = None) -> str:
+        """Write an OCI image layout of ``WF/NODE[@REV]`` at ``dest`` (`envfs.store.oci`),
+        over the image ``base`` (``oci:DIR[:TAG]``) instead of the C runtime layer if
+        given; its manifest digest, the same every time for one snapshot."""
         import tempfile
         from datetime import UTC, datetime
 
@@ -97,8 +98,9 @@ class Travel(ServiceBase):
             sbom.write_text(self.sbom(target))
             env_layer = oci.tree_entries(self.store.snapshot_dir(sid), env_at, links)
             env_layer.append(oci.Entry(sbom_at, "file", 0o444, sbom))
+            under = oci.read_base(base) if base is not None else None
             layers = [
-                oci.layer_tar(oci.runtime_entries()),
+                *([] if under is not None else [oci.layer_tar(oci.runtime_entries())]),
                 oci.layer_tar(oci.tree_entries(self.store.interpreter_dir(digest), interp_at)),
                 oci.layer_tar(env_layer),
             ]
@@ -116,16 +118,17 @@ class Travel(ServiceBase):
             env=[f"PATH=/{env_at}/bin:/usr/bin:/bin"],
             labels=labels,
             created=created,
+            base=under,
         )
 
-    def export_oci_archive(self, target: str, out: IO[bytes]) -> str:
+    def export_oci_archive(self, target: str, out: IO[bytes], base: str | None = None) -> str:
         """The image of `export_oci` as one tar on ``out``; its manifest digest."""
         import tempfile
 
         from envfs.store import oci
 
         with tempfile.TemporaryDirectory(prefix="envfs-oci-") as tmp:
-            digest = self.export_oci(target, Path(tmp) / "image")
+            digest = self.export_oci(target, Path(tmp) / "image", base)
             oci.write_archive(Path(tmp) / "image", out)
         return digest
 

@@ -21,13 +21,14 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import stat
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
-from envfs.core.errors import EnvironmentProblem
+from envfs.core.errors import BadInput, EnvironmentProblem
 
 #: The C runtime libraries a manylinux wheel may link against beyond what it bundles.
 RUNTIME_LIBS = (
@@ -48,6 +49,7 @@ LAYER = "application/vnd.oci.image.layer.v1.tar"
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 CONFIG = "application/vnd.oci.image.config.v1+json"
 INDEX = "application/vnd.oci.image.index.v1+json"
+_REF_NAME = "org.opencontainers.image.ref.name"
 
 
 @dataclass(frozen=True)
@@ -144,6 +146,57 @@ def _json(value: Any) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
 
 
+@dataclass(frozen=True)
+class Base:
+    """A base image read from a user's OCI layout (``--base oci:DIR[:TAG]``)."""
+
+    layout: Path
+    layers: list[dict[str, Any]]  # its layer descriptors, as they are (compressed or not)
+    diff_ids: list[str]
+    config: dict[str, Any]  # its image config's ``config`` (Env, User, WorkingDir, ...)
+
+
+def read_base(ref: str) -> Base:
+    """The image ``oci:DIR[:TAG]`` names (TAG: its ``org.opencontainers.image.ref.name``;
+    none: the layout's only image); amd64/linux from a multi-platform index."""
+    if not ref.startswith("oci:"):
+        raise BadInput(f"--base {ref!r}: give oci:DIR[:TAG] (an OCI image layout)")
+    where, _, tag = ref[4:].partition(":")
+    layout = Path(where)
+    try:
+        index = json.loads((layout / "index.json").read_bytes())
+        chosen = [
+            m for m in index.get("manifests", [])
+            if not tag or m.get("annotations", {}).get(_REF_NAME) == tag
+        ]  # fmt: skip
+        if len(chosen) != 1:
+            what = f"no image tagged {tag!r}" if tag else f"{len(chosen)} images (give :TAG)"
+            raise BadInput(f"--base {ref}: the layout has {what}")
+        manifest = _read_json(layout, chosen[0]["digest"])
+        if manifest.get("mediaType") == INDEX or "manifests" in manifest:
+            found = [
+                m for m in manifest["manifests"]
+                if m.get("platform", {}).get("architecture") == "amd64"
+                and m.get("platform", {}).get("os") == "linux"
+            ]  # fmt: skip
+            if not found:
+                raise BadInput(f"--base {ref}: no linux/amd64 image in it")
+            manifest = _read_json(layout, found[0]["digest"])
+        config = _read_json(layout, manifest["config"]["digest"])
+        return Base(
+            layout,
+            list(manifest["layers"]),
+            list(config["rootfs"]["diff_ids"]),
+            dict(config.get("config") or {}),
+        )
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise BadInput(f"--base {ref}: not a readable OCI image layout ({exc})") from None
+
+
+def _read_json(layout: Path, digest: str) -> Any:
+    return json.loads((layout / "blobs" / "sha256" / digest.removeprefix("sha256:")).read_bytes())
+
+
 def write_layout(
     dest: Path,
     layers: list[bytes],
@@ -151,19 +204,36 @@ def write_layout(
     env: list[str],
     labels: dict[str, str],
     created: str,
+    base: Base | None = None,
 ) -> str:
-    """Write an OCI image layout of ``layers`` at ``dest`` (new or empty); the manifest's
-    digest (the same for the same inputs)."""
+    """Write an OCI image layout of ``layers`` (over ``base``'s, if given) at ``dest`` (new
+    or empty); the manifest's digest (the same for the same inputs)."""
     if dest.exists() and any(dest.iterdir()):
         raise EnvironmentProblem(f"{dest} is not empty: give a new directory for the image")
     (dest / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
     descriptors = [{"mediaType": LAYER, **_blob(dest, layer)} for layer in layers]
+    diff_ids = [d["digest"] for d in descriptors]
+    settings: dict[str, Any] = {"Entrypoint": entrypoint, "Env": env, "Labels": labels}
+    if base is not None:
+        for layer in base.layers:
+            name = str(layer["digest"]).removeprefix("sha256:")
+            shutil.copyfile(base.layout / "blobs" / "sha256" / name, dest / "blobs/sha256" / name)
+        descriptors = [*base.layers, *descriptors]
+        diff_ids = [*base.diff_ids, *diff_ids]
+        ours = {e.split("=", 1)[0] for e in env}
+        kept = [e for e in base.config.get("Env") or [] if e.split("=", 1)[0] not in ours]
+        settings = {
+            **{k: v for k, v in base.config.items() if k not in ("Entrypoint", "Cmd")},
+            "Entrypoint": entrypoint,
+            "Env": [*kept, *env],
+            "Labels": {**(base.config.get("Labels") or {}), **labels},
+        }
     config = {
         "architecture": "amd64",
         "os": "linux",
         "created": created,
-        "config": {"Entrypoint": entrypoint, "Env": env, "Labels": labels},
-        "rootfs": {"type": "layers", "diff_ids": [d["digest"] for d in descriptors]},
+        "config": settings,
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
     }
     manifest = {
         "schemaVersion": 2,
@@ -180,7 +250,7 @@ def write_layout(
             {
                 "mediaType": MANIFEST,
                 **described,
-                "annotations": {"org.opencontainers.image.ref.name": "latest"},
+                "annotations": {_REF_NAME: "latest"},
             }
         ],
     }
