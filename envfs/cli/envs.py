@@ -143,11 +143,12 @@ def bind(
     With --snapshot, WF/NODE is bound to an env the store already has; with --batch,
     many bindings at once (each a revision as usual).
     """
-    from_env = click.core.ParameterSource.ENVIRONMENT  # UV_INDEX & co. apply to specs only
+    # given on the command line (UV_INDEX & co. apply to specs only; defaults are not given)
+    implied = (click.core.ParameterSource.ENVIRONMENT, click.core.ParameterSource.DEFAULT)
     given = [
         k.replace("_", "-")
         for k, v in spec.items()
-        if v not in (None, False, ()) and ctx.get_parameter_source(k) is not from_env
+        if v not in (None, False, ()) and ctx.get_parameter_source(k) not in implied
     ]
     if batch is not None:
         if target is not None or snapshot_ref is not None or given:
