@@ -52,10 +52,11 @@ def build_ids() -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class Sandbox:
-    """A scratch directory the build user owns, with the interpreter at ``python`` and uv at
-    ``uv`` inside it (bound read-only when run as root)."""
+    """A scratch directory the build user owns, with the interpreter's prefix at ``prefix``
+    (its executable ``python``) and uv at ``uv`` inside it (bound read-only as root)."""
 
     scratch: Path
+    prefix: str  # the interpreter's prefix as the sandbox sees it
     python: str
     uv: str
     binds: tuple[tuple[str, str], ...]
@@ -70,8 +71,16 @@ class Sandbox:
             for name in dirnames + filenames:
                 os.chown(os.path.join(dirpath, name), uid, gid, follow_symlinks=False)
 
-    def run(self, args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-        """``args`` (uv and its arguments) in the sandbox; its output."""
+    def run(
+        self, args: list[str], env: dict[str, str], timeout: float = BUILD_TIMEOUT
+    ) -> subprocess.CompletedProcess[str]:
+        """uv with ``args`` in the sandbox; its output."""
+        return self.run_program([self.uv, *args], env, timeout)
+
+    def run_program(
+        self, cmd: list[str], env: dict[str, str], timeout: float = BUILD_TIMEOUT
+    ) -> subprocess.CompletedProcess[str]:
+        """``cmd`` (a program the sandbox shows: ``uv``, ``python``) in the sandbox."""
         base = {
             "PATH": "/usr/bin:/bin",
             "HOME": str(self.scratch / "home"),
@@ -86,7 +95,6 @@ class Sandbox:
             if k.startswith("UV_INDEX") or k in _INDEX_VARS or k.upper() in _NETWORK_VARS
         }
         full = {**base, **keep}
-        cmd = [self.uv, *args]
         if os.geteuid() == 0:
             cmd = self._dropped(cmd)
         try:
@@ -97,12 +105,12 @@ class Sandbox:
                 stdin=subprocess.DEVNULL,
                 capture_output=True,
                 text=True,
-                timeout=BUILD_TIMEOUT,
+                timeout=timeout,
                 check=False,
             )
         except subprocess.TimeoutExpired:
             raise EnvironmentProblem(
-                f"a source build in the sandbox took more than {BUILD_TIMEOUT} s"
+                f"{os.path.basename(cmd[0])} in the build sandbox took more than {timeout:.0f} s"
             ) from None
 
     def _dropped(self, cmd: list[str]) -> list[str]:
@@ -151,9 +159,10 @@ def sandbox(python: str, uv: str) -> Iterator[Sandbox]:
                 os.chown(path, uid, gid)
             os.chmod(scratch, 0o755)
             binds = ((str(prefix), str(scratch / "python")), (uv, str(scratch / "uv")))
-            yield Sandbox(scratch, str(scratch / "python" / rel), str(scratch / "uv"), binds)
+            seen = str(scratch / "python")
+            yield Sandbox(scratch, seen, f"{seen}/{rel}", str(scratch / "uv"), binds)
         else:
-            yield Sandbox(scratch, python, uv, ())
+            yield Sandbox(scratch, str(prefix), str(prefix / rel), uv, ())
 
 
 def locked_sdists(lock: str, names: list[str]) -> dict[str, tuple[str, str]]:

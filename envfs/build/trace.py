@@ -4,11 +4,10 @@ A fresh node copies those files into its cache in that order, in parallel, as so
 env is first used (`envfs.fs.prefetch`), so the job's imports find them on the node
 instead of waiting for the NAS one file at a time.
 
-The import runs the packages' own import-time code, so when envfs runs as root it runs as
-``nobody`` in a private mount namespace that shows it the env read-only (`unshare`,
-`setpriv`); always isolated (``-I``), from an empty scratch directory, with no input and a
-time limit. Whatever goes wrong, the build goes on without a trace (serving works without
-one, only slower on a fresh node).
+The import runs the packages' own import-time code, so it runs in the build sandbox
+(`envfs.build.sandbox`: the build user, a private mount namespace that shows it the env
+read-only); isolated (``-I``), with no input and a time limit. Whatever goes wrong, the
+build goes on without a trace (serving works without one, only slower on a fresh node).
 """
 
 from __future__ import annotations
@@ -16,14 +15,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import tomlkit
 
-from envfs.build.uv import BuildLog
+from envfs.build import sandbox
+from envfs.build.uv import BuildLog, uv_binary
+from envfs.core.errors import EnvfsError
 from envfs.store.files import META
 from envfs.store.formats import AccessTrace
 
@@ -94,45 +92,22 @@ def direct_requirements(pyproject: str) -> list[str]:
 
 
 def record_trace(python: str, staged: Path, names: list[str], log: BuildLog) -> AccessTrace | None:
-    """Import ``names`` with the staged env's ``python`` (a path inside ``staged``) and write
-    what it read to ``staged/.envfs/trace.json``; the trace, or None if there is none."""
-    if not names:
-        return None
+    """Import ``names`` with the staged env's ``python`` (a path inside ``staged``) in the
+    build sandbox (`envfs.build.sandbox`: the env read-only, the build user) and write what
+    it read to ``staged/.envfs/trace.json``; the trace, or None if there is none."""
+    if not names or os.path.relpath(python, staged).startswith(".."):
+        return None  # nothing to import, or a venv over the node's interpreter (layout 1)
     log.step(f"access trace: importing {', '.join(names)} to record the files read first")
-    with tempfile.TemporaryDirectory(prefix="envfs-trace-") as tmp:
-        os.chmod(tmp, 0o755)
-        root = Path(tmp) / "env"
-        root.mkdir()
-        out = Path(tmp) / "out" / "trace.json"
-        out.parent.mkdir()
-        rel = os.path.relpath(python, staged)
-        if rel.startswith(".."):  # a venv over the node's interpreter (layout 1): none
-            return None
-        cmd = [str(root / rel), "-I", "-B", "-c", _SCRIPT, str(root), str(out), *names]
-        if os.geteuid() == 0:
-            dropped = _as_nobody(staged, root, out.parent, cmd)
-            if dropped is None:
-                log.step("access trace: skipped (no unshare/setpriv to drop root with)")
-                return None
-            cmd = dropped
-        else:
-            os.rmdir(root)
-            os.symlink(staged, root)
-        env = {"PATH": "/usr/bin:/bin", "HOME": str(out.parent), "LC_ALL": "C.UTF-8"}
-        try:
-            proc = subprocess.run(
-                cmd,
-                cwd=out.parent,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                timeout=TRACE_TIMEOUT,
-                check=False,
-            )
+    os.chmod(staged, 0o755)  # as the snapshot will be (read-only for all)
+    try:
+        with sandbox.sandbox(python, uv_binary()) as box:
+            out = box.scratch / "out" / "trace.json"
+            cmd = [box.python, "-I", "-B", "-c", _SCRIPT, box.prefix, str(out), *names]
+            proc = box.run_program(cmd, {}, timeout=TRACE_TIMEOUT)
             files = json.loads(out.read_text()) if proc.returncode == 0 else None
-        except (OSError, subprocess.TimeoutExpired, ValueError) as e:
-            log.step(f"access trace: skipped ({type(e).__name__})")
-            return None
+    except (OSError, ValueError, EnvfsError) as e:
+        log.step(f"access trace: skipped ({type(e).__name__})")
+        return None
     if not isinstance(files, list) or not files:
         log.step("access trace: skipped (the import recorded nothing)")
         return None
@@ -140,18 +115,3 @@ def record_trace(python: str, staged: Path, names: list[str], log: BuildLog) -> 
     (staged / META / "trace.json").write_text(trace.model_dump_json())
     log.step(f"access trace: {len(trace.files)} files")
     return trace
-
-
-def _as_nobody(staged: Path, root: Path, scratch: Path, cmd: list[str]) -> list[str] | None:
-    """``cmd`` run as nobody in a private mount namespace where ``staged`` is bound read-only
-    at ``root`` (reachable whatever the modes of the store's parents): it can read the env
-    and write only ``scratch``."""
-    unshare, setpriv = shutil.which("unshare"), shutil.which("setpriv")
-    if unshare is None or setpriv is None:
-        return None
-    os.chmod(staged, 0o755)  # as the snapshot will be (read-only for all)
-    os.chown(scratch, 65534, 65534)
-    script = 'mount --bind "$0" "$1" && mount -o remount,bind,ro "$1" && shift && exec "$@"'
-    drop = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", "--no-new-privs"]
-    return [unshare, "--mount", "--propagation", "private", "sh", "-c", script,
-            str(staged), str(root), *drop, *cmd]  # fmt: skip
