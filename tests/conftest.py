@@ -151,3 +151,31 @@ def reachable_by_all(path: Path) -> Iterator[None]:
     finally:
         for parent, mode in opened.items():
             os.chmod(parent, mode)
+
+
+@contextlib.contextmanager
+def served_index(simple: Path, ready_path: str) -> Iterator[str]:
+    """The PEP 503 tree ``simple`` served by a real ``python -m http.server`` on a free
+    loopback port, once ``<url>/<ready_path>`` answers; its URL. Stopped after."""
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        ["python3", "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+        cwd=simple.parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}/{simple.name}"
+    try:
+        deadline = time.monotonic() + 20
+        while subprocess.run(
+            ["curl", "-sf", f"{url}/{ready_path}"], capture_output=True
+        ).returncode:
+            assert time.monotonic() < deadline, "the local index did not start"
+            time.sleep(0.2)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=10)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 
 from envfs.store.files import remove_tree
-from tests.conftest import PY, Env, make_env, reachable_by_all
+from tests.conftest import PY, Env, make_env, reachable_by_all, served_index
 
 
 def _files(root: Path) -> list[Path]:
@@ -676,49 +677,33 @@ def _local_index(root: Path, wheelhouse: Path) -> Path:
 def test_wheels_only_refuses_a_source_build_in_one_line_and_binds_nothing(
     tmp_path: Path, wheelhouse: Path
 ) -> None:
-    import socket
-
     simple = _local_index(tmp_path / "index", wheelhouse)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen(
-        ["python3", "-m", "http.server", str(port), "--bind", "127.0.0.1"],
-        cwd=simple.parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        url = f"http://127.0.0.1:{port}/simple"
+    with served_index(simple, "probe/") as url:
         env = make_env(tmp_path / "node", None)
-        deadline = time.monotonic() + 20
-        while subprocess.run(["curl", "-sf", url + "/probe/"], capture_output=True).returncode:
-            assert time.monotonic() < deadline, "the local index did not start"
-            time.sleep(0.2)
         Path("/tmp/envfs-probe-ran").unlink(missing_ok=True)
-        proc = env.run("build", "s/wo", "probe==1.0", "--python", PY, "--index-url", url,
-                       "--build-policy", "wheels-only", check=False)  # fmt: skip
-        assert proc.returncode == 3, proc.stderr
-        assert len(proc.stderr.strip().splitlines()) == 1 and "probe" in proc.stderr
-        assert "source build" in proc.stderr
-        assert not Path("/tmp/envfs-probe-ran").exists()  # its build code never ran
-        assert env.run("show", "s/wo", check=False).returncode != 0  # nothing bound
-        # wheels pass: the policy refuses source builds, not packages
-        env.run("build", "s/ok", "extra-a==1.0", "--python", PY, "--index-url", url,
-                "--build-policy", "wheels-only")  # fmt: skip
-        assert env.show("s/ok")["state"] == "ready"
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
-        Path("/tmp/envfs-probe-ran").unlink(missing_ok=True)
+        try:
+            proc = env.run("build", "s/wo", "probe==1.0", "--python", PY, "--index-url", url,
+                           "--build-policy", "wheels-only", check=False)  # fmt: skip
+            assert proc.returncode == 3, proc.stderr
+            assert len(proc.stderr.strip().splitlines()) == 1 and "probe" in proc.stderr
+            assert "source build" in proc.stderr
+            assert not Path("/tmp/envfs-probe-ran").exists()  # its build code never ran
+            assert env.run("show", "s/wo", check=False).returncode != 0  # nothing bound
+            # wheels pass: the policy refuses source builds, not packages
+            env.run("build", "s/ok", "extra-a==1.0", "--python", PY, "--index-url", url,
+                    "--build-policy", "wheels-only")  # fmt: skip
+            assert env.show("s/ok")["state"] == "ready"
+        finally:
+            Path("/tmp/envfs-probe-ran").unlink(missing_ok=True)
 
 
 @pytest.mark.network
 def test_a_source_build_runs_unprivileged_and_the_package_still_installs(
-    pypi: Env, tmp_path: Path, wheelhouse: Path
+    pypi: Env, tmp_path: Path
 ) -> None:
     """An sdist whose setup.py records who ran it and tries to write the store, the uv
     cache and /root and to read a root-only file: it ran as the build user, every attempt
     failed, and the package is in the env (build dependencies came from PyPI)."""
-    import socket
 
     secret = tmp_path / "token"
     secret.write_text("s3cret\n")
@@ -751,19 +736,8 @@ setup(name="uidprobe", version="1.0", py_modules=["uidprobe_report"])
     (simple / "uidprobe" / "index.html").write_text(
         '<a href="uidprobe-1.0.tar.gz">uidprobe-1.0.tar.gz</a>\n'
     )
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen(
-        ["python3", "-m", "http.server", str(port), "--bind", "127.0.0.1"],
-        cwd=simple.parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        url = f"http://127.0.0.1:{port}/simple"
-        deadline = time.monotonic() + 20
-        while subprocess.run(["curl", "-sf", url + "/uidprobe/"], capture_output=True).returncode:
-            assert time.monotonic() < deadline, "the local index did not start"
-            time.sleep(0.2)
+    with served_index(simple, "uidprobe/") as url, contextlib.ExitStack() as cleanup:
+        cleanup.callback(Path("/root/envfs-test-pwned").unlink, missing_ok=True)
         pypi.run("build", "s/p", "uidprobe==1.0", "--python", PY, "--extra-index-url", url)
         snap = Path(pypi.show("s/p")["snapshot_path"])
         out = subprocess.run(
@@ -773,15 +747,9 @@ setup(name="uidprobe", version="1.0", py_modules=["uidprobe_report"])
         )  # fmt: skip
         assert out.returncode == 0, out.stderr
         report = json.loads(out.stdout)
-        assert report["uid"] != 0 if os.geteuid() == 0 else True
-        if os.geteuid() == 0:
-            assert {k: report[k] for k in ("write_store", "write_cache", "write_root",
-                                           "read_token")} == dict.fromkeys(
-                ("write_store", "write_cache", "write_root", "read_token"), "PermissionError"
-            ), report  # fmt: skip
+        if os.geteuid() == 0:  # run as root: the build ran as the build user, could do none
+            probes = ("write_store", "write_cache", "write_root", "read_token")
+            assert report["uid"] != 0, report
+            assert {k: report[k] for k in probes} == dict.fromkeys(probes, "PermissionError")
         assert not (pypi.store / "pwned").exists() and not (pypi.store / "uv-cache/pwned").exists()
         assert not Path("/root/envfs-test-pwned").exists()
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
-        Path("/root/envfs-test-pwned").unlink(missing_ok=True)

@@ -484,22 +484,12 @@ def test_the_server_locks_requirement_lists_from_its_own_index(
 ) -> None:
     """serve-api --index-url: a platform's private index serves every build the API runs
     (here a real local PEP 503 index holding the test wheels, and no PyPI)."""
-    from tests.conftest import make_env
+    from tests.conftest import make_env, served_index
     from tests.test_build import _local_index
 
     simple = _local_index(tmp_path / "index", wheelhouse)
-    port = _free_port()
-    index = subprocess.Popen(
-        ["python3", "-m", "http.server", str(port), "--bind", "127.0.0.1"],
-        cwd=simple.parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
     env = make_env(tmp_path / "node", None)
-    url = f"http://127.0.0.1:{port}/simple"
-    try:
-        deadline = time.monotonic() + 20
-        while subprocess.run(["curl", "-sf", url + "/extra-a/"], capture_output=True).returncode:
-            assert time.monotonic() < deadline, "the local index did not start"
-            time.sleep(0.2)
+    with served_index(simple, "extra-a/") as url:
         server = start_server(env, "--index-url", url)
         try:
             body = {"workflow_id": "p", "node_id": "n", "packages": ["extra-a==1.0"], "python": PY}
@@ -512,6 +502,3 @@ def test_the_server_locks_requirement_lists_from_its_own_index(
         info = json.loads((env.store / "specs" / sid / "spec.json").read_text())
         assert info["index_url"] == url
         assert (env.store / "snapshots" / sid / "lib/python3.12/site-packages/extra_a").is_dir()
-    finally:
-        index.terminate()
-        index.wait(timeout=10)
