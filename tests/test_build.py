@@ -693,6 +693,13 @@ def test_wheels_only_refuses_a_source_build_in_one_line_and_binds_nothing(
             env.run("build", "s/ok", "extra-a==1.0", "--python", PY, "--index-url", url,
                     "--build-policy", "wheels-only")  # fmt: skip
             assert env.show("s/ok")["state"] == "ready"
+            # the store's default (envfs.toml) applies when no --build-policy is given
+            config = env.store / "envfs.toml"
+            config.write_text(config.read_text() + 'build_policy = "wheels-only"\n')
+            proc = env.run("build", "s/wo", "probe==1.0", "--python", PY, "--index-url", url,
+                           check=False)  # fmt: skip
+            assert proc.returncode == 3 and "wheels-only" in proc.stderr, proc.stderr
+            assert not Path("/tmp/envfs-probe-ran").exists()
         finally:
             Path("/tmp/envfs-probe-ran").unlink(missing_ok=True)
 

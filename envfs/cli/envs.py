@@ -55,10 +55,10 @@ def spec_options(f: F) -> F:
                      help="With --project: install the project itself, built into a wheel "
                           "now (not editable: the env never reads the project dir)."),
         click.option("--build-policy", type=click.Choice(["sandboxed", "wheels-only"]),
-                     default="sandboxed", show_default=True,
                      help="sandboxed: a package with no wheel for this Python is built from "
                           "source as an unprivileged user that can write nothing but its "
-                          "scratch dir; wheels-only: refuse such a spec (no build code runs)."),
+                          "scratch dir; wheels-only: refuse such a spec (no build code runs). "
+                          "Default: the store's build_policy in envfs.toml (sandboxed)."),
         click.option("--reason", default="", help="Why (kept in the binding's history)."),
     ]  # fmt: skip
     for option in reversed(options):

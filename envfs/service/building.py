@@ -4,6 +4,7 @@ build in staging, publish by one rename, record a failure where every node sees 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import os
 import random
@@ -38,6 +39,13 @@ class Building(ServiceBase):
         if failure is not None:
             return "failed", failure.reason
         return "bound", None
+
+    def _build_indexes(self) -> spec.Indexes:
+        """The indexes (and credentials) a build uses, with the store's build policy: a
+        lazy build in a daemon, or one the API runs, keeps ``wheels-only`` too."""
+        if self._indexes.no_build or self.store.config().build_policy != "wheels-only":
+            return self._indexes
+        return dataclasses.replace(self._indexes, no_build=True)
 
     def ensure_built(self, snapshot_id: str, timeout: float = BUILD_WAIT) -> Path:
         """Build a snapshot, or wait for whoever builds it; exactly one build across nodes."""
@@ -110,7 +118,7 @@ class Building(ServiceBase):
                     log,
                     cache=self.index,
                     selection=info.selection,
-                    indexes=self._indexes,
+                    indexes=self._build_indexes(),
                 )
             if not lease.held():
                 raise LeaseLost(snapshot_id)

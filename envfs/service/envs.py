@@ -55,7 +55,7 @@ class Inputs:
     no_dev: bool = False
     install_project: bool = False
     ray_driver: str | None = None
-    build_policy: str = "sandboxed"  # "wheels-only": no package's build code runs at all
+    build_policy: str | None = None  # None: the store's (envfs.toml); see BUILD_POLICIES
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,9 +86,8 @@ class Service(Binding, Travel):
         hashes: dict[str, frozenset[str]] = {}
         files: spec.ProjectFiles | None = None
         indexes = spec.make_indexes(inputs.index_url, inputs.extra_index_urls)
-        if inputs.build_policy not in BUILD_POLICIES:
+        if inputs.build_policy not in (None, *BUILD_POLICIES):
             raise BadInput(f"--build-policy is one of {', '.join(BUILD_POLICIES)}")
-        indexes = dataclasses.replace(indexes, no_build=inputs.build_policy == "wheels-only")
         if inputs.project is not None:
             files = spec.read_project(inputs.project)
             if inputs.index_only:
@@ -122,6 +121,8 @@ class Service(Binding, Travel):
                 reqs = raydriver.add_to_requirements(reqs, driver)
         interp = interpreters.check_supported(interpreters.find(python, requires))
         self.store.ensure()
+        policy = inputs.build_policy or self.store.config().build_policy
+        indexes = dataclasses.replace(indexes, no_build=policy == "wheels-only")
         self._indexes = indexes  # their credentials serve this process's builds too
         interp = capture.ensure_captured(self.store, interp, self.host, self.progress)
         if inputs.project is not None:

@@ -17,7 +17,7 @@ import pydantic
 from envfs.core.errors import CorruptRecord, EnvironmentProblem
 from envfs.core.records import Record
 from envfs.store.files import make_private
-from envfs.store.formats import LAYOUT_VERSION
+from envfs.store.formats import LAYOUT_VERSION, StoreConfig
 
 R = TypeVar("R", bound=Record)
 
@@ -96,6 +96,16 @@ class StoreBase:
 
     def exists(self) -> bool:
         return (self.root / "envfs.toml").exists()
+
+    def config(self) -> StoreConfig:
+        """``envfs.toml``: the store's format, uuid and defaults (`StoreConfig`)."""
+        import tomllib
+
+        path = self.root / "envfs.toml"
+        try:
+            return StoreConfig.model_validate(tomllib.loads(path.read_text()))
+        except (tomllib.TOMLDecodeError, pydantic.ValidationError) as exc:
+            raise CorruptRecord(f"{path}: {exc}".splitlines()[0]) from None
 
     def _temp(self, name: str) -> Path:
         return self.staging / f".{name}.{uuid.uuid4().hex[:12]}.tmp"

@@ -100,6 +100,16 @@ class ManifestEntry(Record):
     target: str | None = None
 
 
+class StoreConfig(Record):
+    """``envfs.toml`` at the store's root: what the store is, and its defaults."""
+
+    format: int
+    uuid: str
+    #: how builds treat packages that need a source build (``envfs build --build-policy``):
+    #: ``sandboxed`` (built unprivileged) or ``wheels-only`` (refused)
+    build_policy: Literal["sandboxed", "wheels-only"] = "sandboxed"
+
+
 class BundleInfo(Record):
     """``envfs-bundle.json``, the head of a bundle (`envfs.store.bundle` owns the format)."""
 
