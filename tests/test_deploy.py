@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import configparser
 import re
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -108,3 +109,39 @@ def test_the_scripts_parse_and_name_real_commands(script: str) -> None:
         assert "-v /envs:/envs:ro,rslave" in text and "/envs/etl/prep/bin/python" in text
     else:
         assert _check_calls(text, script) == 1 and "#SBATCH" in text
+
+
+def _service(name: str) -> dict[str, str]:
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str  # type: ignore[assignment,method-assign]
+    unit.read(DEPLOY / name)
+    return dict(unit["Service"])
+
+
+#: Options that give a service its own mount namespace (or limit its devices): the
+#: daemon's FUSE mount and bind mounts would then be invisible to the node's processes.
+_PRIVATE_MOUNTS = (
+    "ProtectSystem", "ProtectHome", "PrivateTmp", "PrivateDevices", "ProtectKernelTunables",
+    "ProtectKernelModules", "ProtectKernelLogs", "ProtectControlGroups", "ProtectProc",
+    "ReadOnlyPaths", "ReadWritePaths", "InaccessiblePaths", "TemporaryFileSystem",
+    "BindPaths", "BindReadOnlyPaths", "PrivateMounts", "MountFlags", "DeviceAllow",
+    "ProtectClock", "RootDirectory",
+)  # fmt: skip
+
+
+def test_the_daemon_unit_stays_in_the_hosts_mount_namespace_and_the_api_is_confined() -> None:
+    daemon, api = _service("envfs.service"), _service("envfs-api.service")
+    assert not set(_PRIVATE_MOUNTS) & set(daemon), set(_PRIVATE_MOUNTS) & set(daemon)
+    assert daemon["NoNewPrivileges"] == api["NoNewPrivileges"] == "yes"
+    assert api["ProtectSystem"] == "strict" and api["PrivateTmp"] == "yes"
+    caps = set(api["CapabilityBoundingSet"].split())
+    assert {"CAP_SYS_ADMIN", "CAP_SETUID", "CAP_SETGID"} <= caps  # the build sandbox
+    assert "CAP_NET_ADMIN" not in caps and "CAP_SYS_PTRACE" not in caps
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("no systemd-analyze to score the unit")
+    out = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", str(DEPLOY / "envfs-api.service")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    score = re.search(r"Overall exposure level for \S+: ([0-9.]+)", out.stdout + out.stderr)
+    assert score is not None and float(score[1]) <= 4.0, out.stdout[-300:]
