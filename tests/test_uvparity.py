@@ -4,6 +4,7 @@ the project itself installed non-editable."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -160,3 +161,38 @@ def test_install_project_is_not_editable(pypi: Env, tmp_path: Path) -> None:
     without = pypi.run("build", "wf/deps", "--project", str(project), "--python", PY, "--json")
     assert json.loads(without.stdout)["snapshot_id"] != info["snapshot_id"]
     assert "demo-app" not in _installed(pypi, "wf/deps")
+
+
+def test_install_project_builds_the_project_unprivileged(pypi: Env, tmp_path: Path) -> None:
+    """The project's build backend is package code too: it runs in the build sandbox (as
+    root here, it ran as the build user and could not write the store)."""
+    project = tmp_path / "proj"
+    (project / "probe_app").mkdir(parents=True)
+    (project / "setup.py").write_text(
+        "import os, pathlib\n"
+        "r = {'uid': os.getuid()}\n"
+        "try:\n"
+        f"    pathlib.Path({str(pypi.store)!r}, 'pwned').write_text('x'); r['store'] = 'done'\n"
+        "except OSError as e:\n"
+        "    r['store'] = type(e).__name__\n"
+        "pathlib.Path('probe_app/report.py').write_text(f'REPORT = {r!r}\\n')\n"
+        "from setuptools import setup\nsetup()\n"
+    )
+    (project / "probe_app/__init__.py").write_text("")
+    (project / "pyproject.toml").write_text(
+        '[project]\nname = "probe-app"\nversion = "0.1"\nrequires-python = ">=3.11"\n'
+        'dependencies = []\n[tool.setuptools]\npackages = ["probe_app"]\n'
+        '[build-system]\nrequires = ["setuptools"]\nbuild-backend = "setuptools.build_meta"\n'
+    )
+    subprocess.run(["uv", "lock", "-q", "--project", str(project), "--python", _py()],
+                   env=pypi.vars, check=True)  # fmt: skip
+    (pypi.store / "pwned").unlink(missing_ok=True)  # the test's own uv lock ran setup.py
+    pypi.run("build", "wf/probe", "--project", str(project), "--python", PY, "--install-project")
+    snap = Path(pypi.show("wf/probe")["snapshot_path"])
+    out = subprocess.run([str(snap / "bin/python"), "-c",
+                          "from probe_app.report import REPORT; print(REPORT)"],
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    report = eval(out.stdout)
+    if os.geteuid() == 0:
+        assert report["uid"] != 0 and report["store"] == "PermissionError", report
+    assert not (pypi.store / "pwned").exists()

@@ -247,18 +247,30 @@ def check_lock(store: Store, project: Path, interp: Interpreter) -> None:
 
 def build_project_wheel(store: Store, project: Path, interp: Interpreter, out: Path) -> Path:
     """Build ``project`` into one wheel in ``out`` with ``uv build`` (``--install-project``:
-    the env gets the project itself, not editable, so it never reads the project's tree)."""
-    cmd = [uv_binary(), "build", "--wheel", "--out-dir", str(out), "--project", str(project)]
-    cmd += ["--python", python_path(store, interp), str(project)]
-    proc = subprocess.run(
-        tool_command(cmd), capture_output=True, text=True, env=uv_env(store), check=False
-    )
-    wheels = sorted(out.glob("*.whl"))
-    if proc.returncode != 0 or len(wheels) != 1:
-        if _uv_network_failure(proc.stderr):
-            raise EnvironmentProblem(f"cannot reach the package index: {_uv_error(proc.stderr)}")
-        raise BadInput(f"cannot build {project} into a wheel: {_uv_error(proc.stderr)}")
-    return wheels[0]
+    the env gets the project itself, not editable, so it never reads the project's tree).
+    Its build backend is package code: it runs in the build sandbox (`envfs.build.sandbox`)
+    on a copy of the project (``.git``, ``.venv`` and caches left out)."""
+    from envfs.build import sandbox
+
+    skip = shutil.ignore_patterns(".git", ".venv", "__pycache__", ".mypy_cache", ".ruff_cache")
+    with sandbox.sandbox(python_path(store, interp), uv_binary()) as box:
+        work = box.scratch / "work" / "project"
+        shutil.copytree(project, work, symlinks=True, ignore=skip)
+        box.give(work)
+        built = box.scratch / "out"
+        proc = box.run(
+            ["build", "--wheel", "--out-dir", str(built), "--python", box.python, str(work)],
+            uv_env(store),
+        )
+        wheels = sorted(built.glob("*.whl"))
+        if proc.returncode != 0 or len(wheels) != 1:
+            if _uv_network_failure(proc.stderr):
+                why = _uv_error(proc.stderr)
+                raise EnvironmentProblem(f"cannot reach the package index: {why}")
+            raise BadInput(f"cannot build {project} into a wheel: {_uv_error(proc.stderr)}")
+        dest = out / wheels[0].name
+        shutil.copyfile(wheels[0], dest)
+    return dest
 
 
 class BuildLog:
