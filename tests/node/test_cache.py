@@ -14,6 +14,7 @@ import pytest
 
 from envfs.fs.kernel import mounts_under
 from envfs.node.cache import CacheDamage, NodeCache
+from envfs.store.formats import ManifestEntry
 from envfs.store.layout import Store
 from tests.conftest import PY, Env, make_env, seed_store
 from tests.node.test_nodes import wait_for
@@ -30,6 +31,12 @@ def _status(env: Env) -> dict[str, object]:
     (mount,) = json.loads(env.run("status", "--json").stdout)["mounts"]
     status: dict[str, object] = mount
     return status
+
+
+def _held(objects: Path, entry: ManifestEntry) -> bool:
+    """Whether the node cache's ``objects/`` holds this manifest entry's content."""
+    assert entry.sha256 is not None
+    return (objects / entry.sha256[:2] / f"{entry.sha256}.{entry.mode & 0o7777:o}").exists()
 
 
 def _copies(env: Env) -> int:
@@ -115,9 +122,7 @@ def test_a_fresh_node_copies_each_file_it_reads_whole_once_and_serves_it_from_th
     objects = env.index / "cache" / "objects"
 
     def cached(rel: str) -> bool:
-        entry = entries[rel]
-        assert entry.sha256 is not None
-        return (objects / entry.sha256[:2] / f"{entry.sha256}.{entry.mode & 0o7777:o}").exists()
+        return _held(objects, entries[rel])
 
     meta = f"{site}/extra_a-1.0.dist-info/METADATA"  # in no trace: read on demand
     assert "METADATA" in os.listdir(mnt / "wf/n" / site / "extra_a-1.0.dist-info")
@@ -156,9 +161,7 @@ def test_a_fresh_node_copies_what_the_build_traced_as_soon_as_the_env_is_first_u
     objects = env.index / "cache" / "objects"
 
     def cached(rel: str) -> bool:
-        entry = manifest[rel]
-        assert entry.sha256 is not None
-        return (objects / entry.sha256[:2] / f"{entry.sha256}.{entry.mode & 0o7777:o}").exists()
+        return _held(objects, manifest[rel])
 
     assert not any(cached(rel) for rel in traced)
     os.stat(mnt / "wf/n/bin")  # a first look: nothing read yet
