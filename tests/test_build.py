@@ -760,3 +760,23 @@ setup(name="uidprobe", version="1.0", py_modules=["uidprobe_report"])
             assert {k: report[k] for k in probes} == dict.fromkeys(probes, "PermissionError")
         assert not (pypi.store / "pwned").exists() and not (pypi.store / "uv-cache/pwned").exists()
         assert not Path("/root/envfs-test-pwned").exists()
+
+
+def test_verify_names_a_damaged_access_trace(local: Env) -> None:
+    """A trace is a hint (nodes ignore a bad one), but a damaged one is named."""
+    local.run("build", "wf/t", "extra-a==1.0", "--python", PY)
+    sid = local.show("wf/t")["snapshot_id"]
+    trace = local.store / "snapshots" / sid / ".envfs/trace.json"
+    assert local.run("verify", sid).returncode == 0
+    good = trace.read_text()
+    os.chmod(trace.parent, 0o755)
+    os.chmod(trace, 0o644)
+    try:
+        trace.write_text('{"files": ["lib/../../etc/passwd"]}')
+        proc = local.run("verify", sid, check=False)
+        assert proc.returncode == 5 and "not a file of the snapshot" in proc.stdout + proc.stderr
+        trace.write_text("{ garbage")
+        proc = local.run("verify", sid, check=False)
+        assert proc.returncode == 5 and "trace.json: unreadable" in proc.stdout + proc.stderr
+    finally:
+        trace.write_text(good)

@@ -13,8 +13,8 @@ import stat
 from pathlib import Path
 
 from envfs.core.errors import CorruptRecord, EnvfsError
-from envfs.store.files import META
-from envfs.store.formats import ManifestEntry, Revision, SpecInfo
+from envfs.store.files import META, read_trace
+from envfs.store.formats import Manifest, ManifestEntry, Revision, SpecInfo
 from envfs.store.layout import Store
 from envfs.store.wheel import record_digests
 
@@ -35,7 +35,22 @@ def snapshot_problems(store: Store, snapshot_id: str) -> list[str]:
         manifest = store.read_manifest(snapshot_id)
     except EnvfsError as exc:
         return [f"manifest unreadable: {exc.message}", *problems]
-    return tree_problems(root, manifest.files) + problems
+    return tree_problems(root, manifest.files) + _trace_problems(root, manifest) + problems
+
+
+def _trace_problems(root: Path, manifest: Manifest) -> list[str]:
+    """A damaged access trace (``.envfs/trace.json``): nodes ignore it and serve the env
+    without a head start, so it is named, not fatal."""
+    if not (root / META / "trace.json").exists():
+        return []
+    trace = read_trace(os.fsencode(root))
+    if trace is None:
+        return [f"{META}/trace.json: unreadable (fresh nodes prefetch nothing)"]
+    files = {e.path for e in manifest.files if e.type == "file"}
+    strangers = [rel for rel in trace.files if rel not in files]
+    if strangers:
+        return [f"{META}/trace.json: names {strangers[0]}, not a file of the snapshot"]
+    return []
 
 
 def spec_problems(store: Store, snapshot_id: str) -> list[str]:
