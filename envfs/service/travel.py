@@ -15,7 +15,7 @@ from envfs.core.names import parse_revision, parse_target
 from envfs.service.base import ServiceBase
 from envfs.service.reports import EnvInfo, ImportReport
 from envfs.store import bundle, verify
-from envfs.store.files import META, remove_tree
+from envfs.store.files import META, fixed_tarinfo, remove_tree
 from envfs.store.formats import (
     BundleInfo,
     InterpreterInfo,
@@ -141,10 +141,9 @@ class Travel(ServiceBase):
             names = self.export_template(target, Path(tmp))
             with tarfile.open(fileobj=out, mode="w|", format=tarfile.GNU_FORMAT) as tar:
                 for name in names:
-                    ti = tar.gettarinfo(str(Path(tmp) / name), arcname=name)
-                    ti.mtime, ti.uid, ti.gid, ti.uname, ti.gname = 0, 0, 0, "", ""
-                    ti.mode = 0o644
-                    with open(Path(tmp) / name, "rb") as f:
+                    path = Path(tmp) / name
+                    with open(path, "rb") as f:
+                        ti = fixed_tarinfo(name, tarfile.REGTYPE, 0o644, path.stat().st_size)
                         tar.addfile(ti, f)
 
     def sbom(self, target: str) -> str:

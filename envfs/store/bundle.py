@@ -31,6 +31,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO
 
 from envfs.core.errors import BadInput, EnvironmentProblem
+from envfs.store.files import fixed_tarinfo
 from envfs.store.formats import BundleInfo
 
 INFO_NAME = "envfs-bundle.json"
@@ -80,8 +81,7 @@ def write_bundle(
     try:
         with tarfile.open(fileobj=proc.stdin, mode="w|", format=tarfile.GNU_FORMAT) as tar:
             for name, data in [(INFO_NAME, blob), *sorted((documents or {}).items())]:
-                head = _tarinfo(name, tarfile.REGTYPE, 0o444)
-                head.size = len(data)
+                head = fixed_tarinfo(name, tarfile.REGTYPE, 0o444, size=len(data))
                 tar.addfile(head, _BytesReader(data))
             first: dict[tuple[int, int], str] = {}
             for done, (name, path, st) in enumerate(entries, 1):
@@ -96,16 +96,6 @@ def write_bundle(
     return len(entries) + 1
 
 
-def _tarinfo(name: str, kind: bytes, mode: int) -> tarfile.TarInfo:
-    ti = tarfile.TarInfo(name)
-    ti.type = kind
-    ti.mode = mode
-    ti.mtime = 0
-    ti.uid = ti.gid = 0
-    ti.uname = ti.gname = ""
-    return ti
-
-
 def _add(
     tar: tarfile.TarFile,
     name: str,
@@ -115,23 +105,17 @@ def _add(
 ) -> None:
     mode = stat.S_IMODE(st.st_mode)
     if stat.S_ISDIR(st.st_mode):
-        tar.addfile(_tarinfo(name, tarfile.DIRTYPE, mode))
+        tar.addfile(fixed_tarinfo(name, tarfile.DIRTYPE, mode))
     elif stat.S_ISLNK(st.st_mode):
-        ti = _tarinfo(name, tarfile.SYMTYPE, 0o777)
-        ti.linkname = os.readlink(path)
-        tar.addfile(ti)
+        tar.addfile(fixed_tarinfo(name, tarfile.SYMTYPE, 0o777, linkname=os.readlink(path)))
     elif stat.S_ISREG(st.st_mode):
         key = (st.st_dev, st.st_ino)
         if key in first:
-            ti = _tarinfo(name, tarfile.LNKTYPE, mode)
-            ti.linkname = first[key]
-            tar.addfile(ti)
+            tar.addfile(fixed_tarinfo(name, tarfile.LNKTYPE, mode, linkname=first[key]))
             return
         first[key] = name
-        ti = _tarinfo(name, tarfile.REGTYPE, mode)
-        ti.size = st.st_size
         with open(path, "rb") as f:
-            tar.addfile(ti, f)
+            tar.addfile(fixed_tarinfo(name, tarfile.REGTYPE, mode, size=st.st_size), f)
     else:
         raise EnvironmentProblem(f"{path}: not a file, directory or symlink; cannot bundle it")
 

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import stat
+import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -125,6 +126,19 @@ class ListingEntry(NamedTuple):
 
 #: A snapshot's entries by directory: relative dir (b"" is the root) -> name -> entry.
 Listing = dict[bytes, dict[bytes, ListingEntry]]
+
+
+def fixed_tarinfo(
+    name: str, kind: bytes, mode: int, size: int = 0, linkname: str = ""
+) -> tarfile.TarInfo:
+    """A tar header that says nothing of when or by whom (mtime 0, owner 0:0, no names):
+    what bundles, image layers and archives are written with, so that the same content
+    always gives the same bytes."""
+    ti = tarfile.TarInfo(name)
+    ti.type, ti.mode, ti.size, ti.linkname = kind, mode, size, linkname
+    ti.mtime = ti.uid = ti.gid = 0
+    ti.uname = ti.gname = ""
+    return ti
 
 
 def read_trace(snapshot_path: bytes) -> AccessTrace | None:

@@ -29,6 +29,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 from envfs.core.errors import BadInput, EnvironmentProblem
+from envfs.store.files import fixed_tarinfo
 
 #: The C runtime libraries a manylinux wheel may link against beyond what it bundles.
 RUNTIME_LIBS = (
@@ -116,21 +117,15 @@ def layer_tar(entries: list[Entry]) -> bytes:
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
         for name in sorted(byname):
             e = byname[name]
-            ti = tarfile.TarInfo(name)
-            ti.mtime, ti.uid, ti.gid, ti.uname, ti.gname = 0, 0, 0, "", ""
-            ti.mode = e.mode
             if e.kind == "dir":
-                ti.type = tarfile.DIRTYPE
-                tar.addfile(ti)
+                tar.addfile(fixed_tarinfo(name, tarfile.DIRTYPE, e.mode))
             elif e.kind == "symlink":
-                ti.type, ti.linkname, ti.mode = tarfile.SYMTYPE, e.target, 0o777
-                tar.addfile(ti)
+                tar.addfile(fixed_tarinfo(name, tarfile.SYMTYPE, 0o777, linkname=e.target))
             else:
                 assert e.source is not None
-                ti.type = tarfile.REGTYPE
-                ti.size = os.stat(e.source).st_size
+                size = os.stat(e.source).st_size
                 with open(e.source, "rb") as f:
-                    tar.addfile(ti, f)
+                    tar.addfile(fixed_tarinfo(name, tarfile.REGTYPE, e.mode, size=size), f)
     return buf.getvalue()
 
 
@@ -267,12 +262,8 @@ def write_archive(layout: Path, out: IO[bytes]) -> None:
         names += [f"blobs/sha256/{n}" for n in os.listdir(layout / "blobs" / "sha256")]
         for name in sorted(names):
             path = layout / name
-            ti = tarfile.TarInfo(name)
-            ti.mtime, ti.uid, ti.gid, ti.uname, ti.gname = 0, 0, 0, "", ""
             if path.is_dir():
-                ti.type, ti.mode = tarfile.DIRTYPE, 0o755
-                tar.addfile(ti)
+                tar.addfile(fixed_tarinfo(name, tarfile.DIRTYPE, 0o755))
                 continue
-            ti.mode, ti.size = 0o644, path.stat().st_size
             with open(path, "rb") as f:
-                tar.addfile(ti, f)
+                tar.addfile(fixed_tarinfo(name, tarfile.REGTYPE, 0o644, path.stat().st_size), f)
