@@ -26,9 +26,11 @@ from envfs.build.tree import (
 )
 from envfs.build.uv import (
     BuildLog,
+    _attempt,
     _crash_while_running,
     _refuse_source_builds,
     _run,
+    _succeeded,
     needs_source_build,
     source_builds,
     tool_command,
@@ -256,12 +258,9 @@ def _sync(
 ) -> str:
     """``uv sync`` with no source build; packages that need one are built into wheels in
     the sandbox, then installed (wheels only) after the others."""
-    try:
-        return _run(sync, env, log, "uv sync", "sync")
-    except BuildFailed:
-        output = "\n".join(log.lines[-40:])
-        if not needs_source_build(output):
-            raise
+    code, output = _attempt(sync, env, log, "sync")
+    if code == 0 or not needs_source_build(output):
+        return _succeeded(code, output, "uv sync")
     names = source_builds(output)
     if indexes.no_build or not names:
         _refuse_source_builds(output)

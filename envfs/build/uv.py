@@ -295,7 +295,24 @@ class BuildLog:
 
 
 def _run(cmd: list[str], env: dict[str, str], log: BuildLog, what: str, phase: str = "") -> str:
-    """Run uv; its output goes to the build log and, line by line, to the progress."""
+    """Run uv; its output goes to the build log and, line by line, to the progress.
+    `BuildFailed` (or `EnvironmentProblem`: a full store) if it fails."""
+    return _succeeded(*_attempt(cmd, env, log, phase), what)
+
+
+def _succeeded(code: int, output: str, what: str) -> str:
+    """``output`` of a uv run that exited ``code``, or the error it means."""
+    if code != 0:
+        if _UV_DISK_FULL in output:
+            raise EnvironmentProblem(f"the store is full: {what} failed: {_uv_error(output)}")
+        raise BuildFailed(f"{what} failed: {_uv_error(output)}")
+    return output
+
+
+def _attempt(
+    cmd: list[str], env: dict[str, str], log: BuildLog, phase: str = ""
+) -> tuple[int, str]:
+    """Run uv as `_run` does; its exit code and output, whatever they are."""
     log.step(f"$ {' '.join(cmd)}", show=False)
     proc = subprocess.Popen(
         tool_command(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
@@ -310,8 +327,4 @@ def _run(cmd: list[str], env: dict[str, str], log: BuildLog, what: str, phase: s
             log.progress(f"uv: {line.strip()}")
     output = "".join(lines)
     log.output(output)
-    if proc.wait() != 0:
-        if _UV_DISK_FULL in output:
-            raise EnvironmentProblem(f"the store is full: {what} failed: {_uv_error(output)}")
-        raise BuildFailed(f"{what} failed: {_uv_error(output)}")
-    return output
+    return proc.wait(), output
