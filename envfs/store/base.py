@@ -90,8 +90,7 @@ class StoreBase:
     @property
     def uuid(self) -> str:
         if self._uuid is None:
-            text = (self.root / "envfs.toml").read_text()
-            self._uuid = text.split('uuid = "', 1)[1].split('"', 1)[0]
+            self._uuid = self.config().uuid
         return self._uuid
 
     def exists(self) -> bool:
