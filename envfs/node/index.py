@@ -1,12 +1,13 @@
-"""The node-local LMDB index: a fast, rebuildable view of the store. The only lmdb importer.
+"""The node-local LMDB index: a fast, rebuildable view of the store (with its sweep and seed,
+the only lmdb importer).
 
 Databases:
     meta       schema version, store uuid, feed cursor (how far each host's log was read),
                walk_due (logs were rotated under this index: lines may be lost)
     bindings   "wf/node"      -> current revision (JSON: revision, snapshot_id, and first:
                the lowest revision number its files have, when known)
-    revs       "wf/node@rev"  -> the revision (its JSON record; a bare snapshot id when
-               only a log line without the revision's reason told of it)
+    revs       "wf/node@rev"  -> the revision (its JSON record; or the ``bound`` feed line that
+               told of it, `LINE` + the line, as a seed keeps it; or a bare snapshot id)
     snapshots  id             -> "ready" (present only once the snapshot is complete)
     specs      id             -> its ``spec.json`` (immutable: read from the store once)
     swept      workflow       -> its directory's stamp when the sweep last read all of it
@@ -41,7 +42,8 @@ import lmdb
 
 from envfs.core.errors import BadInput, EnvfsError, EnvironmentProblem
 from envfs.core.views import BindingView
-from envfs.node.records import binding_key, logged_revision, revision_of, spec_of
+from envfs.node.records import binding_key, revision_of, spec_of
+from envfs.node.seed import no_cycle_collection, one_seed_at_a_time, plan, write_bindings
 from envfs.node.sweep import Sweeping, _Sweep
 from envfs.store import feed
 from envfs.store.files import make_private
@@ -50,8 +52,9 @@ from envfs.store.layout import Store, closest_spec
 
 log = logging.getLogger(__name__)
 
-SCHEMA = b"4"  # 2: per-host logs (meta feed_cursor), file digests; 3: specs, seeded from logs;
-#                 4: first revisions, unsettled bindings (what gc may trust)
+SCHEMA = b"5"  # 2: per-host logs (meta feed_cursor), file digests; 3: specs, seeded from logs;
+#                 4: first revisions, unsettled bindings (what gc may trust); 5: feed lines
+#                 as revisions (`LINE`)
 #: Seconds a binding named by a ``binding_intent`` line is re-read until its change is logged.
 INTENT_WAIT = 60.0
 MAP_SIZE = 1 << 30  # sparse; grows only as used
@@ -110,7 +113,7 @@ class Index(Sweeping):
             with self.env.begin() as txn:
                 fresh = txn.get(b"schema", db=self.meta) is None
             if fresh:
-                self.seed()
+                self.seed(unless_seeded=True)
             elif not self._valid():
                 self._reset_and_rebuild("it belongs to another store or an older schema")
         except _DAMAGED as exc:
@@ -157,65 +160,39 @@ class Index(Sweeping):
 
     # -- seeding and rebuilding ------------------------------------------------------------
 
-    def seed(self) -> int:
+    def seed(self, unless_seeded: bool = False) -> int:
         """Fill an empty index from the change feed alone: every host's log read from its
         start (a few large reads), no binding file opened. Bindings the logs do not tell of
         (lost logs) are found later by the sweep, or at once by `reconcile`. Returns the
-        bindings found."""
-        with self._lock:
-            changes = self.store.changes_since(feed.Cursor())
-            found: dict[tuple[str, str], dict[int, bytes]] = {}
-            firsts: dict[tuple[str, str], int] = {}
-            unsettled: set[tuple[str, str]] = set()
-            ready: set[str] = set()
-            for event in sorted(changes.events, key=lambda e: e.time):
-                name = (event.workflow or "", event.node or "")
-                if event.event in ("bound", "rolled_back") and all(name) and event.snapshot_id:
-                    if event.revision is not None:
-                        found.setdefault(name, {})[event.revision] = logged_revision(event)
-                        if event.first is not None:
-                            firsts[name] = event.first
-                    self._pending.pop(name, None)
-                    unsettled.discard(name)
-                elif event.event == "removed" and all(name):
-                    found.pop(name, None)
-                    firsts.pop(name, None)
-                    self._pending.pop(name, None)
-                    unsettled.discard(name)
-                elif event.event == "binding_intent" and all(name):
-                    self._pending[name] = time.monotonic() + INTENT_WAIT
-                    unsettled.add(name)
-                elif event.event == "rescanned" and all(name):
-                    unsettled.add(name)  # its files changed without a line saying how
-                elif event.event == "built" and event.snapshot_id:
-                    ready.add(event.snapshot_id)
-                elif event.event == "gc_swept" and event.snapshot_id:
-                    ready.discard(event.snapshot_id)
-            specs = [s for s in map(spec_of, changes.events) if s is not None]
-            with self.env.begin(write=True) as txn:
-                for info in specs:
-                    self._put_spec(txn, info)
+        bindings found. Written in batches (LMDB keeps the pages of one big write for good)
+        under a lock between processes: the schema goes in last, so a seed cut short is
+        done again; a process that finds an index another seeded meanwhile takes it."""
+        with self._lock, one_seed_at_a_time(self.path / MARKER):
+            if unless_seeded:
+                with self.env.begin() as txn:
+                    if txn.get(b"schema", db=self.meta) is not None:
+                        return 0
+            with no_cycle_collection():  # 200,000 lines would set it off ~100 times
+                scan = self.store.scan_since(feed.Cursor())
+                seed = plan(scan.entries)
+            deadline = time.monotonic() + INTENT_WAIT
+            self._pending.update(dict.fromkeys(seed.pending, deadline))
+            with self.env.begin(write=True) as txn:  # a seed cut short leaves no schema:
                 for db in (self.bindings, self.revs, self.snaps, self.swept, self.unsettled):
-                    txn.drop(db, delete=False)
-                for name in unsettled:
+                    txn.drop(db, delete=False)  # the next open seeds again
+                for info in seed.specs:
+                    self._put_spec(txn, info)
+                for name in seed.unsettled:
                     txn.put(binding_key(*name), b"", db=self.unsettled)
-                for (wf, node), revisions in found.items():
-                    newest = max(revisions)
-                    last = revision_of(revisions[newest])
-                    sid = last if isinstance(last, str) else last.snapshot_id
-                    value: dict[str, Any] = {"revision": newest, "snapshot_id": sid}
-                    if (wf, node) in firsts:
-                        value["first"] = firsts[(wf, node)]
-                    txn.put(binding_key(wf, node), json.dumps(value).encode(), db=self.bindings)
-                    for number, raw in revisions.items():
-                        txn.put(binding_key(wf, node) + b"@%d" % number, raw, db=self.revs)
-                for sid in ready:
+            write_bindings(self.env, self.bindings, self.revs, seed)
+            with self.env.begin(write=True) as txn:
+                for sid in seed.ready:
                     txn.put(sid.encode(), b"ready", db=self.snaps)
                 txn.put(b"schema", SCHEMA, db=self.meta)
                 txn.put(b"store_uuid", self.store.uuid.encode(), db=self.meta)
-                txn.put(b"feed_cursor", changes.cursor.dumps(), db=self.meta)
+                txn.put(b"feed_cursor", scan.cursor.dumps(), db=self.meta)
             self.rebuilt = True
-            return len(found)
+            return len(seed.found)
 
     def rebuild(self, progress: Callable[[int, int], None] | None = None) -> list[tuple[str, str]]:
         """Bring the index in line with a full walk of the store (every binding file read,

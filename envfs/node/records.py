@@ -1,12 +1,17 @@
 """What the index stores and how it keys it: a binding's key, a revision's value (its whole
-record, or only its snapshot id), and what the change feed's lines give it (a revision, a
-spec). `envfs.node.index` and its sweep share these."""
+record, the feed line that told of it, or only its snapshot id), and what the change feed's
+lines give it (a revision, a spec). `envfs.node.index` and its sweep share these."""
 
 from __future__ import annotations
 
 import pydantic
 
+from envfs.store import feed
 from envfs.store.formats import AuditEvent, Revision, SpecInfo
+
+#: Starts a ``revs`` value that is a ``bound`` / ``rolled_back`` feed line, as an index
+#: seeded from the feed keeps it (read into a revision when asked for; snapshot ids are hex).
+LINE = b"L"
 
 
 def binding_key(workflow: str, node: str) -> bytes:
@@ -14,18 +19,24 @@ def binding_key(workflow: str, node: str) -> bytes:
 
 
 def revision_of(raw: bytes) -> Revision | str:
-    """A ``revs`` value: the revision's record, or only its snapshot id."""
+    """A ``revs`` value: the revision's record, or only its snapshot id. A value that is
+    none of the three raises ValueError (the index is then rebuilt)."""
     if raw.startswith(b"{"):
         return Revision.model_validate_json(raw)
+    if raw.startswith(LINE):
+        event = feed.parse_line(raw[len(LINE) :])
+        if event is None:
+            raise ValueError("a revision's feed line does not parse")
+        return logged_revision(event)
     return raw.decode()
 
 
-def logged_revision(event: AuditEvent) -> bytes:
-    """The ``revs`` value a ``bound`` / ``rolled_back`` line gives: the whole revision when
-    the line has everything of it (lines from before reasons were logged do not)."""
+def logged_revision(event: AuditEvent) -> Revision | str:
+    """The revision a ``bound`` / ``rolled_back`` line tells of, or only its snapshot id
+    when the line lacks part of it (lines from before reasons were logged do)."""
     extra = event.model_extra or {}
     if {"reason", "user", "revision_time"} <= extra.keys() and event.snapshot_id and event.revision:
-        rev = Revision(
+        return Revision(
             workflow=event.workflow or "",
             node=event.node or "",
             revision=event.revision,
@@ -37,8 +48,7 @@ def logged_revision(event: AuditEvent) -> bytes:
             user=str(extra["user"]),
             reason=str(extra["reason"]),
         )
-        return rev.model_dump_json().encode()
-    return (event.snapshot_id or "").encode()
+    return event.snapshot_id or ""
 
 
 def spec_of(event: AuditEvent) -> SpecInfo | None:

@@ -311,6 +311,9 @@ class Store(Bindings, Pool, Leases):
     def changes_since(self, cursor: feed.Cursor) -> feed.Changes:
         return feed.changes_since(self.log_dir, cursor)
 
+    def scan_since(self, cursor: feed.Cursor) -> feed.Scan:
+        return feed.scan_since(self.log_dir, cursor)
+
     def feed_end(self) -> feed.Cursor:
         return feed.end_cursor(self.log_dir)
 
