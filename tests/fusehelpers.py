@@ -74,6 +74,15 @@ class JsonCatalog:
     def workflows(self) -> list[str]:
         return sorted(wf for wf, nodes in self._bindings().items() if nodes)
 
+    def workflow_grant(self, workflow: str) -> tuple[int, int] | None:
+        return None
+
+    def snapshot_grant(self, snapshot_id: str) -> tuple[int, int] | None:
+        return None
+
+    def grants_generation(self) -> int:
+        return 0
+
     def nodes(self, workflow: str) -> list[str]:
         return sorted(self._bindings().get(workflow, {}))
 

@@ -13,6 +13,7 @@ import click
 from envfs.cli.app import _emit, _progress, _service, duration, main
 from envfs.core.errors import BadInput, EnvironmentProblem, NotFound
 from envfs.service.envs import Service
+from envfs.store.files import make_private
 
 if TYPE_CHECKING:
     from envfs.node.cache import NodeCache
@@ -115,7 +116,7 @@ def mount(
             level=logging.INFO, format="%(asctime)s envfs[%(process)d] %(levelname)s %(message)s"
         )
         mountpoint.mkdir(parents=True, exist_ok=True)
-        status.parent.mkdir(parents=True, exist_ok=True)
+        _private_dir(status.parent)
         svc = _service(ctx, quiet=True)
         catalog = StoreCatalog(svc)
         run_daemon(
@@ -191,8 +192,9 @@ def _spawn_daemon(
         cmd += ["--index", str(opts["index"])]
     cmd += ["mount", str(mountpoint), "--foreground"] + (["--allow-other"] if allow_other else [])
     cmd += extra
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as out:
+    _private_dir(log.parent)
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    with open(fd, "ab") as out:
         proc = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
         )
@@ -386,6 +388,13 @@ def serve_api(
     click.echo(f"envfs: serving the API on http://{host}:{port} (store {svc.store.root})", err=True)
     app = create_app(svc, token, mount_path, audit, indexes=(index_url, extra_index_urls))
     serve(app, host, port)
+
+
+def _private_dir(path: Path) -> None:
+    """A directory of status files and daemon logs: they name the store, what each node
+    serves and its errors, so only its owner reads them."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    make_private(path)
 
 
 def _read_token(path: Path) -> str:

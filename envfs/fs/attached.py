@@ -24,6 +24,9 @@ class Attachments:
     def _snapshot_path(self, snapshot_id: str) -> bytes | None:
         raise NotImplementedError
 
+    def kernel_allowed(self, view: View) -> bool:
+        raise NotImplementedError
+
     def attached_snapshots(self) -> list[str]:
         """Snapshots whose tree this namespace has loaded (it may serve their files)."""
         with self._lock:
@@ -85,6 +88,8 @@ class Attachments:
                 backing = self._roots.get(view.snapshot_id) if view is not None else None
                 if view is None or backing is None or view.alias:
                     continue  # a short id is FUSE's: one kernel mount per name, canonical only
+                if not self.kernel_allowed(view):
+                    continue  # a restricted snapshot's id view keeps the bits FUSE shows
                 if view.kind == "current":
                     pinned = View("revision", view.snapshot_id, view.workflow, view.node,
                                   view.revision)  # fmt: skip

@@ -65,6 +65,20 @@ class Catalog(Protocol):
         """
         ...
 
+    def workflow_grant(self, workflow: str) -> tuple[int, int] | None:
+        """Index-only. (gid, mode) the workflow's directory is shown with when an ACL
+        restricts it (`envfs acl`); None: readable by all."""
+        ...
+
+    def snapshot_grant(self, snapshot_id: str) -> tuple[int, int] | None:
+        """Index-only. (gid, mode) of ``.snapshots/<id>`` when only restricted workflows
+        bind the snapshot; None: readable by all."""
+        ...
+
+    def grants_generation(self) -> int:
+        """Blocking (may read the index at length). Moves whenever a grant changed."""
+        ...
+
     def hold(self, snapshot_ids: list[str]) -> None:
         """Blocking. Mark these snapshots as served by this node (so gc keeps them)."""
         ...

@@ -113,7 +113,7 @@ class EnvfsOperations(pyfuse3.Operations):
         self._local: set[int] = set()  # inodes whose descriptor is the node cache's copy
         self._on_attach = on_attach  # awaited after a request loaded a snapshot
         self._builds = builds
-        self._entries: dict[int, EntryAttributes] = {}
+        self._entries: dict[int, tuple[Attr, EntryAttributes]] = {}
         self._negative_long = self._negative(LONG_TIMEOUT)
         self._negative_short = self._negative(SHORT_TIMEOUT)
         self._fds = _Descriptors(MAX_FDS)
@@ -132,11 +132,13 @@ class EnvfsOperations(pyfuse3.Operations):
         return entry
 
     def _entry(self, attr: Attr) -> EntryAttributes:
-        """The reply for an inode, built once (pyfuse3 copies it into each reply)."""
-        entry = self._entries.get(attr.ino)
-        if entry is None:
-            entry = _make_entry(attr)
-            self._entries[attr.ino] = entry
+        """The reply for an inode, built once per attributes (pyfuse3 copies it into each
+        reply); attributes that changed (an ACL's grant, `envfs.fs.grants`) make a new one."""
+        cached = self._entries.get(attr.ino)
+        if cached is not None and (cached[0] is attr or cached[0] == attr):
+            return cached[1]
+        entry = _make_entry(attr)
+        self._entries[attr.ino] = (attr, entry)
         return entry
 
     def statistics(self) -> dict[str, int]:

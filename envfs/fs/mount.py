@@ -35,6 +35,7 @@ from envfs.core.errors import EnvfsError, EnvironmentProblem
 from envfs.fs import fuse_loop, idle, kernel
 from envfs.fs.catalog import Catalog
 from envfs.fs.detached import run_detached
+from envfs.fs.following import Following
 from envfs.fs.fuse_ops import EnvfsOperations
 from envfs.fs.inodes import View
 from envfs.fs.mounted import prepare_mountpoint
@@ -138,7 +139,7 @@ def run_daemon(
         run_detached(lambda ready: daemon(max_tasks, ready=ready))
 
 
-class Daemon:
+class Daemon(Following):
     """One mount's lifetime: init, the trio main loop with its helper tasks, clean close."""
 
     def __init__(
@@ -524,30 +525,6 @@ class Daemon:
                 log.warning("cannot detach the kernel mount at %s: %s", path, e)
         self.kernel_views.clear()
 
-    async def _refresh_loop(self) -> None:
-        while True:
-            await trio.sleep(self.refresh_interval)
-            try:
-                changed = await trio.to_thread.run_sync(self.catalog.refresh)
-            except Exception as e:  # keep serving from the index; say why, once
-                message = f"{type(e).__name__}: {e}"
-                if message != self.refresh_error:
-                    log.error("binding refresh failed (serving cached bindings): %s", message)
-                    self.refresh_error = message
-                    self._status_changed()
-                continue
-            if self.refresh_error is not None:
-                log.info("binding refresh works again")
-                self.refresh_error = None
-                self._status_changed()
-            self.last_refresh = time.time()
-            for workflow, node in changed:
-                log.info("binding %s/%s changed", workflow, node)
-                for parent, name in self.namespace.binding_changed(workflow, node):
-                    pyfuse3.invalidate_entry_async(parent, name, ignore_enoent=True)
-            if changed:
-                self._status_changed()
-
     def _status_changed(self) -> None:
         self._status_dirty.set()
 
@@ -592,6 +569,9 @@ class Daemon:
 
 
 def _write_atomically(path: Path, text: str) -> None:
+    """The status file, readable by its owner only (it names the store and what is served)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text + "\n")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with open(fd, "w") as f:
+        f.write(text + "\n")
     os.replace(tmp, path)

@@ -44,6 +44,7 @@ from envfs.core.names import parse_revision
 from envfs.core.views import BindingView
 from envfs.fs.attached import Attachments
 from envfs.fs.catalog import Catalog
+from envfs.fs.grants import Grants
 from envfs.fs.inodes import (
     CACHE_LONG,
     CACHE_NONE,
@@ -80,7 +81,7 @@ _SHORT_ID = re.compile(r"^[0-9a-f]{12,63}$")
 K = TypeVar("K")
 
 
-class Namespace(Attachments):
+class Namespace(Grants, Attachments):
     """Inode table and lookups for one mount.  Thread-safe; see the module docstring."""
 
     def __init__(
@@ -118,7 +119,7 @@ class Namespace(Attachments):
 
     def getattr(self, ino: int) -> Attr | None:
         node = self._inodes.get(ino)
-        return None if node is None else node.attr
+        return None if node is None else self._granted(node)
 
     def inode_count(self) -> int:
         return len(self._inodes)
@@ -277,7 +278,7 @@ class Namespace(Attachments):
 
     def _workflow_attr(self, wf: str) -> Attr:
         ino = self._synthetic(self._workflows, wf, CACHE_SHORT, lambda a: _Workflow(a, wf))
-        return self._inodes[ino].attr
+        return self._granted(self._inodes[ino])
 
     def _lookup_workflow(self, name: bytes, io: bool, uid: int) -> Attr | None:
         if name == SNAPSHOTS_NAME:
@@ -360,7 +361,8 @@ class Namespace(Attachments):
         if key not in self._views and self._snapshot_path(snapshot_id) is None:
             return None  # by id only what is built: a typo must not start a build
         view = View("snapshot", snapshot_id, alias=alias)
-        return self._view_root(key, view, SNAPSHOTS_INODE, io, CACHE_LONG)
+        attr = self._view_root(key, view, SNAPSHOTS_INODE, io, CACHE_LONG)
+        return self._granted(self._inodes[attr.ino])
 
     def _snapshot_path(self, snapshot_id: str) -> bytes | None:
         path = self._built.get(snapshot_id)

@@ -3,7 +3,8 @@ the only lmdb importer).
 
 Databases:
     meta       schema version, store uuid, feed cursor (how far each host's log was read),
-               walk_due (logs were rotated under this index: lines may be lost)
+               walk_due (logs were rotated under this index: lines may be lost),
+               acl_serial (moves with every ACL change taken in)
     bindings   "wf/node"      -> current revision (JSON: revision, snapshot_id, and first:
                the lowest revision number its files have, when known)
     revs       "wf/node@rev"  -> the revision (its JSON record; or the ``bound`` feed line that
@@ -15,6 +16,7 @@ Databases:
                change its files hold and no line has described yet: gc reads its files)
     locks      "digest\0created\0id" -> "" (requirement-list specs by interpreter, oldest
                first: where a new list's lock starts from, `nearest_spec`)
+    acls       workflow       -> its `WorkflowAcl` (JSON), as the store's ``acls/`` has it
     digests    "dev:ino:size:mtime_ns" -> sha256 of a store file shared with uv's cache, so
                builds do not hash a wheel's files again (node-local: inodes are)
 
@@ -42,6 +44,7 @@ import lmdb
 
 from envfs.core.errors import BadInput, EnvfsError, EnvironmentProblem
 from envfs.core.views import BindingView
+from envfs.node.acls import ACL_EVENTS, AclTable
 from envfs.node.records import binding_key, revision_of, spec_of
 from envfs.node.seed import no_cycle_collection, one_seed_at_a_time, plan, write_bindings
 from envfs.node.sweep import Sweeping, _Sweep
@@ -52,9 +55,9 @@ from envfs.store.layout import Store, closest_spec
 
 log = logging.getLogger(__name__)
 
-SCHEMA = b"5"  # 2: per-host logs (meta feed_cursor), file digests; 3: specs, seeded from logs;
+SCHEMA = b"6"  # 2: per-host logs (meta feed_cursor), file digests; 3: specs, seeded from logs;
 #                 4: first revisions, unsettled bindings (what gc may trust); 5: feed lines
-#                 as revisions (`LINE`)
+#                 as revisions (`LINE`); 6: workflow ACLs
 #: Seconds a binding named by a ``binding_intent`` line is re-read until its change is logged.
 INTENT_WAIT = 60.0
 MAP_SIZE = 1 << 30  # sparse; grows only as used
@@ -95,7 +98,7 @@ def _rebuilds_on_garbage(method: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-class Index(Sweeping):
+class Index(Sweeping, AclTable):
     """An open index over one store. Thread-safe for readers; writes serialize in LMDB."""
 
     def __init__(self, path: Path, store: Store) -> None:
@@ -134,6 +137,7 @@ class Index(Sweeping):
         self.locks = self.env.open_db(b"locks")
         self.digests = self.env.open_db(b"digests")
         self.unsettled = self.env.open_db(b"unsettled")
+        self.acl_db = self.env.open_db(b"acls")
 
     def _valid(self) -> bool:
         with self.env.begin() as txn:
@@ -184,6 +188,7 @@ class Index(Sweeping):
                     self._put_spec(txn, info)
                 for name in seed.unsettled:
                     txn.put(binding_key(*name), b"", db=self.unsettled)
+                self._load_acls(txn)
             write_bindings(self.env, self.bindings, self.revs, seed)
             with self.env.begin(write=True) as txn:
                 for sid in seed.ready:
@@ -207,6 +212,7 @@ class Index(Sweeping):
                     txn.delete(key, db=self.snaps)
             for sid in ready:
                 txn.put(sid.encode(), b"ready", db=self.snaps)
+            self._load_acls(txn)
         self.rebuilt = True
         return behind
 
@@ -229,6 +235,7 @@ class Index(Sweeping):
             txn.put(key, json.dumps(value).encode(), db=self.bindings)
         for rev in revisions:
             txn.put(key + b"@%d" % rev.revision, rev.model_dump_json().encode(), db=self.revs)
+        self._binding_changed(txn, newest.workflow)
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -250,6 +257,7 @@ class Index(Sweeping):
         ok = cursor.set_range(key + b"@")
         while ok and bytes(cursor.key()).startswith(key + b"@"):
             ok = cursor.delete()
+        self._binding_changed(txn, workflow)
 
     def mark_ready(self, snapshot_id: str) -> None:
         with self.env.begin(write=True) as txn:
@@ -453,9 +461,12 @@ class Index(Sweeping):
         changed: dict[tuple[str, str], None] = {}
         settled: dict[tuple[str, str], bool] = {}  # the last word of the lines on a binding
         ready: dict[str, bool] = {}
+        acls: set[str] = set()
         for event in changes.events:
             name = (event.workflow or "", event.node or "")
-            if event.event in ("bound", "rolled_back", "removed", "rescanned") and all(name):
+            if event.event in ACL_EVENTS and event.workflow:
+                acls.add(event.workflow)
+            elif event.event in ("bound", "rolled_back", "removed", "rescanned") and all(name):
                 changed[name] = None
                 self._pending.pop(name, None)
                 settled[name] = True  # its files are read below
@@ -470,6 +481,8 @@ class Index(Sweeping):
         with self.env.begin(write=True) as txn:
             for info in specs:
                 self._put_spec(txn, info)
+            for workflow in acls:
+                self._reload_acl(txn, workflow)
             for name, done in settled.items():
                 if done:
                     txn.delete(binding_key(*name), db=self.unsettled)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from envfs.core.views import BindingView
+from envfs.service.access import Permissions
 from envfs.service.envs import Service
 
 
@@ -16,6 +17,7 @@ class StoreCatalog:
         self.service = service
         self.index = service.index
         self.store = service.store
+        self.permissions = Permissions(service.index)
 
     def workflows(self) -> list[str]:
         return self.index.workflows()
@@ -55,6 +57,17 @@ class StoreCatalog:
 
     def refresh(self) -> list[tuple[str, str]]:
         return self.index.follow_changes(sweep=True)
+
+    def workflow_grant(self, workflow: str) -> tuple[int, int] | None:
+        grant = self.permissions.workflow(workflow)
+        return None if grant is None else (grant.gid, grant.mode)
+
+    def snapshot_grant(self, snapshot_id: str) -> tuple[int, int] | None:
+        grant = self.permissions.snapshot(snapshot_id)
+        return None if grant is None else (grant.gid, grant.mode)
+
+    def grants_generation(self) -> int:
+        return self.permissions.update()
 
     def hold(self, snapshot_ids: list[str]) -> None:
         self.store.hold_snapshots(snapshot_ids, self.service.host)

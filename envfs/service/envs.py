@@ -18,6 +18,7 @@ from envfs.core.config import node_time
 from envfs.core.errors import BadInput, NotFound
 from envfs.core.names import parse_target
 from envfs.core.views import BindingView
+from envfs.service.access import Access
 from envfs.service.binding import Binding
 from envfs.service.reports import DiskUsage, EnvInfo, InterpreterUse, VerifyReport
 from envfs.service.travel import Travel
@@ -64,7 +65,7 @@ class Resolved:
     interpreter: Interpreter
 
 
-class Service(Binding, Travel):
+class Service(Binding, Travel, Access):
     # -- specs ----------------------------------------------------------------------------
 
     def resolve(self, inputs: Inputs) -> Resolved:

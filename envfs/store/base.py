@@ -46,6 +46,7 @@ class StoreBase:
         "trash",
         "retired",
         "log",
+        "acls",
     )
 
     def __init__(self, root: Path) -> None:

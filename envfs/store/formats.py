@@ -162,6 +162,18 @@ class FailureInfo(Record):
     log: str | None = None
 
 
+class WorkflowAcl(Record):
+    """``acls/<workflow>.json``: who may read a workflow's envs on every node (`envfs acl`).
+    A node shows ``/envs/<workflow>`` as owned by root and ``group``, with ``mode`` (no
+    bits for others), so the kernel refuses every path into it to anyone outside the group."""
+
+    workflow: str
+    group: str
+    mode: int = 0o750
+    user: str
+    time: float
+
+
 class AuditEvent(Record):
     """One line of ``log/<host>.jsonl`` (`envfs.store.feed` owns the format)."""
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from envfs.core.errors import EnvironmentProblem, NotFound
 from envfs.store import feed
+from envfs.store.acls import Acls
 from envfs.store.bindings import Bindings
 from envfs.store.files import META, make_read_only, remove_tree
 from envfs.store.formats import AuditEvent, FailureInfo, InterpreterInfo, Manifest, SpecInfo
@@ -65,7 +66,7 @@ def closest_spec(
     return None if best is None else best[1]
 
 
-class Store(Bindings, Pool, Leases):
+class Store(Acls, Bindings, Pool, Leases):
     """One store directory (see docs/architecture.md for the layout)."""
 
     # -- specs ----------------------------------------------------------------------------

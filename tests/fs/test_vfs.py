@@ -44,6 +44,16 @@ class FakeCatalog:
         self.build_calls: list[str] = []
         self.build_delay = 0.0
         self.fail_builds = 0
+        self.grants: dict[str, tuple[int, int]] = {}  # workflow or snapshot id -> (gid, mode)
+
+    def workflow_grant(self, workflow: str) -> tuple[int, int] | None:
+        return self.grants.get(workflow)
+
+    def snapshot_grant(self, snapshot_id: str) -> tuple[int, int] | None:
+        return self.grants.get(snapshot_id)
+
+    def grants_generation(self) -> int:
+        return len(self.grants)
 
     def workflows(self) -> list[str]:
         return sorted({wf for wf, _ in self.bindings})

@@ -1,0 +1,152 @@
+"""Workflow ACLs through a real mount: a member of the ACL's group runs the env, anyone else
+gets EACCES on every path into it (current, pinned, kernel-served, ``.snapshots/<id>``),
+also right after a member used it, and a change reaches a running daemon."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import PY, Env, reachable_by_all
+from tests.node.test_nodes import wait_for
+from tests.test_e2e import Mount, fs  # noqa: F401  (fixture)
+
+pytestmark = [
+    pytest.mark.fuse,
+    pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse"),
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (groupadd, setpriv)"),
+]
+
+MEMBER_UID, STRANGER_UID = 61001, 61002
+SITE = "lib/python3.12/site-packages"
+
+
+@pytest.fixture
+def group() -> Iterator[tuple[str, int]]:
+    """A real group (its name and gid), removed after the test."""
+    name = f"envfs-t-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["groupadd", name], check=True)
+    try:
+        gid = int(subprocess.run(["getent", "group", name], capture_output=True, text=True,
+                                 check=True).stdout.split(":")[2])  # fmt: skip
+        yield name, gid
+    finally:
+        subprocess.run(["groupdel", name], check=False)
+
+
+def _as(uid: int, groups: list[int], *cmd: str | Path) -> subprocess.CompletedProcess[str]:
+    ids = ["--groups", ",".join(map(str, groups))] if groups else ["--clear-groups"]
+    return subprocess.run(
+        ["setpriv", f"--reuid={uid}", f"--regid={uid}", *ids, *map(str, cmd)],
+        capture_output=True, text=True, errors="replace", timeout=120, cwd="/",
+    )  # fmt: skip
+
+
+def _denied(done: subprocess.CompletedProcess[str]) -> bool:
+    return done.returncode != 0 and "permission denied" in done.stderr.lower()
+
+
+def test_only_the_group_reads_a_restricted_workflow_on_every_path(
+    fs: tuple[Env, Path, list[Mount]],  # noqa: F811
+    group: tuple[str, int],
+) -> None:
+    env, mnt, mounts = fs
+    name, gid = group
+    env.run("build", "team/secret", "extra-a==1.0", "--python", PY)
+    env.run("build", "open/x", "extra-b==2.0", "--python", PY)
+    sid = env.show("team/secret")["snapshot_id"]
+    out = json.loads(env.run("acl", "set", "team", "--group", name, "--json").stdout)
+    assert (out["workflow"], out["group"], out["mode"]) == ("team", name, 0o750)
+    mounts.append(Mount(env, mnt))
+    member: tuple[int, list[int]] = (MEMBER_UID, [gid])
+    stranger: tuple[int, list[int]] = (STRANGER_UID, [])
+    paths = [
+        "team/secret/bin/python",
+        f"team/secret/{SITE}/extra_a/__init__.py",
+        f"team/secret@1/{SITE}/extra_a/__init__.py",
+        f".snapshots/{sid}/{SITE}/extra_a/__init__.py",
+        f".snapshots/{sid[:12]}/{SITE}/extra_a/__init__.py",
+    ]
+    with reachable_by_all(mnt):
+        ran = _as(*member, mnt / "team/secret/bin/python", "-c", "import extra_a")
+        assert ran.returncode == 0, ran.stderr
+        for path in paths:  # right after the member: no first user's check is kept
+            assert _as(*member, "head", "-c1", mnt / path).returncode == 0, path
+            assert _denied(_as(*stranger, "head", "-c1", mnt / path)), path
+            assert _denied(_as(*stranger, "stat", mnt / path)), path
+        assert _denied(_as(*stranger, "ls", mnt / "team/secret"))
+        # exec'd from a shell: setpriv's own execve still has root's capabilities
+        run = ("sh", "-c", 'exec "$0" -c pass', mnt / "team/secret/bin/python")
+        assert _denied(_as(*stranger, *run))
+        assert _as(*member, *run).returncode == 0
+        opened = _as(*stranger, mnt / "open/x/bin/python", "-c", "import extra_b")
+        assert opened.returncode == 0, opened.stderr  # no ACL: open to all
+        again = _as(*member, mnt / "team/secret/bin/python", "-c", "import extra_a")
+        assert again.returncode == 0, again.stderr
+        listed = {line.split("\t")[0] for line in env.run("acl", "show").stdout.splitlines()}
+        assert listed == {"team"}
+
+        # changes reach the running daemon as a bind does: open, then closed again
+        env.run("acl", "rm", "team")
+        wait_for(lambda: _as(*stranger, "head", "-c1", mnt / paths[1]).returncode == 0, 10, "open")
+        for path in paths:
+            assert _as(*stranger, "head", "-c1", mnt / path).returncode == 0, path
+        by_id = mnt / ".snapshots" / sid  # open, the id view is handed to the kernel
+        wait_for(lambda: os.path.ismount(by_id), 10, "the id view kernel-served")
+        env.run("acl", "set", "team", "--group", name, "--mode", "0710")
+        wait_for(lambda: all(_denied(_as(*stranger, "head", "-c1", mnt / p)) for p in paths),
+                 10, "closed again")  # fmt: skip
+        assert not os.path.ismount(by_id)  # detached: a bind mount shows the store's bits
+        assert _as(*member, "head", "-c1", mnt / paths[1]).returncode == 0
+        assert os.stat(mnt / "team").st_mode & 0o7777 == 0o710
+
+
+def test_acl_commands_refuse_what_they_cannot_do(local: Env, group: tuple[str, int]) -> None:
+    local.run("build", "team/a", "extra-a==1.0", "--python", PY)
+    name, _gid = group
+    for args, code, words in [
+        (["acl", "set", "team", "--group", "no-such-group-xyz"], 3, "no group"),
+        (["acl", "set", "team", "--group", name, "--mode", "0755"], 3, "give others nothing"),
+        (["acl", "set", "team", "--group", name, "--mode", "75x"], 3, "not octal"),
+        (["acl", "set", "../x", "--group", name], 3, "workflow"),
+        (["acl", "rm", "team"], 4, "has no ACL"),
+    ]:
+        done = local.run(*args, check=False)
+        assert done.returncode == code and words in done.stderr, (args, done.stderr)
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert json.loads(local.run("acl", "show", "--json").stdout) == []
+    assert not (local.store / "acls" / "team.json").exists()  # nothing half-written
+    local.run("acl", "set", "team", "--group", name)
+    (shown,) = json.loads(local.run("acl", "show", "team", "--json").stdout)
+    assert shown["group"] == name and shown["user"]
+    events = [e["event"] for e in local.audit()]
+    assert events.count("acl_set") == 1
+    assert json.loads(local.run("acl", "rm", "team", "--json").stdout)["removed"] is True
+    assert "no ACL" in local.run("acl", "show", "team").stdout
+
+
+def test_the_node_keeps_its_own_files_to_root(
+    fs: tuple[Env, Path, list[Mount]],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """The index (with the node cache and the API's spool), the status files and the daemon
+    logs name the store and what each node serves: no other user reads them."""
+    env, mnt, mounts = fs
+    env.run("build", "wf/a", "extra-a==1.0", "--python", PY)
+    cache = tmp_path / "node-cache"
+    mounts.append(Mount(env, mnt, "--cache", str(cache)))
+    status_dir = Path(env.vars["XDG_RUNTIME_DIR"]) / "envfs" / "mounts"
+    (status,) = status_dir.glob("*.json")
+    private = {env.index: 0o700, cache: 0o700, status_dir: 0o700, status: 0o600}
+    for path, mode in private.items():
+        assert os.stat(path).st_mode & 0o777 == mode, path
+    with reachable_by_all(env.index), reachable_by_all(status_dir):
+        for path in (env.index, cache, status_dir):
+            assert _denied(_as(STRANGER_UID, [], "ls", path)), path
+        assert _denied(_as(STRANGER_UID, [], "head", "-c1", status))
