@@ -61,7 +61,7 @@ class AuditRow(pydantic.BaseModel):
     id: str = pydantic.Field(default_factory=lambda: uuid.uuid4().hex)
     time: float = pydantic.Field(default_factory=node_time)
     host: str
-    actor: str  # who asked: "api@<client address>"
+    actor: str  # who asked: "api:<token name>@<client address>"
     action: Literal["post_env", "rollback", "delete"]
     workflow: str
     node: str

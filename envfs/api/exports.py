@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import IO, Any, Literal
 
-from fastapi import Depends, FastAPI, Query
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import Response, StreamingResponse
 
 from envfs.api.models import Node, Wf
@@ -29,7 +29,14 @@ FORMATS = {
 Format = Literal["bundle", "oci-archive", "template"]
 
 
-def add_routes(app: FastAPI, service: Service, authorized: Callable[..., None]) -> None:
+def add_routes(
+    app: FastAPI,
+    service: Service,
+    authorized: Callable[..., None],
+    allow: Callable[[Request, str], None],
+) -> None:
+    """The export routes; ``allow(request, workflow)`` refuses a token that may not use it."""
+
     @app.get(
         "/envs/{wf}/{node}/export",
         dependencies=[Depends(authorized)],
@@ -37,6 +44,7 @@ def add_routes(app: FastAPI, service: Service, authorized: Callable[..., None]) 
         responses={200: {"content": {t: {} for t, _ in FORMATS.values()}}},
     )
     def export(
+        request: Request,
         wf: Wf,
         node: Node,
         format: Format = Query("bundle"),  # noqa: B008
@@ -45,6 +53,7 @@ def add_routes(app: FastAPI, service: Service, authorized: Callable[..., None]) 
         or its template (a tar of pyproject.toml, uv.lock, .python-version), streamed."""
         service.require_store()
         target = f"{validate_name(wf, 'workflow')}/{validate_name(node, 'node')}"
+        allow(request, wf)
         service.show(wf, node)  # a missing binding is a 404 before anything streams
         writers: dict[str, Callable[[IO[bytes]], Any]] = {
             "bundle": lambda out: service.export_bundle(target, out),
@@ -63,10 +72,11 @@ def add_routes(app: FastAPI, service: Service, authorized: Callable[..., None]) 
         response_class=Response,
         responses={200: {"content": {"application/vnd.cyclonedx+json": {}}}},
     )
-    def sbom(wf: Wf, node: Node) -> Response:
+    def sbom(request: Request, wf: Wf, node: Node) -> Response:
         """The env's CycloneDX 1.6 SBOM (``envfs sbom``)."""
         service.require_store()
         target = f"{validate_name(wf, 'workflow')}/{validate_name(node, 'node')}"
+        allow(request, wf)
         return Response(service.sbom(target), media_type="application/vnd.cyclonedx+json")
 
 

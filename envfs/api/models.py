@@ -35,7 +35,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": Problem, "description": text}
     for code, text in (
         (400, "A body that cannot be parsed (rollback)"),
-        (401, "A mutation without the right bearer token: nothing was written"),
+        (401, "No right bearer token (a mutation; any route with --tokens): nothing written"),
+        (403, "The token may not use this workflow, or may only read: nothing was written"),
         (404, "No such binding or revision"),
         (409, "Busy: another build did not finish in time"),
         (413, "The body is over 4 MiB"),

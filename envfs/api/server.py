@@ -6,10 +6,12 @@ same `Service` (no logic of its own but HTTP: parsing, auth, status codes, metri
   background pool (``build: "now"``) or on first access through a mount (``"lazy"``).
   Clients poll ``GET /envs/{wf}/{node}`` for ``state``.
 - Every mutation needs ``Authorization: Bearer <token>``; without it ``401`` and nothing
-  is written. Names and requirements are validated as in the CLI (``422`` with the
-  CLI's one-line message); only packages from http(s) indexes are accepted (no path, git
-  or URL requirement or project source of any form, checked before uv runs); bodies are
-  bounded (``413``).
+  is written. With scoped tokens (``--tokens``, `envfs.api.tokens`) every route but
+  ``/healthz`` and ``/metrics`` needs one, a token reaches only its workflows (``403``
+  otherwise, lists filtered) and a ``read`` token changes nothing. Names and
+  requirements are validated as in the CLI (``422`` with the CLI's one-line message);
+  only packages from http(s) indexes are accepted (no path, git or URL requirement or
+  project source of any form, checked before uv runs); bodies are bounded (``413``).
 - ``GET /metrics``: Prometheus text (builds, build seconds, reuse hits, requests by route
   and code, store bytes, snapshots, bindings).
 """
@@ -17,7 +19,6 @@ same `Service` (no logic of its own but HTTP: parsing, auth, status codes, metri
 from __future__ import annotations
 
 import contextlib
-import hmac
 import json
 import logging
 import os
@@ -56,6 +57,7 @@ from envfs.api.models import (
     RollbackRequest,
     Wf,
 )
+from envfs.api.tokens import NEEDS_TOKEN, Token, Tokens, admit
 from envfs.api.wire import (
     BodyLimit,
 )
@@ -138,12 +140,12 @@ class Api:
     """What the routes share: the service, the background builds, the token, the mount."""
 
     def __init__(
-        self, service: Service, token: str, mount_path: Path | None, audit: PgAudit | None
+        self, service: Service, tokens: Tokens, mount_path: Path | None, audit: PgAudit | None
     ) -> None:
         self.service = service
         self.audit = audit
         self.service.user = "api"
-        self.token = token
+        self.tokens = tokens
         #: serve-api's --index-url / --extra-index-url: requirement lists are locked there
         self.indexes: tuple[str | None, tuple[str, ...]] = (None, ())
         self.mount_path = mount_path
@@ -173,10 +175,16 @@ class Api:
             except EnvfsError as exc:  # the store unreachable for a while: keep serving
                 log.warning("cannot follow the store's changes: %s", exc.message)
 
-    def token_matches(self, given: str) -> bool:
-        """Constant time, on bytes: a header may carry any Latin-1 text (str comparison
-        raises on non-ASCII)."""
-        return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), self.token.encode())
+    def allow(self, request: Request, workflow: str) -> None:
+        """403 unless the request's token may use ``workflow`` (anonymous: reads left open)."""
+        token = _token(request)
+        if token is not None and not token.allows(workflow):
+            raise HTTPException(403, f"this token may not use workflow {workflow!r}")
+
+    def acting(self, request: Request) -> None:
+        """Name the caller's token in what the next mutation writes (under `mutations`)."""
+        token = _token(request)
+        self.service.user = "api" if token is None else f"api:{token.name}"
 
     def stop(self) -> None:
         self._stop.set()
@@ -222,12 +230,14 @@ class Api:
         if self.audit is None:
             return
         client = request.client.host if request.client is not None else "unknown"
-        row = {"host": self.service.host, "actor": f"api@{client}", "action": action}
+        token = _token(request)
+        actor = f"api:{token.name}@{client}" if token is not None else f"api@{client}"
+        row = {"host": self.service.host, "actor": actor, "action": action}
         self.audit.record(
             AuditRow.model_validate(dict(row, workflow=wf, node=node, status=status, **fields))
         )
 
-    def post_env(self, req: EnvRequest) -> tuple[int, EnvView]:
+    def post_env(self, req: EnvRequest, request: Request) -> tuple[int, EnvView]:
         """Bind as `envfs bind` does (the request's files in a temporary directory)."""
         with tempfile.TemporaryDirectory(prefix=_REQUEST_DIR) as name:
             tmp = Path(name)
@@ -250,6 +260,7 @@ class Api:
                 extra_index_urls=extra,
             )
             with self.mutations:
+                self.acting(request)
                 rev, reused = self.service.bind_inputs(
                     req.workflow_id, req.node_id, inputs, req.reason, build=False
                 )
@@ -271,9 +282,6 @@ class Api:
         if time.monotonic() - self._bytes_at > STORE_BYTES_EVERY or not self._bytes_at:
             self._bytes_at = time.monotonic()
             self.metrics.store_bytes.set(svc.disk_usage().real_bytes)
-
-
-_NEEDS_TOKEN = "a bearer token is needed"
 
 
 def _error_response(exc: EnvfsError, api: Api) -> JSONResponse:
@@ -358,14 +366,14 @@ _BATCH_DOC: dict[str, Any] = {
 
 def create_app(
     service: Service,
-    token: str,
+    tokens: Tokens,
     mount_path: Path | None = None,
     audit: PgAudit | None = None,
     indexes: tuple[str | None, tuple[str, ...]] = (None, ()),
 ) -> FastAPI:
-    """The API over ``service``; mutations need ``token``; ``audit`` also gets each one;
+    """The API over ``service``, for ``tokens``; ``audit`` also gets each mutation;
     ``indexes`` (default, extra) are where every requirement list is locked from."""
-    api = Api(service, token, mount_path, audit)
+    api = Api(service, tokens, mount_path, audit)
     api.indexes = indexes
 
     @contextlib.asynccontextmanager
@@ -383,24 +391,30 @@ def create_app(
         responses=_ERRORS,
     )
     app.add_middleware(BodyLimit)
-    bearer = HTTPBearer(auto_error=False, description="The token of serve-api's --token-file")
+    bearer = HTTPBearer(
+        auto_error=False, description="A token of serve-api's --token-file or --tokens"
+    )
 
     def authorized(
+        request: Request,
         credentials: HTTPAuthorizationCredentials | None = Depends(bearer),  # noqa: B008
     ) -> None:
-        if credentials is None or not api.token_matches(credentials.credentials):
-            raise HTTPException(401, _NEEDS_TOKEN, headers={"WWW-Authenticate": "Bearer"})
+        """In the schema: the route needs a token (`token_first` has checked it already)."""
+        if credentials is None or _token(request) is None:
+            raise HTTPException(401, NEEDS_TOKEN, headers={"WWW-Authenticate": "Bearer"})
 
     @app.middleware("http")
     async def token_first(request: Request, call_next: Callable[[Request], Awaitable[Any]]) -> Any:
-        """Mutations are refused before their bodies are read or parsed (the route's own
-        check, documented in the schema, runs after FastAPI has parsed a body)."""
-        if request.method not in ("GET", "HEAD", "OPTIONS"):
-            scheme, _, given = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not api.token_matches(given.strip()):
-                return JSONResponse(
-                    {"detail": _NEEDS_TOKEN}, 401, headers={"WWW-Authenticate": "Bearer"}
-                )
+        """Who calls, and whether it may call this route at all, before a body is read or
+        parsed (the route's own check, documented in the schema, runs after FastAPI has
+        parsed a body; which workflows a token reaches is each route's to check)."""
+        admitted = admit(
+            api.tokens, request.method, request.url.path, request.headers.get("authorization", "")
+        )
+        request.state.token = admitted.token
+        if admitted.status != 200:
+            headers = {"WWW-Authenticate": "Bearer"} if admitted.status == 401 else None
+            return JSONResponse({"detail": admitted.detail}, admitted.status, headers=headers)
         return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
@@ -442,7 +456,8 @@ def create_app(
     async def post_env(request: Request) -> JSONResponse:
         """Bind WF/NODE to an env; 200 if its snapshot exists, 202 if it is to be built."""
         req = await _read_env_request(request)
-        code, view = await run_in_threadpool(api.post_env, req)
+        api.allow(request, req.workflow_id)
+        code, view = await run_in_threadpool(api.post_env, req, request)
         fields = {"revision": view.revision, "snapshot_id": view.snapshot_id}
         detail = {"state": view.state, "build": req.build}
         api.audited(
@@ -463,6 +478,8 @@ def create_app(
             body = BatchRequest.model_validate(await _read_json(request))
         except pydantic.ValidationError as exc:
             raise HTTPException(422, _validation_message(exc.errors())) from None
+        for b in body.bindings:  # all or nothing: one workflow out of reach binds none
+            api.allow(request, b.workflow_id)
         service.require_store()
         entries = [
             (i, f"{b.workflow_id}/{b.node_id}", b.snapshot_id) for i, b in enumerate(body.bindings)
@@ -470,6 +487,7 @@ def create_app(
 
         def bind() -> BatchReport:
             with api.mutations:
+                api.acting(request)
                 return service.bind_entries(entries, body.reason)
 
         report = await run_in_threadpool(bind)
@@ -484,38 +502,45 @@ def create_app(
 
     @app.get("/envs")
     def list_envs(
+        request: Request,
         workflow: str | None = None,
         offset: int = Query(0, ge=0),
         limit: int = Query(100, ge=1, le=1000),
     ) -> EnvPage:
         if workflow is not None:
-            validate_name(workflow, "workflow")
+            api.allow(request, validate_name(workflow, "workflow"))
         if not service.store.exists():  # nothing bound yet
             return EnvPage(items=[], total=0, offset=offset, limit=limit)
         views = service.binding_views(workflow)
+        token = _token(request)
+        if token is not None:  # only what it may see, counted as such
+            views = [v for v in views if token.allows(v.workflow)]
         page = [api.view(service.describe(v)) for v in views[offset : offset + limit]]
         return EnvPage(items=page, total=len(views), offset=offset, limit=limit)
 
-    def _names(wf: str, node: str) -> tuple[str, str]:
-        return validate_name(wf, "workflow"), validate_name(node, "node")
+    def _names(wf: str, node: str, request: Request) -> tuple[str, str]:
+        names = validate_name(wf, "workflow"), validate_name(node, "node")
+        api.allow(request, names[0])
+        return names
 
     @app.get("/envs/{wf}/{node}")
-    def get_env(wf: Wf, node: Node) -> EnvView:
+    def get_env(request: Request, wf: Wf, node: Node) -> EnvView:
         service.require_store()
-        return api.view(service.show(*_names(wf, node)))
+        return api.view(service.show(*_names(wf, node, request)))
 
     @app.get("/envs/{wf}/{node}/history")
-    def history(wf: Wf, node: Node) -> list[Revision]:
+    def history(request: Request, wf: Wf, node: Node) -> list[Revision]:
         service.require_store()
-        return service.revisions(*_names(wf, node))
+        return service.revisions(*_names(wf, node, request))
 
     @app.post("/envs/{wf}/{node}/rollback", dependencies=[Depends(authorized)])
     def rollback(
         request: Request, wf: Wf, node: Node, body: RollbackRequest | None = None
     ) -> EnvView:
         service.require_store()
-        wf, node = _names(wf, node)
+        wf, node = _names(wf, node, request)
         with api.mutations:
+            api.acting(request)
             rev = service.rollback(wf, node, body.to if body is not None else None)
         api.audited(request, "rollback", wf, node, 200, revision=rev.revision,
                     snapshot_id=rev.snapshot_id, detail={"to": rev.rollback_to})  # fmt: skip
@@ -524,13 +549,14 @@ def create_app(
     @app.delete("/envs/{wf}/{node}", dependencies=[Depends(authorized)])
     def delete_env(request: Request, wf: Wf, node: Node) -> dict[str, int]:
         service.require_store()
-        wf, node = _names(wf, node)
+        wf, node = _names(wf, node, request)
         with api.mutations:
+            api.acting(request)
             removed = service.remove(wf, node)
         api.audited(request, "delete", wf, node, 200, detail={"revisions_removed": removed})
         return {"revisions_removed": removed}
 
-    exports.add_routes(app, service, authorized)
+    exports.add_routes(app, service, authorized, api.allow)
 
     @app.get("/metrics", response_class=PlainTextResponse)
     def metrics() -> PlainTextResponse:
@@ -559,3 +585,9 @@ def create_app(
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def _token(request: Request) -> Token | None:
+    """The token `token_first` found for this request (None: anonymous)."""
+    token: Token | None = getattr(request.state, "token", None)
+    return token

@@ -323,7 +323,17 @@ def status(as_json: bool) -> None:
     "--token-file",
     type=click.Path(path_type=Path, dir_okay=False),
     envvar="ENVFS_API_TOKEN_FILE",
-    help="File holding the bearer token every mutation needs [env: ENVFS_API_TOKEN_FILE].",
+    help="File holding one admin bearer token every mutation needs; reads stay open "
+    "[env: ENVFS_API_TOKEN_FILE].",
+)
+@click.option(
+    "--tokens",
+    "tokens_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    envvar="ENVFS_API_TOKENS",
+    help="TOML file of named tokens, each with secret (or secret_file), workflows (glob "
+    "patterns) and role (read or write); every route but /healthz and /metrics then needs "
+    "one. Must be readable by its owner only [env: ENVFS_API_TOKENS].",
 )
 @click.option(
     "--mount-path",
@@ -359,6 +369,7 @@ def serve_api(
     host: str,
     port: int,
     token_file: Path | None,
+    tokens_file: Path | None,
     mount_path: Path | None,
     audit_dsn: str | None,
     index_url: str | None,
@@ -368,14 +379,23 @@ def serve_api(
 
     POST /envs binds (and builds in the background), GET /envs/WF/NODE says where the env
     is and its state; /openapi.json documents every route, /metrics is Prometheus text.
-    Mutations need `Authorization: Bearer TOKEN` (the first line of --token-file).
+    Mutations need `Authorization: Bearer TOKEN` (the first line of --token-file). With
+    --tokens instead (docs/api.md), each team's token reaches its own workflows only:
+    403 for the others, lists filtered, 401 without a token, a read token changes nothing.
     """
     from envfs.api.server import create_app
+    from envfs.api.tokens import Tokens
     from envfs.api.wire import serve
 
-    if token_file is None:
-        raise BadInput("serve-api needs --token-file (mutations need a bearer token)")
-    token = _read_token(token_file)
+    if (token_file is None) == (tokens_file is None):
+        raise BadInput(
+            "serve-api needs one of --token-file (one admin token) or --tokens (scoped tokens)"
+        )
+    tokens = (
+        Tokens.from_file(tokens_file)
+        if tokens_file is not None
+        else Tokens.admin(_read_token(token_file))  # type: ignore[arg-type]
+    )
     from envfs.build.spec import make_indexes
 
     make_indexes(index_url, extra_index_urls)  # a bad URL fails here, in one line
@@ -386,7 +406,7 @@ def serve_api(
 
         audit = PgAudit(audit_dsn, svc.settings.index / "audit-spool")
     click.echo(f"envfs: serving the API on http://{host}:{port} (store {svc.store.root})", err=True)
-    app = create_app(svc, token, mount_path, audit, indexes=(index_url, extra_index_urls))
+    app = create_app(svc, tokens, mount_path, audit, indexes=(index_url, extra_index_urls))
     serve(app, host, port)
 
 

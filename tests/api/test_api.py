@@ -82,14 +82,16 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(env: Env, *args: str) -> Server:
-    (env.root / "token").write_text(TOKEN + "\n")
+def start_server(env: Env, *args: str, auth: tuple[str, ...] = ()) -> Server:
+    """serve-api over ``env``'s store: with one admin token (`TOKEN`), or ``auth``."""
+    if not auth:
+        (env.root / "token").write_text(TOKEN + "\n")
+        auth = ("--token-file", str(env.root / "token"))
     port = _free_port()
     log = env.root / f"api-{port}.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [*ENVFS, "serve-api", "--port", str(port), "--token-file", str(env.root / "token"),
-             "--mount-path", "/envs", *args],
+            [*ENVFS, "serve-api", "--port", str(port), *auth, "--mount-path", "/envs", *args],
             env=env.vars, stdout=out, stderr=out, stdin=subprocess.DEVNULL,
         )  # fmt: skip
     server = Server(env, f"http://127.0.0.1:{port}", proc, log)
@@ -378,7 +380,7 @@ def test_cli_and_api_see_each_others_changes(api: Server) -> None:
     assert api.call("POST", "/envs", body).code == 202
     assert env.show("wf/cli")["revision"] == 2
     history = api.call("GET", "/envs/wf/cli/history").body
-    assert [r["revision"] for r in history] == [1, 2] and history[1]["user"] == "api"
+    assert [r["revision"] for r in history] == [1, 2] and history[1]["user"] == "api:admin"
     back = api.call("POST", "/envs/wf/cli/rollback", {"to": 1})
     assert back.code == 200 and back.body["revision"] == 3
     assert env.show("wf/cli")["snapshot_id"] == history[0]["snapshot_id"]
@@ -436,7 +438,7 @@ def test_openapi_document_is_served(api: Server) -> None:
 
 def test_serve_api_refuses_to_start_without_a_token(local: Env) -> None:
     out = local.run("serve-api", "--port", "1", check=False)
-    assert out.returncode == 3 and "--token-file" in out.stderr
+    assert out.returncode == 3 and "--token-file" in out.stderr and "--tokens" in out.stderr
 
 
 def test_export_streams_what_the_cli_writes_with_a_token_and_sbom_answers(

@@ -100,7 +100,7 @@ def test_mutations_reach_postgres_and_survive_an_outage(audited: tuple[Server, P
         "a",
         202,
     )
-    assert row["actor"] == "api@127.0.0.1" and row["revision"] == 1
+    assert row["actor"] == "api:admin@127.0.0.1" and row["revision"] == 1
 
     pg.stop()
     during = [
