@@ -9,6 +9,7 @@ import os
 import subprocess
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -23,27 +24,36 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root (groupadd, setpriv)"),
 ]
 
-MEMBER_UID, STRANGER_UID = 61001, 61002
 SITE = "lib/python3.12/site-packages"
 
 
+@dataclass(frozen=True)
+class People:
+    group: str  # a real group, and two real users: one in it, one not
+    member: str
+    stranger: str
+
+
 @pytest.fixture
-def group() -> Iterator[tuple[str, int]]:
-    """A real group (its name and gid), removed after the test."""
-    name = f"envfs-t-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["groupadd", name], check=True)
+def people() -> Iterator[People]:
+    """Made with groupadd/useradd, removed after the test."""
+    tag = uuid.uuid4().hex[:6]
+    made = People(f"envfs-t{tag}", f"envfs-m{tag}", f"envfs-s{tag}")
+    subprocess.run(["groupadd", made.group], check=True)
     try:
-        gid = int(subprocess.run(["getent", "group", name], capture_output=True, text=True,
-                                 check=True).stdout.split(":")[2])  # fmt: skip
-        yield name, gid
+        subprocess.run(["useradd", "-M", "-G", made.group, made.member], check=True)
+        subprocess.run(["useradd", "-M", made.stranger], check=True)
+        yield made
     finally:
-        subprocess.run(["groupdel", name], check=False)
+        for user in (made.member, made.stranger):
+            subprocess.run(["userdel", user], check=False, capture_output=True)
+        subprocess.run(["groupdel", made.group], check=False, capture_output=True)
 
 
-def _as(uid: int, groups: list[int], *cmd: str | Path) -> subprocess.CompletedProcess[str]:
-    ids = ["--groups", ",".join(map(str, groups))] if groups else ["--clear-groups"]
+def _as(user: str, *cmd: str | Path) -> subprocess.CompletedProcess[str]:
+    """``cmd`` as ``user`` with that user's groups (as `su` would give them)."""
     return subprocess.run(
-        ["setpriv", f"--reuid={uid}", f"--regid={uid}", *ids, *map(str, cmd)],
+        ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", *map(str, cmd)],
         capture_output=True, text=True, errors="replace", timeout=120, cwd="/",
     )  # fmt: skip
 
@@ -54,18 +64,17 @@ def _denied(done: subprocess.CompletedProcess[str]) -> bool:
 
 def test_only_the_group_reads_a_restricted_workflow_on_every_path(
     fs: tuple[Env, Path, list[Mount]],  # noqa: F811
-    group: tuple[str, int],
+    people: People,
 ) -> None:
     env, mnt, mounts = fs
-    name, gid = group
+    name = people.group
     env.run("build", "team/secret", "extra-a==1.0", "--python", PY)
     env.run("build", "open/x", "extra-b==2.0", "--python", PY)
     sid = env.show("team/secret")["snapshot_id"]
     out = json.loads(env.run("acl", "set", "team", "--group", name, "--json").stdout)
     assert (out["workflow"], out["group"], out["mode"]) == ("team", name, 0o750)
     mounts.append(Mount(env, mnt))
-    member: tuple[int, list[int]] = (MEMBER_UID, [gid])
-    stranger: tuple[int, list[int]] = (STRANGER_UID, [])
+    member, stranger = people.member, people.stranger
     paths = [
         "team/secret/bin/python",
         f"team/secret/{SITE}/extra_a/__init__.py",
@@ -74,42 +83,42 @@ def test_only_the_group_reads_a_restricted_workflow_on_every_path(
         f".snapshots/{sid[:12]}/{SITE}/extra_a/__init__.py",
     ]
     with reachable_by_all(mnt):
-        ran = _as(*member, mnt / "team/secret/bin/python", "-c", "import extra_a")
+        ran = _as(member, mnt / "team/secret/bin/python", "-c", "import extra_a")
         assert ran.returncode == 0, ran.stderr
         for path in paths:  # right after the member: no first user's check is kept
-            assert _as(*member, "head", "-c1", mnt / path).returncode == 0, path
-            assert _denied(_as(*stranger, "head", "-c1", mnt / path)), path
-            assert _denied(_as(*stranger, "stat", mnt / path)), path
-        assert _denied(_as(*stranger, "ls", mnt / "team/secret"))
+            assert _as(member, "head", "-c1", mnt / path).returncode == 0, path
+            assert _denied(_as(stranger, "head", "-c1", mnt / path)), path
+            assert _denied(_as(stranger, "stat", mnt / path)), path
+        assert _denied(_as(stranger, "ls", mnt / "team/secret"))
         # exec'd from a shell: setpriv's own execve still has root's capabilities
         run = ("sh", "-c", 'exec "$0" -c pass', mnt / "team/secret/bin/python")
-        assert _denied(_as(*stranger, *run))
-        assert _as(*member, *run).returncode == 0
-        opened = _as(*stranger, mnt / "open/x/bin/python", "-c", "import extra_b")
+        assert _denied(_as(stranger, *run))
+        assert _as(member, *run).returncode == 0
+        opened = _as(stranger, mnt / "open/x/bin/python", "-c", "import extra_b")
         assert opened.returncode == 0, opened.stderr  # no ACL: open to all
-        again = _as(*member, mnt / "team/secret/bin/python", "-c", "import extra_a")
+        again = _as(member, mnt / "team/secret/bin/python", "-c", "import extra_a")
         assert again.returncode == 0, again.stderr
         listed = {line.split("\t")[0] for line in env.run("acl", "show").stdout.splitlines()}
         assert listed == {"team"}
 
         # changes reach the running daemon as a bind does: open, then closed again
         env.run("acl", "rm", "team")
-        wait_for(lambda: _as(*stranger, "head", "-c1", mnt / paths[1]).returncode == 0, 10, "open")
+        wait_for(lambda: _as(stranger, "head", "-c1", mnt / paths[1]).returncode == 0, 10, "open")
         for path in paths:
-            assert _as(*stranger, "head", "-c1", mnt / path).returncode == 0, path
+            assert _as(stranger, "head", "-c1", mnt / path).returncode == 0, path
         by_id = mnt / ".snapshots" / sid  # open, the id view is handed to the kernel
         wait_for(lambda: os.path.ismount(by_id), 10, "the id view kernel-served")
         env.run("acl", "set", "team", "--group", name, "--mode", "0710")
-        wait_for(lambda: all(_denied(_as(*stranger, "head", "-c1", mnt / p)) for p in paths),
+        wait_for(lambda: all(_denied(_as(stranger, "head", "-c1", mnt / p)) for p in paths),
                  10, "closed again")  # fmt: skip
         assert not os.path.ismount(by_id)  # detached: a bind mount shows the store's bits
-        assert _as(*member, "head", "-c1", mnt / paths[1]).returncode == 0
+        assert _as(member, "head", "-c1", mnt / paths[1]).returncode == 0
         assert os.stat(mnt / "team").st_mode & 0o7777 == 0o710
 
 
-def test_acl_commands_refuse_what_they_cannot_do(local: Env, group: tuple[str, int]) -> None:
+def test_acl_commands_refuse_what_they_cannot_do(local: Env, people: People) -> None:
     local.run("build", "team/a", "extra-a==1.0", "--python", PY)
-    name, _gid = group
+    name = people.group
     for args, code, words in [
         (["acl", "set", "team", "--group", "no-such-group-xyz"], 3, "no group"),
         (["acl", "set", "team", "--group", name, "--mode", "0755"], 3, "give others nothing"),
@@ -134,6 +143,7 @@ def test_acl_commands_refuse_what_they_cannot_do(local: Env, group: tuple[str, i
 def test_the_node_keeps_its_own_files_to_root(
     fs: tuple[Env, Path, list[Mount]],  # noqa: F811
     tmp_path: Path,
+    people: People,
 ) -> None:
     """The index (with the node cache and the API's spool), the status files and the daemon
     logs name the store and what each node serves: no other user reads them."""
@@ -148,5 +158,5 @@ def test_the_node_keeps_its_own_files_to_root(
         assert os.stat(path).st_mode & 0o777 == mode, path
     with reachable_by_all(env.index), reachable_by_all(status_dir):
         for path in (env.index, cache, status_dir):
-            assert _denied(_as(STRANGER_UID, [], "ls", path)), path
-        assert _denied(_as(STRANGER_UID, [], "head", "-c1", status))
+            assert _denied(_as(people.stranger, "ls", path)), path
+        assert _denied(_as(people.stranger, "head", "-c1", status))
