@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import PY, Env, reachable_by_all
-from tests.node.test_nodes import wait_for
+from tests.node.test_nodes import nodes, wait_for  # noqa: F401  (fixture)
 from tests.test_e2e import Mount, fs  # noqa: F401  (fixture)
 
 pytestmark = [
@@ -160,3 +160,19 @@ def test_the_node_keeps_its_own_files_to_root(
         for path in (env.index, cache, status_dir):
             assert _denied(_as(people.stranger, "ls", path)), path
         assert _denied(_as(people.stranger, "head", "-c1", status))
+
+
+def test_an_acl_set_on_one_node_closes_the_workflow_on_another(
+    nodes: tuple[Env, Env, list[Mount]],  # noqa: F811
+    people: People,
+) -> None:
+    a, b, mounts = nodes  # own index and host id each, one store
+    a.run("build", "team/x", "extra-a==1.0", "--python", PY)
+    mnt = b.root / "mnt"
+    mounts.append(Mount(b, mnt))
+    target = mnt / f"team/x/{SITE}/extra_a/__init__.py"
+    with reachable_by_all(mnt):
+        assert _as(people.stranger, "head", "-c1", target).returncode == 0
+        a.run("acl", "set", "team", "--group", people.group)
+        took = wait_for(lambda: _denied(_as(people.stranger, "head", "-c1", target)), 10, "closed")
+        assert took < 10 and _as(people.member, "head", "-c1", target).returncode == 0
