@@ -171,14 +171,14 @@ class Index(Sweeping, AclTable):
         bindings found. Written in batches (LMDB keeps the pages of one big write for good)
         under a lock between processes: the schema goes in last, so a seed cut short is
         done again; a process that finds an index another seeded meanwhile takes it."""
-        with self._lock, one_seed_at_a_time(self.path / MARKER):
+        # no cyclic GC meanwhile: 200,000 lines' objects would set it off ~100 times
+        with self._lock, one_seed_at_a_time(self.path / MARKER), no_cycle_collection():
             if unless_seeded:
                 with self.env.begin() as txn:
                     if txn.get(b"schema", db=self.meta) is not None:
                         return 0
-            with no_cycle_collection():  # 200,000 lines would set it off ~100 times
-                scan = self.store.scan_since(feed.Cursor())
-                seed = plan(scan.entries)
+            scan = self.store.scan_since(feed.Cursor())
+            seed = plan(scan.entries)
             deadline = time.monotonic() + INTENT_WAIT
             self._pending.update(dict.fromkeys(seed.pending, deadline))
             with self.env.begin(write=True) as txn:  # a seed cut short leaves no schema:

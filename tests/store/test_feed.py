@@ -128,3 +128,26 @@ def test_processes_that_open_one_fresh_index_at_once_all_see_it_whole(tmp_path: 
     args = [(str(tmp_path / "index"), str(store.root))] * 4
     with multiprocessing.get_context("spawn").Pool(4) as pool:
         assert pool.starmap(_open_and_count, args) == [n] * 4
+
+
+def test_a_seed_keeps_every_revision_whatever_order_its_keys_sort_in(tmp_path: Path) -> None:
+    """Keys are appended in byte order: ``a/b@10`` before ``a/b@9``, ``a/b0@1`` before
+    ``a/b@1``, ``a.b/x`` before ``a/b``: none may be lost or refused."""
+    store = Store(tmp_path / "store").ensure()
+    lines, t = [], 0.0
+    for wf, node, count in [("a", "b", 12), ("a", "b0", 1), ("a.b", "x", 2), ("a", "b.c", 3)]:
+        for n in range(1, count + 1):
+            t += 1
+            fields = dict(event="bound", host="h", workflow=wf, node=node, revision=n, first=1)
+            lines.append(_line(**fields, snapshot_id=SID, time=t, **_reasons(t)))
+    _write(store.log_dir, lines, tail=b"")
+    index = Index(tmp_path / "index", store)
+    try:
+        for wf, node, count in [("a", "b", 12), ("a", "b0", 1), ("a.b", "x", 2), ("a", "b.c", 3)]:
+            current = index.current(wf, node)
+            assert current is not None and current.revision == count, (wf, node)
+            assert [r.revision for r in index.revisions(wf, node) or []] == list(
+                range(1, count + 1)
+            )
+    finally:
+        index.close()
