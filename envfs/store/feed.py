@@ -27,9 +27,11 @@ import contextlib
 import json
 import os
 import re
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 import pydantic
 
@@ -187,49 +189,74 @@ def parse_line(line: bytes) -> AuditEvent | None:
         return None
 
 
-def _new_lines(log_dir: Path, cursor: Cursor) -> tuple[list[list[bytes]], Cursor, list[str]]:
-    """The complete, non-blank lines appended to each log since ``cursor`` (a list per log),
-    the cursor after them, and the logs read again from their start."""
-    chunks: list[list[bytes]] = []
-    reread: list[str] = []
-    files: dict[str, tuple[int, int]] = {}
-    for entry in _logs(log_dir):
-        try:
-            st = entry.stat()
-        except FileNotFoundError:
-            continue
-        inode, offset = cursor.files.get(entry.name, (st.st_ino, 0))
-        if inode != st.st_ino or st.st_size < offset:
-            reread.append(entry.name)
-            offset = 0
-        if st.st_size == offset:
-            files[entry.name] = (st.st_ino, offset)
-            continue
-        try:
-            with open(entry.path, "rb") as f:
+class _Reading:
+    """The complete, non-blank lines appended to each log since ``cursor``, as lists
+    (`batches`); then ``cursor`` is the one after them and ``reread`` the logs read again
+    from their start (shrunk or replaced)."""
+
+    def __init__(self, log_dir: Path, cursor: Cursor) -> None:
+        self.log_dir = log_dir
+        self.start = cursor
+        self.files: dict[str, tuple[int, int]] = {}
+        self.reread: list[str] = []
+
+    @property
+    def cursor(self) -> Cursor:
+        return Cursor(dict(self.files))
+
+    def batches(self, chunk: int | None = None) -> Iterator[list[bytes]]:
+        """A list of lines per log, or with ``chunk``, per ``chunk`` bytes read, the next
+        read under way meanwhile (a NAS's latency hidden behind the parsing)."""
+        for entry in _logs(self.log_dir):
+            try:
+                st = entry.stat()
+            except FileNotFoundError:
+                continue
+            inode, offset = self.start.files.get(entry.name, (st.st_ino, 0))
+            if inode != st.st_ino or st.st_size < offset:
+                self.reread.append(entry.name)
+                offset = 0
+            if st.st_size == offset:
+                self.files[entry.name] = (st.st_ino, offset)
+                continue
+            try:
+                f = open(entry.path, "rb")  # noqa: SIM115  (closed below, after the reads)
+            except FileNotFoundError:
+                continue
+            with f:
                 f.seek(offset)
-                data = f.read()
-        except FileNotFoundError:
-            continue
-        end = data.rfind(b"\n") + 1  # a last line without its newline is not complete yet
-        chunks.append([line for line in data[:end].splitlines() if line.strip()])
-        files[entry.name] = (st.st_ino, offset + end)
-    return chunks, Cursor(files), reread
+                rest = b""
+                for data in _read_ahead(f, chunk) if chunk else [f.read()]:
+                    data = rest + data
+                    end = data.rfind(b"\n") + 1  # a last line without its newline waits
+                    rest = data[end:]
+                    offset += end
+                    yield [line for line in data[:end].splitlines() if line.strip()]
+            self.files[entry.name] = (st.st_ino, offset)
+
+
+def _read_ahead(f: BinaryIO, size: int) -> Iterator[bytes]:
+    """``f`` in reads of ``size`` bytes, each next one started before this one is used."""
+    with ThreadPoolExecutor(1, thread_name_prefix="envfs-feed") as pool:
+        pending = pool.submit(f.read, size)
+        while data := pending.result():
+            pending = pool.submit(f.read, size)
+            yield data
 
 
 def changes_since(log_dir: Path, cursor: Cursor) -> Changes:
     """Every complete event appended to any log since ``cursor``, and the new cursor."""
-    chunks, after, reread = _new_lines(log_dir, cursor)
+    reading = _Reading(log_dir, cursor)
     events: list[AuditEvent] = []
     skipped = 0
-    for lines in chunks:
+    for lines in reading.batches():
         for line in lines:
             event = parse_line(line)
             if event is None:
                 skipped += 1
             else:
                 events.append(event)
-    return Changes(events, after, skipped, reread)
+    return Changes(events, reading.cursor, skipped, reading.reread)
 
 
 def _objects(lines: list[bytes]) -> list[Any]:
@@ -281,18 +308,19 @@ def _entry(data: object, line: bytes) -> Entry | None:
     return None
 
 
-#: Lines `scan_since` parses at once.
+#: Lines `scan_since` parses at once, and bytes it reads at once.
 _BATCH = 4096
+_CHUNK = 4 << 20
 
 
 def scan_since(log_dir: Path, cursor: Cursor) -> Scan:
     """What `changes_since` reads, for a reader of every line at once (an index seeded from
     the whole feed): the lines' main fields, checked as an `AuditEvent` checks them, without
     a model per line."""
-    chunks, after, reread = _new_lines(log_dir, cursor)
+    reading = _Reading(log_dir, cursor)
     entries: list[Entry] = []
     skipped = 0
-    for lines in chunks:
+    for lines in reading.batches(_CHUNK):
         for start in range(0, len(lines), _BATCH):  # the parsed lines are let go batch by batch
             batch = lines[start : start + _BATCH]
             for data, line in zip(_objects(batch), batch, strict=True):
@@ -301,7 +329,7 @@ def scan_since(log_dir: Path, cursor: Cursor) -> Scan:
                     skipped += 1
                 else:
                     entries.append(entry)
-    return Scan(entries, after, skipped, reread)
+    return Scan(entries, reading.cursor, skipped, reading.reread)
 
 
 def end_cursor(log_dir: Path) -> Cursor:

@@ -151,3 +151,20 @@ def test_a_seed_keeps_every_revision_whatever_order_its_keys_sort_in(tmp_path: P
             )
     finally:
         index.close()
+
+
+@pytest.mark.parametrize("chunk", [1, 37, 4096])
+def test_lines_read_in_chunks_are_the_lines_read_whole(
+    tmp_path: Path, chunk: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A seed reads logs a few MB at a time (the next read under way while it parses): a
+    line cut by a chunk's end is read whole with the next, a last one without its newline
+    waits, and the cursor ends where the complete lines do."""
+    _write(tmp_path, GOOD + DAMAGE + GOOD)
+    whole = feed.changes_since(tmp_path, feed.Cursor())
+    monkeypatch.setattr(feed, "_CHUNK", chunk)
+    scan = feed.scan_since(tmp_path, feed.Cursor())
+    assert scan.cursor == whole.cursor and scan.skipped == whole.skipped == len(DAMAGE)
+    assert [e.line for e in scan.entries] == [line.rstrip(b"\n") for line in GOOD + GOOD]
+    (size,) = [offset for _inode, offset in scan.cursor.files.values()]
+    assert size == len(b"".join(GOOD + DAMAGE + GOOD))  # up to the incomplete last line
