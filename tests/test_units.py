@@ -6,7 +6,7 @@ import pytest
 
 from envfs.build import interpreters, sources, spec
 from envfs.core.errors import BadInput, InterpreterNotFound
-from envfs.core.names import parse_target
+from envfs.core.names import parse_pinned, parse_target
 from envfs.store.formats import Interpreter
 
 INTERP = Interpreter(
@@ -44,6 +44,15 @@ def test_bad_targets_are_refused_with_one_line(bad: str) -> None:
 
 def test_good_targets_parse() -> None:
     assert parse_target("etl/prep-1.2_x") == ("etl", "prep-1.2_x")
+
+
+def test_pinned_targets_parse_in_one_place() -> None:
+    assert parse_pinned("etl/prep") == ("etl", "prep", None)
+    assert parse_pinned("etl/prep@12") == ("etl", "prep", 12)
+    for bad in ("etl/prep@", "etl/prep@01", "etl/prep@x", "etl@3"):
+        with pytest.raises(BadInput) as err:
+            parse_pinned(bad)
+        assert "\n" not in err.value.message
 
 
 def test_revision_numbers_are_canonical_ascii_decimals() -> None:

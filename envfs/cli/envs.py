@@ -11,7 +11,7 @@ import click
 
 from envfs.cli.app import F, _emit, _service, main
 from envfs.core.errors import BadInput, NotFound
-from envfs.core.names import parse_revision, parse_target, validate_name
+from envfs.core.names import parse_pinned, parse_target, validate_name
 from envfs.service.envs import Inputs, Service
 
 if TYPE_CHECKING:
@@ -219,9 +219,7 @@ def ls_cmd(ctx: click.Context, workflow: str | None, as_json: bool) -> None:
 @click.pass_context
 def show(ctx: click.Context, target: str, as_json: bool, packages: bool) -> None:
     """Show a binding: revision, snapshot id, state, snapshot path, python."""
-    name, _, rev = target.partition("@")
-    wf, node = parse_target(name)
-    revision = _revision(rev) if rev else None
+    wf, node, revision = parse_pinned(target)
     svc = _service(ctx)
     info = svc.show(wf, node, revision)
     pkgs = svc.packages(info.snapshot_id) if packages else None
@@ -238,13 +236,6 @@ def show(ctx: click.Context, target: str, as_json: bool, packages: bool) -> None
         click.echo(f"packages: {len(pkgs)}")
         for n, v in pkgs:
             click.echo(f"  {n}=={v}")
-
-
-def _revision(text: str) -> int:
-    revision = parse_revision(text)
-    if revision is None:
-        raise BadInput(f"revision {text!r} is not a number; see `envfs history`")
-    return revision
 
 
 def _mount_of(svc: Service, mount: Path | None) -> Path:

@@ -45,3 +45,15 @@ def parse_target(target: str) -> tuple[str, str]:
     if len(parts) != 2:
         raise BadInput(f"{target!r} is not WORKFLOW/NODE (exactly one '/'), e.g. 'etl/prep'")
     return validate_name(parts[0], "workflow"), validate_name(parts[1], "node")
+
+
+def parse_pinned(target: str) -> tuple[str, str, int | None]:
+    """``WF/NODE[@REV]`` -> (wf, node, revision or None), all validated."""
+    name, at, rev = target.partition("@")
+    wf, node = parse_target(name)
+    if not at:
+        return wf, node, None
+    revision = parse_revision(rev)
+    if revision is None:
+        raise BadInput(f"revision {rev!r} is not a number; see `envfs history {name}`")
+    return wf, node, revision

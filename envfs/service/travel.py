@@ -11,7 +11,7 @@ from typing import IO
 from envfs.build import spec
 from envfs.build.tree import tree_digest
 from envfs.core.errors import BadInput, NotFound
-from envfs.core.names import parse_revision, parse_target
+from envfs.core.names import parse_pinned
 from envfs.service.base import ServiceBase
 from envfs.service.reports import EnvInfo, ImportReport
 from envfs.store import bundle, verify
@@ -39,11 +39,8 @@ class Travel(ServiceBase):
 
     def _exported(self, target: str) -> tuple[str, SpecInfo, str]:
         """The built snapshot ``WF/NODE[@REV]`` names, its spec, and the name it goes by."""
-        name, _, rev = target.partition("@")
-        wf, node = parse_target(name)
-        revision = parse_revision(rev) if rev else None
-        if rev and revision is None:
-            raise BadInput(f"revision {rev!r} is not a number; see `envfs history {name}`")
+        wf, node, revision = parse_pinned(target)
+        name = f"{wf}/{node}"
         info = self.show(wf, node, revision)
         if not self.store.snapshot_ready(info.snapshot_id):
             raise NotFound(f"{name} is not built yet: build it first (`envfs build {name}`)")
