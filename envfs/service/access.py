@@ -102,16 +102,16 @@ class Permissions:
         self._unknown: set[str] = set()  # groups this node lacks (said once)
 
     def workflow(self, workflow: str) -> Grant | None:
-        self.update()
+        """Index-free once read: the mount asks on every lookup of a workflow; `update`
+        (the daemon's refresh loop) takes in changes."""
+        if self._seen < 0:
+            self.update()
         return self._workflows.get(workflow)
 
     def snapshot(self, snapshot_id: str) -> Grant | None:
-        self.update()
+        if self._seen < 0:
+            self.update()
         return self._snapshots.get(snapshot_id)
-
-    def restricted(self) -> bool:
-        self.update()
-        return bool(self._workflows)
 
     def _gid(self, group: str) -> int | None:
         try:
