@@ -12,8 +12,19 @@ modules, as when a workflow changes one pin).  Timed, interleaved, TRIALS times 
 
 Prints the ratio per env (target <= 1.5x) and the per-phase breakdown of our builds (from the
 snapshot manifests). With --cold, one more row: pandas with an empty store and uv cache on
-both sides (downloads included). Always exits 0: it measures.
-Usage: scripts/bench/build [--trials N] [--cold] [--only NAME] [--python V]
+both sides (downloads included).
+
+With --sandbox, what running build code unprivileged costs (`envfs build`, new specs from a
+warm cache, up to 3 trials each, interleaved): an env of wheels (requests, with a certifi
+pin of its own per policy and trial, so neither side reuses the other's env) built with the
+default policy (`sandboxed`: uv tries without building first, so no sandbox is made)
+against `--build-policy wheels-only` (which never makes one): no slowdown expected; and an env with
+an sdist (`sgmllib3k`, which PyPI has only as an sdist) built in the sandbox (as the build
+user, its own mount namespace and its own empty uv cache, so the build backend is fetched
+each time) against uv building the same sdist as root from the shared cache with the built
+wheel refreshed (`uv pip install --refresh-package`), as envfs did before the sandbox.
+Always exits 0: it measures.
+Usage: scripts/bench/build [--trials N] [--cold] [--sandbox] [--only NAME] [--python V]
 """
 
 from __future__ import annotations
@@ -134,6 +145,73 @@ def run_sets(b: Bench, sets: list[tuple[str, str, tuple[str, ...]]], trials: int
     return lines
 
 
+SDIST = ("sgmllib3k==1.0.0",)
+#: A new env per policy and trial (requests with its certifi pinned: wheels on PyPI).
+POLICY_PINS = {
+    "sandboxed": ("certifi==2024.2.2", "certifi==2024.6.2", "certifi==2024.7.4"),
+    "wheels-only": ("certifi==2024.8.30", "certifi==2024.12.14", "certifi==2025.1.31"),
+}
+
+
+def sandbox_rows(b: Bench, trials: int) -> list[str]:
+    """Wheels: default policy vs wheels-only. An sdist: sandboxed vs uv as root."""
+    cache = b.root / "store" / "uv-cache"
+    uv = uv_binary()
+    wheels = [*SETS[0][2]]  # requests
+
+    def as_root(where: Path, six: str) -> None:
+        """uv as root from the shared cache, the sdist's cached wheel refreshed (rebuilt)."""
+        env = dict(b.run_env, UV_CACHE_DIR=str(cache), UV_PYTHON_DOWNLOADS="never")
+        subprocess.run([uv, "venv", "-q", "--python", b.base_python, str(where)],
+                       env=env, check=True)  # fmt: skip
+        subprocess.run(
+            [uv, "pip", "install", "-q", "--link-mode", "hardlink", "--refresh-package",
+             "sgmllib3k", "--python", str(where / "bin" / "python"), *SDIST, six],
+            env=env, check=True,
+        )  # fmt: skip
+        shutil.rmtree(where, ignore_errors=True)
+
+    # warm-up, untimed: every package (and the sdist's build backend) in the caches; each
+    # policy's trials get their own certifi pins, so neither reuses the other's env
+    b.cli("build", "warm/sdist", *SDIST, f"six=={WARM_SIX}", "--python", b.python)
+    b.cli("build", "warm/wheels", *wheels, f"six=={WARM_SIX}", "--python", b.python)
+    for policy, pins in POLICY_PINS.items():
+        for pin in pins[:trials]:
+            b.cli("build", f"warm/{policy}-{pin[-4:]}", pin, "--python", b.python)
+    as_root(b.root / "root-warm", f"six=={WARM_SIX}")
+    lines = []
+    times: dict[str, list[float]] = {"sandboxed": [], "wheels-only": [], "ours": [], "root": []}
+    for k in range(min(trials, 3)):
+        six = f"six=={TRIAL_SIX[k]}"
+        for policy in ("sandboxed", "wheels-only") if k % 2 == 0 else ("wheels-only", "sandboxed"):
+            t0 = time.perf_counter()
+            pin = POLICY_PINS[policy][k]
+            b.cli("build", f"policy/{policy}{k}", *wheels, pin, "--python", b.python,
+                  "--build-policy", policy)  # fmt: skip
+            times[policy].append(time.perf_counter() - t0)
+        for side in ("root", "ours") if k % 2 == 0 else ("ours", "root"):
+            t0 = time.perf_counter()
+            if side == "ours":
+                b.cli("build", f"sdist/n{k}", *SDIST, six, "--python", b.python)
+            else:
+                as_root(b.root / f"root-sdist-{k}", six)
+            times[side].append(time.perf_counter() - t0)
+        say(f"sandbox trial {k + 1}: " + ", ".join(f"{n} {v[-1]:.2f} s" for n, v in times.items()))
+    med = {n: statistics.median(v) for n, v in times.items()}
+    sandboxed, wheels_only = med["sandboxed"], med["wheels-only"]
+    lines.append(
+        f"wheels    sandboxed policy {sandboxed:6.2f} s   wheels-only {wheels_only:6.2f} s   "
+        f"ratio {sandboxed / wheels_only:5.2f}x   (requests; no slowdown expected)"
+    )
+    lines.append(
+        f"sdist     sandboxed build {med['ours']:6.2f} s   uv as root {med['root']:6.2f} s   "
+        f"ratio {med['ours'] / med['root']:5.2f}x   (sgmllib3k: the cost of building unprivileged)"
+    )
+    for line in lines:
+        print(line, flush=True)
+    return lines
+
+
 def cold(python: str) -> str:
     """pandas from nothing: an empty store and uv cache on both sides.
 
@@ -165,6 +243,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=2, help="new specs per env (max 5)")
     parser.add_argument("--cold", action="store_true", help="add the cold-cache pandas row")
+    parser.add_argument("--sandbox", action="store_true", help="add the build-sandbox rows")
     parser.add_argument("--only", help="one env by name (requests, pandas, sklearn, ...)")
     parser.add_argument("--python", default="3.12")
     args = parser.parse_args()
@@ -179,6 +258,9 @@ def main() -> None:
         warm(b, sets, trials)
         b.mount()
         lines = run_sets(b, sets, trials)
+        if args.sandbox:
+            say("sandbox: wheels by policy; an sdist sandboxed vs uv as root")
+            lines += sandbox_rows(b, trials)
         if args.cold:
             say("cold: pandas with an empty store and uv cache on both sides")
             lines.append(cold(args.python))
