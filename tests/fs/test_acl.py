@@ -152,6 +152,7 @@ def test_the_node_keeps_its_own_files_to_root(
     cache = tmp_path / "node-cache"
     mounts.append(Mount(env, mnt, "--cache", str(cache)))
     status_dir = Path(env.vars["XDG_RUNTIME_DIR"]) / "envfs" / "mounts"
+    wait_for(lambda: any(status_dir.glob("*.json")), 30, "the daemon's status file")
     (status,) = status_dir.glob("*.json")
     private = {env.index: 0o700, cache: 0o700, status_dir: 0o700, status: 0o600}
     for path, mode in private.items():
