@@ -13,7 +13,7 @@ import click
 from envfs.cli.app import _emit, _progress, _service, duration, main
 from envfs.core.errors import BadInput, EnvironmentProblem, NotFound
 from envfs.service.envs import Service
-from envfs.store.files import make_private
+from envfs.store.files import private_dir
 
 if TYPE_CHECKING:
     from envfs.node.cache import NodeCache
@@ -116,7 +116,7 @@ def mount(
             level=logging.INFO, format="%(asctime)s envfs[%(process)d] %(levelname)s %(message)s"
         )
         mountpoint.mkdir(parents=True, exist_ok=True)
-        _private_dir(status.parent)
+        private_dir(status.parent)  # status files name the store and what is served
         svc = _service(ctx, quiet=True)
         catalog = StoreCatalog(svc)
         run_daemon(
@@ -192,7 +192,7 @@ def _spawn_daemon(
         cmd += ["--index", str(opts["index"])]
     cmd += ["mount", str(mountpoint), "--foreground"] + (["--allow-other"] if allow_other else [])
     cmd += extra
-    _private_dir(log.parent)
+    private_dir(log.parent)
     fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     with open(fd, "ab") as out:
         proc = subprocess.Popen(
@@ -408,13 +408,6 @@ def serve_api(
     click.echo(f"envfs: serving the API on http://{host}:{port} (store {svc.store.root})", err=True)
     app = create_app(svc, tokens, mount_path, audit, indexes=(index_url, extra_index_urls))
     serve(app, host, port)
-
-
-def _private_dir(path: Path) -> None:
-    """A directory of status files and daemon logs: they name the store, what each node
-    serves and its errors, so only its owner reads them."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    make_private(path)
 
 
 def _read_token(path: Path) -> str:

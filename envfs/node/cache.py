@@ -40,8 +40,8 @@ from envfs.store.files import (
     META,
     Listing,
     ListingEntry,
-    make_private,
     make_read_only,
+    private_dir,
     read_listing,
     remove_tree,
     remove_unshared,
@@ -73,8 +73,7 @@ class NodeCache:
         self.objects = root / "objects"
         self.snapshots = root / "snapshots"
         self.staging = root / "staging"
-        root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        make_private(root)  # copies of envs an ACL may restrict: only root reads them here
+        private_dir(root)  # copies of envs an ACL may restrict: only root reads them here
         for d in (self.objects, self.snapshots, self.staging):
             d.mkdir(parents=True, exist_ok=True)
         self._fetch_lock = threading.Lock()

@@ -29,6 +29,13 @@ def make_private(path: Path) -> None:
         os.chmod(path, stat.S_IMODE(st.st_mode) & 0o700)
 
 
+def private_dir(path: Path) -> None:
+    """Make ``path`` (and its parents) if missing, readable by its owner only: what a node
+    keeps for itself (status files, daemon logs, the node cache)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    make_private(path)
+
+
 def pid_start_time(pid: int) -> int:
     """The start time of a process (clock ticks since boot), 0 if it does not exist."""
     try:
