@@ -45,7 +45,8 @@ import lmdb
 from envfs.core.errors import BadInput, EnvfsError, EnvironmentProblem
 from envfs.core.views import BindingView
 from envfs.node.acls import ACL_EVENTS, AclTable
-from envfs.node.records import binding_key, revision_of, spec_of
+from envfs.node.checkpoints import Checkpointing
+from envfs.node.records import INTENT_WAIT, SCHEMA, binding_key, revision_of, spec_of
 from envfs.node.seed import no_cycle_collection, one_seed_at_a_time, plan, write_bindings
 from envfs.node.sweep import Sweeping, _Sweep
 from envfs.store import feed
@@ -55,11 +56,6 @@ from envfs.store.layout import Store, closest_spec
 
 log = logging.getLogger(__name__)
 
-SCHEMA = b"6"  # 2: per-host logs (meta feed_cursor), file digests; 3: specs, seeded from logs;
-#                 4: first revisions, unsettled bindings (what gc may trust); 5: feed lines
-#                 as revisions (`LINE`); 6: workflow ACLs
-#: Seconds a binding named by a ``binding_intent`` line is re-read until its change is logged.
-INTENT_WAIT = 60.0
 MAP_SIZE = 1 << 30  # sparse; grows only as used
 #: The file that says a directory is an envfs index: envfs deletes only in directories that
 #: have it, and only its own files there.
@@ -98,7 +94,7 @@ def _rebuilds_on_garbage(method: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-class Index(Sweeping, AclTable):
+class Index(Sweeping, AclTable, Checkpointing):
     """An open index over one store. Thread-safe for readers; writes serialize in LMDB."""
 
     def __init__(self, path: Path, store: Store) -> None:
@@ -165,39 +161,47 @@ class Index(Sweeping, AclTable):
     # -- seeding and rebuilding ------------------------------------------------------------
 
     def seed(self, unless_seeded: bool = False) -> int:
-        """Fill an empty index from the change feed alone: every host's log read from its
-        start (a few large reads), no binding file opened. Bindings the logs do not tell of
-        (lost logs) are found later by the sweep, or at once by `reconcile`. Returns the
-        bindings found. Written in batches (LMDB keeps the pages of one big write for good)
-        under a lock between processes: the schema goes in last, so a seed cut short is
-        done again; a process that finds an index another seeded meanwhile takes it."""
+        """Fill an empty index from the store's checkpoint, if it has one this index can
+        take (one large read), else from the change feed alone: every host's log read from
+        its start (a few large reads). No binding file is opened: bindings the logs do not
+        tell of (lost logs) are found later by the sweep, or at once by `reconcile`.
+        Returns the bindings found. Written in batches (LMDB keeps the pages of one big
+        write for good) under a lock between processes: the schema goes in last, so a seed
+        cut short is done again; a process that finds an index another seeded meanwhile
+        takes it."""
         # no cyclic GC meanwhile: 200,000 lines' objects would set it off ~100 times
         with self._lock, one_seed_at_a_time(self.path / MARKER), no_cycle_collection():
             if unless_seeded:
                 with self.env.begin() as txn:
                     if txn.get(b"schema", db=self.meta) is not None:
                         return 0
-            scan = self.store.scan_since(feed.Cursor())
-            seed = plan(scan.entries)
-            deadline = time.monotonic() + INTENT_WAIT
-            self._pending.update(dict.fromkeys(seed.pending, deadline))
-            with self.env.begin(write=True) as txn:  # a seed cut short leaves no schema:
-                for db in (self.bindings, self.revs, self.snaps, self.swept, self.unsettled):
-                    txn.drop(db, delete=False)  # the next open seeds again
-                for info in seed.specs:
-                    self._put_spec(txn, info)
-                for name in seed.unsettled:
-                    txn.put(binding_key(*name), b"", db=self.unsettled)
-                self._load_acls(txn)
-            write_bindings(self.env, self.bindings, self.revs, seed)
+            found = self._seed_from_checkpoint()
+            if found is None:
+                found = self._seed_from_feed()
             with self.env.begin(write=True) as txn:
-                for sid in seed.ready:
-                    txn.put(sid.encode(), b"ready", db=self.snaps)
+                self._load_acls(txn)
                 txn.put(b"schema", SCHEMA, db=self.meta)
                 txn.put(b"store_uuid", self.store.uuid.encode(), db=self.meta)
-                txn.put(b"feed_cursor", scan.cursor.dumps(), db=self.meta)
             self.rebuilt = True
-            return len(seed.found)
+            return found
+
+    def _seed_from_feed(self) -> int:
+        scan = self.store.scan_since(feed.Cursor())
+        seed = plan(scan.entries)
+        deadline = time.monotonic() + INTENT_WAIT
+        self._pending.update(dict.fromkeys(seed.pending, deadline))
+        self._clear()
+        with self.env.begin(write=True) as txn:
+            for info in seed.specs:
+                self._put_spec(txn, info)
+            for name in seed.unsettled:
+                txn.put(binding_key(*name), b"", db=self.unsettled)
+        write_bindings(self.env, self.bindings, self.revs, seed)
+        with self.env.begin(write=True) as txn:
+            for sid in seed.ready:
+                txn.put(sid.encode(), b"ready", db=self.snaps)
+            txn.put(b"feed_cursor", scan.cursor.dumps(), db=self.meta)
+        return len(seed.found)
 
     def rebuild(self, progress: Callable[[int, int], None] | None = None) -> list[tuple[str, str]]:
         """Bring the index in line with a full walk of the store (every binding file read,

@@ -13,6 +13,12 @@ from envfs.store.formats import AuditEvent, Revision, SpecInfo
 #: seeded from the feed keeps it (read into a revision when asked for; snapshot ids are hex).
 LINE = b"L"
 
+SCHEMA = b"6"  # 2: per-host logs (meta feed_cursor), file digests; 3: specs, seeded from logs;
+#                 4: first revisions, unsettled bindings (what gc may trust); 5: feed lines
+#                 as revisions (`LINE`); 6: workflow ACLs
+#: Seconds a binding named by a ``binding_intent`` line is re-read until its change is logged.
+INTENT_WAIT = 60.0
+
 
 def binding_key(workflow: str, node: str) -> bytes:
     return f"{workflow}/{node}".encode()

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from envfs.core.config import node_time
-from envfs.core.errors import BadInput, EnvfsError, NotFound
+from envfs.core.errors import BadInput, Busy, EnvfsError, NotFound
 from envfs.core.names import parse_target
 from envfs.service.building import Building
-from envfs.store.formats import Revision
+from envfs.store.formats import IndexCheckpoint, Revision
 
 #: A snapshot reference: a full id or a prefix of at least 6 hex digits.
 _SNAPSHOT_REF = re.compile(r"[0-9a-f]{6,64}")
@@ -127,6 +127,18 @@ class Binding(Building):
         for workflow, node in behind:
             self.store.audit("rescanned", self.host, None, workflow=workflow, node=node)
         return behind
+
+    def write_checkpoint(self) -> IndexCheckpoint:
+        """`envfs index checkpoint`: this node's index, caught up with the feed now, as the
+        store's checkpoint (what a fresh node's index starts from)."""
+        self.index.follow_changes()
+        with self.store.checkpoint_claim() as mine:
+            if not mine:
+                raise Busy(
+                    f"another node is writing a checkpoint ({self.store.checkpoint_dir}/claim); "
+                    "try again in a minute"
+                )
+            return self.index.write_checkpoint(self.host)
 
     def rollback(self, workflow: str, node: str, to: int | None) -> Revision:
         """Append a revision naming an earlier revision's snapshot (default: the last other one)."""

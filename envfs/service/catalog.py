@@ -56,7 +56,9 @@ class StoreCatalog:
         return self.service.ensure_built(snapshot_id)
 
     def refresh(self) -> list[tuple[str, str]]:
-        return self.index.follow_changes(sweep=True)
+        changed = self.index.follow_changes(sweep=True)
+        self.index.checkpoint_when_due(self.service.host)
+        return changed
 
     def workflow_grant(self, workflow: str) -> tuple[int, int] | None:
         grant = self.permissions.workflow(workflow)

@@ -126,6 +126,10 @@ class Cursor:
     def dumps(self) -> bytes:
         return json.dumps(self.files, sort_keys=True).encode()
 
+    def size(self) -> int:
+        """The bytes of logs read up to it."""
+        return sum(offset for _inode, offset in self.files.values())
+
     @classmethod
     def loads(cls, raw: bytes | None) -> Cursor:
         try:

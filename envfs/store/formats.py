@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import ConfigDict
+from pydantic import ConfigDict, Field
 
 from envfs.core.records import Record
 
@@ -172,6 +172,26 @@ class WorkflowAcl(Record):
     mode: int = 0o750
     user: str
     time: float
+
+
+class IndexCheckpoint(Record):
+    """``checkpoint/current.json``: the index checkpoint a fresh node starts from
+    (`envfs.store.checkpoint` owns the files, `envfs.node.seed` the tables in them)."""
+
+    file: str = Field(pattern=r"^[0-9a-f]{64}\.mdb$")  # in checkpoint/, named by its sha256
+    sha256: str
+    size: int
+    index_schema: str  # the index schema its tables are written in: a node of another ignores it
+    store_uuid: str
+    host: str  # the node that wrote it
+    written: float
+    bindings: int
+    #: the feed it covers: the bytes of logs read (its cursor's offsets summed); the cursor
+    #: itself is in the file, with the tables it matches
+    log_bytes: int
+    #: bindings a ``binding_intent`` line names that no later line settled yet: the node
+    #: that starts from it re-reads their files for a while, as the writer did
+    pending: list[tuple[str, str]] = []
 
 
 class AuditEvent(Record):

@@ -23,6 +23,7 @@ from envfs.core.errors import EnvironmentProblem, NotFound
 from envfs.store import feed
 from envfs.store.acls import Acls
 from envfs.store.bindings import Bindings
+from envfs.store.checkpoint import Checkpoints
 from envfs.store.files import META, make_read_only, remove_tree
 from envfs.store.formats import AuditEvent, FailureInfo, InterpreterInfo, Manifest, SpecInfo
 from envfs.store.leases import Leases
@@ -66,7 +67,7 @@ def closest_spec(
     return None if best is None else best[1]
 
 
-class Store(Acls, Bindings, Pool, Leases):
+class Store(Acls, Bindings, Checkpoints, Pool, Leases):
     """One store directory (see docs/architecture.md for the layout)."""
 
     # -- specs ----------------------------------------------------------------------------

@@ -166,6 +166,25 @@ def many_nodes(root: Path, base: dict[str, str], n: int, k: int, args: argparse.
     )
 
 
+def mount_from_checkpoint(
+    root: Path, base: dict[str, str], node: dict[str, str], backing: Path, n: int
+) -> float:
+    """`envfs index checkpoint` by the node that bound them all, then the seconds until a
+    fresh node (own index and host id) has mounted, starting from that checkpoint."""
+    writer = dict(base, ENVFS_STORE=str(backing), ENVFS_INDEX=str(root / f"index-{n}-writer"))
+    cli(writer, "index", "checkpoint")
+    run = root / f"run-{n}-fresh"
+    run.mkdir(mode=0o700)
+    index = root / f"index-{n}-fresh"
+    fresh = dict(node, ENVFS_INDEX=str(index), ENVFS_HOST="fresh", XDG_RUNTIME_DIR=str(run))
+    t0 = time.perf_counter()
+    daemon = start_daemon(root, fresh, root / f"envs-{n}-fresh", root / f"daemon-{n}-fresh.log")
+    took = time.perf_counter() - t0
+    daemon.send_signal(signal.SIGTERM)
+    daemon.wait(timeout=60)
+    return took
+
+
 def measure(root: Path, base: dict[str, str], n: int, args: argparse.Namespace) -> dict[str, Any]:
     backing, bind_s, _other = make_store(root, base, n, args, str(n))
     row: dict[str, Any] = {"bindings": n, "bulk_bind_s": bind_s}
@@ -208,6 +227,7 @@ def measure(root: Path, base: dict[str, str], n: int, args: argparse.Namespace) 
         with open(f"/proc/{daemon.pid}/status") as f:
             rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
         row["daemon_rss_mb"] = rss / 1024
+        row["mount_checkpoint_s"] = mount_from_checkpoint(root, base, node, backing, n)
     finally:
         if daemon is not None:
             daemon.send_signal(signal.SIGTERM)
@@ -220,6 +240,7 @@ COLUMNS = [
     ("bindings", "{:,}"),
     ("bulk_bind_s", "{:.1f}"),
     ("mount_s", "{:.2f}"),
+    ("mount_checkpoint_s", "{:.2f}"),
     ("first_import_s", "{:.2f}"),
     ("idle_requests_per_s", "{:.2f}"),
     ("ls_s", "{:.2f}"),

@@ -159,6 +159,29 @@ def test_index_refresh_tells_every_node_what_the_logs_missed(
     assert b.show("wf/x")["revision"] == 2
 
 
+def test_a_fresh_node_starts_from_the_checkpoint_and_the_logs_after_it(
+    nodes: tuple[Env, Env, list[Mount]],
+) -> None:
+    a, b, mounts = nodes
+    a.run("build", "wf/x", "extra-a==1.0", "--python", PY)
+    info = json.loads(a.run("index", "checkpoint", "--json").stdout)
+    assert info["bindings"] == 1 and info["host"] == "node-a"
+    a.run("build", "wf/y", "extra-b==2.0", "--python", PY)  # after it: only in the logs
+    mnt = b.root / "mnt"
+    mounts.append(Mount(b, mnt))
+    assert "index seeded from checkpoint" in mounts[0].log()
+    assert imports(mnt, "wf/x", "extra_a")() and imports(mnt, "wf/y", "extra_b")()
+    # a damaged checkpoint: said, and the logs read instead
+    data = a.store / "checkpoint" / info["file"]
+    damaged = bytearray(data.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    data.write_bytes(bytes(damaged))
+    b.vars["ENVFS_INDEX"] = str(b.root / "another-index")
+    listed = b.run("ls", "--json")
+    assert {e["workflow"] + "/" + e["node"] for e in json.loads(listed.stdout)} == {"wf/x", "wf/y"}
+    assert "is damaged" in listed.stderr and "ignored" in listed.stderr
+
+
 def test_logs_replaced_while_a_daemon_was_down(nodes: tuple[Env, Env, list[Mount]]) -> None:
     a, b, mounts = nodes
     a.run("build", "wf/x", "extra-a==1.0", "--python", PY)
