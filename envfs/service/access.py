@@ -15,11 +15,11 @@ from envfs.core.names import validate_name
 from envfs.node.index import Index
 from envfs.service.base import ServiceBase
 from envfs.service.binding import _user
-from envfs.store.formats import WorkflowAcl
+from envfs.store.formats import DEFAULT_ACL_MODE, WorkflowAcl
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODE = 0o750
+DEFAULT_MODE = DEFAULT_ACL_MODE
 
 
 def check_mode(mode: int) -> int:

@@ -162,6 +162,10 @@ class FailureInfo(Record):
     log: str | None = None
 
 
+#: The mode of a workflow's directory under an ACL that does not name one: the group reads.
+DEFAULT_ACL_MODE = 0o750
+
+
 class WorkflowAcl(Record):
     """``acls/<workflow>.json``: who may read a workflow's envs on every node (`envfs acl`).
     A node shows ``/envs/<workflow>`` as owned by root and ``group``, with ``mode`` (no
@@ -169,7 +173,7 @@ class WorkflowAcl(Record):
 
     workflow: str
     group: str
-    mode: int = 0o750
+    mode: int = DEFAULT_ACL_MODE
     user: str
     time: float
 
