@@ -51,6 +51,9 @@ log = logging.getLogger(__name__)
 
 #: Threads copying one snapshot: a NAS answers many requests at once, each after its latency.
 COPY_THREADS = 16
+#: How store directories are opened to copy files relative to them: ``O_PATH`` is no open
+#: of the directory on the file system (an NFS or FUSE store is asked nothing for it).
+_DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
 _CHUNK = 1 << 20
 
 
@@ -124,7 +127,7 @@ class NodeCache:
                 if dirs is not None:
                     self._copy_file(dirs.fd(dirname), name, entry)
                 else:
-                    dfd = os.open(dirname, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                    dfd = os.open(dirname, _DIR_FLAGS)
                     try:
                         self._copy_file(dfd, name, entry)
                     finally:
@@ -211,7 +214,7 @@ class NodeCache:
     def _copy_dir(self, source: Path, rel: bytes, entries: list[tuple[bytes, ListingEntry]]) -> int:
         """Copy one store directory's missing files into objects/ (one open of the directory,
         then one lookup per file)."""
-        dfd = os.open(os.path.join(os.fsencode(source), rel), os.O_RDONLY | os.O_DIRECTORY)
+        dfd = os.open(os.path.join(os.fsencode(source), rel), _DIR_FLAGS)
         try:
             for name, entry in entries:
                 if self._throttle is not None:
@@ -338,7 +341,7 @@ class StoreDirs:
         with self._lock:
             fd = self._fds.get(path)
             if fd is None:
-                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                fd = os.open(path, _DIR_FLAGS)
                 self._fds[path] = fd
             return fd
 

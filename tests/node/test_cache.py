@@ -150,11 +150,12 @@ def test_a_fresh_node_copies_what_the_build_traced_as_soon_as_the_env_is_first_u
 ) -> None:
     """The build's access trace is a fresh node's head start: the first look at the env
     copies the files it names into the node cache, before the job reads them."""
-    env, _nas, mounts = nas_node
+    env, nas, mounts = nas_node
     env.run("build", "wf/n", "extra-a==1.0", "--python", PY)
     sid = env.show("wf/n")["snapshot_id"]
     snap = tmp_path / "backing/store/snapshots" / sid
     traced = json.loads((snap / ".envfs/trace.json").read_text())["files"]
+    assert len({os.path.dirname(rel) for rel in traced}) > 3
     manifest = {e.path: e for e in Store(env.store).read_manifest(sid).files}
     mnt = tmp_path / "envs"
     mounts.append(Mount(env, mnt, "--no-kernel-mounts", "--fill-rate", "off"))
@@ -164,8 +165,11 @@ def test_a_fresh_node_copies_what_the_build_traced_as_soon_as_the_env_is_first_u
         return _held(objects, manifest[rel])
 
     assert not any(cached(rel) for rel in traced)
+    opened = nas.counts().get("opendir", 0)
     os.stat(mnt / "wf/n/bin")  # a first look: nothing read yet
     wait_for(lambda: all(cached(rel) for rel in traced), 30, "the traced files on the node")
+    # files copied relative to their directories, which are never opened on the NAS
+    assert nas.counts().get("opendir", 0) == opened
     assert not cached("lib/python3.12/site-packages/extra_a-1.0.dist-info/RECORD")
     assert py(mnt, "wf/n", "import extra_a").returncode == 0
     assert "prefetched" in mounts[0].log()
