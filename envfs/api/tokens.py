@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fnmatch
 import hmac
+import logging
 import os
 import tomllib
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from typing import Literal
 import pydantic
 
 from envfs.core.errors import BadInput
+
+log = logging.getLogger(__name__)
 
 #: The shortest secret a tokens file may hold.
 MIN_SECRET = 16
@@ -76,7 +79,7 @@ class Tokens:
     @classmethod
     def from_file(cls, path: Path) -> Tokens:
         """The tokens of a ``--tokens`` file; `BadInput` in one line if it cannot serve."""
-        raw = _private_text(path, "tokens file")
+        raw = private_text(path, "tokens file")
         try:
             spec = TokensFile.model_validate(tomllib.loads(raw))
         except tomllib.TOMLDecodeError as exc:
@@ -91,7 +94,7 @@ class Tokens:
                 raise BadInput(f"{path}: token {name!r} needs one of secret or secret_file")
             secret = token.secret
             if token.secret_file is not None:
-                lines = _private_text(token.secret_file, f"secret_file of {name!r}").split()
+                lines = private_text(token.secret_file, f"secret_file of {name!r}").split()
                 secret = lines[0] if lines else ""
             assert secret is not None
             if len(secret) < MIN_SECRET or not secret.isprintable() or not secret.isascii():
@@ -115,11 +118,16 @@ class Tokens:
         return found
 
 
-def _private_text(path: Path, what: str) -> str:
-    """A secret-bearing file's text, refused if other users can read it."""
+def private_text(path: Path, what: str, fix_ours: bool = False) -> str:
+    """A secret-bearing file's text (UTF-8), refused in one line if other users can read
+    it; with ``fix_ours``, one of ours is made 0600 first (with a warning) instead."""
     try:
         with open(path, "rb") as f:
-            if os.fstat(f.fileno()).st_mode & 0o077:
+            st = os.fstat(f.fileno())
+            if st.st_mode & 0o077 and fix_ours and st.st_uid == os.geteuid():
+                os.fchmod(f.fileno(), 0o600)
+                log.warning("%s was readable by other users; made it 0600", path)
+            elif st.st_mode & 0o077:
                 raise BadInput(
                     f"the {what} {path} can be read by other users; chmod 600 it (or 400)"
                 )

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from envfs.cli.app import _emit, _progress, _service, duration, main
+from envfs.cli.app import _emit, _service, duration, main
 from envfs.core.errors import BadInput, EnvironmentProblem, NotFound
 from envfs.service.envs import Service
 from envfs.store.files import private_dir
@@ -414,20 +414,10 @@ def _read_token(path: Path) -> str:
     """The bearer token: the first line of ``path``, printable ASCII, at least 8 characters.
     A token file other users can read is made private (0600) when it is ours, and refused
     when it is not: a token anyone on the host can read guards nothing."""
-    try:
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            if st.st_mode & 0o077 and st.st_uid == os.geteuid():
-                os.fchmod(f.fileno(), 0o600)
-                _progress(f"warning: {path} was readable by other users; made it 0600")
-            elif st.st_mode & 0o077:
-                raise BadInput(
-                    f"{path} is readable by other users and not ours to fix; chmod 600 it"
-                )
-            token = f.read().decode("ascii").strip().splitlines()[0].strip()
-    except (OSError, IndexError, UnicodeDecodeError) as exc:
-        why = exc.strerror if isinstance(exc, OSError) else "no ASCII token on its first line"
-        raise BadInput(f"cannot read a token from {path}: {why}") from None
-    if len(token) < 8 or not token.isprintable():
-        raise BadInput(f"the token in {path} is shorter than 8 printable characters")
+    from envfs.api.tokens import private_text
+
+    lines = private_text(path, "token file", fix_ours=True).strip().splitlines()
+    token = lines[0].strip() if lines else ""
+    if len(token) < 8 or not token.isascii() or not token.isprintable():
+        raise BadInput(f"the token in {path} is not 8 or more printable ASCII characters")
     return token

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.api.test_api import Server, _bindings, start_server, stop_server
+from tests.api.test_api import TOKEN, Server, _bindings, start_server, stop_server
 from tests.conftest import PY, Env
 
 TEAM, READER, ADMIN = "teama-secret-0123456789", "reader-secret-0123456789", "admin-secret-01234567"
@@ -140,3 +140,24 @@ def test_a_world_readable_secret_file_is_refused(local: Env) -> None:
     (local.root / "reader.secret").chmod(0o644)
     out = local.run("serve-api", "--port", "1", "--tokens", str(path), check=False, timeout=60)
     assert out.returncode == 3 and "reader.secret can be read by other users" in out.stderr
+
+
+def test_the_admin_token_file_is_made_private_when_ours_and_refused_when_not(
+    local: Env,
+) -> None:
+    path = local.root / "admin-token"
+    path.write_text(TOKEN + "\n")
+    path.chmod(0o644)
+    server = start_server(local, auth=("--token-file", str(path)))
+    try:
+        assert server.call("GET", "/healthz").code == 200
+    finally:
+        stop_server(server)
+    assert os.stat(path).st_mode & 0o777 == 0o600  # ours: fixed, and said
+    assert f"{path} was readable by other users; made it 0600" in server.log.read_text()
+    path.chmod(0o644)
+    os.chown(path, 65534, 65534)  # not ours to fix: refused in one line, left as it was
+    out = local.run("serve-api", "--port", "1", "--token-file", str(path), check=False)
+    assert out.returncode == 3 and "can be read by other users" in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert os.stat(path).st_mode & 0o777 == 0o644
