@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 
 from envfs.fs.inodes import View, _Backing, _Dir, _File, _load_tree, _Node
 from envfs.fs.nowait import blocking_is_cheap
@@ -20,11 +21,11 @@ class Attachments:
     _views: dict[tuple[str, str, str, str | int], int]
     _inodes: dict[int, _Node]
     _files: dict[tuple[str | None, int], _File]
+    #: whether a view may be kernel-served (`envfs.fs.grants.Grants.kernel_allowed`):
+    #: declared, not defined, so whichever base defines it wins in any order
+    kernel_allowed: Callable[[View], bool]
 
     def _snapshot_path(self, snapshot_id: str) -> bytes | None:
-        raise NotImplementedError
-
-    def kernel_allowed(self, view: View) -> bool:
         raise NotImplementedError
 
     def attached_snapshots(self) -> list[str]:
