@@ -119,6 +119,8 @@ class Index(Sweeping, AclTable, Checkpointing):
             self._reset_and_rebuild(f"it is corrupt ({exc})")
         except lmdb.Error as exc:
             raise EnvironmentProblem(f"cannot open the index at {path}: {exc}") from exc
+        with self.env.begin() as txn:  # logs were lost under it (here, or where it came from)
+            self._sweep.full_due = txn.get(b"walk_due", db=self.meta) is not None
 
     # -- opening --------------------------------------------------------------------------
 

@@ -155,3 +155,19 @@ def test_a_daemon_writes_a_checkpoint_once_the_logs_grew_past_the_last(
     index._checkpoint_if_behind("h1")
     second = store.checkpoint()
     assert second is not None and second.log_bytes == 2 * size
+
+
+def test_a_checkpoint_of_an_index_that_lost_log_lines_has_the_fresh_node_walk_the_files(
+    store: Store, opened: Callable[[Store], Index]
+) -> None:
+    """Lines lost under the writer (rotated logs) were not read into its tables: the node
+    that starts from them trusts no binding for gc and walks every binding file."""
+    writer = opened(store)
+    with writer.env.begin(write=True) as txn:
+        txn.put(b"walk_due", b"1", db=writer.meta)  # as a reader of replaced logs marks it
+    writer.write_checkpoint("h1")
+    fresh = opened(store)
+    assert fresh._sweep.full_due and fresh.settled_bindings() == {}
+    fresh.reconcile()  # the walk (a daemon's next refresh) clears it
+    with fresh.env.begin() as txn:
+        assert txn.get(b"walk_due", db=fresh.meta) is None
