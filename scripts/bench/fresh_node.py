@@ -75,6 +75,7 @@ def main() -> None:
     parser.add_argument("--nodes", default="1,4")
     parser.add_argument("--python", default="3.12")
     parser.add_argument("--keep", type=Path, help="use (and keep) this directory")
+    parser.add_argument("--png", type=Path, help="plot the ratios and requests here")
     args = parser.parse_args()
     packages = args.packages.split()
     root = args.keep or Path(tempfile.mkdtemp(prefix="envfs-bench-fresh."))
@@ -122,8 +123,36 @@ def main() -> None:
             f"{row['fresh']:.2f} s | {row['fresh'] / row['local']:.2f}x | "
             f"{row['requests']:,.0f} | {row['read_mb']:.1f} | {row['traced_mb']:.1f} |"
         )
+    if args.png:
+        plot(rows, args.png, f"first import {args.module}: {' '.join(packages)}")
     if args.keep is None:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def plot(rows: list[dict[str, float]], path: Path, title: str) -> None:
+    """Fresh node / local cold, and NAS requests per node, against latency, a line per K."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ratio, requests) = plt.subplots(1, 2, figsize=(9, 3.4))
+    for k in sorted({row["nodes"] for row in rows}):
+        mine = sorted((r for r in rows if r["nodes"] == k), key=lambda r: r["latency"])
+        xs = [r["latency"] for r in mine]
+        ratio.plot(xs, [r["fresh"] / r["local"] for r in mine], marker="o", label=f"{k:g} node(s)")
+        requests.plot(xs, [r["requests"] for r in mine], marker="o", label=f"{k:g} node(s)")
+    ratio.axhline(1.5, color="grey", linestyle="--", linewidth=1, label="target 1.5x")
+    ratio.set_title("fresh node / local cold")
+    requests.axhline(1000, color="grey", linestyle="--", linewidth=1, label="target 1,000")
+    requests.set_title("NAS requests per node")
+    for ax in (ratio, requests):
+        ax.set_xlabel("NAS latency (ms)")
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 def one_round(
