@@ -179,7 +179,7 @@ class Checkpointing:
     def checkpoint_behind(self) -> int:
         """The bytes of logs this index has read past the store's checkpoint."""
         info = self.store.checkpoint()
-        with self.env.begin() as txn:
+        with self._lock, self.env.begin() as txn:  # not while the index is being closed
             cursor = feed.Cursor.loads(txn.get(b"feed_cursor", db=self.meta))
         return cursor.size() - (info.log_bytes if info is not None else 0)
 

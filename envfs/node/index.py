@@ -157,8 +157,11 @@ class Index(Sweeping, AclTable, Checkpointing):
         self.seed()
 
     def close(self) -> None:
-        self._probe.close()
-        self.env.close()
+        """Close it; under the lock, so not in the middle of a checkpoint's copy of the
+        tables (`write_checkpoint`, in a daemon's thread: it fails cleanly after)."""
+        with self._lock:
+            self._probe.close()
+            self.env.close()
 
     # -- seeding and rebuilding ------------------------------------------------------------
 

@@ -171,3 +171,16 @@ def test_a_checkpoint_of_an_index_that_lost_log_lines_has_the_fresh_node_walk_th
     fresh.reconcile()  # the walk (a daemon's next refresh) clears it
     with fresh.env.begin() as txn:
         assert txn.get(b"walk_due", db=fresh.meta) is None
+
+
+def test_a_checkpoint_due_after_the_index_closed_fails_cleanly(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A daemon stopping while its checkpoint thread runs: the thread meets a closed index
+    and says so (no crash, nothing published)."""
+    index = Index(tmp_path / "closing", store)
+    index.close()
+    monkeypatch.setattr(checkpoints, "LAG", 0)
+    index._checkpoint_if_behind("h1")
+    assert store.checkpoint() is None
+    assert "cannot write a checkpoint" in caplog.text
