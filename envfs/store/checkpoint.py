@@ -93,6 +93,28 @@ class Checkpoints(StoreBase):
             return False
         return True
 
+    def checkpoint_problem(self) -> str | None:
+        """What is wrong with the current checkpoint, in one line (`envfs verify`); None if
+        there is none or it is whole."""
+        try:
+            info = self.read_model(self.checkpoint_dir / CURRENT, IndexCheckpoint)
+        except FileNotFoundError:
+            return None
+        except CorruptRecord as exc:
+            return f"{exc.message} (fresh nodes read the logs instead)"
+        path = self.checkpoint_dir / info.file
+        try:
+            sha256, size = file_digest(path)
+        except OSError as exc:
+            return f"{path} is unreadable: {exc.strerror} (fresh nodes read the logs instead)"
+        if (sha256, size) != (info.sha256, info.size):
+            return (
+                f"{path} does not match its record ({size} bytes, sha256 {sha256[:12]}; want "
+                f"{info.size}, {info.sha256[:12]}): fresh nodes read the logs instead; "
+                "`envfs index checkpoint` writes a new one"
+            )
+        return None
+
     @contextlib.contextmanager
     def checkpoint_claim(self) -> Iterator[bool]:
         """Whether this process may write the next checkpoint: no other writer is at work

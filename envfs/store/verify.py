@@ -71,8 +71,10 @@ def spec_problems(store: Store, snapshot_id: str) -> list[str]:
 
 def corrupt_records(store: Store) -> list[str]:
     """Every binding revision file that cannot be read, one line each (the file and why);
-    the commands that go over every binding skip these."""
-    out = []
+    the commands that go over every binding skip these. And the index checkpoint, if it
+    is damaged (a fresh node then reads the logs: slower, not wrong)."""
+    checkpoint = store.checkpoint_problem()
+    out = [] if checkpoint is None else [checkpoint]
     for wf, node in store.binding_names():
         for number in store.revision_numbers(wf, node):
             try:

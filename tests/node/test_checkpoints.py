@@ -108,7 +108,11 @@ def test_a_checkpoint_that_cannot_be_taken_leaves_the_logs(
     writer = opened(store)
     _only_in_the_index(writer)
     info = writer.write_checkpoint("h1")
+    assert store.checkpoint_problem() is None
     DAMAGE[damage](store.checkpoint_dir / CURRENT, store.checkpoint_dir / info.file)
+    if damage not in ("other schema", "other store"):  # a checkpoint of another: not damage
+        problem = store.checkpoint_problem()
+        assert problem is not None and "fresh nodes read the logs instead" in problem
     with caplog.at_level(logging.INFO):
         fresh = opened(store)
     assert fresh.current("wf", "z") is None  # not from the checkpoint: from the logs

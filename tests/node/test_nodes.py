@@ -180,6 +180,8 @@ def test_a_fresh_node_starts_from_the_checkpoint_and_the_logs_after_it(
     listed = b.run("ls", "--json")
     assert {e["workflow"] + "/" + e["node"] for e in json.loads(listed.stdout)} == {"wf/x", "wf/y"}
     assert "is damaged" in listed.stderr and "ignored" in listed.stderr
+    verified = a.run("verify", check=False)  # and named by verify
+    assert verified.returncode == 5 and info["file"] in verified.stdout, verified.stdout
 
 
 def test_logs_replaced_while_a_daemon_was_down(nodes: tuple[Env, Env, list[Mount]]) -> None:
