@@ -45,7 +45,7 @@ from envfs.fs.inodes import CACHE_LONG, CACHE_NONE, CACHE_SHORT, Attr, NeedsBuil
 from envfs.fs.nowait import open_cached, read_cached
 from envfs.fs.vfs import Namespace
 from envfs.node.builds import BuildQueue
-from envfs.node.cache import NodeCache
+from envfs.node.cache import PARTIAL_MIN, NodeCache
 from envfs.store.files import ListingEntry, SnapshotUnreadable
 
 log = logging.getLogger(__name__)
@@ -251,6 +251,11 @@ class EnvfsOperations(pyfuse3.Operations):
             path = self._ns.file_path(fh)
             assert path is not None  # _backing_fd checked it
             remote = self._ns.remote_file(fh) if self._cache is not None else None
+            if remote is not None and remote[1].size >= PARTIAL_MIN:  # its pieces, as read
+                piece = await trio.to_thread.run_sync(self._read_range, *remote, off, size)
+                if piece is not None:
+                    self.reads_threaded += 1
+                    return piece
             if remote is not None:
                 path = await trio.to_thread.run_sync(self._fetch, *remote)
             self.reads_threaded += 1
@@ -310,6 +315,17 @@ class EnvfsOperations(pyfuse3.Operations):
         except (OSError, EnvfsError) as e:
             log.warning("serving %s from the store: %s", os.fsdecode(path), e)
             return path
+
+    def _read_range(self, path: bytes, entry: ListingEntry, off: int, size: int) -> bytes | None:
+        """In a worker thread: bytes of a big store file the node does not hold whole yet,
+        only the pieces they lie in fetched; None: open it whole (held now, or its copy was
+        refused: `_fetch` then serves it from the store)."""
+        assert self._cache is not None
+        try:
+            return self._cache.read_range(entry, path, off, size)
+        except (OSError, EnvfsError) as e:
+            log.warning("serving %s from the store: %s", os.fsdecode(path), e)
+            return None
 
     async def release(self, fh: FileHandleT) -> None:
         return None  # backing descriptors outlive opens: see `_Descriptors`

@@ -32,10 +32,12 @@ import stat
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from envfs.core.errors import EnvironmentProblem
+from envfs.node.partial import Damaged, PartialCopy
 from envfs.store.files import (
     META,
     Listing,
@@ -54,6 +56,10 @@ COPY_THREADS = 16
 #: How store directories are opened to copy files relative to them: ``O_PATH`` is no open
 #: of the directory on the file system (an NFS or FUSE store is asked nothing for it).
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+#: Files at least this big come in piece by piece, a read waiting only for its pieces
+#: (`envfs.node.partial`); smaller ones are copied whole on their first read.
+PARTIAL_MIN = 8 << 20
 _CHUNK = 1 << 20
 
 
@@ -81,6 +87,8 @@ class NodeCache:
             d.mkdir(parents=True, exist_ok=True)
         self._fetch_lock = threading.Lock()
         self._fetching: dict[str, threading.Lock] = {}  # object name -> its copier's lock
+        self._partials: dict[str, PartialCopy] = {}  # big files coming in piece by piece
+        self._refused: set[str] = set()  # objects whose store file did not match
         self.fetched_files = 0  # contents copied on first read (`fetch`), and their bytes
         self.fetched_bytes = 0
         self.last_fetch = 0.0  # when the last one was (monotonic)
@@ -119,6 +127,14 @@ class NodeCache:
         target = self._object(entry)
         if target.exists():
             return target
+        if entry.size >= PARTIAL_MIN:
+            dirname, _, name = source.rpartition(b"/")
+
+            def opener() -> int:
+                dfd = dirs.fd(dirname) if dirs is not None else None
+                return os.open(name if dfd is not None else source, _FILE_FLAGS, dir_fd=dfd)
+
+            return self._complete(entry, opener, source)
         with self._fetch_lock:
             lock = self._fetching.setdefault(target.name, threading.Lock())
         with lock:
@@ -138,6 +154,79 @@ class NodeCache:
             self._fetching.pop(target.name, None)
         self.last_fetch = time.monotonic()
         return target
+
+    def read_range(self, entry: ListingEntry, source: bytes, off: int, size: int) -> bytes | None:
+        """Bytes of a big file (`PARTIAL_MIN`) the node does not hold whole yet, fetching
+        only the pieces they lie in (`envfs.node.partial`); None once it holds it whole
+        (read the object). `CacheDamage` if its copy was refused."""
+        target = self._object(entry)
+        if target.exists():
+            return None
+        if target.name in self._refused:
+            raise CacheDamage(f"{os.fsdecode(source)} does not match its manifest")
+        copy = self._partial(entry, lambda: os.open(source, _FILE_FLAGS))
+        if copy is None:
+            return None
+        self.last_fetch = time.monotonic()  # a job is reading in: whole copies wait
+        try:
+            data = copy.read(off, size)
+            if data is None:
+                return None
+            if copy.whole():
+                copy.finish()
+                self._settle(target.name, copy, entry)
+        except Damaged as exc:
+            self._refuse(target.name, copy)
+            raise CacheDamage(f"{os.fsdecode(source)}: {exc.message}; run `envfs verify`") from exc
+        return data
+
+    def _complete(self, entry: ListingEntry, opener: Callable[[], int], source: bytes) -> Path:
+        """A big file copied whole through its `PartialCopy` (sharing the pieces a job's
+        reads fetched, and fetching none twice); the object."""
+        target = self._object(entry)
+        copy = self._partial(entry, opener)
+        if copy is None:
+            return target
+        try:
+            copy.complete()
+        except Damaged as exc:
+            self._refuse(target.name, copy)
+            raise CacheDamage(f"{os.fsdecode(source)}: {exc.message}; run `envfs verify`") from exc
+        self._settle(target.name, copy, entry)
+        return target
+
+    def _partial(self, entry: ListingEntry, opener: Callable[[], int]) -> PartialCopy | None:
+        """The copy under way of a big file, or a new one; None if the node holds it now."""
+        target = self._object(entry)
+        with self._fetch_lock:
+            if target.name in self._refused:
+                raise CacheDamage(f"{target.name} does not match its manifest in the store")
+            if target.exists():  # (a copy that just ended is put in place before it goes)
+                return None
+            copy = self._partials.get(target.name)
+            if copy is None:
+                target.parent.mkdir(exist_ok=True)
+                staged = self.staging / f".{target.name}.{uuid.uuid4().hex[:8]}.partial"
+                sha256 = entry.sha256 or ""
+                mode = stat.S_IMODE(entry.mode)
+                copy = PartialCopy(staged, target, entry.size, sha256, mode, opener)
+                self._partials[target.name] = copy
+            return copy
+
+    def _settle(self, name: str, copy: PartialCopy, entry: ListingEntry) -> None:
+        with self._fetch_lock:
+            if self._partials.get(name) is copy:
+                del self._partials[name]
+                self.fetched_files += 1
+                self.fetched_bytes += entry.size
+        self.last_fetch = time.monotonic()
+
+    def _refuse(self, name: str, copy: PartialCopy) -> None:
+        copy.abandon()
+        with self._fetch_lock:
+            self._refused.add(name)
+            if self._partials.get(name) is copy:
+                del self._partials[name]
 
     def touch(self, snapshot_id: str) -> None:
         """Record a use of a copy (its directory's mtime orders eviction)."""
@@ -228,6 +317,9 @@ class NodeCache:
         target = self._object(entry)
         if target.exists():
             return
+        if entry.size >= PARTIAL_MIN:  # one copy with the pieces a job may be reading
+            self._complete(entry, lambda: os.open(name, _FILE_FLAGS, dir_fd=dfd), name)
+            return
         target.parent.mkdir(exist_ok=True)
         tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}")
         src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
@@ -288,33 +380,11 @@ class NodeCache:
         return remove_unshared(self.objects)
 
 
-#: Files at least this big are read in `_PARTS` ranges at once (a NAS read waits a round
-#: trip; an interpreter or a BLAS library read one range after another waits hundreds).
-_BIG = 8 << 20
-_PARTS = 4
-
-
 def _copy_bytes(src: int, dest: Path, size: int) -> str:
     """Copy the ``size`` bytes the manifest gives ``src`` (no read past them: one round
     trip less per file) to a new file ``dest``; their sha256 (or of less, if it is short)."""
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        if size >= _BIG:
-            step = -(-size // _PARTS)
-
-            def part(start: int) -> None:
-                end = min(start + step, size)
-                while start < end:
-                    chunk = os.pread(src, min(_CHUNK, end - start), start)
-                    if not chunk:
-                        return
-                    os.pwrite(fd, chunk, start)
-                    start += len(chunk)
-
-            with ThreadPoolExecutor(_PARTS, thread_name_prefix="cache-range") as pool:
-                list(pool.map(part, range(0, size, step)))
-            with open(dest, "rb") as f:
-                return hashlib.file_digest(f, "sha256").hexdigest()
         digest = hashlib.sha256()
         done = 0
         while done < size:

@@ -3,6 +3,7 @@ NAS outage too (the store on scripts/nas-sim), and keeps the copies within a bou
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -14,6 +15,8 @@ import pytest
 
 from envfs.fs.kernel import mounts_under
 from envfs.node.cache import CacheDamage, NodeCache
+from envfs.node.partial import CHUNK, PartialCopy
+from envfs.store.files import ListingEntry
 from envfs.store.formats import ManifestEntry
 from envfs.store.layout import Store
 from tests.conftest import PY, Env, make_env, seed_store
@@ -238,3 +241,110 @@ def test_a_bad_cache_size_is_one_line(local: Env, tmp_path: Path) -> None:
     assert out.returncode == 3 and "bad size" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
     assert subprocess.run(["mountpoint", "-q", str(tmp_path / "m")]).returncode != 0
+
+
+def _big(tmp_path: Path, size: int = 5 * CHUNK + 123) -> tuple[bytes, Path, ListingEntry]:
+    import hashlib
+
+    data = os.urandom(size)
+    src = tmp_path / "store-big.so"
+    src.write_bytes(data)
+    return data, src, ListingEntry("file", 0o100755, size, hashlib.sha256(data).hexdigest(), None)
+
+
+def _pieces_fetched(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    fetched: list[int] = []
+    fetch = PartialCopy._fetch
+
+    def counted(self: PartialCopy, i: int) -> None:
+        fetched.append(i)
+        fetch(self, i)
+
+    monkeypatch.setattr(PartialCopy, "_fetch", counted)
+    return fetched
+
+
+def test_a_big_file_is_read_by_the_piece_then_becomes_the_object_once_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job's read of a big file waits only for the pieces it covers (a shared library
+    is mapped and read in part); the whole copy fetches the rest and checks it."""
+    data, src, entry = _big(tmp_path)
+    fetched = _pieces_fetched(monkeypatch)
+    cache = NodeCache(tmp_path / "cache")
+    source = os.fsencode(src)
+    off = 3 * CHUNK + 10
+    assert cache.read_range(entry, source, off, 4096) == data[off : off + 4096]
+    assert fetched == [3] and cache.object_path(entry) is None
+    off = 2 * CHUNK - 100  # across two pieces, one of them here already
+    assert cache.read_range(entry, source, off, 200) == data[off : off + 200]
+    assert sorted(fetched) == [1, 2, 3]
+    assert cache.read_range(entry, source, len(data) - 10, 4096) == data[-10:]  # the end
+    staged = list((tmp_path / "cache" / "staging").iterdir())
+    assert len(staged) == 1 and staged[0].stat().st_blocks * 512 <= 3 * CHUNK + (1 << 20)
+
+    # many readers at once: each piece is fetched once, every byte right
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    offsets = [random.randrange(len(data)) for _ in range(64)]
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda o: cache.read_range(entry, source, o, 65536), offsets))
+    whole = cache.object_path(entry)
+    for o, piece in zip(offsets, got, strict=True):
+        assert piece is None or piece == data[o : o + 65536]
+    assert len(fetched) == len(set(fetched)) <= 6
+    copy = cache.fetch(entry, source)  # the whole copy: the rest, then checked
+    assert copy.read_bytes() == data and sorted(fetched) == list(range(6))
+    assert whole is None or whole == copy
+    assert cache.read_range(entry, source, 0, 10) is None  # held: read the object
+    assert os.stat(copy).st_mode & 0o777 == 0o555
+    assert list((tmp_path / "cache" / "staging").iterdir()) == []
+
+
+def test_a_big_file_whose_pieces_do_not_match_is_refused_once_whole(tmp_path: Path) -> None:
+    data, src, entry = _big(tmp_path)
+    cache = NodeCache(tmp_path / "cache")
+    source = os.fsencode(src)
+    claimed = entry._replace(sha256="0" * 64)  # the manifest says otherwise
+    assert cache.read_range(claimed, source, 0, 100) == data[:100]  # the store's bytes
+    with pytest.raises(CacheDamage):
+        cache.fetch(claimed, source)
+    with pytest.raises(CacheDamage):  # refused from then on: served from the store
+        cache.read_range(claimed, source, 0, 100)
+    assert cache.object_path(claimed) is None
+    assert list((tmp_path / "cache" / "staging").iterdir()) == []
+    short = entry._replace(size=len(data) + CHUNK)  # the store's file is shorter
+    with pytest.raises(CacheDamage):
+        cache.fetch(short._replace(mode=0o100644), source)
+
+
+def test_a_fresh_node_reads_a_big_file_by_the_piece_through_the_mount(
+    nas_node: tuple[Env, NasSim, list[Mount]], tmp_path: Path
+) -> None:
+    """Through the kernel and the NAS: a read of a few pages of a 20 MB file costs the
+    NAS the pieces they lie in, not the file; the file reads right whole after."""
+    from tests.wheels import make_wheel
+
+    env, nas, mounts = nas_node
+    blob = os.urandom(10 << 20).hex()  # 20 MB, in no trace: the import does not read it
+    wheels = tmp_path / "bigwheels"
+    wheels.mkdir()
+    make_wheel(
+        wheels, "big-blob", "1.0", modules={"big_blob/__init__.py": "", "big_blob/blob.txt": blob}
+    )
+    env.vars["UV_FIND_LINKS"] = str(wheels)
+    env.run("build", "wf/big", "big-blob==1.0", "--python", PY)
+    mnt = tmp_path / "envs"
+    mounts.append(Mount(env, mnt, "--no-kernel-mounts", "--fill-rate", "off"))
+    path = mnt / "wf/big/lib/python3.12/site-packages/big_blob/blob.txt"
+    os.stat(mnt / "wf/big/bin")  # the first look starts the trace's prefetch: let it end
+    wait_for(lambda: "prefetched" in mounts[0].log(), 30, "the build's trace copied")
+    before = nas.counts().get("read_bytes", 0)
+    with open(path, "rb") as f:
+        assert os.pread(f.fileno(), 4096, 12 << 20) == blob.encode()[12 << 20 : (12 << 20) + 4096]
+    read = nas.counts().get("read_bytes", 0) - before
+    assert read <= 2 * CHUNK + (1 << 20), read  # a piece or two, not 20 MB
+    assert path.read_bytes() == blob.encode()
+    sha = hashlib.sha256(blob.encode()).hexdigest()
+    assert any((env.index / "cache" / "objects" / sha[:2]).glob(f"{sha}.*"))  # whole, checked
