@@ -348,3 +348,30 @@ def test_a_fresh_node_reads_a_big_file_by_the_piece_through_the_mount(
     assert path.read_bytes() == blob.encode()
     sha = hashlib.sha256(blob.encode()).hexdigest()
     assert any((env.index / "cache" / "objects" / sha[:2]).glob(f"{sha}.*"))  # whole, checked
+
+
+def test_the_prefetch_leaves_huge_traced_files_to_be_read_by_the_piece(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A traced library past WHOLE_MAX is not copied whole ahead of the job (its pieces
+    come as read); the smaller traced files are."""
+    import hashlib
+
+    from envfs.fs import prefetch
+
+    monkeypatch.setattr(prefetch, "WHOLE_MAX", 1 << 20)
+    snap = tmp_path / "snap"
+    (snap / ".envfs").mkdir(parents=True)
+    small, huge = b"x" * 1000, os.urandom(2 << 20)
+    (snap / "small.py").write_bytes(small)
+    (snap / "huge.so").write_bytes(huge)
+    (snap / ".envfs/trace.json").write_text(json.dumps({"files": ["huge.so", "small.py"]}))
+
+    def entry(data: bytes) -> ListingEntry:
+        return ListingEntry("file", 0o100644, len(data), hashlib.sha256(data).hexdigest(), None)
+
+    listing = {b"": {b"small.py": entry(small), b"huge.so": entry(huge)}}
+    cache = NodeCache(tmp_path / "cache")
+    assert prefetch.copy_traced(cache, os.fsencode(snap), listing) == 1
+    assert cache.object_path(entry(small)) is not None
+    assert cache.object_path(entry(huge)) is None
