@@ -4,13 +4,13 @@ CernVM-FS client loads a published catalog instead of replaying changes).
 
     checkpoint/current.json    the current one (`envfs.store.formats.IndexCheckpoint`)
     checkpoint/<sha256>.mdb    an LMDB file of an index's shared tables and its feed cursor
-                               (`envfs.node.seed` owns what is in it)
+                               (`envfs.node.checkpoints` owns what is in it)
     checkpoint/claim           a writer at work (created exclusively; stale after CLAIM_STALE)
 
 A checkpoint is a hint, as the logs are: a node that cannot read one, or whose copy does
 not match its sha256 and size, seeds from the logs as before, and a node reads the logs
 after the checkpoint's cursor either way. Any caught-up node may write one (`envfs index
-checkpoint`; a daemon when the logs grew past the last one by `envfs.node.seed.LAG`
+checkpoint`; a daemon when the logs grew past the last one by `envfs.node.checkpoints.LAG`
 bytes); one at a time (the claim), each a new file made current by one rename of
 ``current.json``, older files removed once no fresh node can still be copying them.
 """
@@ -21,7 +21,6 @@ import contextlib
 import hashlib
 import logging
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,14 +40,21 @@ KEEP_REPLACED = 600.0
 CHUNK = 8 << 20
 
 
-def file_digest(path: Path) -> tuple[str, int]:
-    """The sha256 and size of a (node-local) file."""
+def copy_digest(src: Path, dest: Path | None = None, sync: bool = False) -> tuple[str, int]:
+    """The sha256 and size of ``src``, read in `CHUNK` reads, each also written to ``dest``
+    (a new file; with ``sync``, flushed to disk) if one is given."""
     digest = hashlib.sha256()
     size = 0
-    with open(path, "rb", buffering=0) as f:
+    with open(src, "rb", buffering=0) as f, contextlib.ExitStack() as stack:
+        out = stack.enter_context(open(dest, "wb")) if dest is not None else None
         while chunk := f.read(CHUNK):
             digest.update(chunk)
             size += len(chunk)
+            if out is not None:
+                out.write(chunk)
+        if out is not None and sync:
+            out.flush()
+            os.fsync(out.fileno())
     return digest.hexdigest(), size
 
 
@@ -72,22 +78,16 @@ class Checkpoints(StoreBase):
         its sha256 and size; False, with ``dest`` removed and a warning, if it is gone or
         does not match (then it is not used)."""
         src = self.checkpoint_dir / info.file
-        digest = hashlib.sha256()
-        size = 0
         try:
-            with open(src, "rb", buffering=0) as f, open(dest, "wb") as out:
-                while chunk := f.read(CHUNK):
-                    digest.update(chunk)
-                    out.write(chunk)
-                    size += len(chunk)
+            sha256, size = copy_digest(src, dest)
         except FileNotFoundError:
             log.info("checkpoint %s was replaced meanwhile: seeding from the logs", src)
             dest.unlink(missing_ok=True)
             return False
-        if size != info.size or digest.hexdigest() != info.sha256:
+        if size != info.size or sha256 != info.sha256:
             log.warning(
                 "checkpoint %s is damaged (%d bytes, sha256 %s; want %d, %s): ignored",
-                src, size, digest.hexdigest()[:12], info.size, info.sha256[:12],
+                src, size, sha256[:12], info.size, info.sha256[:12],
             )  # fmt: skip
             dest.unlink(missing_ok=True)
             return False
@@ -104,7 +104,7 @@ class Checkpoints(StoreBase):
             return f"{exc.message} (fresh nodes read the logs instead)"
         path = self.checkpoint_dir / info.file
         try:
-            sha256, size = file_digest(path)
+            sha256, size = copy_digest(path)
         except OSError as exc:
             return f"{path} is unreadable: {exc.strerror} (fresh nodes read the logs instead)"
         if (sha256, size) != (info.sha256, info.size):
@@ -137,18 +137,15 @@ class Checkpoints(StoreBase):
 
     def publish_checkpoint(self, local: Path, **fields: object) -> IndexCheckpoint:
         """Publish a node-local checkpoint file with its record's other ``fields``: copied
-        into the store under its sha256, then made current by one rename."""
-        sha256, size = file_digest(local)
-        info = IndexCheckpoint.model_validate(
-            dict(fields, file=f"{sha256}.mdb", sha256=sha256, size=size)
-        )
+        into the store (hashed as it is copied), renamed to its sha256, then made current
+        by one rename."""
         self.checkpoint_dir.mkdir(exist_ok=True)
         tmp = self._temp("checkpoint.mdb")
         try:
-            with open(local, "rb") as src, open(tmp, "wb") as out:
-                shutil.copyfileobj(src, out, CHUNK)
-                out.flush()
-                os.fsync(out.fileno())
+            sha256, size = copy_digest(local, tmp, sync=True)
+            info = IndexCheckpoint.model_validate(
+                dict(fields, file=f"{sha256}.mdb", sha256=sha256, size=size)
+            )
             os.replace(tmp, self.checkpoint_dir / info.file)
         finally:
             tmp.unlink(missing_ok=True)

@@ -180,7 +180,7 @@ class WorkflowAcl(Record):
 
 class IndexCheckpoint(Record):
     """``checkpoint/current.json``: the index checkpoint a fresh node starts from
-    (`envfs.store.checkpoint` owns the files, `envfs.node.seed` the tables in them)."""
+    (`envfs.store.checkpoint` owns the files, `envfs.node.checkpoints` the tables in them)."""
 
     file: str = Field(pattern=r"^[0-9a-f]{64}\.mdb$")  # in checkpoint/, named by its sha256
     sha256: str
