@@ -32,7 +32,7 @@ import stat
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -134,7 +134,7 @@ class NodeCache:
                 dfd = dirs.fd(dirname) if dirs is not None else None
                 return os.open(name if dfd is not None else source, _FILE_FLAGS, dir_fd=dfd)
 
-            return self._complete(entry, opener, source)
+            return self._complete(entry, opener, source, counted=True)
         with self._fetch_lock:
             lock = self._fetching.setdefault(target.name, threading.Lock())
         with lock:
@@ -159,41 +159,47 @@ class NodeCache:
         """Bytes of a big file (`PARTIAL_MIN`) the node does not hold whole yet, fetching
         only the pieces they lie in (`envfs.node.partial`); None once it holds it whole
         (read the object). `CacheDamage` if its copy was refused."""
-        target = self._object(entry)
-        if target.exists():
+        if self._object(entry).exists():
             return None
-        if target.name in self._refused:
-            raise CacheDamage(f"{os.fsdecode(source)} does not match its manifest")
         copy = self._partial(entry, lambda: os.open(source, _FILE_FLAGS))
         if copy is None:
             return None
         self.last_fetch = time.monotonic()  # a job is reading in: whole copies wait
-        try:
+        with self._refusing(entry, copy, source):
             data = copy.read(off, size)
-            if data is None:
-                return None
-            if copy.whole():
+            if data is not None and copy.whole():
                 copy.finish()
-                self._settle(target.name, copy, entry)
-        except Damaged as exc:
-            self._refuse(target.name, copy)
-            raise CacheDamage(f"{os.fsdecode(source)}: {exc.message}; run `envfs verify`") from exc
+                self._settle(entry, copy, counted=True)
         return data
 
-    def _complete(self, entry: ListingEntry, opener: Callable[[], int], source: bytes) -> Path:
+    def _complete(
+        self, entry: ListingEntry, opener: Callable[[], int], source: bytes, counted: bool
+    ) -> Path:
         """A big file copied whole through its `PartialCopy` (sharing the pieces a job's
-        reads fetched, and fetching none twice); the object."""
+        reads fetched, and fetching none twice); the object. ``counted``: a first read's
+        copy (`fetch`), not the background fill's."""
         target = self._object(entry)
         copy = self._partial(entry, opener)
         if copy is None:
             return target
-        try:
+        with self._refusing(entry, copy, source):
             copy.complete()
-        except Damaged as exc:
-            self._refuse(target.name, copy)
-            raise CacheDamage(f"{os.fsdecode(source)}: {exc.message}; run `envfs verify`") from exc
-        self._settle(target.name, copy, entry)
+        self._settle(entry, copy, counted)
         return target
+
+    @contextlib.contextmanager
+    def _refusing(self, entry: ListingEntry, copy: PartialCopy, source: bytes) -> Iterator[None]:
+        """A copy found damaged is given up, and never tried again: `CacheDamage`."""
+        try:
+            yield
+        except Damaged as exc:
+            copy.abandon()
+            name = self._object(entry).name
+            with self._fetch_lock:
+                self._refused.add(name)
+                if self._partials.get(name) is copy:
+                    del self._partials[name]
+            raise CacheDamage(f"{os.fsdecode(source)}: {exc.message}; run `envfs verify`") from exc
 
     def _partial(self, entry: ListingEntry, opener: Callable[[], int]) -> PartialCopy | None:
         """The copy under way of a big file, or a new one; None if the node holds it now."""
@@ -213,20 +219,17 @@ class NodeCache:
                 self._partials[target.name] = copy
             return copy
 
-    def _settle(self, name: str, copy: PartialCopy, entry: ListingEntry) -> None:
+    def _settle(self, entry: ListingEntry, copy: PartialCopy, counted: bool) -> None:
+        """A copy done: let it go (once), counted as a first read's if ``counted``."""
+        name = self._object(entry).name
         with self._fetch_lock:
             if self._partials.get(name) is copy:
                 del self._partials[name]
-                self.fetched_files += 1
-                self.fetched_bytes += entry.size
-        self.last_fetch = time.monotonic()
-
-    def _refuse(self, name: str, copy: PartialCopy) -> None:
-        copy.abandon()
-        with self._fetch_lock:
-            self._refused.add(name)
-            if self._partials.get(name) is copy:
-                del self._partials[name]
+                if counted:
+                    self.fetched_files += 1
+                    self.fetched_bytes += entry.size
+        if counted:
+            self.last_fetch = time.monotonic()
 
     def touch(self, snapshot_id: str) -> None:
         """Record a use of a copy (its directory's mtime orders eviction)."""
@@ -318,11 +321,11 @@ class NodeCache:
         if target.exists():
             return
         if entry.size >= PARTIAL_MIN:  # one copy with the pieces a job may be reading
-            self._complete(entry, lambda: os.open(name, _FILE_FLAGS, dir_fd=dfd), name)
+            self._complete(entry, lambda: os.open(name, _FILE_FLAGS, dir_fd=dfd), name, False)
             return
         target.parent.mkdir(exist_ok=True)
         tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}")
-        src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+        src = os.open(name, _FILE_FLAGS, dir_fd=dfd)
         try:
             digest = _copy_bytes(src, tmp, entry.size)
         except BaseException:

@@ -49,6 +49,7 @@ class PartialCopy:
         self._missing = len(self._present)
         self._pending: dict[int, threading.Event] = {}
         self._lock = threading.Lock()
+        self._finishing = threading.Lock()  # one check of the whole; reads go on meanwhile
         self._readers = 0
         self.done = False  # whole, checked and in place
         self.closed = False
@@ -85,21 +86,31 @@ class PartialCopy:
         return self.finish()
 
     def finish(self) -> Path:
-        """Check the whole copy against its sha256 and put it in place (once)."""
-        with self._lock:
-            if self.done:
-                return self.target
-            if self.closed:
-                raise Damaged(f"{self.target.name}: copy abandoned")
-            assert self._missing == 0
-            digest = hashlib.sha256()
-            for start in range(0, self.size, 1 << 20):
-                digest.update(os.pread(self._fd, min(1 << 20, self.size - start), start))
+        """Check the whole copy against its sha256 and put it in place (once). The hash is
+        taken outside the pieces' lock: reads of the file are not held up by it."""
+        with self._finishing:
+            with self._lock:
+                if self.done:
+                    return self.target
+                if self.closed:
+                    raise Damaged(f"{self.target.name}: copy abandoned")
+                assert self._missing == 0
+                self._readers += 1  # its descriptor stays open while it is read
+            try:
+                digest = hashlib.sha256()
+                for start in range(0, self.size, 1 << 20):
+                    digest.update(os.pread(self._fd, min(1 << 20, self.size - start), start))
+            finally:
+                with self._lock:
+                    self._readers -= 1
             if digest.hexdigest() != self._sha256:
                 raise Damaged(f"{self.target.name}: the store's file does not match its manifest")
-            os.fchmod(self._fd, self._mode & ~0o222)
-            os.replace(self.path, self.target)
-            self.done = True
+            with self._lock:
+                if self.closed:
+                    raise Damaged(f"{self.target.name}: copy abandoned")
+                os.fchmod(self._fd, self._mode & ~0o222)
+                os.replace(self.path, self.target)
+                self.done = True
         self._close_if_unused()
         return self.target
 
