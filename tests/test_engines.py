@@ -64,12 +64,13 @@ def test_doctor_passes_here_and_names_what_is_broken(
     assert levels["store"] == "warn"  # not made yet: not an error
     import pwd
 
-    try:
-        pwd.getpwnam("envfs-build")
-        sandbox = "ok"
-    except KeyError:
-        sandbox = "warn" if os.geteuid() == 0 else "ok"  # builds fall back to nobody
-    assert levels["build sandbox"] == sandbox
+    for user, finding in (("envfs-build", "build sandbox"), ("envfs-api", "api user")):
+        try:
+            pwd.getpwnam(user)
+            level = "ok"
+        except KeyError:
+            level = "warn" if os.geteuid() == 0 else "ok"  # it falls back to nobody
+        assert levels[finding] == level, finding
 
     env.run("build", "wf/d", "extra-a==1.0", "--python", PY)
     mounts.append(Mount(env, mnt))

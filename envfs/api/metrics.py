@@ -1,4 +1,5 @@
-"""The API server's Prometheus metrics, in a registry of its own."""
+"""The API server's Prometheus metrics: the privileged side's (builds, reuse, the store)
+and the HTTP side's (requests), each in a registry of its own; /metrics shows both."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
 class Metrics:
-    """The server's Prometheus metrics, in a registry of its own."""
+    """The privileged side's metrics: builds, reuse, the store's gauges."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -21,12 +22,22 @@ class Metrics:
         self.reuse = Counter(
             "envfs_reuse_hits", "POST /envs answered by a built snapshot", registry=r
         )
-        self.requests = Counter(
-            "envfs_http_requests", "HTTP requests", ["route", "method", "code"], registry=r
-        )
         self.store_bytes = Gauge("envfs_store_bytes", "Real bytes of the snapshots", registry=r)
         self.snapshots = Gauge("envfs_snapshots", "Snapshots in the store", registry=r)
         self.bindings = Gauge("envfs_bindings", "Bindings (workflow/node)", registry=r)
         self.audit_queued = Gauge(
             "envfs_audit_queued", "Audit rows waiting for PostgreSQL", registry=r
+        )
+
+
+class RequestMetrics:
+    """The HTTP side's metrics: requests by route, method and code."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "envfs_http_requests",
+            "HTTP requests",
+            ["route", "method", "code"],
+            registry=self.registry,
         )

@@ -4,11 +4,14 @@ request head, and the bound on bodies."""
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import JSONResponse
+
+from envfs.core.errors import EnvironmentProblem
 
 #: Largest request body accepted (a big uv.lock is a few hundred KiB).
 MAX_BODY = 4 * 1024 * 1024
@@ -61,9 +64,18 @@ def _too_large(limit: int) -> JSONResponse:
     return JSONResponse({"detail": f"request body over {limit} bytes"}, status_code=413)
 
 
-def serve(app: FastAPI, host: str, port: int) -> None:
-    """Run ``app`` with uvicorn until SIGTERM/SIGINT, then exit 0 (a stop asked for is a
-    clean exit, as for the daemon; uvicorn would re-raise the signal)."""
+def listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port``; `EnvironmentProblem` in one line if not."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as exc:
+        raise EnvironmentProblem(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+def serve(app: FastAPI, sock: socket.socket) -> None:
+    """Run ``app`` with uvicorn on ``sock`` until SIGTERM/SIGINT, then return (a stop asked
+    for is a clean exit, as for the daemon; uvicorn would re-raise the signal)."""
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -71,10 +83,8 @@ def serve(app: FastAPI, host: str, port: int) -> None:
             super().handle_exit(sig, frame)
             self._captured_signals.clear()
 
-    config = uvicorn.Config(
-        app, host=host, port=port, log_level="warning", access_log=False, http=_head_deadline()
-    )
-    Server(config).run()
+    config = uvicorn.Config(app, log_level="warning", access_log=False, http=_head_deadline())
+    Server(config).run(sockets=[sock])
 
 
 def _head_deadline() -> type[Any]:

@@ -383,31 +383,54 @@ def serve_api(
     --tokens instead (docs/api.md), each team's token reaches its own workflows only:
     403 for the others, lists filtered, 401 without a token, a read token changes nothing.
     """
+    from envfs.api.backend import Backend
+    from envfs.api.link import LocalLink
     from envfs.api.server import create_app
     from envfs.api.tokens import Tokens
-    from envfs.api.wire import serve
+    from envfs.api.wire import listen, serve
+    from envfs.build.spec import make_indexes
 
     if (token_file is None) == (tokens_file is None):
         raise BadInput(
             "serve-api needs one of --token-file (one admin token) or --tokens (scoped tokens)"
         )
-    tokens = (
-        Tokens.from_file(tokens_file)
-        if tokens_file is not None
-        else Tokens.admin(_read_token(token_file))  # type: ignore[arg-type]
-    )
-    from envfs.build.spec import make_indexes
-
     make_indexes(index_url, extra_index_urls)  # a bad URL fails here, in one line
-    svc = _service(ctx, quiet=True)
-    audit = None
-    if audit_dsn:
-        from envfs.api.audit import PgAudit
+    sock = listen(host, port)
 
-        audit = PgAudit(audit_dsn, svc.settings.index / "audit-spool")
-    click.echo(f"envfs: serving the API on http://{host}:{port} (store {svc.store.root})", err=True)
-    app = create_app(svc, tokens, mount_path, audit, indexes=(index_url, extra_index_urls))
-    serve(app, host, port)
+    def backend() -> Backend:
+        """The privileged side: as root, made after the HTTP side is forked and dropped,
+        so that side never holds the tokens, the index or the store open."""
+        tokens = (
+            Tokens.from_file(tokens_file)
+            if tokens_file is not None
+            else Tokens.admin(_read_token(token_file))  # type: ignore[arg-type]
+        )
+        svc = _service(ctx, quiet=True)
+        audit = None
+        if audit_dsn:
+            from envfs.api.audit import PgAudit
+
+            audit = PgAudit(audit_dsn, svc.settings.index / "audit-spool")
+        return Backend(svc, tokens, mount_path, audit, indexes=(index_url, extra_index_urls))
+
+    def started(b: Backend) -> None:
+        where = f"http://{host}:{port} (store {b.service.store.root})"
+        click.echo(f"envfs: serving the API on {where}", err=True)
+
+    if os.geteuid() != 0:
+        ours = backend()
+        started(ours)
+        serve(create_app(LocalLink(ours)), sock)
+        return
+    from envfs.api import privsep
+
+    code = privsep.run(sock, backend, started)
+    if code != 0:
+        user = privsep.api_user()[0]
+        raise EnvironmentProblem(
+            f"the API's HTTP side (running as {user}) stopped with status {code}; "
+            "the lines above say why"
+        )
 
 
 def _read_token(path: Path) -> str:

@@ -9,6 +9,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+#: The user ``serve-api``'s HTTP side runs as when started as root (`envfs.api.privsep`):
+#: made by scripts/setup, checked by `envfs doctor`.
+API_USER = "envfs-api"
+
 
 def _xdg(var: str, fallback: str) -> Path:
     value = os.environ.get(var)

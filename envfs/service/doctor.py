@@ -1,7 +1,7 @@
 """`envfs doctor`: what this node has and lacks for envfs, each finding with a fix.
 
 Checks, in order: the FUSE device and fusermount3, the kernel, uv, the build sandbox (a
-build user, unshare and setpriv), the interpreters on the
+build user, unshare and setpriv), the API's user, the interpreters on the
 node and in the store, the store (exists, free space, uv cache and staging on one file system
 with hardlinks working), the index, envfs mounts (stale ones, propagation), and whether the
 daemon may hand views to the kernel (CAP_SYS_ADMIN).  Nothing is changed, except a probe
@@ -232,13 +232,34 @@ def check_build_sandbox() -> DoctorFinding:
     return _ok(name, f"source builds run as {BUILD_USER}, in a private mount namespace")
 
 
+def check_api_user() -> DoctorFinding:
+    """Whether ``serve-api`` as root has a user of its own for its HTTP side."""
+    import pwd
+
+    from envfs.core.config import API_USER
+
+    name = "api user"
+    if os.geteuid() != 0:
+        return _ok(name, "envfs runs unprivileged: serve-api runs as this user, in one process")
+    try:
+        pwd.getpwnam(API_USER)
+    except KeyError:
+        return _warn(
+            name,
+            f"no user {API_USER}: serve-api's HTTP side runs as nobody (shared with other "
+            "services)",
+            f"useradd --system --no-create-home --shell /usr/sbin/nologin {API_USER}",
+        )
+    return _ok(name, f"serve-api's HTTP side runs as {API_USER}")
+
+
 def diagnose(settings: Settings, say: Callable[[str], None] | None = None) -> DoctorReport:
     store = Store(settings.store)
     findings: list[DoctorFinding] = []
     steps: list[Callable[[], list[DoctorFinding]]] = [
         check_fuse,
         lambda: [check_uv()],
-        lambda: [check_build_sandbox()],
+        lambda: [check_build_sandbox(), check_api_user()],
         lambda: check_store(store),
         lambda: check_interpreters(store if store.exists() else None),
         lambda: [check_index(settings, store)],
