@@ -274,9 +274,18 @@ class Backend:
             pinned_path=str(env.with_name(f"{info.node}@{info.revision}")),
         )
 
-    def _names(self, wf: str, node: str) -> tuple[str, str]:
+    def _access(
+        self, caller: Caller, wf: str, node: str, write: bool = False, token_needed: bool = False
+    ) -> tuple[str, str, Token | None]:
+        """The names checked, then whether the caller may read (or ``write``) them, in the
+        order a client learns of it: no token (401), a bad name (422), another workflow
+        (403), no store (404)."""
+        token = self._writer(caller, None) if write else self._reader(caller, None, token_needed)
+        wf, node = validate_name(wf, "workflow"), validate_name(node, "node")
+        if token is not None and not token.allows(wf):
+            raise HTTPException(403, f"this token may not use workflow {wf!r}")
         self.service.require_store()
-        return validate_name(wf, "workflow"), validate_name(node, "node")
+        return wf, node, token
 
     # -- the operations -----------------------------------------------------------------
 
@@ -357,9 +366,10 @@ class Backend:
     def list_envs(
         self, caller: Caller, workflow: str | None, offset: Offset, limit: Limit
     ) -> EnvPage:
+        token = self._reader(caller, None)
         if workflow is not None:
             workflow = validate_name(workflow, "workflow")
-        token = self._reader(caller, workflow)
+            self._reader(caller, workflow)
         if not self.service.store.exists():  # nothing bound yet
             return EnvPage(items=[], total=0, offset=offset, limit=limit)
         views = self.service.binding_views(workflow)
@@ -369,18 +379,16 @@ class Backend:
         return EnvPage(items=page, total=len(views), offset=offset, limit=limit)
 
     def get_env(self, caller: Caller, wf: str, node: str) -> EnvView:
-        wf, node = self._names(wf, node)
-        self._reader(caller, wf)
+        wf, node, _token = self._access(caller, wf, node)
         return self.view(self.service.show(wf, node))
 
     def history(self, caller: Caller, wf: str, node: str) -> list[Revision]:
-        wf, node = self._names(wf, node)
-        self._reader(caller, wf)
+        wf, node, _token = self._access(caller, wf, node)
         return self.service.revisions(wf, node)
 
     def rollback(self, caller: Caller, wf: str, node: str, to: int | None) -> EnvView:
-        wf, node = self._names(wf, node)
-        token = self._writer(caller, wf)
+        wf, node, token = self._access(caller, wf, node, write=True)
+        assert token is not None
         with self.mutations:
             self._acting(token)
             rev = self.service.rollback(wf, node, to)
@@ -389,8 +397,8 @@ class Backend:
         return self.view(self.service.show(wf, node))
 
     def delete_env(self, caller: Caller, wf: str, node: str) -> dict[str, int]:
-        wf, node = self._names(wf, node)
-        token = self._writer(caller, wf)
+        wf, node, token = self._access(caller, wf, node, write=True)
+        assert token is not None
         with self.mutations:
             self._acting(token)
             removed = self.service.remove(wf, node)
@@ -400,8 +408,7 @@ class Backend:
     def export(self, caller: Caller, wf: str, node: str, format: Format) -> tuple[int, int]:
         """The env as a bundle, an OCI image archive or its template: the read ends of
         the pipes (`envfs.api.stream`) a thread of this side writes it into."""
-        wf, node = self._names(wf, node)
-        self._reader(caller, wf, token_needed=True)  # a bundle holds every byte of the env
+        wf, node, _token = self._access(caller, wf, node, token_needed=True)  # every byte
         self.service.show(wf, node)  # a missing binding is a 404 before anything streams
         target = f"{wf}/{node}"
         svc = self.service
@@ -418,8 +425,7 @@ class Backend:
 
     def sbom(self, caller: Caller, wf: str, node: str) -> str:
         """The env's CycloneDX 1.6 SBOM (``envfs sbom``)."""
-        wf, node = self._names(wf, node)
-        self._reader(caller, wf)
+        wf, node, _token = self._access(caller, wf, node)
         return self.service.sbom(f"{wf}/{node}")
 
     def metrics(self, caller: Caller) -> str:

@@ -53,7 +53,7 @@ from envfs.api.models import (
     RollbackRequest,
     Wf,
 )
-from envfs.api.tokens import NEEDS_TOKEN
+from envfs.api.tokens import NEEDS_TOKEN, OPEN_ROUTES, READS
 from envfs.api.wire import BodyLimit
 from envfs.store.formats import Revision
 
@@ -160,17 +160,24 @@ def create_app(link: Link) -> FastAPI:
         request: Request,
         credentials: HTTPAuthorizationCredentials | None = Depends(bearer),  # noqa: B008
     ) -> None:
-        """In the schema: the route needs a token (`token_first` has checked it already)."""
-        if credentials is None or request.state.token is None:
+        """In the schema: the route needs a token (`token_first` has checked a body's
+        already; a read's operation checks its own)."""
+        admitted = getattr(request.state, "token", None) is not None
+        if credentials is None or not (admitted or request.method in READS):
             raise HTTPException(401, NEEDS_TOKEN, headers={"WWW-Authenticate": "Bearer"})
 
     @app.middleware("http")
     async def token_first(request: Request, call_next: Callable[[Request], Awaitable[Any]]) -> Any:
         """Who calls, and whether it may call this route at all, before a body is read or
-        parsed (which workflows a token reaches is each operation's to check)."""
+        parsed (which workflows a token reaches is each operation's to check). A read of
+        the envs needs no asking first: its operation checks the token itself."""
+        path = request.url.path
+        envs = path == "/envs" or path.startswith("/envs/")
+        if request.method in READS and (envs or path in OPEN_ROUTES):
+            return await call_next(request)
         try:
             admitted: Admitted = await run_in_threadpool(
-                link.call, "admit", caller(request), method=request.method, path=request.url.path
+                link.call, "admit", caller(request), method=request.method, path=path
             )
         except HTTPException as exc:
             return JSONResponse({"detail": exc.detail}, exc.status_code)
