@@ -285,11 +285,13 @@ class EnvfsOperations(pyfuse3.Operations):
         path = self._ns.file_path(inode)
         if path is None:
             raise FUSEError(errno.EBADF)
-        remote = self._ns.remote_file(inode) if self._cache is not None else None
-        if remote is not None:  # the node's copy, or None: `read` copies it in a thread
-            local = self._cache.object_path(remote[1]) if self._cache is not None else None
+        cache = self._cache
+        remote = self._ns.remote_file(inode) if cache is not None else None
+        if cache is not None and remote is not None:  # the node's copy, or None: `read`
+            local = cache.object_path(remote[1])  # copies it in a thread
             if local is None:
                 return None
+            cache.opened()  # a job reads the env in: whole copies wait
             self._local.add(inode)
             return self._fds.add(inode, os.open(local, os.O_RDONLY | os.O_CLOEXEC), busy=True)
         opened = open_cached(path)

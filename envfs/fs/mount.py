@@ -43,7 +43,7 @@ from envfs.fs.prefetch import prefetch_snapshot
 from envfs.fs.status import BuildStats, DaemonStatus, ServedEnv
 from envfs.fs.vfs import Namespace
 from envfs.node.builds import RETRY_AFTER, BuildQueue
-from envfs.node.cache import NodeCache
+from envfs.node.cache import QUIET, NodeCache
 from envfs.store.files import pid_start_time
 
 log = logging.getLogger(__name__)
@@ -78,8 +78,6 @@ KERNEL_WAIT = 2.0
 #: before trying again a copy that failed (the store was unreachable, say).
 CACHE_CHECK = 1.0
 CACHE_RETRY = 30.0
-#: Seconds without a file read in on demand before whole copies into the node cache start.
-FILL_QUIET = 2.0
 
 
 class ServedBindings(pydantic.BaseModel):
@@ -494,8 +492,8 @@ class Daemon(Following):
             for sid in attached:
                 if sid in self.cached or retry_at.get(sid, 0.0) > time.monotonic():
                     continue
-                if cache.fill_rate == 0 or time.monotonic() - cache.last_fetch < FILL_QUIET:
-                    break  # off, or a job is reading files in: whole copies wait for it
+                if cache.fill_rate == 0 or cache.quiet_for() < QUIET:
+                    break  # off, or a job is reading the env in: whole copies wait for it
                 source = self.namespace.snapshot_source(sid)
                 if source is None:
                     continue

@@ -11,7 +11,9 @@ Layout (this module owns it)::
 Each file a process reads is copied on its first read (`NodeCache.fetch`: whole, checked,
 into ``objects/``, unless the node has its content already, from any snapshot) and served
 from there. A whole copy is made in the background once a snapshot's first use has
-quietened (FUSE serves from ``objects/`` and the store meanwhile): the manifest is read,
+quietened (FUSE serves from ``objects/`` and the store meanwhile; a copy under way pauses
+while jobs open or read in files of envs not copied whole, for up to `PATIENCE` s from
+its start): the manifest is read,
 every file whose content the node lacks is copied from the store by several threads
 (directory file descriptors, so a NAS sees one lookup per file, not one per path
 component) and checked against the manifest's sha256 as it is written, then the tree
@@ -61,6 +63,12 @@ _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 #: (`envfs.node.partial`); smaller ones are copied whole on their first read.
 PARTIAL_MIN = 8 << 20
 _CHUNK = 1 << 20
+#: Seconds without a job opening or reading in a file of an env not copied whole before
+#: whole copies run: the job's own reads have the NAS first.
+QUIET = 2.0
+#: Seconds after its start a whole copy stops waiting for that and goes on regardless (a
+#: node never quiet would otherwise never hold its envs whole).
+PATIENCE = 60.0
 
 
 class CacheDamage(EnvironmentProblem):
@@ -92,6 +100,7 @@ class NodeCache:
         self.fetched_files = 0  # contents copied on first read (`fetch`), and their bytes
         self.fetched_bytes = 0
         self.last_fetch = 0.0  # when the last one was (monotonic)
+        self.last_open = 0.0  # when a job last opened a file of an env not copied whole
         for leftover in os.listdir(self.staging):  # copies a killed daemon did not finish
             remove_tree(self.staging / leftover)
 
@@ -231,6 +240,20 @@ class NodeCache:
         if counted:
             self.last_fetch = time.monotonic()
 
+    def opened(self) -> None:
+        """A job opened a file of an env not copied whole (served from ``objects/``): whole
+        copies wait for it to quieten, as for a file read in (`fetch`)."""
+        self.last_open = time.monotonic()
+
+    def quiet_for(self) -> float:
+        """Seconds since a job last opened or read in a file of an env not copied whole."""
+        return time.monotonic() - max(self.last_fetch, self.last_open)
+
+    def _wait_quiet(self, until: float) -> None:
+        """Return once no job has opened or read in a file for `QUIET` s, or at ``until``."""
+        while (pause := min(QUIET - self.quiet_for(), until - time.monotonic())) > 0:
+            time.sleep(pause)
+
     def touch(self, snapshot_id: str) -> None:
         """Record a use of a copy (its directory's mtime orders eviction)."""
         with contextlib.suppress(FileNotFoundError):
@@ -247,7 +270,7 @@ class NodeCache:
         listing = read_listing(os.fsencode(source))
         staged = self.staging / f"{snapshot_id}.{uuid.uuid4().hex[:12]}"
         try:
-            copied = self._build(listing, source, staged)
+            copied = self._build(listing, source, staged, time.monotonic() + PATIENCE)
             manifest = source / META / "manifest.json"
             (staged / META).mkdir(exist_ok=True)
             shutil.copyfile(manifest, staged / META / "manifest.json")
@@ -270,8 +293,9 @@ class NodeCache:
         )
         return final
 
-    def _build(self, listing: Listing, source: Path, dest: Path) -> int:
-        """Make the tree of ``listing`` at ``dest``; the number of files copied from the store."""
+    def _build(self, listing: Listing, source: Path, dest: Path, patient: float) -> int:
+        """Make the tree of ``listing`` at ``dest``; the number of files copied from the store.
+        Until ``patient`` (monotonic) each file waits for jobs to quieten first."""
         root = os.fsencode(dest)
         dest.mkdir()
         dirs = sorted(rel for rel in listing if rel)
@@ -292,7 +316,7 @@ class NodeCache:
         for rel, name, entry in missing:
             by_dir.setdefault(rel, []).append((name, entry))
         with ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="cache-fill") as pool:
-            list(pool.map(lambda item: self._copy_dir(source, *item), by_dir.items()))
+            list(pool.map(lambda it: self._copy_dir(source, it[0], it[1], patient), by_dir.items()))
         for rel, name, entry in files:
             os.link(self._object(entry), os.path.join(root, rel, name))
         for rel in dirs:  # directory modes as in the store (writable until make_read_only)
@@ -303,12 +327,15 @@ class NodeCache:
         assert entry.sha256 is not None
         return self.objects / entry.sha256[:2] / f"{entry.sha256}.{stat.S_IMODE(entry.mode):o}"
 
-    def _copy_dir(self, source: Path, rel: bytes, entries: list[tuple[bytes, ListingEntry]]) -> int:
+    def _copy_dir(
+        self, source: Path, rel: bytes, entries: list[tuple[bytes, ListingEntry]], patient: float
+    ) -> int:
         """Copy one store directory's missing files into objects/ (one open of the directory,
-        then one lookup per file)."""
+        then one lookup per file), each after jobs have quietened (until ``patient``)."""
         dfd = os.open(os.path.join(os.fsencode(source), rel), _DIR_FLAGS)
         try:
             for name, entry in entries:
+                self._wait_quiet(patient)
                 if self._throttle is not None:
                     self._throttle.take(entry.size)
                 self._copy_file(dfd, name, entry)

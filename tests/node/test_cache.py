@@ -8,6 +8,8 @@ import json
 import os
 import signal
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -210,6 +212,45 @@ def test_a_copy_is_checked_against_the_manifest(local: Env, tmp_path: Path) -> N
     with pytest.raises(CacheDamage, match="does not match its manifest"):
         cache.fill(sid, local.store / "snapshots" / sid)
     assert cache.path(sid) is None and os.listdir(tmp_path / "cache" / "staging") == []
+
+
+def test_a_whole_copy_waits_while_a_job_reads_the_env_in_but_not_forever(
+    local: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The background copy gives the NAS to the job: it pauses while files of envs not
+    copied whole are opened (or read in), and goes on regardless once its patience is out."""
+    import envfs.node.cache as node_cache
+
+    local.run("build", "wf/q", "extra-a==1.0", "--python", PY)
+    sid = local.show("wf/q")["snapshot_id"]
+    source = Store(local.store).snapshot_dir(sid)
+    monkeypatch.setattr(node_cache, "QUIET", 0.5)
+
+    def fill_while_busy(cache: NodeCache, busy_for: float) -> tuple[float, float]:
+        """(seconds the fill took, seconds the job kept opening files)"""
+        done: list[float] = []
+        t0 = time.monotonic()
+
+        def fill() -> None:
+            cache.fill(sid, source)
+            done.append(time.monotonic() - t0)
+
+        thread = threading.Thread(target=fill)
+        cache.opened()
+        thread.start()
+        while time.monotonic() - t0 < busy_for and not done:
+            cache.opened()  # a job opening files, every 0.1 s
+            time.sleep(0.1)
+        busy = time.monotonic() - t0
+        thread.join(60)
+        assert done and cache.path(sid) is not None
+        return done[0], busy
+
+    took, busy = fill_while_busy(NodeCache(tmp_path / "patient"), busy_for=2.0)
+    assert took >= busy + 0.4, (took, busy)  # nothing copied until the job quietened
+    monkeypatch.setattr(node_cache, "PATIENCE", 1.0)
+    took, busy = fill_while_busy(NodeCache(tmp_path / "impatient"), busy_for=20.0)
+    assert took < 10 and busy < 19, (took, busy)  # done while the job still opened files
 
 
 def test_a_big_file_is_copied_in_ranges_and_checked_whole(tmp_path: Path) -> None:
