@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import pwd
 import shutil
@@ -127,12 +128,13 @@ def _child(
         for ours, _theirs in pairs:
             ours.close()
         fds = [sock.fileno(), *(theirs.fileno() for _ours, theirs in pairs)]
+        paths = [os.path.abspath(p or os.curdir) for p in sys.path]  # this envfs, not another
         reveal(uid, _interpreter_paths())
         become(uid, gid, parent)
         for fd in fds:
             os.set_inheritable(fd, True)  # every other descriptor closes on exec
         env = {k: v for k, v in os.environ.items() if k in KEEP_ENV}
-        argv = [sys.executable, "-I", "-m", "envfs.api.privsep", *map(str, fds)]
+        argv = [sys.executable, "-I", "-c", _BOOT, json.dumps(paths), *map(str, fds)]
         os.execve(sys.executable, argv, env)
     except OSError as exc:  # no user namespace here, no mount rights: say it in one line
         print(f"envfs: error: cannot start the API's HTTP side: {exc}", file=sys.stderr)
@@ -141,6 +143,14 @@ def _child(
     finally:
         sys.stderr.flush()
         os._exit(1)
+
+
+#: What the HTTP side's fresh interpreter runs (isolated: no PYTHON* variables, no user
+#: site), with the parent's import path as its first argument.
+_BOOT = (
+    "import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
+    "from envfs.api.privsep import main; sys.exit(main(sys.argv[2:]))"
+)
 
 
 def main(argv: list[str]) -> int:  # pragma: no cover - the HTTP side, after its exec
@@ -223,7 +233,3 @@ def become(uid: int, gid: int, parent: int) -> None:
     if os.getppid() != parent:  # the parent died before that: nothing to serve for
         os._exit(0)
     os.chdir("/")
-
-
-if __name__ == "__main__":  # pragma: no cover - the HTTP side, after its exec
-    sys.exit(main(sys.argv[1:]))
