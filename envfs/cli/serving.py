@@ -382,6 +382,11 @@ def serve_api(
     Mutations need `Authorization: Bearer TOKEN` (the first line of --token-file). With
     --tokens instead (docs/api.md), each team's token reaches its own workflows only:
     403 for the others, lists filtered, 401 without a token, a read token changes nothing.
+
+    Started as root, it is two processes: the HTTP side (everything a client sends is
+    parsed there) runs as the user envfs-api (scripts/setup makes it; nobody if missing)
+    with no capabilities; the root side keeps the store, the index and the tokens and
+    runs the builds (docs/operations.md, "Security").
     """
     from envfs.api.backend import Backend
     from envfs.api.link import LocalLink
