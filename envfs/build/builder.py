@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from envfs.build import bytecode, sandbox
+from envfs.build.packs import write_packs
 from envfs.build.spec import Indexes, ProjectFiles
 from envfs.build.trace import direct_requirements, record_trace
 from envfs.build.tree import (
@@ -180,7 +181,11 @@ def build_into(
     crashpoints.reached("manifest")
     if interp.digest is not None:
         t0 = time.monotonic()
-        record_trace(python, staged, direct_requirements(files.pyproject), log)
+        trace = record_trace(python, staged, direct_requirements(files.pyproject), log)
+        if trace is not None:
+            index = write_packs(store, staged, trace, manifest)
+            packed = sum(len(p.members) for p in index.packs)
+            log.step(f"packs: {packed} small traced files in {len(index.packs)} pack(s)")
         durations["trace"] = time.monotonic() - t0
     (meta / "build.log").write_text(log.text())
     return manifest

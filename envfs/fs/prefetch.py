@@ -19,7 +19,7 @@ import trio
 from envfs.core.errors import EnvfsError
 from envfs.fs.vfs import Namespace
 from envfs.node.cache import NodeCache, StoreDirs
-from envfs.store.files import Listing, ListingEntry, read_trace
+from envfs.store.files import Listing, ListingEntry, pack_file, read_packs, read_trace
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ def copy_traced(cache: NodeCache, source: bytes, listing: Listing) -> int:
     trace = read_trace(source)
     if trace is None:
         return 0
+    packs = _packs(source, listing)
     todo: list[tuple[bytes, ListingEntry]] = []
     for rel in trace.files:
         raw = os.fsencode(rel)
@@ -67,7 +68,35 @@ def copy_traced(cache: NodeCache, source: bytes, listing: Listing) -> int:
     dirs = StoreDirs()
     try:
         with ThreadPoolExecutor(PREFETCH_THREADS, thread_name_prefix="prefetch") as pool:
+            list(pool.map(lambda pack: _unpack(cache, *pack), packs))  # small files first
             list(pool.map(lambda item: cache.fetch(item[1], item[0], dirs), todo))
     finally:
         dirs.close()
     return len(todo)
+
+
+def _packs(source: bytes, listing: Listing) -> list[tuple[bytes, list[tuple[ListingEntry, int]]]]:
+    """The snapshot's packs (`envfs.build.packs`): each file's path, and its members as
+    listed (a pack naming a file the listing does not have is left out)."""
+    index = read_packs(source)
+    out = []
+    for pack in index.packs if index is not None else []:
+        members = []
+        for member in pack.members:
+            parent, _, name = os.fsencode(member.path).rpartition(b"/")
+            entry = listing.get(parent, {}).get(name)
+            if entry is None or entry.sha256 != member.sha256 or entry.size != member.size:
+                break
+            members.append((entry, member.size))
+        else:
+            out.append((pack_file(source, pack.sha256), members))
+    return out
+
+
+def _unpack(cache: NodeCache, path: bytes, members: list[tuple[ListingEntry, int]]) -> None:
+    """One pack into the node cache; if it cannot be read, its files come one by one."""
+    try:
+        cache.unpack(path, members)
+    except OSError as e:
+        name = os.path.basename(os.fsdecode(path))
+        log.warning("cannot read the pack %s (its files come one by one): %s", name, e)

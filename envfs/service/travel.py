@@ -246,6 +246,8 @@ class Travel(ServiceBase):
 def _copy_meta(src: Path, dest: Path) -> None:
     (dest / META).mkdir(exist_ok=True)
     for item in sorted((src / META).iterdir()):
+        if item.name == "packs.json":  # its packs do not travel (bundles leave them out)
+            continue
         if item.is_file() and not item.is_symlink():
             shutil.copyfile(item, dest / META / item.name)
 

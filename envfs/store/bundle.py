@@ -31,7 +31,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO
 
 from envfs.core.errors import BadInput, EnvironmentProblem
-from envfs.store.files import fixed_tarinfo
+from envfs.store.files import META, PACKS, fixed_tarinfo
 from envfs.store.formats import BundleInfo
 
 INFO_NAME = "envfs-bundle.json"
@@ -65,6 +65,8 @@ def write_bundle(
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames.sort()
             rel = os.path.relpath(dirpath, root)
+            if rel == META:  # a snapshot's packs are copies, for fresh nodes of its store
+                dirnames[:] = [d for d in dirnames if d != PACKS]
             base = prefix if rel == "." else f"{prefix}/{rel}"
             entries.append((base, Path(dirpath), os.lstat(dirpath)))
             for name in sorted(

@@ -11,12 +11,14 @@ import stat
 import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import pydantic
 
 from envfs.core.errors import EnvironmentProblem
-from envfs.store.formats import AccessTrace
+from envfs.store.formats import AccessTrace, PackIndex
+
+_M = TypeVar("_M", bound=pydantic.BaseModel)
 
 META = ".envfs"  # metadata directory inside a snapshot (manifest, build log); not served
 
@@ -151,12 +153,31 @@ def fixed_tarinfo(
 def read_trace(snapshot_path: bytes) -> AccessTrace | None:
     """A built snapshot's access trace (`AccessTrace`), or None: none recorded, or not
     readable (a damaged one is ignored: serving works without it)."""
-    path = snapshot_path + b"/" + META.encode() + b"/trace.json"
+    return _read_meta(snapshot_path, "trace.json", AccessTrace)
+
+
+def _read_meta(snapshot_path: bytes, name: str, model: type[_M]) -> _M | None:
+    """``.envfs/<name>`` of a snapshot as ``model``, or None if missing or not readable."""
     try:
-        with open(path, "rb") as f:
-            return AccessTrace.model_validate_json(f.read())
+        with open(snapshot_path + f"/{META}/{name}".encode(), "rb") as f:
+            return model.model_validate_json(f.read())
     except (OSError, pydantic.ValidationError):
         return None
+
+
+#: Where a snapshot's packs are, under its ``.envfs/`` (`PackIndex`).
+PACKS = "packs"
+
+
+def read_packs(snapshot_path: bytes) -> PackIndex | None:
+    """A built snapshot's pack index (`PackIndex`), or None: none written, or not readable
+    (a damaged one is ignored: a fresh node copies the files one by one)."""
+    return _read_meta(snapshot_path, "packs.json", PackIndex)
+
+
+def pack_file(snapshot_path: bytes, sha256: str) -> bytes:
+    """The path of one of a snapshot's packs."""
+    return snapshot_path + f"/{META}/{PACKS}/{sha256}.pack".encode()
 
 
 def read_listing(snapshot_path: bytes) -> Listing:

@@ -126,6 +126,31 @@ class AccessTrace(Record):
     files: list[str]
 
 
+class PackMember(Record):
+    """One file of a pack: where it is in the snapshot, and its content."""
+
+    path: str
+    sha256: str
+    size: int
+
+
+class Pack(Record):
+    """A pack: its members' bytes back to back, in this order, in the file
+    ``.envfs/packs/<sha256>.pack`` (the sha256 of those bytes; a pool object, so every
+    snapshot with the same files shares one)."""
+
+    sha256: str
+    size: int
+    members: list[PackMember]
+
+
+class PackIndex(Record):
+    """``snapshots/<id>/.envfs/packs.json``: the packs of the small files the access trace
+    names (`envfs.build.packs`), which a fresh node reads in a few large reads."""
+
+    packs: list[Pack]
+
+
 class Manifest(Record):
     """``snapshots/<id>/.envfs/manifest.json``."""
 

@@ -13,7 +13,7 @@ import stat
 from pathlib import Path
 
 from envfs.core.errors import CorruptRecord, EnvfsError
-from envfs.store.files import META, read_trace
+from envfs.store.files import META, PACKS, read_packs, read_trace
 from envfs.store.formats import Manifest, ManifestEntry, Revision, SpecInfo
 from envfs.store.layout import Store
 from envfs.store.wheel import record_digests
@@ -35,7 +35,8 @@ def snapshot_problems(store: Store, snapshot_id: str) -> list[str]:
         manifest = store.read_manifest(snapshot_id)
     except EnvfsError as exc:
         return [f"manifest unreadable: {exc.message}", *problems]
-    return tree_problems(root, manifest.files) + _trace_problems(root, manifest) + problems
+    found = tree_problems(root, manifest.files) + _trace_problems(root, manifest)
+    return found + _pack_problems(root, manifest) + problems
 
 
 def _trace_problems(root: Path, manifest: Manifest) -> list[str]:
@@ -51,6 +52,34 @@ def _trace_problems(root: Path, manifest: Manifest) -> list[str]:
     if strangers:
         return [f"{META}/trace.json: names {strangers[0]}, not a file of the snapshot"]
     return []
+
+
+def _pack_problems(root: Path, manifest: Manifest) -> list[str]:
+    """Damaged packs (``.envfs/packs/``): a fresh node skips what does not match and copies
+    those files one by one, so they are named, not fatal."""
+    if not (root / META / "packs.json").exists():
+        return []
+    index = read_packs(os.fsencode(root))
+    if index is None:
+        return [f"{META}/packs.json: unreadable (fresh nodes copy files one by one)"]
+    files = {e.path: e for e in manifest.files if e.type == "file"}
+    problems = []
+    for pack in index.packs:
+        rel = f"{META}/{PACKS}/{pack.sha256}.pack"
+        stray = [m.path for m in pack.members if (e := files.get(m.path)) is None
+                 or (e.sha256, e.size) != (m.sha256, m.size)]  # fmt: skip
+        if stray:
+            problems.append(f"{rel}: names {stray[0]}, not that file of the snapshot")
+            continue
+        try:
+            with open(root / rel, "rb") as f:
+                digest = hashlib.file_digest(f, "sha256").hexdigest()
+        except OSError as exc:
+            problems.append(f"{rel}: unreadable ({exc.strerror})")
+            continue
+        if digest != pack.sha256:
+            problems.append(f"{rel}: does not match its name (fresh nodes skip what differs)")
+    return problems
 
 
 def spec_problems(store: Store, snapshot_id: str) -> list[str]:

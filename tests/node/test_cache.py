@@ -180,6 +180,74 @@ def test_a_fresh_node_copies_what_the_build_traced_as_soon_as_the_env_is_first_u
     assert "prefetched" in mounts[0].log()
 
 
+def test_a_fresh_node_reads_the_small_traced_files_as_packs_shared_by_envs(
+    nas_node: tuple[Env, NasSim, list[Mount]], tmp_path: Path
+) -> None:
+    """The build packs the small files its trace names, one pack per package (or standard
+    library directory), pooled: envs with the same files share one inode. A fresh node
+    reads the packs, not the files: far fewer NAS opens than traced files."""
+    env, nas, mounts = nas_node
+    env.run("build", "wf/n", "extra-a==1.0", "--python", PY)
+    env.run("build", "wf/m", "extra-a==1.0", "extra-b==2.0", "--python", PY)
+    sid, other = env.show("wf/n")["snapshot_id"], env.show("wf/m")["snapshot_id"]
+    snaps = tmp_path / "backing/store/snapshots"
+    packs = json.loads((snaps / sid / ".envfs/packs.json").read_text())["packs"]
+    theirs = json.loads((snaps / other / ".envfs/packs.json").read_text())["packs"]
+    assert packs and any(p["members"][0]["path"].endswith(".py") for p in packs)
+    shared = {p["sha256"] for p in packs} & {p["sha256"] for p in theirs}
+    assert shared
+    one = next(iter(shared))
+    a, b = (snaps / s / f".envfs/packs/{one}.pack" for s in (sid, other))
+    assert os.stat(a).st_ino == os.stat(b).st_ino  # one inode (a pool object)
+    assert hashlib.sha256(a.read_bytes()).hexdigest() == one
+    traced = json.loads((snaps / sid / ".envfs/trace.json").read_text())["files"]
+    packed = {m["path"] for p in packs for m in p["members"]}
+    manifest = {e.path: e for e in Store(env.store).read_manifest(sid).files}
+    mnt = tmp_path / "envs"
+    mounts.append(Mount(env, mnt, "--no-kernel-mounts", "--fill-rate", "off"))
+    objects = env.index / "cache" / "objects"
+    opens = nas.counts().get("open", 0)
+    os.stat(mnt / "wf/n/bin")  # a first look
+    wait_for(lambda: all(_held(objects, manifest[rel]) for rel in traced), 30, "traced files")
+    files_opened = nas.counts().get("open", 0) - opens
+    assert len(packed) > len(packs) + 10  # (packs hold many files each)
+    # each file not packed, each pack, and the manifest, trace and pack index
+    assert files_opened <= len(traced) - len(packed) + len(packs) + 3, (files_opened, len(traced))
+    assert py(mnt, "wf/n", "import extra_a").returncode == 0
+
+
+def test_a_damaged_pack_is_named_by_verify_and_its_files_come_one_by_one(
+    nas_node: tuple[Env, NasSim, list[Mount]], tmp_path: Path
+) -> None:
+    env, _nas, mounts = nas_node
+    env.run("build", "wf/n", "extra-a==1.0", "--python", PY)
+    sid = env.show("wf/n")["snapshot_id"]
+    snap = tmp_path / "backing/store/snapshots" / sid
+    packs = json.loads((snap / ".envfs/packs.json").read_text())["packs"]
+    victim = max(packs, key=lambda p: len(p["members"]))
+    path = snap / f".envfs/packs/{victim['sha256']}.pack"
+    os.chmod(path, 0o644)
+    with open(path, "r+b") as f:  # one flipped byte in the first member
+        first = f.read(1)
+        f.seek(0)
+        f.write(bytes([first[0] ^ 0xFF]))
+    got = env.run("verify", check=False)
+    assert got.returncode != 0 and f"packs/{victim['sha256']}.pack" in got.stdout + got.stderr
+    manifest = {e.path: e for e in Store(env.store).read_manifest(sid).files}
+    mnt = tmp_path / "envs"
+    mounts.append(Mount(env, mnt, "--no-kernel-mounts", "--fill-rate", "off"))
+    objects = env.index / "cache" / "objects"
+    traced = json.loads((snap / ".envfs/trace.json").read_text())["files"]
+    os.stat(mnt / "wf/n/bin")  # a first look: the prefetch
+    wait_for(lambda: "prefetched" in mounts[0].log(), 30, "the prefetch")
+    assert "does not match its manifest" in mounts[0].log()  # the damaged member, skipped
+    assert all(_held(objects, manifest[rel]) for rel in traced)  # from its own file instead
+    for obj in (o for o in objects.rglob("*") if o.is_file()):  # each one what it says
+        assert hashlib.sha256(obj.read_bytes()).hexdigest() == obj.name.split(".")[0]
+    member = victim["members"][0]["path"]
+    assert (mnt / "wf/n" / member).read_bytes() == (snap / member).read_bytes()
+
+
 def test_the_cache_is_bounded_and_evicts_what_is_not_in_use(local: Env, tmp_path: Path) -> None:
     ids = []
     for i, pkg in enumerate(["extra-a==1.0", "extra-b==2.0", "tool-pkg==0.1"]):
