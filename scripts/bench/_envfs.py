@@ -28,6 +28,7 @@ class EnvfsHarness:
         self.run_env.pop("VIRTUAL_ENV", None)
         self.daemon: subprocess.Popen[bytes] | None = None
         self.log = root / "daemon.log"
+        self.mount_args: list[str] = []  # more options for `envfs mount`
 
     def cli(self, *args: str) -> str:
         cmd = [sys.executable, "-m", "envfs", *args]
@@ -41,7 +42,15 @@ class EnvfsHarness:
         self.mnt.mkdir(exist_ok=True)
         with open(self.log, "ab") as out:
             self.daemon = subprocess.Popen(
-                [sys.executable, "-m", "envfs", "mount", str(self.mnt), "--foreground"],
+                [
+                    sys.executable,
+                    "-m",
+                    "envfs",
+                    "mount",
+                    str(self.mnt),
+                    "--foreground",
+                    *self.mount_args,
+                ],
                 env=self.env,
                 stdin=subprocess.DEVNULL,
                 stdout=out,

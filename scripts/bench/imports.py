@@ -12,7 +12,7 @@ scripts/nas-sim (1 ms a request) and the NAS requests per warm import once the n
 the env (target 0). Then binds 100 workflow nodes to the snapshots, imports through each
 and reads the daemon's RSS (target < 150 MB). Always exits 0: it measures.
 Usage: scripts/bench/imports [--runs N] [--rounds K] [--envs E] [--skip-cold] [--python V]
-                             [--root DIR] [--nas] [--plot PNG]
+                             [--root DIR] [--nas] [--fuse-only] [--plot PNG]
 With --root the store is kept in DIR and reused by the next run (builds are then instant).
 """
 
@@ -461,6 +461,12 @@ def main() -> None:
     parser.add_argument("--python", default="3.12")
     parser.add_argument("--root", type=Path, help="keep the store here and reuse it")
     parser.add_argument("--nas", action="store_true", help="put the store on scripts/nas-sim")
+    parser.add_argument(
+        "--fuse-only",
+        action="store_true",
+        help="serve through FUSE only (--no-kernel-mounts): how a fresh node serves an env "
+        "until its whole copy is in",
+    )
     parser.add_argument("--plot", type=Path, help="write the ratios as a PNG bar chart here")
     args = parser.parse_args()
     keep = args.root is not None
@@ -468,6 +474,9 @@ def main() -> None:
         args.root.mkdir(parents=True, exist_ok=True)
     root = args.root.resolve() if keep else Path(tempfile.mkdtemp(prefix="envfs-bench-imports."))
     b = Bench(root, args.python, nas=args.nas)
+    if args.fuse_only:
+        b.mount_args = ["--no-kernel-mounts"]
+        say("serving through FUSE only (no kernel mounts)")
     rows: list[Row] = []
     rss: tuple[float, float, int] | None = None
     t0 = time.monotonic()
