@@ -93,6 +93,12 @@ class Admitted(pydantic.BaseModel):
     detail: str = ""
 
 
+def _reaches(token: Token, workflow: str) -> None:
+    """403 unless ``token`` may use ``workflow``."""
+    if not token.allows(workflow):
+        raise HTTPException(403, f"this token may not use workflow {workflow!r}")
+
+
 class EnvAnswer(pydantic.BaseModel):
     code: int
     view: EnvView
@@ -205,24 +211,23 @@ class Backend:
         scheme, _, given = caller.authorization.partition(" ")
         return self.tokens.identify(given.strip()) if scheme.lower() == "bearer" else None
 
-    def _reader(
-        self, caller: Caller, workflow: str | None, token_needed: bool = False
-    ) -> Token | None:
-        """The caller's token, if it may read ``workflow`` (401/403 otherwise)."""
+    def _reader(self, caller: Caller, token_needed: bool = False) -> Token | None:
+        """The caller's token, if it may read at all (401 otherwise; None: anonymous reads
+        are open). Which workflows it reaches is `_reaches`'s to say."""
         token = self._token(caller)
         if token is None and (token_needed or not self.tokens.open_reads):
             raise HTTPException(401, NEEDS_TOKEN, headers={"WWW-Authenticate": "Bearer"})
-        if token is not None and workflow is not None and not token.allows(workflow):
-            raise HTTPException(403, f"this token may not use workflow {workflow!r}")
         return token
 
     def _writer(self, caller: Caller, workflow: str | None) -> Token:
         """The caller's token, if it may change ``workflow`` (401/403 otherwise)."""
-        token = self._reader(caller, None, token_needed=True)
+        token = self._reader(caller, token_needed=True)
         assert token is not None
         if not token.writes:
             raise HTTPException(403, READ_ONLY)
-        return self._reader(caller, workflow) or token
+        if workflow is not None:
+            _reaches(token, workflow)
+        return token
 
     def _acting(self, token: Token) -> None:
         """Name the caller's token in what the next mutation writes (under `mutations`)."""
@@ -280,10 +285,10 @@ class Backend:
         """The names checked, then whether the caller may read (or ``write``) them, in the
         order a client learns of it: no token (401), a bad name (422), another workflow
         (403), no store (404)."""
-        token = self._writer(caller, None) if write else self._reader(caller, None, token_needed)
+        token = self._writer(caller, None) if write else self._reader(caller, token_needed)
         wf, node = validate_name(wf, "workflow"), validate_name(node, "node")
-        if token is not None and not token.allows(wf):
-            raise HTTPException(403, f"this token may not use workflow {wf!r}")
+        if token is not None:
+            _reaches(token, wf)
         self.service.require_store()
         return wf, node, token
 
@@ -346,7 +351,7 @@ class Backend:
         """Bind many nodes to snapshots the store has, each all or nothing."""
         token = self._writer(caller, None)
         for b in body.bindings:  # all or nothing: one workflow out of reach binds none
-            self._writer(caller, b.workflow_id)
+            _reaches(token, b.workflow_id)
         self.service.require_store()
         entries = [
             (i, f"{b.workflow_id}/{b.node_id}", b.snapshot_id) for i, b in enumerate(body.bindings)
@@ -366,10 +371,11 @@ class Backend:
     def list_envs(
         self, caller: Caller, workflow: str | None, offset: Offset, limit: Limit
     ) -> EnvPage:
-        token = self._reader(caller, None)
+        token = self._reader(caller)
         if workflow is not None:
             workflow = validate_name(workflow, "workflow")
-            self._reader(caller, workflow)
+            if token is not None:
+                _reaches(token, workflow)
         if not self.service.store.exists():  # nothing bound yet
             return EnvPage(items=[], total=0, offset=offset, limit=limit)
         views = self.service.binding_views(workflow)

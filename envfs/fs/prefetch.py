@@ -59,8 +59,7 @@ def copy_traced(cache: NodeCache, source: bytes, listing: Listing) -> int:
     todo: list[tuple[bytes, ListingEntry]] = []
     for rel in trace.files:
         raw = os.fsencode(rel)
-        parent, _, name = raw.rpartition(b"/")
-        entry = listing.get(parent, {}).get(name)
+        entry = _listed(listing, raw)
         if entry is None or entry.type != "file" or entry.sha256 is None:
             continue
         if entry.size <= WHOLE_MAX:
@@ -75,25 +74,29 @@ def copy_traced(cache: NodeCache, source: bytes, listing: Listing) -> int:
     return len(todo)
 
 
-def _packs(source: bytes, listing: Listing) -> list[tuple[bytes, list[tuple[ListingEntry, int]]]]:
-    """The snapshot's packs (`envfs.build.packs`): each file's path, and its members as
-    listed (a pack naming a file the listing does not have is left out)."""
+def _listed(listing: Listing, rel: bytes) -> ListingEntry | None:
+    parent, _, name = rel.rpartition(b"/")
+    return listing.get(parent, {}).get(name)
+
+
+def _packs(source: bytes, listing: Listing) -> list[tuple[bytes, list[ListingEntry]]]:
+    """The snapshot's packs (`envfs.build.packs`): each file's path, and its members'
+    listing entries (a pack naming a file the listing does not have is left out)."""
     index = read_packs(source)
     out = []
     for pack in index.packs if index is not None else []:
         members = []
         for member in pack.members:
-            parent, _, name = os.fsencode(member.path).rpartition(b"/")
-            entry = listing.get(parent, {}).get(name)
+            entry = _listed(listing, os.fsencode(member.path))
             if entry is None or entry.sha256 != member.sha256 or entry.size != member.size:
                 break
-            members.append((entry, member.size))
+            members.append(entry)
         else:
             out.append((pack_file(source, pack.sha256), members))
     return out
 
 
-def _unpack(cache: NodeCache, path: bytes, members: list[tuple[ListingEntry, int]]) -> None:
+def _unpack(cache: NodeCache, path: bytes, members: list[ListingEntry]) -> None:
     """One pack into the node cache; if it cannot be read, its files come one by one."""
     try:
         cache.unpack(path, members)

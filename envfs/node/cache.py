@@ -164,24 +164,24 @@ class NodeCache:
         self.last_fetch = time.monotonic()
         return target
 
-    def unpack(self, pack: bytes, members: list[tuple[ListingEntry, int]]) -> int:
+    def unpack(self, pack: bytes, members: list[ListingEntry]) -> int:
         """Copy the contents of ``pack`` (a pack file in the store: its members' bytes back
-        to back, each given as its listing entry and size) that the node lacks into
-        ``objects/``, in large sequential reads; a member that does not match its sha256
-        is skipped (copied from its own file when read). The number copied."""
-        if all(self._object(entry).exists() for entry, _size in members):
+        to back, given by their listing entries) that the node lacks into ``objects/``, in
+        large sequential reads; a member that does not match its sha256 is skipped (copied
+        from its own file when read). The number copied."""
+        if all(self._object(entry).exists() for entry in members):
             return 0
         copied = 0
         with open(pack, "rb", buffering=_CHUNK * 8) as src:
-            for entry, size in members:
-                data = src.read(size)
-                if len(data) < size:
+            for entry in members:
+                data = src.read(entry.size)
+                if len(data) < entry.size:
                     log.warning("pack %s is short; its other files come one by one", pack)
                     break
                 if self._put(entry, data):
                     copied += 1
                     self.fetched_files += 1
-                    self.fetched_bytes += size
+                    self.fetched_bytes += entry.size
         self.last_fetch = time.monotonic()
         return copied
 
