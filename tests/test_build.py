@@ -64,6 +64,50 @@ def test_a_build_records_the_files_a_first_import_reads_in_order(local: Env) -> 
     assert local.run("verify", sid).returncode == 0
 
 
+# What a job's plain first import read: the bytecode of every module it loaded from a file
+# (its interpreter's start-up modules too) and the .pth files its start read.
+_READ_BY_IMPORT = r"""
+import json, os, site, sys
+import extra_a
+read = set()
+for module in list(sys.modules.values()):
+    spec = getattr(module, "__spec__", None)
+    if spec is not None and spec.has_location and spec.cached and os.path.isfile(spec.cached):
+        read.add(spec.cached)
+for folder in site.getsitepackages():
+    if os.path.isdir(folder):
+        read.update(os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".pth"))
+print(json.dumps(sorted(read)))
+"""
+
+
+def test_the_access_trace_names_the_bytecode_a_jobs_start_reads(local: Env) -> None:
+    """The modules the interpreter has imported before the trace's hook (its start, and
+    the tracer's own imports: re, enum, functools...) are read by a job as bytecode: the
+    trace names that bytecode (a fresh node fetched each of those files on demand, one
+    NAS round trip after another, while the trace named their unread sources)."""
+    local.run("build", "wf/t", "extra-a==1.0", "--python", PY)
+    snap = local.store / "snapshots" / local.show("wf/t")["snapshot_id"]
+    trace = set(json.loads((snap / ".envfs/trace.json").read_text())["files"])
+    proc = subprocess.run(
+        [str(snap / "bin/python"), "-I", "-c", _READ_BY_IMPORT],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    root = os.path.realpath(snap)
+    read = {
+        os.path.relpath(os.path.realpath(p), root)
+        for p in json.loads(proc.stdout)
+        if os.path.realpath(p).startswith(root + "/")
+    }
+    stdlib = [rel for rel in read if "site-packages" not in rel]
+    assert len(stdlib) > 10, read  # the interpreter's start-up modules are among them
+    assert any(rel.endswith(".pth") for rel in read), read
+    assert not read - trace, sorted(read - trace)
+
+
 def test_snapshot_runs_is_read_only_and_names_no_builder_path(local: Env) -> None:
     local.run("build", "wf/tool", "tool-pkg==0.1", "--python", PY)
     info = local.show("wf/tool")

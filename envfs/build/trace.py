@@ -32,9 +32,11 @@ TRACE_MAX = 20_000
 
 # Run by the env's own Python: argv[1] the env root, argv[2] the output, argv[3:] the
 # distributions to import. Records, in order, every file under the root that the
-# interpreter had open or mapped before the hook, then each file opened (audit "open"
-# events: sources, bytecode, data) and mapped (shared libraries: /proc/self/maps) by the
-# import of each top-level module of those distributions.
+# interpreter had read or mapped before the hook (the modules it had imported by then: the
+# bytecode it read for them, not their sources, which a job's start never opens; the
+# site-packages' .pth files, read at start), then each file opened (audit "open" events:
+# sources, bytecode, data) and mapped (shared libraries: /proc/self/maps) by the import of
+# each top-level module of those distributions.
 _SCRIPT = r"""
 import importlib, importlib.metadata as md, json, os, re, sys
 root, out, names = sys.argv[1], sys.argv[2], sys.argv[3:]
@@ -53,8 +55,18 @@ def maps():
 note(sys.executable)
 maps()
 for module in list(sys.modules.values()):
-    if getattr(module, "__file__", None):
+    spec = getattr(module, "__spec__", None)
+    if spec is not None and spec.has_location and spec.origin:  # frozen ones read no file
+        cached = spec.cached
+        note(cached if cached and os.path.isfile(cached) else spec.origin)
+    elif getattr(module, "__file__", None):
         note(module.__file__)
+import site
+for folder in site.getsitepackages():
+    if os.path.isdir(folder):
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(".pth"):
+                note(os.path.join(folder, name))
 norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()
 want = {norm(n) for n in names}
 tops = sorted(m for m, dists in md.packages_distributions().items()
