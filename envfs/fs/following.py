@@ -16,6 +16,7 @@ import trio
 
 from envfs.fs import kernel
 from envfs.fs.catalog import Catalog
+from envfs.fs.kernel_views import KernelViews
 from envfs.fs.vfs import Namespace
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ class Following:
     refresh_interval: float
     refresh_error: str | None
     last_refresh: float | None
-    kernel_views: dict[str, str]
+    kernel: KernelViews
     _grants_seen: int = 0
 
     def _status_changed(self) -> None:
@@ -66,14 +67,14 @@ class Following:
 
     async def _regrant(self) -> None:
         log.info("workflow ACLs changed: applying them")
-        for path, sid in list(self.kernel_views.items()):
+        for path, sid in list(self.kernel.served.items()):
             if path.startswith(".snapshots/") and self.catalog.snapshot_grant(sid) is not None:
                 try:
                     await trio.to_thread.run_sync(kernel.detach, self.mountpoint / path)
                 except OSError as e:
                     log.error("cannot detach %s (restricted now): %s", path, e)
                     continue
-                del self.kernel_views[path]
+                self.kernel.forget(path)
                 self._status_changed()
         inodes = self.namespace.granted_inodes()
         await trio.to_thread.run_sync(_forget_attributes, inodes)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,41 +25,65 @@ _LINKS = ("cwd", "root", "exe")
 def views_in_use(mountpoint: Path, entered_only: bool = False) -> set[str]:
     """The views (``wf/node``, ``wf/node@REV``, ``.snapshots/ID``: the first two components
     below ``mountpoint``) that some process is in, has open or mapped, or runs from.
-    ``entered_only``: only working directories, roots and open descriptors (a process
+    ``entered_only``: only working directories, roots and open directories (a process
     walking a view: a mount placed on it then would make ``..`` from below it land on the
-    mount, and walkers such as ``find`` see the tree change under them)."""
+    mount, and walkers such as ``find`` see the tree change under them). A program running
+    from a view, or a file open or mapped there, is not in the way of a mount: it keeps the
+    file it has, and its next lookups go through the mount."""
     prefix = os.fsencode(mountpoint).rstrip(b"/") + b"/"
     found: set[str] = set()
     for pid in os.listdir("/proc"):
         if pid.isdigit():
-            for path in _paths_of(f"/proc/{pid}".encode(), maps=not entered_only):
+            proc = f"/proc/{pid}".encode()
+            paths = _walking(proc, prefix) if entered_only else _paths_of(proc)
+            for path in paths:
                 if path.startswith(prefix):
                     parts = path[len(prefix) :].split(b"/", 2)
                     found.add(os.fsdecode(b"/".join(parts[:2])))
     return found
 
 
-def _paths_of(proc: bytes, maps: bool = True) -> list[bytes]:
+def _walking(proc: bytes, prefix: bytes) -> list[bytes]:
+    """The directories below ``prefix`` a process is in or has open: its cwd, its root, its
+    descriptors onto directories."""
+    paths = _links(proc, ("cwd", "root"))
+    for fd, path in _open(proc):
+        with contextlib.suppress(OSError):
+            if path.startswith(prefix) and stat.S_ISDIR(os.stat(fd).st_mode):
+                paths.append(path)
+    return paths
+
+
+def _paths_of(proc: bytes) -> list[bytes]:
     """The files ``/proc/<pid>`` says a process uses: cwd, root, exe, open files, mappings."""
-    paths = []
-    for name in _LINKS:
-        with contextlib.suppress(OSError):
-            paths.append(os.readlink(proc + b"/" + name.encode()))
-    try:
-        fds = os.listdir(proc + b"/fd")
-    except OSError:
-        fds = []
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            paths.append(os.readlink(proc + b"/fd/" + fd))
-    if not maps:
-        return paths
+    paths = _links(proc, _LINKS) + [path for _fd, path in _open(proc)]
     with contextlib.suppress(OSError), open(proc + b"/maps", "rb") as f:
         for line in f:
             fields = line.split(None, 5)
             if len(fields) == 6:
                 paths.append(fields[5].rstrip(b"\n"))
     return paths
+
+
+def _links(proc: bytes, names: tuple[str, ...]) -> list[bytes]:
+    paths = []
+    for name in names:
+        with contextlib.suppress(OSError):
+            paths.append(os.readlink(proc + b"/" + name.encode()))
+    return paths
+
+
+def _open(proc: bytes) -> list[tuple[bytes, bytes]]:
+    """A process's open descriptors: each one's /proc path and what it names."""
+    try:
+        fds = os.listdir(proc + b"/fd")
+    except OSError:
+        return []
+    found = []
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            found.append((proc + b"/fd/" + fd, os.readlink(proc + b"/fd/" + fd)))
+    return found
 
 
 class IdleClock:

@@ -1,5 +1,7 @@
 """Kernel-served views: read-only bind mounts of built snapshots placed on their pinned
-views inside the FUSE mount (``/envs/wf/node@REV``, ``/envs/.snapshots/<id>``).
+views inside the FUSE mount (``/envs/wf/node@REV``, ``/envs/.snapshots/<id>``), and, on a
+fresh node until a snapshot's whole copy is in, read-only overlays of what the node holds
+over the FUSE view itself (`overlay_read_only`, `envfs.node.early`).
 
 FUSE stays the namespace, the build trigger and the fallback; once a pinned view's snapshot
 is built and its tree loaded, the daemon binds the snapshot directory read-only (``nosuid``,
@@ -16,6 +18,7 @@ import ctypes
 import errno
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +57,26 @@ def bind_read_only(source: os.PathLike[str] | str, target: os.PathLike[str] | st
     except OSError:
         detach(dst)
         raise
+
+
+def overlay_read_only(
+    layers: Sequence[os.PathLike[str] | str], target: os.PathLike[str] | str
+) -> None:
+    """Mount a read-only overlay of ``layers`` (the uppermost first) on ``target``: a name
+    is served by the first layer that has it, directories are merged (overlayfs, no upper
+    layer: nothing can be written). ``target`` may itself be the lowest layer: overlayfs
+    takes its layers before the mount covers them. Raises `OSError` with nothing mounted
+    (EINVAL for a layer whose path overlayfs cannot be given: one with ``:``, ``,`` or
+    ``\\`` in it)."""
+    paths = [os.fsencode(os.path.abspath(layer)) for layer in layers]
+    dst = os.fsencode(target)
+    if any(c in path for path in paths for c in (b":", b",", b"\\")):
+        raise OSError(
+            errno.EINVAL, "overlay: a layer's path has ':', ',' or '\\'", os.fsdecode(dst)
+        )
+    data = ctypes.c_char_p(b"lowerdir=" + b":".join(paths))
+    flags = MS_RDONLY | MS_NOSUID | MS_NODEV
+    _check(_libc.mount(b"overlay", dst, b"overlay", flags, data), "overlay mount", dst)
 
 
 def detach(target: os.PathLike[str] | str | bytes) -> bool:

@@ -8,16 +8,15 @@ session. Seen from outside a daemon (unmount, stale mounts, status files): `envf
 If the daemon is killed (SIGKILL, OOM), the kernel answers ENOTCONN on the mountpoint (callers
 never hang); the next `run_daemon` on that mountpoint removes the stale mount and serves again.
 
-Past 500 lines, on purpose: `Daemon` is one trio nursery of loops (leases, refresh, kernel
-views, node cache, idle release, status) sharing its state; what each loop decides lives
-apart already (`envfs.fs.idle`, `envfs.fs.kernel`, `envfs.node.cache`, `envfs.fs.detached`);
+`Daemon` is one trio nursery of loops (leases, refresh, kernel views, node cache, idle
+release, status) sharing its state; what each loop decides lives apart (`envfs.fs.idle`,
+`envfs.fs.kernel_views`, `envfs.node.cache`, `envfs.fs.following`, `envfs.fs.detached`);
 split out the next loop that grows.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import gc
 import logging
 import os
@@ -32,18 +31,19 @@ import pyfuse3
 import trio
 
 from envfs.core.errors import EnvfsError, EnvironmentProblem
-from envfs.fs import fuse_loop, idle, kernel
+from envfs.fs import fuse_loop, idle
 from envfs.fs.catalog import Catalog
 from envfs.fs.detached import run_detached
 from envfs.fs.following import Following
 from envfs.fs.fuse_ops import EnvfsOperations
-from envfs.fs.inodes import View
+from envfs.fs.kernel_views import KernelViews
 from envfs.fs.mounted import prepare_mountpoint
 from envfs.fs.prefetch import prefetch_snapshot
 from envfs.fs.status import BuildStats, DaemonStatus, ServedEnv
 from envfs.fs.vfs import Namespace
 from envfs.node.builds import RETRY_AFTER, BuildQueue
 from envfs.node.cache import QUIET, NodeCache
+from envfs.node.early import EarlyTree
 from envfs.store.files import pid_start_time
 
 log = logging.getLogger(__name__)
@@ -68,8 +68,6 @@ STATUS_INTERVAL = 1.0
 SHUTDOWN_GRACE = 2.0
 #: Seconds between looks for pinned views to hand to the kernel.
 KERNEL_CHECK = 0.2
-#: Seconds before a view some process was found in is looked at again for a kernel mount.
-ENTERED_RECHECK = 1.0
 #: Most envs a daemon loads at start because the last one served them.
 PRELOAD_MAX = 32
 #: Longest a request that loaded a snapshot waits for its kernel mounts before replying.
@@ -179,11 +177,7 @@ class Daemon(Following):
         self.refresh_error: str | None = None
         self.last_refresh: float | None = None
         self._status_dirty = trio.Event()
-        self.kernel_mounts = kernel_mounts
-        self.kernel_views: dict[str, str] = {}  # view path -> snapshot id, kernel-served
-        self._kernel_failed: set[str] = set()
-        self._pending: set[str] = set()  # views being bound (in worker threads)
-        self._entered: dict[str, float] = {}  # view a process was in -> when to look again
+        self.kernel = KernelViews(self.namespace, mountpoint, cache, kernel_mounts)
         self._warm_views: list[str] = []  # pinned views of the envs loaded at start
         self._stopping = False
 
@@ -217,6 +211,7 @@ class Daemon(Following):
         finally:
             pyfuse3.close(unmount=True)
             self.ops.close_all()
+            self.kernel.remove_trees()
             if self.status_path is not None:
                 with contextlib.suppress(FileNotFoundError):
                     self.status_path.unlink()
@@ -236,7 +231,7 @@ class Daemon(Following):
             nursery.start_soon(self._refresh_loop)
             nursery.start_soon(self._lease_loop)
             nursery.start_soon(self._idle_loop)
-            if self.kernel_mounts:
+            if self.kernel.enabled:
                 nursery.start_soon(self._kernel_loop)
             if self.cache is not None:
                 nursery.start_soon(self._cache_loop, self.cache)
@@ -345,17 +340,8 @@ class Daemon(Following):
     async def _release(self, snapshot_id: str, paths: list[str]) -> bool:
         """Let go of one snapshot: its kernel views unmounted (unless busy: False), its
         tables dropped, the kernel's entries of its views invalidated, its lease removed."""
-        for path in paths:
-            if self.kernel_views.get(path) == snapshot_id:
-                target = self.mountpoint / path
-                try:
-                    gone = await trio.to_thread.run_sync(kernel.unmount_unused, target)
-                except OSError as e:
-                    log.warning("cannot unmount the idle view %s: %s", path, e)
-                    return False
-                if not gone:
-                    return False  # in use after all: kept
-                del self.kernel_views[path]
+        if not await self.kernel.release(snapshot_id, paths):
+            return False  # a view in use after all: kept
         for parent, name in self.namespace.release(snapshot_id):
             pyfuse3.invalidate_entry_async(parent, name, ignore_enoent=True)
         self.ops.backing_moved()
@@ -388,10 +374,10 @@ class Daemon(Following):
         for path in self._warm_views:  # what the last daemon served: kernel-served at once
             with contextlib.suppress(OSError):  # a walk through our own mount makes the view
                 await trio.to_thread.run_sync(os.stat, self.mountpoint / path / "bin")
-        await self._place_kernel_views()
-        while not self._stopping and self.kernel_mounts:
+        await self.kernel.place()
+        while not self._stopping and self.kernel.enabled:
             await trio.sleep(KERNEL_CHECK)
-            await self._place_kernel_views()
+            await self.kernel.place()
 
     async def _attached(self, request_dir: int) -> None:
         """A request in directory ``request_dir`` loaded a snapshot: bind its pinned views
@@ -410,77 +396,21 @@ class Daemon(Following):
                 log.error("cannot lease %s: %s: %s", new, type(e).__name__, e)
             for sid in new:  # a fresh node's head start
                 if self.cache is not None:
-                    self._nursery.start_soon(prefetch_snapshot, self.namespace, self.cache, sid)
-        if self.kernel_mounts and not self._stopping:
+                    on_tree = self._early_tree if self.kernel.enabled else None
+                    self._nursery.start_soon(
+                        prefetch_snapshot, self.namespace, self.cache, sid, on_tree
+                    )
+        if self.kernel.enabled and not self._stopping:
             with trio.move_on_after(KERNEL_WAIT):
-                await self._place_kernel_views(skip=request_dir)
+                await self.kernel.place(skip=request_dir)
 
-    async def _place_kernel_views(self, skip: int | None = None) -> None:
-        """Bind each candidate view's snapshot read-only onto the view (`envfs.fs.kernel`).
-
-        Without the privilege (EPERM: no CAP_SYS_ADMIN) FUSE serves everything, as it does
-        for processes in mount namespaces the bind mounts do not propagate to. A view some
-        process is in (its working directory, an open directory: a walk) is left to FUSE
-        until it leaves: a mount placed under a walker changes what ``..`` is below it.
-        """
-        todo = []
-        for view, source, ino in self.namespace.kernel_candidates():
-            path = view.path
-            if path in self.kernel_views or path in self._kernel_failed or path in self._pending:
-                continue
-            if ino is not None and ino == skip:
-                continue
-            if self.cache is not None and not self._in_cache(source):
-                continue  # the kernel serves the node's copy, once it is made
-            if self._entered.get(path, 0.0) > time.monotonic():
-                continue  # a process was in it just now: looked at again after a while
-            todo.append((view, source))
-        if not todo:
-            return
-        entered = await trio.to_thread.run_sync(
-            lambda: idle.views_in_use(self.mountpoint, entered_only=True)
-        )
-        for view, source in todo:
-            path = view.path
-            if path in entered:  # not every KERNEL_CHECK: a /proc scan costs ms a time
-                self._entered[path] = time.monotonic() + ENTERED_RECHECK
-                continue
-            self._entered.pop(path, None)
-            if path in self.kernel_views or path in self._pending:
-                continue
-            if self._stopping or not self.kernel_mounts:
-                return
-            self._pending.add(path)
-            # abandoned if the caller stops waiting: the thread records the outcome itself
-            await trio.to_thread.run_sync(
-                self._bind_view, view, os.fsdecode(source), abandon_on_cancel=True
-            )
-
-    def _in_cache(self, source: bytes) -> bool:
-        """Whether a snapshot is served from the node cache's copy (not from the store)."""
-        assert self.cache is not None
-        return source.startswith(os.fsencode(self.cache.snapshots) + b"/")
-
-    def _bind_view(self, view: View, source: str) -> None:
-        """In a worker thread: one bind mount, its outcome recorded (see _place_kernel_views)."""
-        try:
-            kernel.bind_read_only(source, self.mountpoint / view.path)
-        except OSError as e:
-            if e.errno in (errno.EPERM, errno.EACCES):
-                if self.kernel_mounts:
-                    log.warning("no kernel mounts (%s): FUSE serves every view", e.strerror)
-                self.kernel_mounts = False
-            else:
-                log.warning("cannot hand %s to the kernel: %s", view.path, e)
-                self._kernel_failed.add(view.path)
-        except Exception as e:  # a bug: FUSE goes on serving everything
-            log.error("kernel mounts stopped: %s: %s", type(e).__name__, e)
-            self.kernel_mounts = False
-        else:
-            self.kernel_views[view.path] = view.snapshot_id
-            log.info("%s is kernel-served (%s)", view.path, view.snapshot_id[:12])
-        finally:
-            self._pending.discard(view.path)
+    async def _early_tree(self, tree: EarlyTree) -> None:
+        """A snapshot's early tree is made (`envfs.node.early`): the kernel serves what the
+        node holds of it now, FUSE the rest, until its whole copy is in."""
+        self.kernel.trees[tree.snapshot_id] = tree
+        if self.kernel.enabled and not self._stopping:
+            with trio.move_on_after(KERNEL_WAIT):
+                await self.kernel.place()
 
     async def _cache_loop(self, cache: NodeCache) -> None:
         """Copy each attached snapshot into the node cache (in the background: FUSE serves
@@ -516,12 +446,7 @@ class Daemon(Following):
 
     async def _detach_kernel_views(self) -> None:
         self._stopping = True
-        for path in sorted(self.kernel_views, reverse=True):
-            try:
-                await trio.to_thread.run_sync(kernel.detach, self.mountpoint / path)
-            except OSError as e:  # the FUSE unmount detaches it with everything else
-                log.warning("cannot detach the kernel mount at %s: %s", path, e)
-        self.kernel_views.clear()
+        await self.kernel.detach_all()
 
     def _status_changed(self) -> None:
         self._status_dirty.set()
@@ -536,7 +461,7 @@ class Daemon(Following):
             started=datetime.fromtimestamp(self.started, UTC).isoformat(),
             envs=[
                 ServedEnv(
-                    path=v.path, snapshot_id=v.snapshot_id, kernel=v.path in self.kernel_views
+                    path=v.path, snapshot_id=v.snapshot_id, kernel=v.path in self.kernel.served
                 )
                 for v in self.namespace.views()
             ],

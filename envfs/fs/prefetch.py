@@ -2,16 +2,20 @@
 build's access trace names (`envfs.build.trace`) are copied into the node cache in that
 order, by `PREFETCH_THREADS` threads at once, while the job starts; the job's reads find
 them on the node (`envfs.node.cache.NodeCache.fetch` copies each content once, whoever
-asks first). Files the trace does not name are copied on their first read, and the
-whole env later (`mount --fill-rate`). A traced file past `WHOLE_MAX` is not copied
-whole here: an import maps such a library and reads a part of it (torch's libtorch_cuda:
-103 of 900 MB), so its pieces come in as they are read (`envfs.node.partial`)."""
+asks first). With kernel mounts, the snapshot's early tree (`envfs.node.early`) is made
+first and handed to the daemon, which mounts it over the snapshot's views; each file is
+linked into it as it lands, and is kernel-served from then on. Files the trace does not
+name are copied on their first read, and the whole env later (`mount --fill-rate`). A
+traced file past `WHOLE_MAX` is not copied whole here: an import maps such a library and
+reads a part of it (torch's libtorch_cuda: 103 of 900 MB), so its pieces come in as they
+are read (`envfs.node.partial`)."""
 
 from __future__ import annotations
 
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import trio
@@ -19,6 +23,7 @@ import trio
 from envfs.core.errors import EnvfsError
 from envfs.fs.vfs import Namespace
 from envfs.node.cache import NodeCache, StoreDirs
+from envfs.node.early import EarlyTree
 from envfs.store.files import Listing, ListingEntry, pack_file, read_packs, read_trace
 
 log = logging.getLogger(__name__)
@@ -32,16 +37,30 @@ PREFETCH_THREADS = 16
 WHOLE_MAX = 64 << 20
 
 
-async def prefetch_snapshot(namespace: Namespace, cache: NodeCache, snapshot_id: str) -> None:
+async def prefetch_snapshot(
+    namespace: Namespace,
+    cache: NodeCache,
+    snapshot_id: str,
+    on_tree: Callable[[EarlyTree], Awaitable[None]] | None = None,
+) -> None:
     """Copy what the trace of an attached snapshot names into the node cache (nothing if
-    it is served from a local disk, has no trace, or the node has it all already)."""
+    it is served from a local disk, has no trace, or the node has it all already). With
+    ``on_tree``, its early tree is made first and awaited with."""
     found = namespace.remote_tree(snapshot_id)
     if found is None:
         return
     source, listing = found
     t0 = time.monotonic()
+    tree = None
+    if on_tree is not None:
+        try:
+            tree = await trio.to_thread.run_sync(EarlyTree.make, cache, snapshot_id, listing)
+        except OSError as e:  # served as before: through FUSE until the whole copy is in
+            log.warning("no early tree for %s: %s", snapshot_id[:12], e)
+        else:
+            await on_tree(tree)
     try:
-        copied = await trio.to_thread.run_sync(copy_traced, cache, source, listing)
+        copied = await trio.to_thread.run_sync(copy_traced, cache, source, listing, tree)
     except (OSError, EnvfsError) as e:  # the job's reads copy what they need themselves
         log.warning("prefetch of %s stopped: %s", snapshot_id[:12], e)
         return
@@ -50,8 +69,11 @@ async def prefetch_snapshot(namespace: Namespace, cache: NodeCache, snapshot_id:
         log.info("prefetched %d traced file(s) of %s in %.2fs", copied, snapshot_id[:12], took)
 
 
-def copy_traced(cache: NodeCache, source: bytes, listing: Listing) -> int:
-    """In a worker thread: the copy itself; how many files it copied (or found held)."""
+def copy_traced(
+    cache: NodeCache, source: bytes, listing: Listing, tree: EarlyTree | None = None
+) -> int:
+    """In a worker thread: the copy itself, each file linked into ``tree`` as it lands;
+    how many files it copied (or found held)."""
     trace = read_trace(source)
     if trace is None:
         return 0
@@ -63,12 +85,24 @@ def copy_traced(cache: NodeCache, source: bytes, listing: Listing) -> int:
         if entry is None or entry.type != "file" or entry.sha256 is None:
             continue
         if entry.size <= WHOLE_MAX:
-            todo.append((source + b"/" + raw, entry))
+            todo.append((raw, entry))
+
+    def unpack(pack: bytes, members: list[tuple[bytes, ListingEntry]]) -> None:
+        _unpack(cache, pack, [entry for _rel, entry in members])
+        if tree is not None:
+            for rel, entry in members:
+                tree.link(rel, entry)
+
+    def fetch(rel: bytes, entry: ListingEntry) -> None:
+        cache.fetch(entry, source + b"/" + rel, dirs)
+        if tree is not None:
+            tree.link(rel, entry)
+
     dirs = StoreDirs()
     try:
         with ThreadPoolExecutor(PREFETCH_THREADS, thread_name_prefix="prefetch") as pool:
-            list(pool.map(lambda pack: _unpack(cache, *pack), packs))  # small files first
-            list(pool.map(lambda item: cache.fetch(item[1], item[0], dirs), todo))
+            list(pool.map(lambda pack: unpack(*pack), packs))  # small files first
+            list(pool.map(lambda item: fetch(*item), todo))
     finally:
         dirs.close()
     return len(todo)
@@ -79,18 +113,19 @@ def _listed(listing: Listing, rel: bytes) -> ListingEntry | None:
     return listing.get(parent, {}).get(name)
 
 
-def _packs(source: bytes, listing: Listing) -> list[tuple[bytes, list[ListingEntry]]]:
-    """The snapshot's packs (`envfs.build.packs`): each file's path, and its members'
-    listing entries (a pack naming a file the listing does not have is left out)."""
+def _packs(source: bytes, listing: Listing) -> list[tuple[bytes, list[tuple[bytes, ListingEntry]]]]:
+    """The snapshot's packs (`envfs.build.packs`): each file's path, and its members' paths
+    and listing entries (a pack naming a file the listing does not have is left out)."""
     index = read_packs(source)
     out = []
     for pack in index.packs if index is not None else []:
         members = []
         for member in pack.members:
-            entry = _listed(listing, os.fsencode(member.path))
+            rel = os.fsencode(member.path)
+            entry = _listed(listing, rel)
             if entry is None or entry.sha256 != member.sha256 or entry.size != member.size:
                 break
-            members.append(entry)
+            members.append((rel, entry))
         else:
             out.append((pack_file(source, pack.sha256), members))
     return out

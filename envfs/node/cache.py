@@ -7,6 +7,7 @@ Layout (this module owns it)::
     <cache>/snapshots/<id>/                a complete copy: files hardlinked from objects/,
                                            its manifest in .envfs/ (as in the store)
     <cache>/staging/<id>.<nonce>/          a copy being made
+    <cache>/early/<id>.<pid>.<nonce>/      a fresh node's early tree (`envfs.node.early`)
 
 Each file a process reads is copied on its first read (`NodeCache.fetch`: whole, checked,
 into ``objects/``, unless the node has its content already, from any snapshot) and served
@@ -90,8 +91,9 @@ class NodeCache:
         self.objects = root / "objects"
         self.snapshots = root / "snapshots"
         self.staging = root / "staging"
+        self.early = root / "early"
         private_dir(root)  # copies of envs an ACL may restrict: only root reads them here
-        for d in (self.objects, self.snapshots, self.staging):
+        for d in (self.objects, self.snapshots, self.staging, self.early):
             d.mkdir(parents=True, exist_ok=True)
         self._fetch_lock = threading.Lock()
         self._fetching: dict[str, threading.Lock] = {}  # object name -> its copier's lock
@@ -103,6 +105,10 @@ class NodeCache:
         self.last_open = 0.0  # when a job last opened a file of an env not copied whole
         for leftover in os.listdir(self.staging):  # copies a killed daemon did not finish
             remove_tree(self.staging / leftover)
+        for tree in os.listdir(self.early):  # early trees of daemons gone (killed)
+            owner = tree.split(".")[1] if tree.count(".") == 2 else ""
+            if not (owner.isdigit() and _alive(int(owner))):
+                remove_tree(self.early / tree)
 
     def path(self, snapshot_id: str) -> Path | None:
         """The complete copy of ``snapshot_id``, or None."""
@@ -504,6 +510,16 @@ class _Throttle:
             self._next = start + size / self.rate
         if start > now:
             time.sleep(start - now)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _dir_mode(listing: Listing, rel: bytes) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from envfs.fs.kernel import mounts_under
+from envfs.fs.kernel import mount_table, mounts_under
 from envfs.node.cache import CacheDamage, NodeCache
 from envfs.node.partial import CHUNK, PartialCopy
 from envfs.store.files import ListingEntry
@@ -484,3 +484,144 @@ def test_the_prefetch_leaves_huge_traced_files_to_be_read_by_the_piece(
     assert prefetch.copy_traced(cache, os.fsencode(snap), listing) == 1
     assert cache.object_path(entry(small)) is not None
     assert cache.object_path(entry(huge)) is None
+
+
+def _fstype(path: Path) -> str | None:
+    """The type of the file system mounted at ``path`` (the topmost), or None."""
+    point = os.fsencode(path)
+    found = [m.fstype for m in mount_table() if m.point == point]
+    return found[-1] if found else None
+
+
+def _job(mnt: Path) -> subprocess.Popen[str]:
+    """A process started from ``wf/n`` that waits for a line before it imports extra_a."""
+    code = "import sys; print('up', flush=True); sys.stdin.readline(); import extra_a"
+    job = subprocess.Popen(
+        [mnt / "wf/n/bin/python", "-c", code],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert job.stdout is not None and job.stdout.readline() == "up\n"
+    return job
+
+
+def _finish(job: subprocess.Popen[str]) -> None:
+    _, err = job.communicate("go\n", timeout=60)
+    assert job.returncode == 0, err
+
+
+def test_a_fresh_node_kernel_serves_the_files_it_holds_before_its_whole_copy(
+    nas_node: tuple[Env, NasSim, list[Mount]], tmp_path: Path
+) -> None:
+    """Until a fresh node holds an env whole, an overlay of what it holds (its early tree,
+    the traced files linked in as they land) over the FUSE view lets the kernel serve those
+    files; the others still come through FUSE, right. A job running from the view while
+    the overlay arrives goes on; new processes run through it."""
+    env, _nas, mounts = nas_node
+    env.run("build", "wf/n", "extra-a==1.0", "--python", PY)
+    snap = tmp_path / "backing/store/snapshots" / env.show("wf/n")["snapshot_id"]
+    traced = json.loads((snap / ".envfs/trace.json").read_text())["files"]
+    mnt = tmp_path / "envs"
+    mounts.append(Mount(env, mnt, "--fill-rate", "off"))
+    view = mnt / "wf/n@1"
+    job = _job(mnt)  # running from the view: it does not keep the overlay out
+    try:
+        wait_for(lambda: _fstype(view) == "overlay", 15, "an overlay on the view")
+        wait_for(lambda: "prefetched" in mounts[0].log(), 30, "the prefetch")
+        site = "lib/python3.12/site-packages"
+        mine = [rel for rel in traced if rel.startswith(f"{site}/extra_a/")]
+        assert mine, traced
+
+        def opens() -> int:
+            cache = _status(env)["cache"]
+            assert isinstance(cache, dict)
+            return int(cache["opens"])
+
+        time.sleep(1.5)  # the status file is rewritten every second
+        before = opens()
+        for rel in mine:  # held: the kernel serves them, FUSE is not asked to open them
+            assert (view / rel).read_bytes() == (snap / rel).read_bytes()
+        time.sleep(1.5)
+        assert opens() == before
+        record = f"{site}/extra_a-1.0.dist-info/RECORD"  # not traced: through FUSE
+        assert record not in traced
+        assert (view / record).read_bytes() == (snap / record).read_bytes()
+        wait_for(lambda: opens() > before, 5, "FUSE opening the file the node lacks")
+        assert py(mnt, "wf/n", "import extra_a").returncode == 0
+        _finish(job)
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+    assert _fstype(view) == "overlay"  # no whole copy (--fill-rate off): it stays
+    assert os.listdir(env.index / "cache/early")
+    mounts[0].stop()
+    assert not os.listdir(env.index / "cache/early")  # the daemon took its tree with it
+
+
+def test_a_fresh_nodes_whole_copy_replaces_its_early_overlay(
+    nas_node: tuple[Env, NasSim, list[Mount]], tmp_path: Path
+) -> None:
+    """Once the whole copy is in, a bind of it replaces the early overlay; a process still
+    running from the overlay goes on."""
+    env, _nas, mounts = nas_node
+    env.run("build", "wf/n", "extra-a==1.0", "--python", PY)
+    mnt = tmp_path / "envs"
+    mounts.append(Mount(env, mnt))
+    view = mnt / "wf/n@1"
+    job = _job(mnt)
+    try:
+        wait_for(lambda: _fstype(view) == "overlay", 15, "an overlay on the view")
+        wait_for(lambda: _copies(env) == 1, 60, "the whole copy")
+        wait_for(lambda: _fstype(view) not in (None, "overlay"), 15, "a bind of the copy")
+        assert [m.fstype for m in mount_table()].count("overlay") == 0  # detached, not stacked
+        _finish(job)
+        assert py(mnt, "wf/n", "import extra_a").returncode == 0
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+
+
+def test_an_early_tree_holds_the_tree_and_links_what_the_node_has(tmp_path: Path) -> None:
+    """Every directory and symlink of the snapshot, a link to each file the node holds
+    (from any env), and none to one it lacks, until it is linked in."""
+    from envfs.node.early import EarlyTree
+
+    def entry(data: bytes, mode: int = 0o100644) -> ListingEntry:
+        return ListingEntry("file", mode, len(data), hashlib.sha256(data).hexdigest(), None)
+
+    held, lacked = b"held\n", b"lacked\n"
+    listing = {
+        b"": {
+            b"lib": ListingEntry("dir", 0o40755, 0, None, None),
+            b"lib64": ListingEntry("symlink", 0o120777, 3, None, "lib"),
+            b".envfs": ListingEntry("dir", 0o40755, 0, None, None),
+        },
+        b"lib": {
+            b"a.py": entry(held),
+            b"b.py": entry(lacked),
+            b"sub": ListingEntry("dir", 0o40700, 0, None, None),
+        },
+        b"lib/sub": {},
+        b".envfs": {},
+    }
+    cache = NodeCache(tmp_path / "cache")
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "a.py").write_bytes(held)
+    (store / "b.py").write_bytes(lacked)
+    cache.fetch(entry(held), os.fsencode(store / "a.py"))
+    tree = EarlyTree.make(cache, "s" * 64, listing)
+    root = tree.path
+    assert (root / "lib/a.py").read_bytes() == held and tree.linked == 1
+    assert os.stat(root / "lib/a.py").st_ino == os.stat(cache.object_path(entry(held)) or "").st_ino
+    assert not (root / "lib/b.py").exists()
+    assert os.readlink(root / "lib64") == "lib"
+    assert os.stat(root / "lib/sub").st_mode & 0o7777 == 0o500  # never writable
+    assert not (root / ".envfs").exists()  # FUSE views hide it
+    assert not tree.link(b"lib/b.py", entry(lacked))  # the node lacks it still
+    cache.fetch(entry(lacked), os.fsencode(store / "b.py"))
+    assert tree.link(b"lib/b.py", entry(lacked)) and (root / "lib/b.py").read_bytes() == lacked
+    assert not tree.link(b"lib/b.py", entry(lacked))  # once
+    tree.remove()
+    assert not root.exists()
