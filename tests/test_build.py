@@ -17,6 +17,7 @@ import pytest
 
 from envfs.store.files import remove_tree
 from tests.conftest import PY, Env, make_env, reachable_by_all, served_index
+from tests.wheels import make_wheel
 
 
 def _files(root: Path) -> list[Path]:
@@ -106,6 +107,28 @@ def test_the_access_trace_names_the_bytecode_a_jobs_start_reads(local: Env) -> N
     assert len(stdlib) > 10, read  # the interpreter's start-up modules are among them
     assert any(rel.endswith(".pth") for rel in read), read
     assert not read - trace, sorted(read - trace)
+
+
+def test_the_access_trace_names_an_extension_module_where_the_import_loads_it(
+    local: Env, wheelhouse: Path
+) -> None:
+    """A library an import loads comes in the trace where it was needed, before the modules
+    imported after it (not after the whole package: a fresh node fetched it last)."""
+    make_wheel(
+        wheelhouse,
+        "ext-order",
+        "1.0",
+        modules={
+            "ext_order/__init__.py": "import cmath\nfrom . import after\n",
+            "ext_order/after.py": "X = 1\n",
+        },
+    )
+    local.run("build", "wf/x", "ext-order==1.0", "--python", PY)
+    snap = local.store / "snapshots" / local.show("wf/x")["snapshot_id"]
+    trace = json.loads((snap / ".envfs/trace.json").read_text())["files"]
+    (cmath,) = [rel for rel in trace if os.path.basename(rel).startswith("cmath.")]
+    after = "lib/python3.12/site-packages/ext_order/__pycache__/after.cpython-312.pyc"
+    assert cmath.endswith(".so") and trace.index(cmath) < trace.index(after), trace
 
 
 def test_snapshot_runs_is_read_only_and_names_no_builder_path(local: Env) -> None:

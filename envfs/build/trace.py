@@ -35,8 +35,10 @@ TRACE_MAX = 20_000
 # interpreter had read or mapped before the hook (the modules it had imported by then: the
 # bytecode it read for them, not their sources, which a job's start never opens; the
 # site-packages' .pth files, read at start), then each file opened (audit "open" events:
-# sources, bytecode, data) and mapped (shared libraries: /proc/self/maps) by the import of
-# each top-level module of those distributions.
+# sources, bytecode, data) and mapped (shared libraries: /proc/self/maps, read at the first
+# open after an extension module was loaded, so that a library comes where the import
+# needed it, not after the whole package) by the import of each top-level module of those
+# distributions.
 _SCRIPT = r"""
 import importlib, importlib.metadata as md, json, os, re, sys
 root, out, names = sys.argv[1], sys.argv[2], sys.argv[3:]
@@ -71,9 +73,19 @@ norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()
 want = {norm(n) for n in names}
 tops = sorted(m for m, dists in md.packages_distributions().items()
               if m.isidentifier() and any(norm(d) in want for d in dists))
+loaded, busy = [len(sys.modules)], [False]
 def hook(event, args):
-    if event == "open" and isinstance(args[0], (str, bytes)):
-        note(args[0])
+    if event != "open" or not isinstance(args[0], (str, bytes)) or busy[0]:
+        return
+    names = list(sys.modules)
+    fresh, loaded[0] = names[loaded[0]:], len(names)
+    if any(str(getattr(sys.modules.get(n), "__file__", "") or "").endswith(".so") for n in fresh):
+        busy[0] = True  # maps() opens a file too
+        try:
+            maps()  # an extension module loaded since: it and the libraries it mapped first
+        finally:
+            busy[0] = False
+    note(args[0])
 sys.addaudithook(hook)
 for top in tops:
     try:

@@ -78,34 +78,55 @@ def copy_traced(
     if trace is None:
         return 0
     packs = _packs(source, listing)
-    todo: list[tuple[bytes, ListingEntry]] = []
-    for rel in trace.files:
-        raw = os.fsencode(rel)
-        entry = _listed(listing, raw)
-        if entry is None or entry.type != "file" or entry.sha256 is None:
-            continue
-        if entry.size <= WHOLE_MAX:
-            todo.append((raw, entry))
+    todo = _in_order(trace.files, packs, listing)
 
     def unpack(pack: bytes, members: list[tuple[bytes, ListingEntry]]) -> None:
         _unpack(cache, pack, [entry for _rel, entry in members])
-        if tree is not None:
-            for rel, entry in members:
-                tree.link(rel, entry)
+        for rel, entry in members:  # one the pack did not give (damaged): its own file
+            fetch(rel, entry)
 
     def fetch(rel: bytes, entry: ListingEntry) -> None:
         cache.fetch(entry, source + b"/" + rel, dirs)
         if tree is not None:
             tree.link(rel, entry)
 
+    def copy(item: tuple[bytes, ListingEntry] | int) -> None:
+        if isinstance(item, int):
+            unpack(*packs[item])
+        else:
+            fetch(*item)
+
     dirs = StoreDirs()
     try:
         with ThreadPoolExecutor(PREFETCH_THREADS, thread_name_prefix="prefetch") as pool:
-            list(pool.map(lambda pack: unpack(*pack), packs))  # small files first
-            list(pool.map(lambda item: fetch(*item), todo))
+            list(pool.map(copy, todo))
     finally:
         dirs.close()
-    return len(todo)
+    return sum(len(packs[it][1]) if isinstance(it, int) else 1 for it in todo)
+
+
+def _in_order(
+    traced: list[str], packs: list[tuple[bytes, list[tuple[bytes, ListingEntry]]]], listing: Listing
+) -> list[tuple[bytes, ListingEntry] | int]:
+    """What to copy, in the order the job needs it: the traced files (up to `WHOLE_MAX`) in
+    trace order, each pack (by its index) where its first member comes."""
+    packed = {rel: i for i, (_path, members) in enumerate(packs) for rel, _entry in members}
+    todo: list[tuple[bytes, ListingEntry] | int] = []
+    queued: set[int] = set()
+    for rel in traced:
+        raw = os.fsencode(rel)
+        pack = packed.get(raw)
+        if pack is not None:
+            if pack not in queued:
+                queued.add(pack)
+                todo.append(pack)
+            continue
+        entry = _listed(listing, raw)
+        if entry is None or entry.type != "file" or entry.sha256 is None:
+            continue
+        if entry.size <= WHOLE_MAX:
+            todo.append((raw, entry))
+    return todo + [i for i in range(len(packs)) if i not in queued]
 
 
 def _listed(listing: Listing, rel: bytes) -> ListingEntry | None:

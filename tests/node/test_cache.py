@@ -625,3 +625,21 @@ def test_an_early_tree_holds_the_tree_and_links_what_the_node_has(tmp_path: Path
     assert not tree.link(b"lib/b.py", entry(lacked))  # once
     tree.remove()
     assert not root.exists()
+
+
+def test_the_prefetch_copies_in_the_order_the_job_needs() -> None:
+    """Traced files in trace order, each pack where its first member comes (not every pack
+    first: a library the job needs early waited behind packs it needs late)."""
+    from envfs.fs import prefetch
+
+    def entry(size: int) -> ListingEntry:
+        return ListingEntry("file", 0o100644, size, "0" * 64, None)
+
+    listing = {b"": {n: entry(10) for n in (b"a.so", b"b.so", b"p.py", b"q.py", b"r.py")}}
+    packs = [
+        (b"late.pack", [(b"r.py", entry(10))]),
+        (b"early.pack", [(b"p.py", entry(10)), (b"q.py", entry(10))]),
+        (b"untraced.pack", [(b"z.py", entry(10))]),
+    ]
+    order = prefetch._in_order(["a.so", "p.py", "b.so", "q.py", "r.py"], packs, listing)
+    assert order == [(b"a.so", entry(10)), 1, (b"b.so", entry(10)), 0, 2]
