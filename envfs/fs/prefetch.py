@@ -81,7 +81,11 @@ def copy_traced(
     todo = _in_order(trace.files, packs, listing)
 
     def unpack(pack: bytes, members: list[tuple[bytes, ListingEntry]]) -> None:
-        _unpack(cache, pack, [entry for _rel, entry in members])
+        def landed(i: int) -> None:
+            if tree is not None:
+                tree.link(*members[i])
+
+        _unpack(cache, pack, [entry for _rel, entry in members], landed)
         for rel, entry in members:  # one the pack did not give (damaged): its own file
             fetch(rel, entry)
 
@@ -152,10 +156,12 @@ def _packs(source: bytes, listing: Listing) -> list[tuple[bytes, list[tuple[byte
     return out
 
 
-def _unpack(cache: NodeCache, path: bytes, members: list[ListingEntry]) -> None:
+def _unpack(
+    cache: NodeCache, path: bytes, members: list[ListingEntry], landed: Callable[[int], None]
+) -> None:
     """One pack into the node cache; if it cannot be read, its files come one by one."""
     try:
-        cache.unpack(path, members)
+        cache.unpack(path, members, landed)
     except OSError as e:
         name = os.path.basename(os.fsdecode(path))
         log.warning("cannot read the pack %s (its files come one by one): %s", name, e)

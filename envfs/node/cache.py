@@ -170,16 +170,20 @@ class NodeCache:
         self.last_fetch = time.monotonic()
         return target
 
-    def unpack(self, pack: bytes, members: list[ListingEntry]) -> int:
+    def unpack(
+        self, pack: bytes, members: list[ListingEntry], landed: Callable[[int], None] | None = None
+    ) -> int:
         """Copy the contents of ``pack`` (a pack file in the store: its members' bytes back
         to back, given by their listing entries) that the node lacks into ``objects/``, in
-        large sequential reads; a member that does not match its sha256 is skipped (copied
-        from its own file when read). The number copied."""
+        one sequential read; a member that does not match its sha256 is skipped (copied
+        from its own file when read). ``landed`` is called with the index of each member
+        made an object, as it is (a job waits for the first members, not the whole pack).
+        The number copied."""
         if all(self._object(entry).exists() for entry in members):
             return 0
         copied = 0
-        with open(pack, "rb", buffering=_CHUNK * 8) as src:
-            for entry in members:
+        with open(pack, "rb", buffering=_CHUNK) as src:
+            for i, entry in enumerate(members):
                 data = src.read(entry.size)
                 if len(data) < entry.size:
                     log.warning("pack %s is short; its other files come one by one", pack)
@@ -188,6 +192,8 @@ class NodeCache:
                     copied += 1
                     self.fetched_files += 1
                     self.fetched_bytes += entry.size
+                    if landed is not None:
+                        landed(i)
         self.last_fetch = time.monotonic()
         return copied
 

@@ -643,3 +643,28 @@ def test_the_prefetch_copies_in_the_order_the_job_needs() -> None:
     ]
     order = prefetch._in_order(["a.so", "p.py", "b.so", "q.py", "r.py"], packs, listing)
     assert order == [(b"a.so", entry(10)), 1, (b"b.so", entry(10)), 0, 2]
+
+
+def test_a_packs_members_are_held_one_by_one_as_the_pack_is_read(tmp_path: Path) -> None:
+    """Each member is an object (and said to have landed) as soon as its bytes are read, in
+    pack order, not once the whole pack is: a job waits for the member it needs only. A
+    member that does not match its sha256 is skipped, the others still land."""
+
+    def entry(data: bytes) -> ListingEntry:
+        return ListingEntry("file", 0o100644, len(data), hashlib.sha256(data).hexdigest(), None)
+
+    datas = [os.urandom(300_000), b"tiny\n", os.urandom(2_000_000), b"last\n"]
+    members = [entry(d) for d in datas]
+    pack = tmp_path / "x.pack"
+    datas[1] = b"TINY\n"  # damaged in the pack
+    pack.write_bytes(b"".join(datas))
+    cache = NodeCache(tmp_path / "cache")
+    landed: list[tuple[int, bool]] = []
+
+    def note(i: int) -> None:
+        later_held = [cache.object_path(m) is not None for m in members[i + 1 :]]
+        landed.append((i, cache.object_path(members[i]) is not None and not any(later_held)))
+
+    assert cache.unpack(os.fsencode(pack), members, note) == 3
+    assert landed == [(0, True), (2, True), (3, True)]
+    assert cache.object_path(members[1]) is None
