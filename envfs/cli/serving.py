@@ -288,7 +288,7 @@ def status(as_json: bool) -> None:
         kernel = sum(e.kernel for e in m.envs)
         click.echo(f"  envs served: {len(m.envs)} ({kernel} by the kernel, the rest by FUSE)")
         for env in m.envs[:20]:
-            how = "kernel" if env.kernel else "fuse"
+            how = ("kernel, early" if env.early else "kernel") if env.kernel else "fuse"
             click.echo(f"    {env.path} -> {env.snapshot_id[:12]} ({how})")
         if len(m.envs) > 20:
             click.echo(f"    ... and {len(m.envs) - 20} more (--json lists all)")

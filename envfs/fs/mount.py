@@ -461,7 +461,10 @@ class Daemon(Following):
             started=datetime.fromtimestamp(self.started, UTC).isoformat(),
             envs=[
                 ServedEnv(
-                    path=v.path, snapshot_id=v.snapshot_id, kernel=v.path in self.kernel.served
+                    path=v.path,
+                    snapshot_id=v.snapshot_id,
+                    kernel=v.path in self.kernel.served,
+                    early=self.kernel.is_early(v.path),
                 )
                 for v in self.namespace.views()
             ],

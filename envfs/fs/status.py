@@ -10,6 +10,9 @@ class ServedEnv(Record):
     path: str  # below the mountpoint: wf/node, wf/node@rev or .snapshots/<id>
     snapshot_id: str
     kernel: bool = False  # a read-only bind mount serves it (envfs.fs.kernel), not FUSE
+    #: with kernel: an overlay of what a fresh node holds serves it, FUSE the rest, until
+    #: the node holds it whole (envfs.node.early)
+    early: bool = False
 
 
 class RunningBuild(Record):

@@ -527,6 +527,8 @@ def test_a_fresh_node_kernel_serves_the_files_it_holds_before_its_whole_copy(
     try:
         wait_for(lambda: _fstype(view) == "overlay", 15, "an overlay on the view")
         wait_for(lambda: "prefetched" in mounts[0].log(), 30, "the prefetch")
+        early = "(kernel, early)"
+        wait_for(lambda: early in env.run("status").stdout, 5, "the status saying so")
         site = "lib/python3.12/site-packages"
         mine = [rel for rel in traced if rel.startswith(f"{site}/extra_a/")]
         assert mine, traced
@@ -574,6 +576,8 @@ def test_a_fresh_nodes_whole_copy_replaces_its_early_overlay(
         wait_for(lambda: _copies(env) == 1, 60, "the whole copy")
         wait_for(lambda: _fstype(view) not in (None, "overlay"), 15, "a bind of the copy")
         assert [m.fstype for m in mount_table()].count("overlay") == 0  # detached, not stacked
+        wait_for(lambda: "wf/n@1 -> " in env.run("status").stdout, 5, "the status")
+        wait_for(lambda: "early" not in env.run("status").stdout, 5, "the status saying so")
         _finish(job)
         assert py(mnt, "wf/n", "import extra_a").returncode == 0
     finally:
