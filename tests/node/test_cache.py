@@ -21,7 +21,7 @@ from envfs.node.partial import CHUNK, PartialCopy
 from envfs.store.files import ListingEntry
 from envfs.store.formats import ManifestEntry
 from envfs.store.layout import Store
-from tests.conftest import PY, Env, make_env, seed_store
+from tests.conftest import PY, Env, make_env, reachable_by_all, seed_store
 from tests.node.test_nodes import wait_for
 from tests.test_e2e import Mount, py
 from tests.test_nas_sim import NasSim
@@ -549,6 +549,12 @@ def test_a_fresh_node_kernel_serves_the_files_it_holds_before_its_whole_copy(
         assert (view / record).read_bytes() == (snap / record).read_bytes()
         wait_for(lambda: opens() > before, 5, "FUSE opening the file the node lacks")
         assert py(mnt, "wf/n", "import extra_a").returncode == 0
+        if os.geteuid() == 0:  # and as nobody (the tree's directory on the node is root's)
+            nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+            run = [*nobody, str(mnt / "wf/n/bin/python"), "-c", "import extra_a"]
+            with reachable_by_all(mnt):
+                out = subprocess.run(run, capture_output=True, text=True, timeout=60)
+            assert out.returncode == 0, out.stderr
         _finish(job)
     finally:
         if job.poll() is None:
