@@ -82,8 +82,13 @@ class EarlyTree:
         return True
 
     def remove(self) -> None:
-        """Remove the tree (only once no overlay uses it)."""
-        remove_tree(self.path)
+        """Remove the tree (only once no overlay uses it); what cannot be removed now goes
+        at the next start (`NodeCache`)."""
+        try:
+            remove_tree(self.path)
+        except OSError as e:
+            log.warning("cannot remove the early tree %s (removed at the next start): %s",
+                        self.path.name, e)  # fmt: skip
 
 
 def _meta(rel: bytes, meta: bytes) -> bool:
