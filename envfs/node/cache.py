@@ -374,7 +374,16 @@ class NodeCache:
 
     def _object(self, entry: ListingEntry) -> Path:
         assert entry.sha256 is not None
-        return self.objects / entry.sha256[:2] / f"{entry.sha256}.{stat.S_IMODE(entry.mode):o}"
+        return self.objects / entry.sha256[:2] / object_name(entry)
+
+    def held(self) -> set[str]:
+        """The names (``<sha256>.<mode>``) of the contents the node holds now: one listing
+        per ``objects/`` directory, not a stat per file of a tree."""
+        names: set[str] = set()
+        for sub in os.listdir(self.objects):
+            with contextlib.suppress(NotADirectoryError, FileNotFoundError):
+                names.update(n for n in os.listdir(self.objects / sub) if not n.startswith("."))
+        return names
 
     def _copy_dir(
         self, source: Path, rel: bytes, entries: list[tuple[bytes, ListingEntry]], patient: float
@@ -516,6 +525,11 @@ class _Throttle:
             self._next = start + size / self.rate
         if start > now:
             time.sleep(start - now)
+
+
+def object_name(entry: ListingEntry) -> str:
+    """The name of a file's content in ``objects/`` (one per content and mode)."""
+    return f"{entry.sha256}.{stat.S_IMODE(entry.mode):o}"
 
 
 def _alive(pid: int) -> bool:

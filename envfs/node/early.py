@@ -26,7 +26,7 @@ import stat
 import uuid
 from pathlib import Path
 
-from envfs.node.cache import NodeCache
+from envfs.node.cache import NodeCache, object_name
 from envfs.store.files import META, Listing, ListingEntry, remove_tree
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ class EarlyTree:
         root = os.fsencode(path)
         tree = cls(cache, snapshot_id, path)
         meta = META.encode()
+        held = cache.held()
         try:
             os.mkdir(root, 0o755)
             for rel in sorted(rel for rel in listing if rel and not _meta(rel, meta)):
@@ -61,7 +62,7 @@ class EarlyTree:
                         continue
                     if entry.type == "symlink" and entry.target is not None:
                         os.symlink(entry.target, os.path.join(root, rel, name))
-                    elif entry.type == "file":
+                    elif entry.type == "file" and object_name(entry) in held:
                         tree.link(os.path.join(rel, name), entry)
         except BaseException:
             remove_tree(path)
