@@ -678,3 +678,20 @@ def test_a_packs_members_are_held_one_by_one_as_the_pack_is_read(tmp_path: Path)
     assert cache.unpack(os.fsencode(pack), members, note) == 3
     assert landed == [(0, True), (2, True), (3, True)]
     assert cache.object_path(members[1]) is None
+
+
+def test_the_node_reads_a_nas_file_in_long_requests(
+    nas_node: tuple[Env, NasSim, list[Mount]], tmp_path: Path
+) -> None:
+    """A copy tells the NAS client it reads the file straight through (fadvise SEQUENTIAL:
+    its read-ahead doubles), so the same bytes cost half the read requests."""
+    _env, nas, _mounts = nas_node
+    data = os.urandom(6 << 20)  # copied whole (under PARTIAL_MIN), as a pack is read
+    (tmp_path / "backing/blob").write_bytes(data)
+    entry = ListingEntry("file", 0o100644, len(data), hashlib.sha256(data).hexdigest(), None)
+    cache = NodeCache(tmp_path / "node-cache")
+    before = nas.counts().get("read", 0)
+    held = cache.fetch(entry, os.fsencode(tmp_path / "nas/blob"))
+    reads = nas.counts().get("read", 0) - before
+    assert held.read_bytes() == data
+    assert reads <= len(data) // (256 << 10) + 4, reads  # 128 KB requests: 48
