@@ -699,3 +699,29 @@ def test_the_node_reads_a_nas_file_in_long_requests(
     assert held.read_bytes() == data
     assert reads <= len(data) // (256 << 10) + 4, reads  # 128 KB requests: 48
     assert looks <= 2, looks  # 1 MB at a time: 6
+
+
+def test_a_killed_daemons_early_overlay_and_tree_are_cleaned_by_the_next_one(
+    nas_node: tuple[Env, NasSim, list[Mount]], tmp_path: Path
+) -> None:
+    """SIGKILL leaves the early overlay on the dead mount and its tree in the node cache:
+    the next daemon on that mountpoint and cache removes both and serves the env again."""
+    env, _nas, mounts = nas_node
+    env.run("build", "wf/n", "extra-a==1.0", "--python", PY)
+    mnt = tmp_path / "envs"
+    mounts.append(Mount(env, mnt, "--fill-rate", "off"))
+    view = mnt / "wf/n@1"
+    assert py(mnt, "wf/n", "import extra_a").returncode == 0
+    wait_for(lambda: _fstype(view) == "overlay", 15, "an overlay on the view")
+    early = env.index / "cache/early"
+    (tree,) = os.listdir(early)
+    mounts[0].proc.send_signal(signal.SIGKILL)
+    mounts[0].proc.wait(timeout=10)
+    mounts[0].killed = True
+    assert view in mounts_under(mnt)  # left behind, on a dead FUSE mount
+    (env.index / "served.json").unlink(missing_ok=True)  # no preload: the old mounts only
+    mounts.append(Mount(env, mnt, "--fill-rate", "off"))
+    assert mounts_under(mnt) == []
+    assert tree not in os.listdir(early)
+    assert py(mnt, "wf/n", "import extra_a").returncode == 0
+    wait_for(lambda: _fstype(view) == "overlay", 15, "a new early overlay")
