@@ -63,9 +63,10 @@ _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 #: Files at least this big come in piece by piece, a read waiting only for its pieces
 #: (`envfs.node.partial`); smaller ones are copied whole on their first read.
 PARTIAL_MIN = 8 << 20
-#: A pack is read this much at a time: its first members land early, and each read costs
-#: the NAS client a look at the file's attributes (a client that caches none: a round trip).
-_PACK_READ = 4 << 20
+#: A store file (or pack) is read this much at a time: each read call costs a NAS client
+#: that caches no attributes a round trip for them, and a pack's first members land early;
+#: 16 threads copying hold at most 64 MB this way.
+_READ = 4 << 20
 #: Seconds without a job opening or reading in a file of an env not copied whole before
 #: whole copies run: the job's own reads have the NAS first.
 QUIET = 2.0
@@ -184,7 +185,7 @@ class NodeCache:
         if all(self._object(entry).exists() for entry in members):
             return 0
         copied = 0
-        with open(pack, "rb", buffering=_PACK_READ) as src:
+        with open(pack, "rb", buffering=_READ) as src:
             os.posix_fadvise(src.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)  # see _copy_file
             for i, entry in enumerate(members):
                 data = src.read(entry.size)
@@ -416,7 +417,7 @@ class NodeCache:
         src = os.open(name, _FILE_FLAGS, dir_fd=dfd)
         # read straight through: the NAS client doubles its read-ahead, the same bytes
         # come in half the requests (nas-sim, like FUSE: 256 KB instead of 128 KB); and in
-        # one read: each read costs a client that caches no attributes a round trip
+        # long read calls (`_READ`)
         os.posix_fadvise(src, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         try:
             digest = _copy_bytes(src, tmp, entry.size)
@@ -483,7 +484,7 @@ def _copy_bytes(src: int, dest: Path, size: int) -> str:
         digest = hashlib.sha256()
         done = 0
         while done < size:
-            chunk = os.read(src, min(PARTIAL_MIN, size - done))  # one read: see _copy_file
+            chunk = os.read(src, min(_READ, size - done))
             if not chunk:
                 break
             digest.update(chunk)
