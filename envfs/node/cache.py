@@ -46,6 +46,7 @@ from envfs.store.files import (
     Listing,
     ListingEntry,
     make_read_only,
+    pid_start_time,
     private_dir,
     read_listing,
     remove_tree,
@@ -110,7 +111,7 @@ class NodeCache:
             remove_tree(self.staging / leftover)
         for tree in os.listdir(self.early):  # early trees of daemons gone (killed)
             owner = tree.split(".")[1] if tree.count(".") == 2 else ""
-            if not (owner.isdigit() and _alive(int(owner))):
+            if not (owner.isdigit() and pid_start_time(int(owner))):
                 remove_tree(self.early / tree)
 
     def path(self, snapshot_id: str) -> Path | None:
@@ -373,7 +374,7 @@ class NodeCache:
         for rel, name, entry in files:
             os.link(self._object(entry), os.path.join(root, rel, name))
         for rel in dirs:  # directory modes as in the store (writable until make_read_only)
-            os.chmod(os.path.join(root, rel), _dir_mode(listing, rel) | 0o200)
+            os.chmod(os.path.join(root, rel), dir_mode(listing, rel) | 0o200)
         return len(missing)
 
     def _object(self, entry: ListingEntry) -> Path:
@@ -540,17 +541,8 @@ def object_name(entry: ListingEntry) -> str:
     return f"{entry.sha256}.{stat.S_IMODE(entry.mode):o}"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _dir_mode(listing: Listing, rel: bytes) -> int:
+def dir_mode(listing: Listing, rel: bytes) -> int:
+    """A directory's permission bits as the snapshot has them."""
     parent, _, name = rel.rpartition(b"/")
     entry = listing.get(parent, {}).get(name)
     return stat.S_IMODE(entry.mode) if entry is not None else 0o555

@@ -22,11 +22,10 @@ from __future__ import annotations
 
 import logging
 import os
-import stat
 import uuid
 from pathlib import Path
 
-from envfs.node.cache import NodeCache, object_name
+from envfs.node.cache import NodeCache, dir_mode, object_name
 from envfs.store.files import META, Listing, ListingEntry, remove_tree
 
 log = logging.getLogger(__name__)
@@ -53,7 +52,7 @@ class EarlyTree:
         try:
             os.mkdir(root, 0o755)
             for rel in sorted(rel for rel in listing if rel and not _meta(rel, meta)):
-                os.mkdir(os.path.join(root, rel), _dir_mode(listing, rel))
+                os.mkdir(os.path.join(root, rel), dir_mode(listing, rel) & ~0o222)
             for rel, entries in listing.items():
                 if _meta(rel, meta):
                     continue  # FUSE views hide the snapshot's .envfs
@@ -94,11 +93,3 @@ class EarlyTree:
 
 def _meta(rel: bytes, meta: bytes) -> bool:
     return rel == meta or rel.startswith(meta + b"/")
-
-
-def _dir_mode(listing: Listing, rel: bytes) -> int:
-    """A directory's mode as the snapshot has it, never writable (mkdir's mode is masked by
-    the umask: chmod'ed after)."""
-    parent, _, name = rel.rpartition(b"/")
-    entry = listing.get(parent, {}).get(name)
-    return (stat.S_IMODE(entry.mode) if entry is not None else 0o555) & ~0o222
