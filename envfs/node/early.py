@@ -50,9 +50,11 @@ class EarlyTree:
         meta = META.encode()
         held = cache.held()
         try:
-            os.mkdir(root, 0o755)
+            os.mkdir(root)
+            os.chmod(root, 0o555)  # modes as the snapshot's, whatever the daemon's umask
             for rel in sorted(rel for rel in listing if rel and not _meta(rel, meta)):
-                os.mkdir(os.path.join(root, rel), dir_mode(listing, rel) & ~0o222)
+                os.mkdir(os.path.join(root, rel))
+                os.chmod(os.path.join(root, rel), dir_mode(listing, rel) & ~0o222)
             for rel, entries in listing.items():
                 if _meta(rel, meta):
                     continue  # FUSE views hide the snapshot's .envfs

@@ -621,13 +621,19 @@ def test_an_early_tree_holds_the_tree_and_links_what_the_node_has(tmp_path: Path
     (store / "a.py").write_bytes(held)
     (store / "b.py").write_bytes(lacked)
     cache.fetch(entry(held), os.fsencode(store / "a.py"))
-    tree = EarlyTree.make(cache, "s" * 64, listing)
+    umask = os.umask(0o077)  # a daemon's umask does not reach the modes users see
+    try:
+        tree = EarlyTree.make(cache, "s" * 64, listing)
+    finally:
+        os.umask(umask)
     root = tree.path
     assert (root / "lib/a.py").read_bytes() == held and tree.linked == 1
     assert os.stat(root / "lib/a.py").st_ino == os.stat(cache.object_path(entry(held)) or "").st_ino
     assert not (root / "lib/b.py").exists()
     assert os.readlink(root / "lib64") == "lib"
     assert os.stat(root / "lib/sub").st_mode & 0o7777 == 0o500  # never writable
+    assert os.stat(root / "lib").st_mode & 0o7777 == 0o555
+    assert os.stat(root).st_mode & 0o7777 == 0o555
     assert not (root / ".envfs").exists()  # FUSE views hide it
     assert not tree.link(b"lib/b.py", entry(lacked))  # the node lacks it still
     cache.fetch(entry(lacked), os.fsencode(store / "b.py"))
