@@ -47,6 +47,7 @@ class KernelViews:
         self.trees: dict[str, EarlyTree] = {}  # snapshot id -> its early tree (fresh node)
         self._early: set[str] = set()  # served views that are overlays of an early tree
         self._failed: set[str] = set()
+        self._no_overlay: set[str] = set()  # views an overlay could not be mounted on
         self._pending: set[str] = set()  # views being mounted (in worker threads)
         self._entered: dict[str, float] = {}  # view a process was in -> when to look again
 
@@ -60,7 +61,8 @@ class KernelViews:
         for view, source, ino in self.namespace.kernel_candidates():
             path = view.path
             copied = self.cache is None or self._in_cache(source)
-            tree = None if copied else self.trees.get(view.snapshot_id)
+            early = not copied and path not in self._no_overlay
+            tree = self.trees.get(view.snapshot_id) if early else None
             if not copied and tree is None:
                 continue  # the kernel serves the node's copy, once it is made
             if not self._wanted(path, tree) or path in self._failed:
@@ -119,7 +121,7 @@ class KernelViews:
         except OSError as e:
             if tree is not None:  # FUSE serves it until the whole copy is in, as before
                 log.warning("no early overlay for %s: %s", view.path, e)
-                self.trees.pop(view.snapshot_id, None)
+                self._no_overlay.add(view.path)
             elif e.errno in (errno.EPERM, errno.EACCES):
                 if self.enabled:
                     log.warning("no kernel mounts (%s): FUSE serves every view", e.strerror)

@@ -731,3 +731,22 @@ def test_a_killed_daemons_early_overlay_and_tree_are_cleaned_by_the_next_one(
     assert tree not in os.listdir(early)
     assert py(mnt, "wf/n", "import extra_a").returncode == 0
     wait_for(lambda: _fstype(view) == "overlay", 15, "a new early overlay")
+
+
+def test_a_view_no_overlay_can_be_mounted_on_is_served_by_fuse_and_its_tree_still_goes(
+    nas_node: tuple[Env, NasSim, list[Mount]], tmp_path: Path
+) -> None:
+    """overlayfs cannot be given a layer path with ':' in it: the view is served by FUSE
+    until the whole copy is in, as before early overlays, and the tree made for it is
+    removed with the rest when the daemon stops."""
+    env, _nas, mounts = nas_node
+    env.run("build", "wf/n", "extra-a==1.0", "--python", PY)
+    mnt = tmp_path / "en:vs"
+    mounts.append(Mount(env, mnt, "--fill-rate", "off"))
+    assert py(mnt, "wf/n", "import extra_a").returncode == 0
+    wait_for(lambda: "no early overlay for wf/n@1" in mounts[0].log(), 15, "the refusal")
+    assert _fstype(mnt / "wf/n@1") is None
+    assert py(mnt, "wf/n", "import extra_a").returncode == 0
+    assert os.listdir(env.index / "cache/early")
+    mounts[0].stop()
+    assert not os.listdir(env.index / "cache/early")
