@@ -81,13 +81,17 @@ def copy_traced(
     todo = _in_order(trace.files, packs, listing)
 
     def unpack(pack: bytes, members: list[tuple[bytes, ListingEntry]]) -> None:
+        done: set[int] = set()
+
         def landed(i: int) -> None:
+            done.add(i)
             if tree is not None:
                 tree.link(*members[i])
 
         _unpack(cache, pack, [entry for _rel, entry in members], landed)
-        for rel, entry in members:  # one the pack did not give (damaged): its own file
-            fetch(rel, entry)
+        for i, (rel, entry) in enumerate(members):  # held before, or not given (damaged)
+            if i not in done:
+                fetch(rel, entry)
 
     def fetch(rel: bytes, entry: ListingEntry) -> None:
         cache.fetch(entry, source + b"/" + rel, dirs)
