@@ -109,6 +109,33 @@ def test_the_access_trace_names_the_bytecode_a_jobs_start_reads(local: Env) -> N
     assert not read - trace, sorted(read - trace)
 
 
+def test_the_access_trace_notes_the_loaded_head_of_libraries_with_debug_sections(
+    local: Env,
+) -> None:
+    """Of a traced library whose debug sections and symbol tables (never read to run it)
+    are big, the trace notes how many bytes its loader maps: the end of its last PT_LOAD
+    segment, as pyelftools reads it (libpython: ~7 of 30 MB)."""
+    from elftools.elf.elffile import ELFFile
+
+    from envfs.build.trace import HEAD_SPARES
+
+    local.run("build", "wf/t", "extra-a==1.0", "--python", PY)
+    snap = local.store / "snapshots" / local.show("wf/t")["snapshot_id"]
+    trace = json.loads((snap / ".envfs/trace.json").read_text())
+    want = {}
+    for rel in trace["files"]:
+        with open(snap / rel, "rb") as f:
+            if f.read(4) != b"\x7fELF":
+                continue
+            f.seek(0)
+            loads = [s for s in ELFFile(f).iter_segments() if s["p_type"] == "PT_LOAD"]
+            end = max(s["p_offset"] + s["p_filesz"] for s in loads)
+        if (snap / rel).stat().st_size - end >= HEAD_SPARES:
+            want[rel] = end
+    assert any(os.path.basename(rel).startswith("libpython") for rel in want), want
+    assert trace["heads"] == want
+
+
 def test_the_access_trace_names_an_extension_module_where_the_import_loads_it(
     local: Env, wheelhouse: Path
 ) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 import tomlkit
 
 from envfs.build import sandbox
+from envfs.build.relocate import loaded_extent
 from envfs.build.uv import BuildLog, uv_binary
 from envfs.core.errors import EnvfsError
 from envfs.store.files import META
@@ -29,6 +30,8 @@ from envfs.store.formats import AccessTrace
 TRACE_TIMEOUT = 120.0
 #: Most files a trace names (the rest are read on demand).
 TRACE_MAX = 20_000
+#: A traced library's head is noted when what follows it (debug sections) is this big.
+HEAD_SPARES = 1 << 20
 
 # Run by the env's own Python: argv[1] the env root, argv[2] the output, argv[3:] the
 # distributions to import. Records, in order, every file under the root that the
@@ -135,7 +138,21 @@ def record_trace(python: str, staged: Path, names: list[str], log: BuildLog) -> 
     if not isinstance(files, list) or not files:
         log.step("access trace: skipped (the import recorded nothing)")
         return None
-    trace = AccessTrace(files=[str(f) for f in files if not str(f).startswith(META)][:TRACE_MAX])
+    traced = [str(f) for f in files if not str(f).startswith(META)][:TRACE_MAX]
+    trace = AccessTrace(files=traced, heads=_heads(staged, traced))
     (staged / META / "trace.json").write_text(trace.model_dump_json())
     log.step(f"access trace: {len(trace.files)} files")
     return trace
+
+
+def _heads(staged: Path, files: list[str]) -> dict[str, int]:
+    """The traced shared libraries and executables a job reads only the start of: the bytes
+    their loader maps, where what follows is `HEAD_SPARES` or more (libpython with its debug
+    sections: 6.7 of 29 MB)."""
+    heads = {}
+    for rel in files:
+        path = staged / rel
+        end = loaded_extent(path)
+        if end is not None and path.stat().st_size - end >= HEAD_SPARES:
+            heads[rel] = end
+    return heads

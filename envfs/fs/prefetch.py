@@ -22,8 +22,9 @@ import trio
 
 from envfs.core.errors import EnvfsError
 from envfs.fs.vfs import Namespace
-from envfs.node.cache import NodeCache, StoreDirs
+from envfs.node.cache import PARTIAL_MIN, NodeCache, StoreDirs
 from envfs.node.early import EarlyTree
+from envfs.node.partial import CHUNK
 from envfs.store.files import Listing, ListingEntry, pack_file, read_packs, read_trace
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ def copy_traced(
         return 0
     packs = _packs(source, listing)
     todo = _in_order(trace.files, packs, listing)
+    heads = _heads(trace.heads, listing)
 
     def unpack(pack: bytes, members: list[tuple[bytes, ListingEntry]]) -> None:
         done: set[int] = set()
@@ -94,6 +96,10 @@ def copy_traced(
                 fetch(rel, entry)
 
     def fetch(rel: bytes, entry: ListingEntry) -> None:
+        head = heads.get(rel)
+        if head is not None:  # the rest later (it is linked once whole: served by FUSE till then)
+            cache.fetch_head(entry, source + b"/" + rel, head, dirs)
+            return
         cache.fetch(entry, source + b"/" + rel, dirs)
         if tree is not None:
             tree.link(rel, entry)
@@ -135,6 +141,21 @@ def _in_order(
         if entry.size <= WHOLE_MAX:
             todo.append((raw, entry))
     return todo + [i for i in range(len(packs)) if i not in queued]
+
+
+def _heads(traced: dict[str, int], listing: Listing) -> dict[bytes, int]:
+    """The big traced files (`PARTIAL_MIN`) a job reads the start of only, where that
+    start spares whole pieces (`CHUNK`) of the copy: libpython's loaded segments, 2 of its
+    8 pieces. How many bytes of each to copy ahead; the rest comes with the whole copy."""
+    heads = {}
+    for rel, end in traced.items():
+        raw = os.fsencode(rel)
+        entry = _listed(listing, raw)
+        if entry is None or entry.type != "file" or entry.size < PARTIAL_MIN:
+            continue
+        if -(-end // CHUNK) < -(-entry.size // CHUNK):
+            heads[raw] = end
+    return heads
 
 
 def _listed(listing: Listing, rel: bytes) -> ListingEntry | None:

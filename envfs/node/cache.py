@@ -147,13 +147,7 @@ class NodeCache:
         if target.exists():
             return target
         if entry.size >= PARTIAL_MIN:
-            dirname, _, name = source.rpartition(b"/")
-
-            def opener() -> int:
-                dfd = dirs.fd(dirname) if dirs is not None else None
-                return os.open(name if dfd is not None else source, _FILE_FLAGS, dir_fd=dfd)
-
-            return self._complete(entry, opener, source, counted=True)
+            return self._complete(entry, _opener(source, dirs), source, counted=True)
         with self._fetch_lock:
             lock = self._fetching.setdefault(target.name, threading.Lock())
         with lock:
@@ -173,6 +167,23 @@ class NodeCache:
             self._fetching.pop(target.name, None)
         self.last_fetch = time.monotonic()
         return target
+
+    def fetch_head(
+        self, entry: ListingEntry, source: bytes, end: int, dirs: StoreDirs | None = None
+    ) -> None:
+        """The pieces of the first ``end`` bytes of a big file (`PARTIAL_MIN`), copied now
+        from ``source`` if the node lacks them, ahead of a job's reads of them (a library's
+        loaded segments, not its debug sections); the rest comes with the whole copy or
+        when read. `CacheDamage` as for `fetch`."""
+        copy = self._partial(entry, _opener(source, dirs))
+        if copy is None:
+            return
+        with self._refusing(entry, copy, source):
+            copy.fetch(end)
+            if copy.whole():
+                copy.finish()
+                self._settle(entry, copy, counted=True)
+        self.last_fetch = time.monotonic()
 
     def unpack(
         self, pack: bytes, members: list[ListingEntry], landed: Callable[[int], None] | None = None
@@ -534,6 +545,17 @@ class _Throttle:
             self._next = start + size / self.rate
         if start > now:
             time.sleep(start - now)
+
+
+def _opener(source: bytes, dirs: StoreDirs | None) -> Callable[[], int]:
+    """Opens the store file ``source`` (through ``dirs``' descriptor of its directory)."""
+    dirname, _, name = source.rpartition(b"/")
+
+    def opener() -> int:
+        dfd = dirs.fd(dirname) if dirs is not None else None
+        return os.open(name if dfd is not None else source, _FILE_FLAGS, dir_fd=dfd)
+
+    return opener
 
 
 def object_name(entry: ListingEntry) -> str:

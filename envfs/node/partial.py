@@ -80,10 +80,15 @@ class PartialCopy:
             return self._missing == 0
 
     def complete(self) -> Path:
-        """Fetch every piece not here yet (`PARTS` at a time), then `finish`."""
-        with ThreadPoolExecutor(PARTS, thread_name_prefix="cache-piece") as pool:
-            list(pool.map(self._piece, range(len(self._present))))
+        """Fetch every piece not here yet, then `finish`."""
+        self.fetch(self.size)
         return self.finish()
+
+    def fetch(self, end: int) -> None:
+        """Fetch the pieces of the first ``end`` bytes not here yet (`PARTS` at a time)."""
+        count = -(-min(end, self.size) // CHUNK)
+        with ThreadPoolExecutor(PARTS, thread_name_prefix="cache-piece") as pool:
+            list(pool.map(self._piece, range(count)))
 
     def finish(self) -> Path:
         """Check the whole copy against its sha256 and put it in place (once). The hash is

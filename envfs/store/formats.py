@@ -124,6 +124,9 @@ class AccessTrace(Record):
     the env's direct requirements read, in the order it read them (`envfs.build.trace`)."""
 
     files: list[str]
+    #: of the traced files a first import reads only the start of (a shared library: its
+    #: loaded segments, not the debug sections and symbol tables after them), how many bytes
+    heads: dict[str, int] = {}
 
 
 class PackMember(Record):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from envfs.fs.kernel import mount_table, mounts_under
-from envfs.node.cache import CacheDamage, NodeCache
+from envfs.node.cache import PARTIAL_MIN, CacheDamage, NodeCache
 from envfs.node.partial import CHUNK, PartialCopy
 from envfs.store.files import ListingEntry
 from envfs.store.formats import ManifestEntry
@@ -48,6 +48,14 @@ def _copies(env: Env) -> int:
     cache = _status(env)["cache"]
     assert isinstance(cache, dict)
     return int(cache["node_cache_copies"])
+
+
+def _ahead(snap: Path) -> tuple[list[str], set[str]]:
+    """The files a fresh node copies whole ahead of a job (the trace's, but for big
+    libraries of which it notes a head), and those big libraries (their head only)."""
+    trace = json.loads((snap / ".envfs/trace.json").read_text())
+    heads = {rel for rel in trace["heads"] if (snap / rel).stat().st_size >= PARTIAL_MIN}
+    return [rel for rel in trace["files"] if rel not in heads], heads
 
 
 @pytest.fixture
@@ -159,8 +167,9 @@ def test_a_fresh_node_copies_what_the_build_traced_as_soon_as_the_env_is_first_u
     env.run("build", "wf/n", "extra-a==1.0", "--python", PY)
     sid = env.show("wf/n")["snapshot_id"]
     snap = tmp_path / "backing/store/snapshots" / sid
-    traced = json.loads((snap / ".envfs/trace.json").read_text())["files"]
+    traced, heads = _ahead(snap)
     assert len({os.path.dirname(rel) for rel in traced}) > 3
+    assert heads  # libpython: its head only, the rest with the whole copy (off here)
     manifest = {e.path: e for e in Store(env.store).read_manifest(sid).files}
     mnt = tmp_path / "envs"
     mounts.append(Mount(env, mnt, "--no-kernel-mounts", "--fill-rate", "off"))
@@ -173,6 +182,8 @@ def test_a_fresh_node_copies_what_the_build_traced_as_soon_as_the_env_is_first_u
     opened = nas.counts().get("opendir", 0)
     os.stat(mnt / "wf/n/bin")  # a first look: nothing read yet
     wait_for(lambda: all(cached(rel) for rel in traced), 30, "the traced files on the node")
+    wait_for(lambda: "prefetched" in mounts[0].log(), 30, "the prefetch's end")
+    assert not any(cached(rel) for rel in heads)
     # files copied relative to their directories, which are never opened on the NAS
     assert nas.counts().get("opendir", 0) == opened
     assert not cached("lib/python3.12/site-packages/extra_a-1.0.dist-info/RECORD")
@@ -200,7 +211,7 @@ def test_a_fresh_node_reads_the_small_traced_files_as_packs_shared_by_envs(
     a, b = (snaps / s / f".envfs/packs/{one}.pack" for s in (sid, other))
     assert os.stat(a).st_ino == os.stat(b).st_ino  # one inode (a pool object)
     assert hashlib.sha256(a.read_bytes()).hexdigest() == one
-    traced = json.loads((snaps / sid / ".envfs/trace.json").read_text())["files"]
+    traced, heads = _ahead(snaps / sid)
     packed = {m["path"] for p in packs for m in p["members"]}
     manifest = {e.path: e for e in Store(env.store).read_manifest(sid).files}
     mnt = tmp_path / "envs"
@@ -211,8 +222,9 @@ def test_a_fresh_node_reads_the_small_traced_files_as_packs_shared_by_envs(
     wait_for(lambda: all(_held(objects, manifest[rel]) for rel in traced), 30, "traced files")
     files_opened = nas.counts().get("open", 0) - opens
     assert len(packed) > len(packs) + 10  # (packs hold many files each)
-    # each file not packed, each pack, and the manifest, trace and pack index
-    assert files_opened <= len(traced) - len(packed) + len(packs) + 3, (files_opened, len(traced))
+    # each file not packed, each pack, each library's head, and the manifest, trace and index
+    most = len(traced) - len(packed) + len(packs) + len(heads) + 3
+    assert files_opened <= most, (files_opened, len(traced))
     assert py(mnt, "wf/n", "import extra_a").returncode == 0
 
 
@@ -237,7 +249,7 @@ def test_a_damaged_pack_is_named_by_verify_and_its_files_come_one_by_one(
     mnt = tmp_path / "envs"
     mounts.append(Mount(env, mnt, "--no-kernel-mounts", "--fill-rate", "off"))
     objects = env.index / "cache" / "objects"
-    traced = json.loads((snap / ".envfs/trace.json").read_text())["files"]
+    traced, _ = _ahead(snap)
     os.stat(mnt / "wf/n/bin")  # a first look: the prefetch
     wait_for(lambda: "prefetched" in mounts[0].log(), 30, "the prefetch")
     assert "does not match its manifest" in mounts[0].log()  # the damaged member, skipped
@@ -484,6 +496,36 @@ def test_the_prefetch_leaves_huge_traced_files_to_be_read_by_the_piece(
     assert prefetch.copy_traced(cache, os.fsencode(snap), listing) == 1
     assert cache.object_path(entry(small)) is not None
     assert cache.object_path(entry(huge)) is None
+
+
+def test_the_prefetch_copies_the_loaded_head_of_a_big_library_and_the_rest_later(
+    tmp_path: Path,
+) -> None:
+    """A traced big library whose head the trace notes (its debug sections are never read):
+    only the pieces of that head are copied ahead of the job, served from the node after;
+    the whole copy fetches the rest and checks the whole."""
+    import hashlib
+
+    from envfs.fs import prefetch
+
+    snap = tmp_path / "snap"
+    (snap / ".envfs").mkdir(parents=True)
+    lib = os.urandom(3 * CHUNK)
+    (snap / "libbig.so").write_bytes(lib)
+    trace = {"files": ["libbig.so"], "heads": {"libbig.so": CHUNK + 100}}
+    (snap / ".envfs/trace.json").write_text(json.dumps(trace))
+    entry = ListingEntry("file", 0o100755, len(lib), hashlib.sha256(lib).hexdigest(), None)
+    cache = NodeCache(tmp_path / "cache")
+    source = os.fsencode(snap / "libbig.so")
+    assert prefetch.copy_traced(cache, os.fsencode(snap), {b"": {b"libbig.so": entry}}) == 1
+    assert cache.object_path(entry) is None  # not whole: two of its three pieces are here
+    (staged,) = cache.staging.iterdir()
+    assert 2 * CHUNK - 4096 <= staged.stat().st_blocks * 512 <= 2 * CHUNK, staged.stat()
+    (snap / "libbig.so").write_bytes(bytes(len(lib)))  # in place: the head is read from the node
+    assert cache.read_range(entry, source, CHUNK + 50, 100) == lib[CHUNK + 50 : CHUNK + 150]
+    (snap / "libbig.so").write_bytes(lib)
+    held = cache.fetch(entry, source)
+    assert held.read_bytes() == lib and cache.object_path(entry) == held
 
 
 def _fstype(path: Path) -> str | None:
