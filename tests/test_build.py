@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -109,31 +111,52 @@ def test_the_access_trace_names_the_bytecode_a_jobs_start_reads(local: Env) -> N
     assert not read - trace, sorted(read - trace)
 
 
-def test_the_access_trace_notes_the_loaded_head_of_libraries_with_debug_sections(
+def test_the_access_trace_begins_with_what_the_interpreters_start_reads(local: Env) -> None:
+    """A job first needs its executable, libpython and its start's bytecode (encodings):
+    the trace names them first, before the modules the tracer imported for itself (json)
+    and their extension modules; and no frozen module's source, which nothing reads."""
+    local.run("build", "wf/t", "extra-a==1.0", "--python", PY)
+    snap = local.store / "snapshots" / local.show("wf/t")["snapshot_id"]
+    trace = json.loads((snap / ".envfs/trace.json").read_text())["files"]
+    where = {rel: i for i, rel in enumerate(trace)}
+
+    def first(pattern: str) -> int:
+        return min(i for rel, i in where.items() if fnmatch.fnmatch(rel, pattern))
+
+    assert fnmatch.fnmatch(trace[0], "bin/python3*"), trace[:3]
+    libpython = first("lib/libpython3*")
+    assert libpython < first("lib/python3.12/lib-dynload/*"), trace[:20]
+    encodings = first("lib/python3.12/encodings/__pycache__/__init__.*.pyc")
+    assert libpython < encodings < first("lib/python3.12/json/*"), trace[:40]
+    frozen = subprocess.run(
+        [str(snap / "bin/python"), "-c", "import _imp, sys; print(_imp.is_frozen('os'))"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert frozen.stdout.strip() == "True"
+    assert "lib/python3.12/os.py" not in where and "lib/python3.12/site.py" not in where
+
+
+def test_the_access_trace_notes_the_parts_of_big_libraries_the_import_touched(
     local: Env,
 ) -> None:
-    """Of a traced library whose debug sections and symbol tables (never read to run it)
-    are big, the trace notes how many bytes its loader maps: the end of its last PT_LOAD
-    segment, as pyelftools reads it (libpython: ~7 of 30 MB)."""
+    """Of a big traced library the import mapped, the trace notes the byte ranges it
+    touched: its first page, and parts of its loaded segments (as pyelftools reads them),
+    nothing of the debug sections after them (libpython: ~6 of 30 MB)."""
     from elftools.elf.elffile import ELFFile
-
-    from envfs.build.trace import HEAD_SPARES
 
     local.run("build", "wf/t", "extra-a==1.0", "--python", PY)
     snap = local.store / "snapshots" / local.show("wf/t")["snapshot_id"]
     trace = json.loads((snap / ".envfs/trace.json").read_text())
-    want = {}
-    for rel in trace["files"]:
-        with open(snap / rel, "rb") as f:
-            if f.read(4) != b"\x7fELF":
-                continue
-            f.seek(0)
-            loads = [s for s in ELFFile(f).iter_segments() if s["p_type"] == "PT_LOAD"]
-            end = max(s["p_offset"] + s["p_filesz"] for s in loads)
-        if (snap / rel).stat().st_size - end >= HEAD_SPARES:
-            want[rel] = end
-    assert any(os.path.basename(rel).startswith("libpython") for rel in want), want
-    assert trace["heads"] == want
+    (lib,) = [rel for rel in trace["files"] if os.path.basename(rel).startswith("libpython")]
+    ranges = trace["ranges"][lib]
+    with open(snap / lib, "rb") as f:
+        loads = [s for s in ELFFile(f).iter_segments() if s["p_type"] == "PT_LOAD"]
+        loaded = max(s["p_offset"] + s["p_filesz"] for s in loads)
+    size = (snap / lib).stat().st_size
+    assert ranges[0][0] == 0 and all(a < b <= c for (a, b), (c, _) in itertools.pairwise(ranges))
+    assert ranges[-1][1] <= -(-loaded // 4096) * 4096 < size  # none of the debug sections
+    assert 1 << 20 < sum(b - a for a, b in ranges) < loaded  # some, not all, of the rest
+    assert set(trace["ranges"]) <= set(trace["files"])
 
 
 def test_the_access_trace_names_an_extension_module_where_the_import_loads_it(
@@ -872,5 +895,11 @@ def test_verify_names_a_damaged_access_trace(local: Env) -> None:
         trace.write_text("{ garbage")
         proc = local.run("verify", sid, check=False)
         assert proc.returncode == 5 and "trace.json: unreadable" in proc.stdout + proc.stderr
+        lib = next(rel for rel in json.loads(good)["ranges"] if "libpython" in rel)
+        size = (trace.parent.parent / lib).stat().st_size
+        past = {"files": [lib], "ranges": {lib: [[0, 4096], [size, size + 4096]]}}
+        trace.write_text(json.dumps(past))
+        proc = local.run("verify", sid, check=False)
+        assert proc.returncode == 5 and f"a range of {lib} is not" in proc.stdout + proc.stderr
     finally:
         trace.write_text(good)

@@ -14,7 +14,6 @@ import fnmatch
 import os
 import re
 import shutil
-import struct
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -66,40 +65,6 @@ def is_elf(path: Path) -> bool:
         return False
     e_type = int.from_bytes(head[16:18], "little" if head[5] == 1 else "big")
     return e_type in (2, 3)  # ET_EXEC, ET_DYN
-
-
-def loaded_extent(path: Path) -> int | None:
-    """How many bytes from its start an ELF file's loader maps (the end of its last
-    ``PT_LOAD`` segment in the file: what follows, debug sections and symbol tables, is never
-    read to run it); None if ``path`` is not an ELF executable or shared object."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(64)
-            if len(head) < 52 or not head.startswith(_ELF_MAGIC) or head[4] not in (1, 2):
-                return None
-            wide, order = head[4] == 2, "<" if head[5] == 1 else ">"
-            if struct.unpack_from(order + "H", head, 16)[0] not in (2, 3):
-                return None  # ET_EXEC, ET_DYN only
-            if wide:
-                (phoff,) = struct.unpack_from(order + "Q", head, 32)
-                entsize, count = struct.unpack_from(order + "HH", head, 54)
-                layout, fields = order + "IIQQQQ", (2, 5)  # p_type, p_flags, p_offset, .., p_filesz
-            else:
-                (phoff,) = struct.unpack_from(order + "I", head, 28)
-                entsize, count = struct.unpack_from(order + "HH", head, 42)
-                layout, fields = order + "IIIII", (1, 4)  # p_type, p_offset, .., p_filesz
-            if entsize < struct.calcsize(layout):
-                return None
-            f.seek(phoff)
-            table = f.read(entsize * count)
-    except (OSError, struct.error):
-        return None
-    end: int = phoff + entsize * count
-    for i in range(min(count, len(table) // entsize)):
-        header = struct.unpack_from(layout, table, i * entsize)
-        if header[0] == 1:  # PT_LOAD
-            end = max(end, header[fields[0]] + header[fields[1]])
-    return end
 
 
 def patchelf_binary() -> str:

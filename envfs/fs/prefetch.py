@@ -5,18 +5,22 @@ them on the node (`envfs.node.cache.NodeCache.fetch` copies each content once, w
 asks first). With kernel mounts, the snapshot's early tree (`envfs.node.early`) is made
 first and handed to the daemon, which mounts it over the snapshot's views; each file is
 linked into it as it lands, and is kernel-served from then on. Files the trace does not
-name are copied on their first read, and the whole env later (`mount --fill-rate`). A
-traced file past `WHOLE_MAX` is not copied whole here: an import maps such a library and
-reads a part of it (torch's libtorch_cuda: 103 of 900 MB), so its pieces come in as they
-are read (`envfs.node.partial`)."""
+name are copied on their first read, and the whole env later (`mount --fill-rate`). Of
+a big library (`PARTIAL_MIN`) the import mapped, only the parts the trace says it touched
+are copied (`envfs.node.partial`: pandas' OpenBLAS, 2.3 of 22 MB); a traced file past
+`WHOLE_MAX` the trace names no parts of is not copied here: an import maps such a library
+and reads a part of it (torch's libtorch_cuda: 103 of 900 MB), so its pieces come in as
+they are read. The copies go in trace order with at most `IN_FLIGHT` bytes under way."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import threading
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import trio
 
@@ -24,13 +28,17 @@ from envfs.core.errors import EnvfsError
 from envfs.fs.vfs import Namespace
 from envfs.node.cache import PARTIAL_MIN, NodeCache, StoreDirs
 from envfs.node.early import EarlyTree
-from envfs.node.partial import CHUNK
 from envfs.store.files import Listing, ListingEntry, pack_file, read_packs, read_trace
+from envfs.store.formats import Range
 
 log = logging.getLogger(__name__)
 
 #: Files copied at once: a NAS answers many requests together, each after its latency.
 PREFETCH_THREADS = 16
+#: The bytes those copies may have under way at once, in trace order: enough requests to
+#: keep the NAS busy, few enough that what the job needs first comes first (with 16 big
+#: files at once, the start-up's own files came in last).
+IN_FLIGHT = 8 << 20
 #: The biggest traced file copied whole ahead of the job. A first import reads most of a
 #: library this size (pandas' OpenBLAS: 22.1 of 22.4 MB) but a fraction of the huge ones
 #: (`import torch`: 749 MB of 3.2 GB); copying those whole took the NAS from the job's own
@@ -79,8 +87,8 @@ def copy_traced(
     if trace is None:
         return 0
     packs = _packs(source, listing)
-    todo = _in_order(trace.files, packs, listing)
-    heads = _heads(trace.heads, listing)
+    parts = _parts(trace.ranges, listing)
+    todo = _in_order(trace.files, packs, listing, parts)
 
     def unpack(pack: bytes, members: list[tuple[bytes, ListingEntry]]) -> None:
         done: set[int] = set()
@@ -96,9 +104,9 @@ def copy_traced(
                 fetch(rel, entry)
 
     def fetch(rel: bytes, entry: ListingEntry) -> None:
-        head = heads.get(rel)
-        if head is not None:  # the rest later (it is linked once whole: served by FUSE till then)
-            cache.fetch_head(entry, source + b"/" + rel, head, dirs)
+        touched = parts.get(rel)
+        if touched is not None:  # the rest later (linked once whole: FUSE serves it till then)
+            cache.fetch_ranges(entry, source + b"/" + rel, touched, dirs)
             return
         cache.fetch(entry, source + b"/" + rel, dirs)
         if tree is not None:
@@ -110,20 +118,57 @@ def copy_traced(
         else:
             fetch(*item)
 
+    def weight(item: tuple[bytes, ListingEntry] | int) -> int:
+        if isinstance(item, int):
+            return sum(entry.size for _rel, entry in packs[item][1])
+        touched = parts.get(item[0])
+        return item[1].size if touched is None else sum(b - a for a, b in touched)
+
     dirs = StoreDirs()
+    window = _Window(IN_FLIGHT)
     try:
         with ThreadPoolExecutor(PREFETCH_THREADS, thread_name_prefix="prefetch") as pool:
-            list(pool.map(copy, todo))
+            copies = []
+            for item in todo:
+                size = weight(item)
+                window.enter(size)
+                copies.append(pool.submit(copy, item))
+                copies[-1].add_done_callback(functools.partial(window.leave_after, size))
+            for done in copies:
+                done.result()
     finally:
         dirs.close()
     return sum(len(packs[it][1]) if isinstance(it, int) else 1 for it in todo)
 
 
+class _Window:
+    """The bytes copies under way may have at once: the next copy starts once those before
+    it leave it room (or none is under way)."""
+
+    def __init__(self, most: int) -> None:
+        self._most, self._busy = most, 0
+        self._changed = threading.Condition()
+
+    def enter(self, size: int) -> None:
+        with self._changed:
+            self._changed.wait_for(lambda: self._busy == 0 or self._busy + size <= self._most)
+            self._busy += size
+
+    def leave_after(self, size: int, _copy: Future[None]) -> None:
+        with self._changed:
+            self._busy -= size
+            self._changed.notify_all()
+
+
 def _in_order(
-    traced: list[str], packs: list[tuple[bytes, list[tuple[bytes, ListingEntry]]]], listing: Listing
+    traced: list[str],
+    packs: list[tuple[bytes, list[tuple[bytes, ListingEntry]]]],
+    listing: Listing,
+    parts: dict[bytes, list[Range]] | None = None,
 ) -> list[tuple[bytes, ListingEntry] | int]:
-    """What to copy, in the order the job needs it: the traced files (up to `WHOLE_MAX`) in
-    trace order, each pack (by its index) where its first member comes."""
+    """What to copy, in the order the job needs it: the traced files (up to `WHOLE_MAX`,
+    or the parts the trace names of bigger ones) in trace order, each pack (by its index)
+    where its first member comes."""
     packed = {rel: i for i, (_path, members) in enumerate(packs) for rel, _entry in members}
     todo: list[tuple[bytes, ListingEntry] | int] = []
     queued: set[int] = set()
@@ -138,24 +183,22 @@ def _in_order(
         entry = _listed(listing, raw)
         if entry is None or entry.type != "file" or entry.sha256 is None:
             continue
-        if entry.size <= WHOLE_MAX:
+        if entry.size <= WHOLE_MAX or raw in (parts or {}):
             todo.append((raw, entry))
     return todo + [i for i in range(len(packs)) if i not in queued]
 
 
-def _heads(traced: dict[str, int], listing: Listing) -> dict[bytes, int]:
-    """The big traced files (`PARTIAL_MIN`) a job reads the start of only, where that
-    start spares whole pieces (`CHUNK`) of the copy: libpython's loaded segments, 2 of its
-    8 pieces. How many bytes of each to copy ahead; the rest comes with the whole copy."""
-    heads = {}
-    for rel, end in traced.items():
+def _parts(traced: dict[str, list[Range]], listing: Listing) -> dict[bytes, list[Range]]:
+    """The big traced files (`PARTIAL_MIN`) of which the import touched a part only: the
+    byte ranges to copy ahead (their pieces, `PIECE`); the rest comes with the whole copy.
+    (pandas' OpenBLAS: 1.3 of 22 MB, libpython 6 of 30.)"""
+    parts = {}
+    for rel, ranges in traced.items():
         raw = os.fsencode(rel)
         entry = _listed(listing, raw)
-        if entry is None or entry.type != "file" or entry.size < PARTIAL_MIN:
-            continue
-        if -(-end // CHUNK) < -(-entry.size // CHUNK):
-            heads[raw] = end
-    return heads
+        if entry is not None and entry.type == "file" and entry.size >= PARTIAL_MIN:
+            parts[raw] = ranges
+    return parts
 
 
 def _listed(listing: Listing, rel: bytes) -> ListingEntry | None:

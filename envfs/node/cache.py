@@ -52,6 +52,7 @@ from envfs.store.files import (
     remove_tree,
     remove_unshared,
 )
+from envfs.store.formats import Range
 
 log = logging.getLogger(__name__)
 
@@ -168,18 +169,22 @@ class NodeCache:
         self.last_fetch = time.monotonic()
         return target
 
-    def fetch_head(
-        self, entry: ListingEntry, source: bytes, end: int, dirs: StoreDirs | None = None
+    def fetch_ranges(
+        self,
+        entry: ListingEntry,
+        source: bytes,
+        ranges: list[Range],
+        dirs: StoreDirs | None = None,
     ) -> None:
-        """The pieces of the first ``end`` bytes of a big file (`PARTIAL_MIN`), copied now
-        from ``source`` if the node lacks them, ahead of a job's reads of them (a library's
-        loaded segments, not its debug sections); the rest comes with the whole copy or
-        when read. `CacheDamage` as for `fetch`."""
+        """The pieces byte ranges of a big file (`PARTIAL_MIN`) lie in, copied now from
+        ``source`` if the node lacks them, ahead of a job's reads of them (what a traced
+        import touched of a library); the rest comes with the whole copy or when read.
+        `CacheDamage` as for `fetch`."""
         copy = self._partial(entry, _opener(source, dirs))
         if copy is None:
             return
         with self._refusing(entry, copy, source):
-            copy.fetch(end)
+            copy.fetch(ranges)
             if copy.whole():
                 copy.finish()
                 self._settle(entry, copy, counted=True)

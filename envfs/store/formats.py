@@ -119,14 +119,18 @@ class BundleInfo(Record):
     exported_from: str | None = None  # the binding it was exported as, ``wf/node@rev``
 
 
+#: A byte range of a file: start, end (excluded).
+Range = tuple[int, int]
+
+
 class AccessTrace(Record):
     """``snapshots/<id>/.envfs/trace.json``: the files (relative paths) a first import of
     the env's direct requirements read, in the order it read them (`envfs.build.trace`)."""
 
     files: list[str]
-    #: of the traced files a first import reads only the start of (a shared library: its
-    #: loaded segments, not the debug sections and symbol tables after them), how many bytes
-    heads: dict[str, int] = {}
+    #: of the big traced files the import mapped and touched a part of (a shared library:
+    #: not its debug sections, not the code it did not run), the byte ranges it touched
+    ranges: dict[str, list[Range]] = {}
 
 
 class PackMember(Record):

@@ -48,9 +48,13 @@ def _trace_problems(root: Path, manifest: Manifest) -> list[str]:
     if trace is None:
         return [f"{META}/trace.json: unreadable (fresh nodes prefetch nothing)"]
     files = {e.path for e in manifest.files if e.type == "file"}
-    strangers = [rel for rel in trace.files if rel not in files]
+    strangers = [rel for rel in [*trace.files, *trace.ranges] if rel not in files]
     if strangers:
         return [f"{META}/trace.json: names {strangers[0]}, not a file of the snapshot"]
+    sizes = {e.path: e.size for e in manifest.files}
+    for rel, ranges in trace.ranges.items():  # a range past the file: its copy would be short
+        if any(not 0 <= start < end <= sizes[rel] for start, end in ranges):
+            return [f"{META}/trace.json: a range of {rel} is not within the file"]
     return []
 
 

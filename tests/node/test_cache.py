@@ -17,7 +17,7 @@ import pytest
 
 from envfs.fs.kernel import mount_table, mounts_under
 from envfs.node.cache import PARTIAL_MIN, CacheDamage, NodeCache
-from envfs.node.partial import CHUNK, PartialCopy
+from envfs.node.partial import CHUNK, PIECE, PartialCopy
 from envfs.store.files import ListingEntry
 from envfs.store.formats import ManifestEntry
 from envfs.store.layout import Store
@@ -52,10 +52,11 @@ def _copies(env: Env) -> int:
 
 def _ahead(snap: Path) -> tuple[list[str], set[str]]:
     """The files a fresh node copies whole ahead of a job (the trace's, but for big
-    libraries of which it notes a head), and those big libraries (their head only)."""
+    libraries of which it notes the parts touched), and those big libraries (those parts
+    only)."""
     trace = json.loads((snap / ".envfs/trace.json").read_text())
-    heads = {rel for rel in trace["heads"] if (snap / rel).stat().st_size >= PARTIAL_MIN}
-    return [rel for rel in trace["files"] if rel not in heads], heads
+    parts = {rel for rel in trace["ranges"] if (snap / rel).stat().st_size >= PARTIAL_MIN}
+    return [rel for rel in trace["files"] if rel not in parts], parts
 
 
 @pytest.fixture
@@ -169,7 +170,7 @@ def test_a_fresh_node_copies_what_the_build_traced_as_soon_as_the_env_is_first_u
     snap = tmp_path / "backing/store/snapshots" / sid
     traced, heads = _ahead(snap)
     assert len({os.path.dirname(rel) for rel in traced}) > 3
-    assert heads  # libpython: its head only, the rest with the whole copy (off here)
+    assert heads  # libpython: the parts touched only, the rest with the whole copy (off here)
     manifest = {e.path: e for e in Store(env.store).read_manifest(sid).files}
     mnt = tmp_path / "envs"
     mounts.append(Mount(env, mnt, "--no-kernel-mounts", "--fill-rate", "off"))
@@ -204,7 +205,7 @@ def test_a_fresh_node_reads_the_small_traced_files_as_packs_shared_by_envs(
     snaps = tmp_path / "backing/store/snapshots"
     packs = json.loads((snaps / sid / ".envfs/packs.json").read_text())["packs"]
     theirs = json.loads((snaps / other / ".envfs/packs.json").read_text())["packs"]
-    assert packs and any(p["members"][0]["path"].endswith(".py") for p in packs)
+    assert packs and any(m["path"].endswith(".pyc") for p in packs for m in p["members"])
     shared = {p["sha256"] for p in packs} & {p["sha256"] for p in theirs}
     assert shared
     one = next(iter(shared))
@@ -222,7 +223,7 @@ def test_a_fresh_node_reads_the_small_traced_files_as_packs_shared_by_envs(
     wait_for(lambda: all(_held(objects, manifest[rel]) for rel in traced), 30, "traced files")
     files_opened = nas.counts().get("open", 0) - opens
     assert len(packed) > len(packs) + 10  # (packs hold many files each)
-    # each file not packed, each pack, each library's head, and the manifest, trace and index
+    # each file not packed, each pack, each library copied in part, the manifest, trace, index
     most = len(traced) - len(packed) + len(packs) + len(heads) + 3
     assert files_opened <= most, (files_opened, len(traced))
     assert py(mnt, "wf/n", "import extra_a").returncode == 0
@@ -373,13 +374,14 @@ def _big(tmp_path: Path, size: int = 5 * CHUNK + 123) -> tuple[bytes, Path, List
     return data, src, ListingEntry("file", 0o100755, size, hashlib.sha256(data).hexdigest(), None)
 
 
-def _pieces_fetched(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    fetched: list[int] = []
+def _pieces_fetched(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """The runs of pieces (first, stop) the copies fetch, one per read of the store."""
+    fetched: list[tuple[int, int]] = []
     fetch = PartialCopy._fetch
 
-    def counted(self: PartialCopy, i: int) -> None:
-        fetched.append(i)
-        fetch(self, i)
+    def counted(self: PartialCopy, first: int, stop: int) -> None:
+        fetched.append((first, stop))
+        fetch(self, first, stop)
 
     monkeypatch.setattr(PartialCopy, "_fetch", counted)
     return fetched
@@ -394,12 +396,16 @@ def test_a_big_file_is_read_by_the_piece_then_becomes_the_object_once_whole(
     fetched = _pieces_fetched(monkeypatch)
     cache = NodeCache(tmp_path / "cache")
     source = os.fsencode(src)
+
+    def blocks() -> list[int]:
+        return sorted(a * PIECE // CHUNK for a, _ in fetched)
+
     off = 3 * CHUNK + 10
     assert cache.read_range(entry, source, off, 4096) == data[off : off + 4096]
-    assert fetched == [3] and cache.object_path(entry) is None
-    off = 2 * CHUNK - 100  # across two pieces, one of them here already
+    assert blocks() == [3] and cache.object_path(entry) is None
+    off = 2 * CHUNK - 100  # across two blocks, each fetched in one read
     assert cache.read_range(entry, source, off, 200) == data[off : off + 200]
-    assert sorted(fetched) == [1, 2, 3]
+    assert blocks() == [1, 2, 3]
     assert cache.read_range(entry, source, len(data) - 10, 4096) == data[-10:]  # the end
     staged = list((tmp_path / "cache" / "staging").iterdir())
     assert len(staged) == 1 and staged[0].stat().st_blocks * 512 <= 3 * CHUNK + (1 << 20)
@@ -414,9 +420,11 @@ def test_a_big_file_is_read_by_the_piece_then_becomes_the_object_once_whole(
     whole = cache.object_path(entry)
     for o, piece in zip(offsets, got, strict=True):
         assert piece is None or piece == data[o : o + 65536]
-    assert len(fetched) == len(set(fetched)) <= 6
+    pieces = [i for a, b in fetched for i in range(a, b)]
+    assert len(pieces) == len(set(pieces))  # none twice
     copy = cache.fetch(entry, source)  # the whole copy: the rest, then checked
-    assert copy.read_bytes() == data and sorted(fetched) == list(range(6))
+    pieces = [i for a, b in fetched for i in range(a, b)]
+    assert copy.read_bytes() == data and sorted(pieces) == list(range(-(-len(data) // PIECE)))
     assert whole is None or whole == copy
     assert cache.read_range(entry, source, 0, 10) is None  # held: read the object
     assert os.stat(copy).st_mode & 0o777 == 0o555
@@ -498,12 +506,12 @@ def test_the_prefetch_leaves_huge_traced_files_to_be_read_by_the_piece(
     assert cache.object_path(entry(huge)) is None
 
 
-def test_the_prefetch_copies_the_loaded_head_of_a_big_library_and_the_rest_later(
-    tmp_path: Path,
+def test_the_prefetch_copies_the_parts_of_a_big_library_the_import_touched(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A traced big library whose head the trace notes (its debug sections are never read):
-    only the pieces of that head are copied ahead of the job, served from the node after;
-    the whole copy fetches the rest and checks the whole."""
+    """Of a traced big library, the pieces of the ranges the trace says its import touched
+    are copied ahead of the job (a run of them in one read), and served from the node
+    after; the rest comes with the whole copy, which checks the whole."""
     import hashlib
 
     from envfs.fs import prefetch
@@ -512,20 +520,65 @@ def test_the_prefetch_copies_the_loaded_head_of_a_big_library_and_the_rest_later
     (snap / ".envfs").mkdir(parents=True)
     lib = os.urandom(3 * CHUNK)
     (snap / "libbig.so").write_bytes(lib)
-    trace = {"files": ["libbig.so"], "heads": {"libbig.so": CHUNK + 100}}
+    touched = [(0, 4096), (PIECE + 10, 3 * PIECE - 10), (2 * CHUNK + 5, 2 * CHUNK + 6)]
+    trace = {"files": ["libbig.so"], "ranges": {"libbig.so": touched}}
     (snap / ".envfs/trace.json").write_text(json.dumps(trace))
     entry = ListingEntry("file", 0o100755, len(lib), hashlib.sha256(lib).hexdigest(), None)
     cache = NodeCache(tmp_path / "cache")
     source = os.fsencode(snap / "libbig.so")
+    fetched = _pieces_fetched(monkeypatch)
     assert prefetch.copy_traced(cache, os.fsencode(snap), {b"": {b"libbig.so": entry}}) == 1
-    assert cache.object_path(entry) is None  # not whole: two of its three pieces are here
+    assert cache.object_path(entry) is None  # not whole: 4 pieces of it are here
+    block = 2 * CHUNK // PIECE
+    assert sorted(fetched) == [(0, 3), (block, block + 1)]  # pieces 0-2 in one read
     (staged,) = cache.staging.iterdir()
-    assert 2 * CHUNK - 4096 <= staged.stat().st_blocks * 512 <= 2 * CHUNK, staged.stat()
-    (snap / "libbig.so").write_bytes(bytes(len(lib)))  # in place: the head is read from the node
-    assert cache.read_range(entry, source, CHUNK + 50, 100) == lib[CHUNK + 50 : CHUNK + 150]
-    (snap / "libbig.so").write_bytes(lib)
-    held = cache.fetch(entry, source)
+    assert staged.stat().st_blocks * 512 == 4 * PIECE, staged.stat()
+    fetched.clear()
+    held = cache.fetch(entry, source)  # the whole copy: the rest only
     assert held.read_bytes() == lib and cache.object_path(entry) == held
+    assert sum(b - a for a, b in fetched) * PIECE == len(lib) - 4 * PIECE, fetched
+
+
+def test_the_prefetch_keeps_a_bounded_number_of_bytes_under_way_in_trace_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Copies start in trace order, and only while the bytes under way leave room: the
+    files the job needs first are not slowed by many later ones at once."""
+    import hashlib
+
+    from envfs.fs import prefetch
+
+    monkeypatch.setattr(prefetch, "IN_FLIGHT", 2500)
+    snap = tmp_path / "snap"
+    (snap / ".envfs").mkdir(parents=True)
+    names = [f"m{i:02d}.py" for i in range(12)]
+    listing: dict[bytes, dict[bytes, ListingEntry]] = {b"": {}}
+    for i, name in enumerate(names):
+        data = bytes([i]) * 1000
+        (snap / name).write_bytes(data)
+        sha = hashlib.sha256(data).hexdigest()
+        listing[b""][name.encode()] = ListingEntry("file", 0o100644, 1000, sha, None)
+    order = list(reversed(names))
+    (snap / ".envfs/trace.json").write_text(json.dumps({"files": order}))
+    started: list[str] = []
+    busy, most = [0], [0]
+    lock = threading.Lock()
+    fetch = NodeCache.fetch
+
+    def slow(self: NodeCache, entry: ListingEntry, source: bytes, dirs: object = None) -> Path:
+        with lock:
+            started.append(os.path.basename(os.fsdecode(source)))
+            busy[0] += 1
+            most[0] = max(most[0], busy[0])
+        time.sleep(0.05)
+        with lock:
+            busy[0] -= 1
+        return fetch(self, entry, source)
+
+    monkeypatch.setattr(NodeCache, "fetch", slow)
+    cache = NodeCache(tmp_path / "cache")
+    assert prefetch.copy_traced(cache, os.fsencode(snap), listing) == len(names)
+    assert started == order and most[0] == 2
 
 
 def _fstype(path: Path) -> str | None:
