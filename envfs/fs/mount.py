@@ -154,6 +154,7 @@ class Daemon(Following):
         self.catalog = catalog
         self.idle_release = idle_release
         self._held: set[str] = set()  # snapshots this daemon leases
+        self._prefetched: set[str] = set()  # attached snapshots whose prefetch was started
         self.served_path = served_path
         self.store: Path | None = None  # the store served, as status shows it
         self.cache = cache
@@ -346,6 +347,7 @@ class Daemon(Following):
             pyfuse3.invalidate_entry_async(parent, name, ignore_enoent=True)
         self.ops.backing_moved()
         self.cached.discard(snapshot_id)
+        self._prefetched.discard(snapshot_id)
         if snapshot_id in self._held:
             self._held.discard(snapshot_id)
             try:
@@ -387,6 +389,13 @@ class Daemon(Following):
         The snapshot is leased first: gc must not take what a process is about to use."""
         new = sorted(set(self.namespace.attached_snapshots()) - self._held)
         if new:
+            for sid in new:  # a fresh node's head start (under way while the lease is written)
+                if self.cache is not None and sid not in self._prefetched:
+                    self._prefetched.add(sid)
+                    on_tree = self._early_tree if self.kernel.enabled else None
+                    self._nursery.start_soon(
+                        prefetch_snapshot, self.namespace, self.cache, sid, on_tree
+                    )
             try:
                 with trio.move_on_after(KERNEL_WAIT):
                     await trio.to_thread.run_sync(self.catalog.hold, new)
@@ -394,12 +403,6 @@ class Daemon(Following):
                     await trio.to_thread.run_sync(self._remember_served)
             except Exception as e:  # the lease loop tries again
                 log.error("cannot lease %s: %s: %s", new, type(e).__name__, e)
-            for sid in new:  # a fresh node's head start
-                if self.cache is not None:
-                    on_tree = self._early_tree if self.kernel.enabled else None
-                    self._nursery.start_soon(
-                        prefetch_snapshot, self.namespace, self.cache, sid, on_tree
-                    )
         if self.kernel.enabled and not self._stopping:
             with trio.move_on_after(KERNEL_WAIT):
                 await self.kernel.place(skip=request_dir)

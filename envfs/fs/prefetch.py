@@ -60,26 +60,60 @@ async def prefetch_snapshot(
         return
     source, listing = found
     t0 = time.monotonic()
-    tree = None
-    if on_tree is not None:
+    links = Links()
+    copied: list[int] = []
+
+    async def copying() -> None:  # begins with the trace, read while the tree is made
         try:
-            tree = await trio.to_thread.run_sync(EarlyTree.make, cache, snapshot_id, listing)
-        except OSError as e:  # served as before: through FUSE until the whole copy is in
-            log.warning("no early tree for %s: %s", snapshot_id[:12], e)
-        else:
+            copied.append(await trio.to_thread.run_sync(copy_traced, cache, source, listing, links))
+        except (OSError, EnvfsError) as e:  # the job's reads copy what they need themselves
+            log.warning("prefetch of %s stopped: %s", snapshot_id[:12], e)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(copying)
+        tree = None
+        if on_tree is not None:
+            try:
+                tree = await trio.to_thread.run_sync(EarlyTree.make, cache, snapshot_id, listing)
+            except OSError as e:  # served as before: through FUSE until the whole copy is in
+                log.warning("no early tree for %s: %s", snapshot_id[:12], e)
+        links.attach(tree)
+        if tree is not None and on_tree is not None:
             await on_tree(tree)
-    try:
-        copied = await trio.to_thread.run_sync(copy_traced, cache, source, listing, tree)
-    except (OSError, EnvfsError) as e:  # the job's reads copy what they need themselves
-        log.warning("prefetch of %s stopped: %s", snapshot_id[:12], e)
-        return
-    if copied:
+    if copied and copied[0]:
         took = time.monotonic() - t0
-        log.info("prefetched %d traced file(s) of %s in %.2fs", copied, snapshot_id[:12], took)
+        log.info("prefetched %d traced file(s) of %s in %.2fs", copied[0], snapshot_id[:12], took)
+
+
+class Links:
+    """Where a prefetch links each file as it lands: the snapshot's early tree once made
+    (the files that landed before are linked then), or nowhere (no tree)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tree: EarlyTree | None = None
+        self._waiting: list[tuple[bytes, ListingEntry]] | None = []  # None: no tree to come
+
+    def link(self, rel: bytes, entry: ListingEntry) -> None:
+        with self._lock:
+            tree = self._tree
+            if tree is None and self._waiting is not None:
+                self._waiting.append((rel, entry))
+        if tree is not None:
+            tree.link(rel, entry)
+
+    def attach(self, tree: EarlyTree | None) -> None:
+        """The tree is made (or None: none will be)."""
+        with self._lock:
+            self._tree, waiting = tree, self._waiting or []
+            self._waiting = None
+        if tree is not None:
+            for rel, entry in waiting:
+                tree.link(rel, entry)
 
 
 def copy_traced(
-    cache: NodeCache, source: bytes, listing: Listing, tree: EarlyTree | None = None
+    cache: NodeCache, source: bytes, listing: Listing, tree: EarlyTree | Links | None = None
 ) -> int:
     """In a worker thread: the copy itself, each file linked into ``tree`` as it lands;
     how many files it copied (or found held)."""

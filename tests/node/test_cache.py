@@ -738,6 +738,33 @@ def test_an_early_tree_holds_the_tree_and_links_what_the_node_has(tmp_path: Path
     assert not root.exists()
 
 
+def test_files_landing_before_the_early_tree_is_made_are_linked_once_it_is(
+    tmp_path: Path,
+) -> None:
+    """The prefetch copies while the tree is made: what lands first is linked when the
+    tree comes; with no tree to come, nothing is kept waiting."""
+    from envfs.fs.prefetch import Links
+    from envfs.node.early import EarlyTree
+
+    data = b"early\n"
+    entry = ListingEntry("file", 0o100644, len(data), hashlib.sha256(data).hexdigest(), None)
+    listing = {b"": {b"lib": ListingEntry("dir", 0o40755, 0, None, None)}, b"lib": {b"a.py": entry}}
+    cache = NodeCache(tmp_path / "cache")
+    tree = EarlyTree.make(cache, "s" * 64, listing)  # made before the file landed
+    (tmp_path / "a.py").write_bytes(data)
+    links = Links()
+    cache.fetch(entry, os.fsencode(tmp_path / "a.py"))
+    links.link(b"lib/a.py", entry)
+    assert not (tree.path / "lib/a.py").exists()  # no tree yet for the prefetch
+    links.attach(tree)
+    assert (tree.path / "lib/a.py").read_bytes() == data and tree.linked == 1
+    none = Links()
+    none.attach(None)
+    none.link(b"lib/a.py", entry)  # nowhere, and nothing kept
+    assert none._waiting is None
+    tree.remove()
+
+
 def test_the_prefetch_copies_in_the_order_the_job_needs() -> None:
     """Traced files in trace order, each pack where its first member comes (not every pack
     first: a library the job needs early waited behind packs it needs late)."""
