@@ -226,11 +226,16 @@ class NodeCache:
         if hashlib.sha256(data).hexdigest() != entry.sha256:
             log.warning("a packed copy of %s does not match its manifest; skipped", entry.sha256)
             return False
-        target.parent.mkdir(exist_ok=True)
         tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}")
-        with open(tmp, "wb") as out:
-            out.write(data)
-        os.chmod(tmp, stat.S_IMODE(entry.mode) & ~0o222)
+        fd = _create(tmp)
+        try:
+            _write_all(fd, data)
+            os.fchmod(fd, stat.S_IMODE(entry.mode) & ~0o222)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        finally:
+            os.close(fd)
         os.replace(tmp, target)
         return True
 
@@ -429,7 +434,6 @@ class NodeCache:
         if entry.size >= PARTIAL_MIN:  # one copy with the pieces a job may be reading
             self._complete(entry, lambda: os.open(name, _FILE_FLAGS, dir_fd=dfd), name, False)
             return
-        target.parent.mkdir(exist_ok=True)
         tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}")
         src = os.open(name, _FILE_FLAGS, dir_fd=dfd)
         # read straight through: the NAS client doubles its read-ahead, the same bytes
@@ -496,7 +500,7 @@ class NodeCache:
 def _copy_bytes(src: int, dest: Path, size: int) -> str:
     """Copy the ``size`` bytes the manifest gives ``src`` (no read past them: one round
     trip less per file) to a new file ``dest``; their sha256 (or of less, if it is short)."""
-    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    fd = _create(dest)
     try:
         digest = hashlib.sha256()
         done = 0
@@ -505,7 +509,7 @@ def _copy_bytes(src: int, dest: Path, size: int) -> str:
             if not chunk:
                 break
             digest.update(chunk)
-            os.write(fd, chunk)
+            _write_all(fd, chunk)
             done += len(chunk)
         return digest.hexdigest()
     finally:
@@ -550,6 +554,23 @@ class _Throttle:
             self._next = start + size / self.rate
         if start > now:
             time.sleep(start - now)
+
+
+def _create(path: Path) -> int:
+    """A new file at ``path`` in ``objects/<xx>/`` (made if missing: not a mkdir per file),
+    opened for writing."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    try:
+        return os.open(path, flags, 0o600)
+    except FileNotFoundError:
+        path.parent.mkdir(exist_ok=True)
+        return os.open(path, flags, 0o600)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _opener(source: bytes, dirs: StoreDirs | None) -> Callable[[], int]:
