@@ -56,8 +56,11 @@ from envfs.store.formats import Range
 
 log = logging.getLogger(__name__)
 
-#: Threads copying one snapshot: a NAS answers many requests at once, each after its latency.
-COPY_THREADS = 16
+#: Threads copying one snapshot whole (in the background): a NAS answers requests at once,
+#: each after its latency, but is shared by every node; with 16, one node's copy of the
+#: pandas env (6,676 files, ~6 requests each) made 4 other fresh nodes' first imports
+#: 3.0-3.3x a local one instead of 2.2x (`../shared/checks/12-fresh-node`).
+COPY_THREADS = 4
 #: How store directories are opened to copy files relative to them: ``O_PATH`` is no open
 #: of the directory on the file system (an NFS or FUSE store is asked nothing for it).
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
