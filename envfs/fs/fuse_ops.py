@@ -252,6 +252,11 @@ class EnvfsOperations(pyfuse3.Operations):
             assert path is not None  # _backing_fd checked it
             remote = self._ns.remote_file(fh) if self._cache is not None else None
             if remote is not None and remote[1].size >= PARTIAL_MIN:  # its pieces, as read
+                assert self._cache is not None
+                piece = self._cache.read_here(remote[1], off, size)  # here: no thread for it
+                if piece is not None:
+                    self.reads_inline += 1
+                    return piece
                 piece = await trio.to_thread.run_sync(self._read_range, *remote, off, size)
                 if piece is not None:
                     self.reads_threaded += 1

@@ -26,7 +26,8 @@ import trio
 
 from envfs.core.errors import EnvfsError
 from envfs.fs.vfs import Namespace
-from envfs.node.cache import PARTIAL_MIN, NodeCache, StoreDirs
+from envfs.node.cache import PARTIAL_MIN, NodeCache
+from envfs.node.copying import StoreDirs
 from envfs.node.early import EarlyTree
 from envfs.store.files import Listing, ListingEntry, pack_file, read_packs, read_trace
 from envfs.store.formats import Range

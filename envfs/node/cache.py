@@ -40,6 +40,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from envfs.core.errors import EnvironmentProblem
+from envfs.node.copying import (
+    DIR_FLAGS,
+    FILE_FLAGS,
+    READ,
+    StoreDirs,
+    Throttle,
+    copy_bytes,
+    create,
+    opener_of,
+    write_all,
+)
 from envfs.node.partial import Damaged, PartialCopy
 from envfs.store.files import (
     META,
@@ -61,17 +72,9 @@ log = logging.getLogger(__name__)
 #: pandas env (6,676 files, ~6 requests each) made 4 other fresh nodes' first imports
 #: 3.0-3.3x a local one instead of 2.2x (`../shared/checks/12-fresh-node`).
 COPY_THREADS = 4
-#: How store directories are opened to copy files relative to them: ``O_PATH`` is no open
-#: of the directory on the file system (an NFS or FUSE store is asked nothing for it).
-_DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
-_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 #: Files at least this big come in piece by piece, a read waiting only for its pieces
 #: (`envfs.node.partial`); smaller ones are copied whole on their first read.
 PARTIAL_MIN = 8 << 20
-#: A store file (or pack) is read this much at a time: each read call costs a NAS client
-#: that caches no attributes a round trip for them, and a pack's first members land early;
-#: 16 threads copying hold at most 64 MB this way.
-_READ = 4 << 20
 #: Seconds without a job opening or reading in a file of an env not copied whole before
 #: whole copies run: the job's own reads have the NAS first.
 QUIET = 2.0
@@ -95,7 +98,7 @@ class NodeCache:
         #: bytes a second whole copies may read from the store (None: no bound; 0: no whole
         #: copies, only the files read are copied)
         self.fill_rate = fill_rate
-        self._throttle = _Throttle(fill_rate) if fill_rate else None
+        self._throttle = Throttle(fill_rate) if fill_rate else None
         self.objects = root / "objects"
         self.snapshots = root / "snapshots"
         self.staging = root / "staging"
@@ -151,7 +154,7 @@ class NodeCache:
         if target.exists():
             return target
         if entry.size >= PARTIAL_MIN:
-            return self._complete(entry, _opener(source, dirs), source, counted=True)
+            return self._complete(entry, opener_of(source, dirs), source, counted=True)
         with self._fetch_lock:
             lock = self._fetching.setdefault(target.name, threading.Lock())
         with lock:
@@ -160,7 +163,7 @@ class NodeCache:
                 if dirs is not None:
                     self._copy_file(dirs.fd(dirname), name, entry)
                 else:
-                    dfd = os.open(dirname, _DIR_FLAGS)
+                    dfd = os.open(dirname, DIR_FLAGS)
                     try:
                         self._copy_file(dfd, name, entry)
                     finally:
@@ -183,7 +186,7 @@ class NodeCache:
         ``source`` if the node lacks them, ahead of a job's reads of them (what a traced
         import touched of a library); the rest comes with the whole copy or when read.
         `CacheDamage` as for `fetch`."""
-        copy = self._partial(entry, _opener(source, dirs))
+        copy = self._partial(entry, opener_of(source, dirs))
         if copy is None:
             return
         with self._refusing(entry, copy, source):
@@ -205,7 +208,7 @@ class NodeCache:
         if all(self._object(entry).exists() for entry in members):
             return 0
         copied = 0
-        with open(pack, "rb", buffering=_READ) as src:
+        with open(pack, "rb", buffering=READ) as src:
             os.posix_fadvise(src.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)  # see _copy_file
             for i, entry in enumerate(members):
                 data = src.read(entry.size)
@@ -230,9 +233,9 @@ class NodeCache:
             log.warning("a packed copy of %s does not match its manifest; skipped", entry.sha256)
             return False
         tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}")
-        fd = _create(tmp)
+        fd = create(tmp)
         try:
-            _write_all(fd, data)
+            write_all(fd, data)
             os.fchmod(fd, stat.S_IMODE(entry.mode) & ~0o222)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -248,7 +251,7 @@ class NodeCache:
         (read the object). `CacheDamage` if its copy was refused."""
         if self._object(entry).exists():
             return None
-        copy = self._partial(entry, lambda: os.open(source, _FILE_FLAGS))
+        copy = self._partial(entry, lambda: os.open(source, FILE_FLAGS))
         if copy is None:
             return None
         self.last_fetch = time.monotonic()  # a job is reading in: whole copies wait
@@ -257,6 +260,18 @@ class NodeCache:
             if data is not None and copy.whole():
                 copy.finish()
                 self._settle(entry, copy, counted=True)
+        return data
+
+    def read_here(self, entry: ListingEntry, off: int, size: int) -> bytes | None:
+        """Bytes of a big file coming in piece by piece, if they are here already (from the
+        node's disk, nothing fetched: cheap enough for the event loop); else None."""
+        with self._fetch_lock:
+            copy = self._partials.get(self._object(entry).name)
+        if copy is None:
+            return None
+        data = copy.read_here(off, size)
+        if data is not None:
+            self.last_fetch = time.monotonic()  # a job is reading in: whole copies wait
         return data
 
     def _complete(
@@ -419,7 +434,7 @@ class NodeCache:
     ) -> int:
         """Copy one store directory's missing files into objects/ (one open of the directory,
         then one lookup per file), each after jobs have quietened (until ``patient``)."""
-        dfd = os.open(os.path.join(os.fsencode(source), rel), _DIR_FLAGS)
+        dfd = os.open(os.path.join(os.fsencode(source), rel), DIR_FLAGS)
         try:
             for name, entry in entries:
                 self._wait_quiet(patient)
@@ -435,16 +450,16 @@ class NodeCache:
         if target.exists():
             return
         if entry.size >= PARTIAL_MIN:  # one copy with the pieces a job may be reading
-            self._complete(entry, lambda: os.open(name, _FILE_FLAGS, dir_fd=dfd), name, False)
+            self._complete(entry, lambda: os.open(name, FILE_FLAGS, dir_fd=dfd), name, False)
             return
         tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}")
-        src = os.open(name, _FILE_FLAGS, dir_fd=dfd)
+        src = os.open(name, FILE_FLAGS, dir_fd=dfd)
         # read straight through: the NAS client doubles its read-ahead, the same bytes
         # come in half the requests (nas-sim, like FUSE: 256 KB instead of 128 KB); and in
-        # long read calls (`_READ`)
+        # long read calls (`READ`)
         os.posix_fadvise(src, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         try:
-            digest = _copy_bytes(src, tmp, entry.size)
+            digest = copy_bytes(src, tmp, entry.size)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -498,93 +513,6 @@ class NodeCache:
     def prune(self) -> int:
         """Delete objects no copy links; how many."""
         return remove_unshared(self.objects)
-
-
-def _copy_bytes(src: int, dest: Path, size: int) -> str:
-    """Copy the ``size`` bytes the manifest gives ``src`` (no read past them: one round
-    trip less per file) to a new file ``dest``; their sha256 (or of less, if it is short)."""
-    fd = _create(dest)
-    try:
-        digest = hashlib.sha256()
-        done = 0
-        while done < size:
-            chunk = os.read(src, min(_READ, size - done))
-            if not chunk:
-                break
-            digest.update(chunk)
-            _write_all(fd, chunk)
-            done += len(chunk)
-        return digest.hexdigest()
-    finally:
-        os.close(fd)
-
-
-class StoreDirs:
-    """Store directories kept open while many of their files are copied (one lookup per
-    file then, not a directory open and close each), shared by threads; `close` after."""
-
-    def __init__(self) -> None:
-        self._fds: dict[bytes, int] = {}
-        self._lock = threading.Lock()
-
-    def fd(self, path: bytes) -> int:
-        with self._lock:
-            fd = self._fds.get(path)
-            if fd is None:
-                fd = os.open(path, _DIR_FLAGS)
-                self._fds[path] = fd
-            return fd
-
-    def close(self) -> None:
-        with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
-
-
-class _Throttle:
-    """A bound on bytes a second, shared by threads: ``take(n)`` waits its turn."""
-
-    def __init__(self, rate: int) -> None:
-        self.rate = rate
-        self._lock = threading.Lock()
-        self._next = time.monotonic()  # when the bytes taken so far are paid for
-
-    def take(self, size: int) -> None:
-        with self._lock:
-            now = time.monotonic()
-            start = max(self._next, now)
-            self._next = start + size / self.rate
-        if start > now:
-            time.sleep(start - now)
-
-
-def _create(path: Path) -> int:
-    """A new file at ``path`` in ``objects/<xx>/`` (made if missing: not a mkdir per file),
-    opened for writing."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-    try:
-        return os.open(path, flags, 0o600)
-    except FileNotFoundError:
-        path.parent.mkdir(exist_ok=True)
-        return os.open(path, flags, 0o600)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _opener(source: bytes, dirs: StoreDirs | None) -> Callable[[], int]:
-    """Opens the store file ``source`` (through ``dirs``' descriptor of its directory)."""
-    dirname, _, name = source.rpartition(b"/")
-
-    def opener() -> int:
-        dfd = dirs.fd(dirname) if dirs is not None else None
-        return os.open(name if dfd is not None else source, _FILE_FLAGS, dir_fd=dfd)
-
-    return opener
 
 
 def object_name(entry: ListingEntry) -> str:

@@ -89,6 +89,23 @@ class PartialCopy:
                 self._readers -= 1
             self._close_if_unused()
 
+    def read_here(self, off: int, size: int) -> bytes | None:
+        """The bytes at ``off`` if every piece they lie in is here (nothing fetched), else
+        None (`read` them)."""
+        end = min(off + size, self.size)
+        with self._lock:
+            if self.done or self.closed or end <= off:
+                return None
+            if not all(self._present[off // PIECE : (end - 1) // PIECE + 1]):
+                return None
+            self._readers += 1
+        try:
+            return os.pread(self._fd, end - off, off)
+        finally:
+            with self._lock:
+                self._readers -= 1
+            self._close_if_unused()
+
     def whole(self) -> bool:
         with self._lock:
             return self._missing == 0

@@ -431,6 +431,25 @@ def test_a_big_file_is_read_by_the_piece_then_becomes_the_object_once_whole(
     assert list((tmp_path / "cache" / "staging").iterdir()) == []
 
 
+def test_a_big_files_pieces_here_are_read_without_a_fetch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What FUSE reads inline (on its event loop): bytes whose pieces are here; None for a
+    part not here (read in a thread then), and nothing is fetched for it."""
+    data, src, entry = _big(tmp_path)
+    fetched = _pieces_fetched(monkeypatch)
+    cache = NodeCache(tmp_path / "cache")
+    source = os.fsencode(src)
+    assert cache.read_here(entry, 10, 100) is None  # no copy under way yet
+    assert cache.read_range(entry, source, 10, 100) == data[10:110]
+    runs = list(fetched)
+    assert cache.read_here(entry, CHUNK - 50, 50) == data[CHUNK - 50 : CHUNK]
+    assert cache.read_here(entry, CHUNK - 50, 100) is None  # half of it in the next block
+    assert cache.read_here(entry, 3 * CHUNK, 10) is None and fetched == runs
+    cache.fetch(entry, source)  # whole: the object is read from then on
+    assert cache.read_here(entry, 10, 100) is None
+
+
 def test_a_big_file_whose_pieces_do_not_match_is_refused_once_whole(tmp_path: Path) -> None:
     data, src, entry = _big(tmp_path)
     cache = NodeCache(tmp_path / "cache")

@@ -1,0 +1,107 @@
+"""How the node cache reads store files and writes its objects: the low-level part of
+`envfs.node.cache` (flags, read sizes, bounded reading, new files)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+#: How store directories are opened to copy files relative to them: ``O_PATH`` is no open
+#: of the directory on the file system (an NFS or FUSE store is asked nothing for it).
+DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+#: A store file (or pack) is read this much at a time: each read call costs a NAS client
+#: that caches no attributes a round trip for them, and a pack's first members land early;
+#: 16 threads copying hold at most 64 MB this way.
+READ = 4 << 20
+
+
+def copy_bytes(src: int, dest: Path, size: int) -> str:
+    """Copy the ``size`` bytes the manifest gives ``src`` (no read past them: one round
+    trip less per file) to a new file ``dest``; their sha256 (or of less, if it is short)."""
+    fd = create(dest)
+    try:
+        digest = hashlib.sha256()
+        done = 0
+        while done < size:
+            chunk = os.read(src, min(READ, size - done))
+            if not chunk:
+                break
+            digest.update(chunk)
+            write_all(fd, chunk)
+            done += len(chunk)
+        return digest.hexdigest()
+    finally:
+        os.close(fd)
+
+
+class StoreDirs:
+    """Store directories kept open while many of their files are copied (one lookup per
+    file then, not a directory open and close each), shared by threads; `close` after."""
+
+    def __init__(self) -> None:
+        self._fds: dict[bytes, int] = {}
+        self._lock = threading.Lock()
+
+    def fd(self, path: bytes) -> int:
+        with self._lock:
+            fd = self._fds.get(path)
+            if fd is None:
+                fd = os.open(path, DIR_FLAGS)
+                self._fds[path] = fd
+            return fd
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+
+class Throttle:
+    """A bound on bytes a second, shared by threads: ``take(n)`` waits its turn."""
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self._lock = threading.Lock()
+        self._next = time.monotonic()  # when the bytes taken so far are paid for
+
+    def take(self, size: int) -> None:
+        with self._lock:
+            now = time.monotonic()
+            start = max(self._next, now)
+            self._next = start + size / self.rate
+        if start > now:
+            time.sleep(start - now)
+
+
+def create(path: Path) -> int:
+    """A new file at ``path`` in ``objects/<xx>/`` (made if missing: not a mkdir per file),
+    opened for writing."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    try:
+        return os.open(path, flags, 0o600)
+    except FileNotFoundError:
+        path.parent.mkdir(exist_ok=True)
+        return os.open(path, flags, 0o600)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def opener_of(source: bytes, dirs: StoreDirs | None) -> Callable[[], int]:
+    """Opens the store file ``source`` (through ``dirs``' descriptor of its directory)."""
+    dirname, _, name = source.rpartition(b"/")
+
+    def opener() -> int:
+        dfd = dirs.fd(dirname) if dirs is not None else None
+        return os.open(name if dfd is not None else source, FILE_FLAGS, dir_fd=dfd)
+
+    return opener
