@@ -106,6 +106,12 @@ class NodeCache:
         private_dir(root)  # copies of envs an ACL may restrict: only root reads them here
         for d in (self.objects, self.snapshots, self.staging, self.early):
             d.mkdir(parents=True, exist_ok=True)
+        # objects/00..ff made now, at the mount, not while a fresh node's first job waits
+        # for its first files (where making a directory costs what a file does)
+        made = set(os.listdir(self.objects))
+        for sub in (f"{i:02x}" for i in range(256)):
+            if sub not in made:
+                (self.objects / sub).mkdir(exist_ok=True)
         self._fetch_lock = threading.Lock()
         self._fetching: dict[str, threading.Lock] = {}  # object name -> its copier's lock
         self._partials: dict[str, PartialCopy] = {}  # big files coming in piece by piece

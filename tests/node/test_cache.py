@@ -431,6 +431,18 @@ def test_a_big_file_is_read_by_the_piece_then_becomes_the_object_once_whole(
     assert list((tmp_path / "cache" / "staging").iterdir()) == []
 
 
+def test_the_object_directories_are_made_when_the_cache_is_opened(tmp_path: Path) -> None:
+    """objects/00..ff exist from the mount on: a fresh node's first files are not slowed by
+    making their directories; a cache opened again keeps its objects."""
+    cache = NodeCache(tmp_path / "cache")
+    assert sorted(os.listdir(cache.objects)) == [f"{i:02x}" for i in range(256)]
+    data = b"kept\n"
+    (tmp_path / "f").write_bytes(data)
+    entry = ListingEntry("file", 0o100644, len(data), hashlib.sha256(data).hexdigest(), None)
+    held = cache.fetch(entry, os.fsencode(tmp_path / "f"))
+    assert NodeCache(tmp_path / "cache").object_path(entry) == held
+
+
 def test_a_big_files_pieces_here_are_read_without_a_fetch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
