@@ -188,8 +188,10 @@ def _ranges(staged: Path, files: list[str], got: dict[str, object]) -> dict[str,
     ranges: dict[str, list[Range]] = {}
     for rel in files:
         touched = pages.get(rel)
+        if not isinstance(touched, list):
+            continue  # not mapped: no stat of it
         size = (staged / rel).stat().st_size
-        if not isinstance(touched, list) or size < RANGES_MIN:
+        if size < RANGES_MIN:
             continue
         spans: list[Range] = [(0, min(page, size))]
         for number in sorted({n for n in touched if isinstance(n, int)}):

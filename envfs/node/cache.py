@@ -257,7 +257,7 @@ class NodeCache:
         (read the object). `CacheDamage` if its copy was refused."""
         if self._object(entry).exists():
             return None
-        copy = self._partial(entry, lambda: os.open(source, FILE_FLAGS))
+        copy = self._partial(entry, opener_of(source, None))
         if copy is None:
             return None
         self.last_fetch = time.monotonic()  # a job is reading in: whole copies wait

@@ -186,12 +186,10 @@ class PartialCopy:
                         self._pending[i] = event
             try:
                 for a, b, event in claimed:
-                    try:
-                        self._fetch(a, b)
-                    finally:
-                        self._release(a, b, event)
+                    self._fetch(a, b)
+                    self._release(a, b, event)
             finally:
-                for a, b, event in claimed:  # the runs after one that failed
+                for a, b, event in claimed:  # the one that failed, and those after it
                     if not event.is_set():
                         self._release(a, b, event)
             for event in waits.values():
