@@ -16,6 +16,9 @@ The digest is sha256 over the relocated tree (paths, types, modes, contents; the
 left out, as it is derived from the sources by this very interpreter), so the same installation
 gives the same digest in any store, at any path.  A snapshot's prefix is this tree hardlinked
 plus the env's packages; every file is one inode in the store, whatever the number of envs.
+
+The installation's own ELF files lose their debug sections on the way in (`strip_debug`:
+libpython 3.12 from pyenv 30 -> 8 MB), so the digest also depends on the host's binutils.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from envfs.build.relocate import (
     is_elf,
     relocate_elves,
     replace_prefix,
+    strip_debug,
 )
 from envfs.build.tree import scan_tree, tree_digest
 from envfs.build.uv import BuildLog
@@ -199,6 +203,9 @@ def _capture_in(
     tree.mkdir()
     sources, libpython = _copy_installation(layout, tree)
     (tree / layout.stdlib_rel / "site-packages" / NO_USER_SITE_PTH).write_text(NO_USER_SITE)
+    saved = strip_debug(sorted(sources))
+    if saved:
+        say(f"dropped {saved / 1e6:.1f} MB of debug sections from {len(sources)} ELF files")
     say(f"relocating {len(sources)} ELF files")
     elves, bundled = relocate_elves(tree, sources, libpython)
     old = sorted({str(layout.prefix).encode(), os.path.realpath(layout.prefix).encode()})

