@@ -973,3 +973,23 @@ def test_a_view_no_overlay_can_be_mounted_on_is_served_by_fuse_and_its_tree_stil
     assert os.listdir(env.index / "cache/early")
     mounts[0].stop()
     assert not os.listdir(env.index / "cache/early")
+
+
+def test_the_node_cache_knows_what_it_holds_without_listing_its_objects(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`held` answers from memory (a fresh node's first job waits for it, the page cache
+    cold): what was there when the cache was opened, what this process put in since, and
+    after a prune what is left."""
+    data = b"held\n"
+    entry = ListingEntry("file", 0o100644, len(data), hashlib.sha256(data).hexdigest(), None)
+    (tmp_path / "src").write_bytes(data)
+    cache = NodeCache(tmp_path / "cache")
+    assert cache.held() == set()
+    path = cache.fetch(entry, os.fsencode(tmp_path / "src"))
+    assert NodeCache(tmp_path / "cache").held() == {path.name}  # found when opened
+    with monkeypatch.context() as m:
+        m.setattr(os, "listdir", lambda *_a: pytest.fail("listed objects/"))
+        assert cache.held() == {path.name}  # put in by this process
+    assert cache.prune() == 1  # no copy links it
+    assert cache.held() == set() and not path.exists()
