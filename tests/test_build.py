@@ -117,8 +117,7 @@ def test_the_access_trace_begins_with_what_the_interpreters_start_reads(local: E
     and their extension modules; and no frozen module's source, which nothing reads."""
     local.run("build", "wf/t", "extra-a==1.0", "--python", PY)
     snap = local.store / "snapshots" / local.show("wf/t")["snapshot_id"]
-    got = json.loads((snap / ".envfs/trace.json").read_text())
-    trace = got["files"]
+    trace = json.loads((snap / ".envfs/trace.json").read_text())["files"]
     where = {rel: i for i, rel in enumerate(trace)}
 
     def first(pattern: str) -> int:
@@ -129,9 +128,6 @@ def test_the_access_trace_begins_with_what_the_interpreters_start_reads(local: E
     assert libpython < first("lib/python3.12/lib-dynload/*"), trace[:20]
     encodings = first("lib/python3.12/encodings/__pycache__/__init__.*.pyc")
     assert libpython < encodings < first("lib/python3.12/json/*"), trace[:40]
-    start = trace[: got["start"]]  # what a fresh node's first job waits for
-    assert trace[libpython] in start and trace[encodings] in start, start
-    assert start[-1].endswith(".pth") and first("lib/python3.12/json/*") >= len(start), start
     frozen = subprocess.run(
         [str(snap / "bin/python"), "-c", "import _imp, sys; print(_imp.is_frozen('os'))"],
         capture_output=True, text=True, timeout=60, check=True,

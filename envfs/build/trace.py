@@ -38,8 +38,8 @@ RANGES_GAP = 64 << 10
 # distributions to import. Records, in order, every file under the root that the
 # interpreter had read or mapped before the hook: first what its start read (the executable,
 # libpython, the bytecode of the modules it imported, not their sources, which a job's start
-# never opens, nor frozen modules' files; the site-packages' .pth files; how many: "start"),
-# then the files of the modules this script imported; then each file opened (audit "open" events:
+# never opens, nor frozen modules' files; the site-packages' .pth files), then the files of
+# the modules this script imported; then each file opened (audit "open" events:
 # sources, bytecode, data) and mapped (shared libraries: /proc/self/maps, read at the first
 # open after an extension module was loaded, so that a library comes where the import
 # needed it, not after the whole package) by the import of each top-level module of those
@@ -83,7 +83,6 @@ for folder in site.getsitepackages():
         for name in sorted(os.listdir(folder)):
             if name.endswith(".pth"):
                 note(os.path.join(folder, name))
-start = set(order)  # what the interpreter's start read, before this script's imports
 maps()
 for module in list(sys.modules.values()):  # this script's own imports (a job may import them)
     note_module(module)
@@ -130,8 +129,7 @@ except OSError:
     touched = {}
 with open(out, "w") as f:
     pages = {rel: sorted(numbers) for rel, numbers in touched.items()}
-    head = sum(rel in start for rel in order)  # the first ones
-    json.dump({"files": order, "pages": pages, "page": page, "start": head}, f)
+    json.dump({"files": order, "pages": pages, "page": page}, f)
 """
 
 _NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
@@ -174,9 +172,7 @@ def record_trace(python: str, staged: Path, names: list[str], log: BuildLog) -> 
         return None
     traced = [str(f) for f in files if not str(f).startswith(META)][:TRACE_MAX]
     assert isinstance(got, dict)
-    start = got.get("start")
-    start = min(start, len(traced)) if isinstance(start, int) and start > 0 else 0
-    trace = AccessTrace(files=traced, ranges=_ranges(staged, traced, got), start=start)
+    trace = AccessTrace(files=traced, ranges=_ranges(staged, traced, got))
     (staged / META / "trace.json").write_text(trace.model_dump_json())
     log.step(f"access trace: {len(trace.files)} files")
     return trace

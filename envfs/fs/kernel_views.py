@@ -30,8 +30,6 @@ log = logging.getLogger(__name__)
 
 #: Seconds before a view some process was found in is looked at again for a kernel mount.
 ENTERED_RECHECK = 1.0
-#: How often `settle` looks whether the mounts under way are done.
-SETTLE_POLL = 0.002
 
 
 class KernelViews:
@@ -94,14 +92,6 @@ class KernelViews:
             await trio.to_thread.run_sync(
                 self._mount, view, os.fsdecode(source), tree, abandon_on_cancel=True
             )
-
-    async def settle(self, skip: int | None = None) -> None:
-        """Wait for the mounts under way to be done, but that of a view whose directory a
-        request is in (``skip``: it waits for that request)."""
-        waiting = {view.path for view, _source, ino in self.namespace.kernel_candidates()
-                   if ino is not None and ino == skip}  # fmt: skip
-        while self._pending - waiting:
-            await trio.sleep(SETTLE_POLL)
 
     def _wanted(self, path: str, tree: EarlyTree | None) -> bool:
         """Whether a view needs a kernel mount: an overlay of ``tree`` if it has none, else a

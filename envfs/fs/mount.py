@@ -38,7 +38,7 @@ from envfs.fs.following import Following
 from envfs.fs.fuse_ops import EnvfsOperations
 from envfs.fs.kernel_views import KernelViews
 from envfs.fs.mounted import prepare_mountpoint
-from envfs.fs.prefetch import Head, prefetch_snapshot
+from envfs.fs.prefetch import prefetch_snapshot
 from envfs.fs.status import BuildStats, DaemonStatus, ServedEnv
 from envfs.fs.vfs import Namespace
 from envfs.node.builds import RETRY_AFTER, BuildQueue
@@ -386,21 +386,15 @@ class Daemon(Following):
         now, before the reply, so that the process it serves runs kernel-served (it is about
         to walk into ``wf/node@REV``).  Never a view whose directory is ``request_dir``: the
         mount would wait for this very request (the kernel locks a mount point's inode).
-        The snapshot is leased first: gc must not take what a process is about to use.
-        On a fresh node (a snapshot on a NAS), the reply also waits for the snapshot's early
-        tree and the files of the interpreter's start (`prefetch.Head`), while the lease is
-        written: the process execs the interpreter next, and what it looks up before those
-        are linked stays FUSE-served for it."""
+        The snapshot is leased first: gc must not take what a process is about to use."""
         new = sorted(set(self.namespace.attached_snapshots()) - self._held)
-        heads = []
         if new:
             for sid in new:  # a fresh node's head start (under way while the lease is written)
                 if self.cache is not None and sid not in self._prefetched:
                     self._prefetched.add(sid)
                     on_tree = self._early_tree if self.kernel.enabled else None
-                    heads.append(Head())
                     self._nursery.start_soon(
-                        prefetch_snapshot, self.namespace, self.cache, sid, on_tree, heads[-1]
+                        prefetch_snapshot, self.namespace, self.cache, sid, on_tree
                     )
             try:
                 with trio.move_on_after(KERNEL_WAIT):
@@ -409,15 +403,9 @@ class Daemon(Following):
                     await trio.to_thread.run_sync(self._remember_served)
             except Exception as e:  # the lease loop tries again
                 log.error("cannot lease %s: %s: %s", new, type(e).__name__, e)
-        with trio.move_on_after(KERNEL_WAIT):  # its early tree, and the interpreter's start
-            for head in heads:
-                await head.ready.wait()
-                if head.tree is not None and self.kernel.enabled:
-                    self.kernel.trees[head.tree.snapshot_id] = head.tree
         if self.kernel.enabled and not self._stopping:
             with trio.move_on_after(KERNEL_WAIT):
                 await self.kernel.place(skip=request_dir)
-                await self.kernel.settle(skip=request_dir)
 
     async def _early_tree(self, tree: EarlyTree) -> None:
         """A snapshot's early tree is made (`envfs.node.early`): the kernel serves what the

@@ -30,7 +30,7 @@ from envfs.node.cache import PARTIAL_MIN, NodeCache
 from envfs.node.copying import StoreDirs
 from envfs.node.early import EarlyTree
 from envfs.store.files import Listing, ListingEntry, pack_file, read_packs, read_trace
-from envfs.store.formats import AccessTrace, Range
+from envfs.store.formats import Range
 
 log = logging.getLogger(__name__)
 
@@ -47,45 +47,15 @@ IN_FLIGHT = 8 << 20
 WHOLE_MAX = 64 << 20
 
 
-class Head:
-    """What the first job of a fresh node waits for: the snapshot's early tree made (the
-    daemon then mounts it, `envfs.fs.mount`) and the files of the interpreter's start
-    (`AccessTrace.start`) on the node, linked into it. A file the job looks up before it
-    is linked stays FUSE-served for that process (the overlay keeps what it found): the
-    executable and libpython, mapped at once, were served piece by piece through FUSE
-    for the whole run; now the kernel serves them from their first page."""
-
-    def __init__(self) -> None:
-        self.ready = trio.Event()
-        self.tree: EarlyTree | None = None
-
-
 async def prefetch_snapshot(
     namespace: Namespace,
     cache: NodeCache,
     snapshot_id: str,
     on_tree: Callable[[EarlyTree], Awaitable[None]] | None = None,
-    head: Head | None = None,
 ) -> None:
     """Copy what the trace of an attached snapshot names into the node cache (nothing if
     it is served from a local disk, has no trace, or the node has it all already). With
-    ``on_tree``, its early tree is made first and awaited with; with ``head``, that is
-    set ready once the tree is made and the interpreter's start is in (`Head`), before
-    ``on_tree``."""
-    try:
-        await _prefetch(namespace, cache, snapshot_id, on_tree, head)
-    finally:
-        if head is not None:
-            head.ready.set()
-
-
-async def _prefetch(
-    namespace: Namespace,
-    cache: NodeCache,
-    snapshot_id: str,
-    on_tree: Callable[[EarlyTree], Awaitable[None]] | None,
-    head: Head | None,
-) -> None:
+    ``on_tree``, its early tree is made first and awaited with."""
     found = namespace.remote_tree(snapshot_id)
     if found is None:
         return
@@ -93,38 +63,22 @@ async def _prefetch(
     t0 = time.monotonic()
     links = Links()
     copied: list[int] = []
-    started = threading.Event()  # the start's files are in (or never will be)
-    trace = await trio.to_thread.run_sync(read_trace, source)
 
-    async def copying() -> None:  # while the tree is made
+    async def copying() -> None:  # begins with the trace, read while the tree is made
         try:
-            copied.append(
-                await trio.to_thread.run_sync(
-                    copy_traced, cache, source, listing, links, started, trace
-                )
-            )
+            copied.append(await trio.to_thread.run_sync(copy_traced, cache, source, listing, links))
         except (OSError, EnvfsError) as e:  # the job's reads copy what they need themselves
             log.warning("prefetch of %s stopped: %s", snapshot_id[:12], e)
-        finally:
-            started.set()
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(copying)
         tree = None
         if on_tree is not None:
             try:
-                _t = time.perf_counter()
-                coming = trace.files if trace is not None else None
-                tree = await trio.to_thread.run_sync(
-                    EarlyTree.make, cache, snapshot_id, listing, coming
-                )
+                tree = await trio.to_thread.run_sync(EarlyTree.make, cache, snapshot_id, listing)
             except OSError as e:  # served as before: through FUSE until the whole copy is in
                 log.warning("no early tree for %s: %s", snapshot_id[:12], e)
         links.attach(tree)
-        if head is not None:
-            await trio.to_thread.run_sync(started.wait)
-            head.tree = tree
-            head.ready.set()
         if tree is not None and on_tree is not None:
             await on_tree(tree)
     if copied and copied[0]:
@@ -160,24 +114,16 @@ class Links:
 
 
 def copy_traced(
-    cache: NodeCache,
-    source: bytes,
-    listing: Listing,
-    tree: EarlyTree | Links | None = None,
-    started: threading.Event | None = None,
-    trace: AccessTrace | None = None,
+    cache: NodeCache, source: bytes, listing: Listing, tree: EarlyTree | Links | None = None
 ) -> int:
-    """In a worker thread: the copy itself, each file linked into ``tree`` as it lands,
-    ``started`` set once the files of the interpreter's start are (`AccessTrace.start`);
-    how many files it copied (or found held). ``trace``: the snapshot's, if read already."""
-    trace = trace or read_trace(source)
+    """In a worker thread: the copy itself, each file linked into ``tree`` as it lands;
+    how many files it copied (or found held)."""
+    trace = read_trace(source)
     if trace is None:
         return 0
     packs = _packs(source, listing)
     parts = _parts(trace.ranges, listing)
     todo = _in_order(trace.files, packs, listing, parts)
-    first = len(_in_order(trace.files[: trace.start], packs, listing, parts, rest=False))
-    first_left, first_lock = [first], threading.Lock()
 
     def unpack(pack: bytes, members: list[tuple[bytes, ListingEntry]]) -> None:
         done: set[int] = set()
@@ -213,26 +159,16 @@ def copy_traced(
         touched = parts.get(item[0])
         return item[1].size if touched is None else sum(b - a for a, b in touched)
 
-    def first_done(_copy: Future[None]) -> None:
-        with first_lock:
-            first_left[0] -= 1
-            if first_left[0] == 0 and started is not None:
-                started.set()
-
     dirs = StoreDirs()
     window = _Window(IN_FLIGHT)
-    if first == 0 and started is not None:
-        started.set()
     try:
         with ThreadPoolExecutor(PREFETCH_THREADS, thread_name_prefix="prefetch") as pool:
             copies = []
-            for i, item in enumerate(todo):
+            for item in todo:
                 size = weight(item)
                 window.enter(size)
                 copies.append(pool.submit(copy, item))
                 copies[-1].add_done_callback(functools.partial(window.leave_after, size))
-                if i < first:
-                    copies[-1].add_done_callback(first_done)
             for done in copies:
                 done.result()
     finally:
@@ -264,11 +200,10 @@ def _in_order(
     packs: list[tuple[bytes, list[tuple[bytes, ListingEntry]]]],
     listing: Listing,
     parts: dict[bytes, list[Range]] | None = None,
-    rest: bool = True,
 ) -> list[tuple[bytes, ListingEntry] | int]:
     """What to copy, in the order the job needs it: the traced files (up to `WHOLE_MAX`,
     or the parts the trace names of bigger ones) in trace order, each pack (by its index)
-    where its first member comes; then (``rest``) the packs no traced file is in."""
+    where its first member comes."""
     packed = {rel: i for i, (_path, members) in enumerate(packs) for rel, _entry in members}
     todo: list[tuple[bytes, ListingEntry] | int] = []
     queued: set[int] = set()
@@ -285,7 +220,7 @@ def _in_order(
             continue
         if entry.size <= WHOLE_MAX or raw in (parts or {}):
             todo.append((raw, entry))
-    return todo + [i for i in range(len(packs)) if i not in queued and rest]
+    return todo + [i for i in range(len(packs)) if i not in queued]
 
 
 def _parts(traced: dict[str, list[Range]], listing: Listing) -> dict[bytes, list[Range]]:

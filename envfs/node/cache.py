@@ -437,7 +437,8 @@ class NodeCache:
         the cache was opened and at the last `prune`, and those this process put in since
         (one that went since is a link that fails: the caller reads it through FUSE). Not
         a listing of ``objects/`` each time: on a fresh node's first job, with the page
-        cache cold, its 256 directories took 40-70 ms while the job waited."""
+        cache cold, its 256 directories took 40-70 ms of the early tree's making, while the
+        job ran through FUSE."""
         with self._held_lock:
             return set(self._held)
 

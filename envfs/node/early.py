@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import os
 import uuid
-from collections.abc import Collection
 from pathlib import Path
 
 from envfs.node.cache import NodeCache, dir_mode, object_name
@@ -42,56 +41,30 @@ class EarlyTree:
         self.linked = 0  # files linked in so far
 
     @classmethod
-    def make(
-        cls,
-        cache: NodeCache,
-        snapshot_id: str,
-        listing: Listing,
-        coming: Collection[str] | None = None,
-    ) -> EarlyTree:
+    def make(cls, cache: NodeCache, snapshot_id: str, listing: Listing) -> EarlyTree:
         """The directories and symlinks of ``listing``, and links to the files the node
-        holds; with ``coming`` (the files the prefetch is about to link in: its trace), only
-        the directories those and the files held are in. A directory the tree lacks is the
-        FUSE view's alone: all that is in it is FUSE-served (a fresh pandas env: 152 of
-        630 directories made, in a quarter of the time, while the job waits for them).
-        Raises `OSError` (the cache's disk is full) with nothing left behind."""
+        holds. Raises `OSError` (the cache's disk is full) with nothing left behind."""
         path = cache.early / f"{snapshot_id}.{os.getpid()}.{uuid.uuid4().hex[:12]}"
         root = os.fsencode(path)
         tree = cls(cache, snapshot_id, path)
         meta = META.encode()
         held = cache.held()
-        files = [
-            (os.path.join(rel, name), entry)
-            for rel, entries in listing.items()
-            if not _meta(rel, meta)  # FUSE views hide the snapshot's .envfs
-            for name, entry in entries.items()
-            if entry.type == "file" and object_name(entry) in held
-        ]
-        if coming is None:
-            made = {rel for rel in listing if rel and not _meta(rel, meta)}
-        else:
-            made = set()
-            for rel in [os.fsencode(f) for f in coming] + [rel for rel, _entry in files]:
-                parent = os.path.dirname(rel)
-                while parent and parent not in made:
-                    made.add(parent)
-                    parent = os.path.dirname(parent)
-            made = {rel for rel in made if rel in listing and not _meta(rel, meta)}
-        mask = _umask()
         try:
-            os.mkdir(root, 0o555)
+            os.mkdir(root)
             os.chmod(root, 0o555)  # modes as the snapshot's, whatever the daemon's umask
-            for rel in sorted(made):
-                mode = dir_mode(listing, rel) & ~0o222
-                os.mkdir(os.path.join(root, rel), mode)
-                if mode & mask:
-                    os.chmod(os.path.join(root, rel), mode)
-            for rel in [b"", *made]:
-                for name, entry in listing[rel].items():
+            for rel in sorted(rel for rel in listing if rel and not _meta(rel, meta)):
+                os.mkdir(os.path.join(root, rel))
+                os.chmod(os.path.join(root, rel), dir_mode(listing, rel) & ~0o222)
+            for rel, entries in listing.items():
+                if _meta(rel, meta):
+                    continue  # FUSE views hide the snapshot's .envfs
+                for name, entry in entries.items():
+                    if rel == b"" and name == meta:
+                        continue
                     if entry.type == "symlink" and entry.target is not None:
                         os.symlink(entry.target, os.path.join(root, rel, name))
-            for rel, entry in files:
-                tree.link(rel, entry)
+                    elif entry.type == "file" and object_name(entry) in held:
+                        tree.link(os.path.join(rel, name), entry)
         except BaseException:
             remove_tree(path)
             raise
@@ -118,19 +91,6 @@ class EarlyTree:
         except OSError as e:
             log.warning("cannot remove the early tree %s (removed at the next start): %s",
                         self.path.name, e)  # fmt: skip
-
-
-def _umask() -> int:
-    """The process's umask, read without changing it (``os.umask`` sets it for every
-    thread; Linux shows it in /proc/self/status); all bits if it cannot be read."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    return 0o777
 
 
 def _meta(rel: bytes, meta: bytes) -> bool:

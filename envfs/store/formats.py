@@ -131,10 +131,6 @@ class AccessTrace(Record):
     #: of the big traced files the import mapped and touched a part of (a shared library:
     #: not its debug sections, not the code it did not run), the byte ranges it touched
     ranges: dict[str, list[Range]] = {}
-    #: how many of ``files`` (the first) the interpreter's own start read (the executable,
-    #: libpython, the start's bytecode, the .pth files): a fresh node's first job waits for
-    #: those (`envfs.fs.prefetch`); 0: not recorded
-    start: int = Field(default=0, ge=0)
 
 
 class PackMember(Record):

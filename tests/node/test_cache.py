@@ -693,30 +693,6 @@ def test_a_fresh_node_kernel_serves_the_files_it_holds_before_its_whole_copy(
     assert not os.listdir(env.index / "cache/early")  # the daemon took its tree with it
 
 
-def test_a_fresh_nodes_first_job_runs_its_interpreter_kernel_served(
-    nas_node: tuple[Env, NasSim, list[Mount]], tmp_path: Path
-) -> None:
-    """The reply to a fresh node's first look into an env waits for its early tree and for
-    the files the interpreter's start reads (the trace's first ones): the job execs the
-    interpreter next, and a file it looks up before it is linked stays FUSE-served for it
-    (the executable and libpython: every page of them). So FUSE opens none of them."""
-    env, _nas, mounts = nas_node
-    env.run("build", "wf/n", "extra-a==1.0", "--python", PY)
-    snap = tmp_path / "backing/store/snapshots" / env.show("wf/n")["snapshot_id"]
-    trace = json.loads((snap / ".envfs/trace.json").read_text())
-    start = trace["files"][: trace["start"]]
-    assert start[:2] == ["bin/python3.12", "lib/libpython3.12.so.1.0"], start
-    assert any(rel.endswith(".pth") for rel in start), start
-    mnt = tmp_path / "envs"
-    mounts.append(Mount(env, mnt, "--fill-rate", "off"))
-    out = py(mnt, "wf/n", "import sys; print(sys.prefix)")
-    assert out.returncode == 0 and out.stdout.strip() == str(mnt / "wf/n@1"), out
-    assert _fstype(mnt / "wf/n@1") == "overlay"
-    time.sleep(1.5)  # the status file is rewritten every second
-    cache = _status(env)["cache"]
-    assert isinstance(cache, dict) and cache["opens"] == 0, cache
-
-
 def test_a_fresh_nodes_whole_copy_replaces_its_early_overlay(
     nas_node: tuple[Env, NasSim, list[Mount]], tmp_path: Path
 ) -> None:
@@ -792,51 +768,6 @@ def test_an_early_tree_holds_the_tree_and_links_what_the_node_has(tmp_path: Path
     assert not tree.link(b"lib/b.py", entry(lacked))  # once
     tree.remove()
     assert not root.exists()
-
-
-def test_an_early_tree_for_a_trace_holds_the_directories_of_its_files_and_of_those_held(
-    tmp_path: Path,
-) -> None:
-    """Given the files a prefetch is about to link in, only the directories they and the
-    files the node holds are in are made (the others are the FUSE view's alone)."""
-    from envfs.node.early import EarlyTree
-
-    held = b"held\n"
-    sha = hashlib.sha256(held).hexdigest()
-
-    def d(mode: int = 0o40755) -> ListingEntry:
-        return ListingEntry("dir", mode, 0, None, None)
-
-    def f(sha256: str = "0" * 64) -> ListingEntry:
-        return ListingEntry("file", 0o100644, len(held), sha256, None)
-
-    listing = {
-        b"": {b"lib": d(), b"other": d(), b"up": ListingEntry("symlink", 0o120777, 3, None, "lib")},
-        b"lib": {
-            b"pkg": d(),
-            b"data": d(),
-            b"link": ListingEntry("symlink", 0o120777, 3, None, "pkg"),
-        },
-        b"lib/pkg": {b"__init__.py": f(), b"deep": d()},
-        b"lib/pkg/deep": {b"x.py": f()},
-        b"lib/data": {b"held.txt": f(sha)},
-        b"other": {b"y.py": f(), b"z": d(0o40700)},
-        b"other/z": {},
-    }
-    cache = NodeCache(tmp_path / "cache")
-    (tmp_path / "held.txt").write_bytes(held)
-    cache.fetch(f(sha), os.fsencode(tmp_path / "held.txt"))
-    tree = EarlyTree.make(cache, "s" * 64, listing, ["lib/pkg/__init__.py", "lib/missing/q.py"])
-    made = sorted(
-        os.path.relpath(os.path.join(top, name), tree.path)
-        for top, dirs, _files in os.walk(tree.path)
-        for name in dirs
-        if not os.path.islink(os.path.join(top, name))
-    )
-    assert made == ["lib", "lib/data", "lib/pkg"]  # not lib/pkg/deep, other, other/z
-    assert (tree.path / "lib/data/held.txt").read_bytes() == held and tree.linked == 1
-    assert os.readlink(tree.path / "up") == "lib" and os.readlink(tree.path / "lib/link") == "pkg"
-    assert tree.link(b"lib/data/held.txt", f(sha)) is False  # linked already
 
 
 def test_files_landing_before_the_early_tree_is_made_are_linked_once_it_is(
