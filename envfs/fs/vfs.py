@@ -105,6 +105,8 @@ class Namespace(Grants, Attachments):
         self._workflows: dict[str, int] = {}
         self._views: dict[tuple[str, str, str, str | int], int] = {}
         self._roots: dict[str, _Backing] = {}  # snapshot id -> backing root directory
+        #: called (in the thread about to read it) before a snapshot's manifest is loaded
+        self.on_loading: Callable[[str], None] | None = None
         self._files: dict[tuple[str | None, int], _File] = {}  # (sha256 or target, mode) -> file
         self._built: dict[str, bytes] = {}  # snapshot id -> dir, from builds this process ran
         self._misses = Misses(clock, self._lock)
@@ -411,6 +413,8 @@ class Namespace(Grants, Attachments):
             cheap = blocking_is_cheap(os.path.dirname(path))
             if not io and not cheap:
                 raise WouldBlock
+            if self.on_loading is not None:
+                self.on_loading(snapshot_id)
             try:
                 tree, attr = _load_tree(path, cheap)
             except FileNotFoundError:  # gc took it since it was let go of: build it again
