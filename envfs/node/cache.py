@@ -73,8 +73,12 @@ log = logging.getLogger(__name__)
 #: 3.0-3.3x a local one instead of 2.2x (`../shared/checks/12-fresh-node`).
 COPY_THREADS = 4
 #: Files at least this big come in piece by piece, a read waiting only for its pieces
-#: (`envfs.node.partial`); smaller ones are copied whole on their first read.
-PARTIAL_MIN = 8 << 20
+#: (`envfs.node.partial`); smaller ones are copied whole on their first read. (4 MB: a
+#: fresh node's job maps libpython, 8 MB without its debug sections, through FUSE at its
+#: start; whole, its first page waited for all of it: 20-30 ms more a first import pandas
+#: than with 8 MB here, 12 paired runs each, twice; with 2 MB, pandas' own libraries too
+#: come in pieces, served by FUSE until whole: no gain.)
+PARTIAL_MIN = 4 << 20
 #: Seconds without a job opening or reading in a file of an env not copied whole before
 #: whole copies run: the job's own reads have the NAS first.
 QUIET = 2.0

@@ -848,7 +848,7 @@ def test_the_node_reads_a_nas_file_in_long_requests(
     in long calls: a client that caches no attributes (nas-sim, like NFS with ``noac``)
     asks for them at each call."""
     _env, nas, _mounts = nas_node
-    data = os.urandom(4 << 20)  # copied whole (under PARTIAL_MIN), as a pack is read
+    data = os.urandom(PARTIAL_MIN - 4096)  # copied whole (under PARTIAL_MIN), as a pack is
     (tmp_path / "backing/blob").write_bytes(data)
     entry = ListingEntry("file", 0o100644, len(data), hashlib.sha256(data).hexdigest(), None)
     cache = NodeCache(tmp_path / "node-cache")
