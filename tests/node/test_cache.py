@@ -168,8 +168,9 @@ def test_a_fresh_node_copies_what_the_build_traced_as_soon_as_the_env_is_first_u
     env.run("build", "wf/n", "extra-a==1.0", "--python", PY)
     sid = env.show("wf/n")["snapshot_id"]
     snap = tmp_path / "backing/store/snapshots" / sid
-    traced, heads = _ahead(snap)  # (no big library here: libpython is 8 MB without debug)
+    traced, heads = _ahead(snap)
     assert len({os.path.dirname(rel) for rel in traced}) > 3
+    assert heads  # libpython: the parts touched only, the rest with the whole copy (off here)
     manifest = {e.path: e for e in Store(env.store).read_manifest(sid).files}
     mnt = tmp_path / "envs"
     mounts.append(Mount(env, mnt, "--no-kernel-mounts", "--fill-rate", "off"))
@@ -848,7 +849,7 @@ def test_the_node_reads_a_nas_file_in_long_requests(
     in long calls: a client that caches no attributes (nas-sim, like NFS with ``noac``)
     asks for them at each call."""
     _env, nas, _mounts = nas_node
-    data = os.urandom(PARTIAL_MIN - 4096)  # copied whole (under PARTIAL_MIN), as a pack is
+    data = os.urandom(PARTIAL_MIN - 4096)  # copied whole (under PARTIAL_MIN), as packs are
     (tmp_path / "backing/blob").write_bytes(data)
     entry = ListingEntry("file", 0o100644, len(data), hashlib.sha256(data).hexdigest(), None)
     cache = NodeCache(tmp_path / "node-cache")
@@ -909,9 +910,9 @@ def test_a_view_no_overlay_can_be_mounted_on_is_served_by_fuse_and_its_tree_stil
 def test_the_node_cache_knows_what_it_holds_without_listing_its_objects(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """`held` answers from memory (a fresh node's first job waits for it, the page cache
-    cold): what was there when the cache was opened, what this process put in since, and
-    after a prune what is left."""
+    """`held` answers from memory (a fresh node's early tree is made with it while the
+    first job runs, the page cache cold): what was there when the cache was opened, what
+    this process put in since, and after a prune what is left."""
     data = b"held\n"
     entry = ListingEntry("file", 0o100644, len(data), hashlib.sha256(data).hexdigest(), None)
     (tmp_path / "src").write_bytes(data)
