@@ -30,7 +30,7 @@ from envfs.node.cache import PARTIAL_MIN, NodeCache
 from envfs.node.copying import StoreDirs
 from envfs.node.early import EarlyTree
 from envfs.store.files import Listing, ListingEntry, pack_file, read_packs, read_trace
-from envfs.store.formats import Range
+from envfs.store.formats import AccessTrace, Range
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +61,15 @@ async def prefetch_snapshot(
         return
     source, listing = found
     t0 = time.monotonic()
+    trace = await trio.to_thread.run_sync(read_trace, source)
+    coming = [os.fsencode(rel) for rel in trace.files] if trace is not None else []
     links = Links()
     copied: list[int] = []
 
-    async def copying() -> None:  # begins with the trace, read while the tree is made
+    async def copying() -> None:  # while the tree is made
         try:
-            copied.append(await trio.to_thread.run_sync(copy_traced, cache, source, listing, links))
+            copy = functools.partial(copy_traced, cache, source, listing, links, trace)
+            copied.append(await trio.to_thread.run_sync(copy))
         except (OSError, EnvfsError) as e:  # the job's reads copy what they need themselves
             log.warning("prefetch of %s stopped: %s", snapshot_id[:12], e)
 
@@ -75,7 +78,8 @@ async def prefetch_snapshot(
         tree = None
         if on_tree is not None:
             try:
-                tree = await trio.to_thread.run_sync(EarlyTree.make, cache, snapshot_id, listing)
+                make = functools.partial(EarlyTree.make, cache, snapshot_id, listing, coming)
+                tree = await trio.to_thread.run_sync(make)
             except OSError as e:  # served as before: through FUSE until the whole copy is in
                 log.warning("no early tree for %s: %s", snapshot_id[:12], e)
         links.attach(tree)
@@ -114,11 +118,17 @@ class Links:
 
 
 def copy_traced(
-    cache: NodeCache, source: bytes, listing: Listing, tree: EarlyTree | Links | None = None
+    cache: NodeCache,
+    source: bytes,
+    listing: Listing,
+    tree: EarlyTree | Links | None = None,
+    trace: AccessTrace | None = None,
 ) -> int:
-    """In a worker thread: the copy itself, each file linked into ``tree`` as it lands;
-    how many files it copied (or found held)."""
-    trace = read_trace(source)
+    """In a worker thread: the copy of what ``trace`` (else the snapshot's own, read here)
+    names, each file linked into ``tree`` as it lands; how many files it copied (or found
+    held)."""
+    if trace is None:
+        trace = read_trace(source)
     if trace is None:
         return 0
     packs = _packs(source, listing)

@@ -3,14 +3,17 @@
 A snapshot served from a NAS is FUSE-served until the node holds all of it (the whole copy
 waits for jobs to quieten: `envfs.node.cache`), and through FUSE a first import runs at
 about 1.5x its kernel-served time, however fast the NAS. So when such a snapshot is first
-attached its early tree is made under ``<cache>/early/``: every directory and symlink of
-the snapshot, and a hard link to the node cache's copy of every file the node holds
-already (from any env); the prefetch (`envfs.fs.prefetch`) links each traced file in as
-it lands. The daemon mounts it over the snapshot's pinned views as the upper layer of a
-read-only overlay whose lower layer is the FUSE view itself
-(`envfs.fs.kernel.overlay_read_only`): the kernel serves every file the node holds, FUSE
-the rest (and the names: a lookup below a merged directory asks both layers once). Once
-the whole copy is in, a bind of it replaces the overlay.
+attached its early tree is made under ``<cache>/early/``: a hard link to the node cache's
+copy of every file the node holds already (from any env), the directories on the way to
+those and to the files the trace names, and the symlinks in them; the prefetch
+(`envfs.fs.prefetch`) links each traced file in as it lands. The daemon mounts it over the
+snapshot's pinned views as the upper layer of a read-only overlay whose lower layer is the
+FUSE view itself (`envfs.fs.kernel.overlay_read_only`): the kernel serves every file the
+node holds, FUSE the rest (and the names: a lookup below a merged directory asks both
+layers once). A directory left out of the tree is the lower layer's alone, FUSE-served as
+an unlinked file is: a first import of pandas goes through 152 of the env's 632
+directories, and each one made is an inode written while the job waits. Once the whole
+copy is in, a bind of it replaces the overlay.
 
 A file looked up before it was linked stays FUSE-served for that name until the kernel
 forgets it (overlayfs keeps what it found): the same bytes, only slower. Nothing here is
@@ -23,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 
 from envfs.node.cache import NodeCache, dir_mode, object_name
@@ -41,30 +45,38 @@ class EarlyTree:
         self.linked = 0  # files linked in so far
 
     @classmethod
-    def make(cls, cache: NodeCache, snapshot_id: str, listing: Listing) -> EarlyTree:
-        """The directories and symlinks of ``listing``, and links to the files the node
-        holds. Raises `OSError` (the cache's disk is full) with nothing left behind."""
+    def make(
+        cls, cache: NodeCache, snapshot_id: str, listing: Listing, coming: Iterable[bytes] = ()
+    ) -> EarlyTree:
+        """The directories of ``listing`` on the way to the files the node holds and to those
+        ``coming`` (the prefetch's: the trace's), their symlinks, and links to the files held.
+        Raises `OSError` (the cache's disk is full) with nothing left behind."""
         path = cache.early / f"{snapshot_id}.{os.getpid()}.{uuid.uuid4().hex[:12]}"
         root = os.fsencode(path)
         tree = cls(cache, snapshot_id, path)
         meta = META.encode()
         held = cache.held()
+        links = [
+            (os.path.join(rel, name), entry)
+            for rel, entries in listing.items()
+            if not _meta(rel, meta)
+            for name, entry in entries.items()
+            if entry.type == "file" and object_name(entry) in held
+        ]
+        dirs = _on_the_way([rel for rel, _entry in links] + list(coming))
         try:
             os.mkdir(root)
             os.chmod(root, 0o555)  # modes as the snapshot's, whatever the daemon's umask
-            for rel in sorted(rel for rel in listing if rel and not _meta(rel, meta)):
+            made = sorted(rel for rel in dirs if rel in listing and not _meta(rel, meta))
+            for rel in made:
                 os.mkdir(os.path.join(root, rel))
                 os.chmod(os.path.join(root, rel), dir_mode(listing, rel) & ~0o222)
-            for rel, entries in listing.items():
-                if _meta(rel, meta):
-                    continue  # FUSE views hide the snapshot's .envfs
-                for name, entry in entries.items():
-                    if rel == b"" and name == meta:
-                        continue
+            for rel in [b"", *made]:
+                for name, entry in listing[rel].items():
                     if entry.type == "symlink" and entry.target is not None:
                         os.symlink(entry.target, os.path.join(root, rel, name))
-                    elif entry.type == "file" and object_name(entry) in held:
-                        tree.link(os.path.join(rel, name), entry)
+            for rel, entry in links:
+                tree.link(rel, entry)
         except BaseException:
             remove_tree(path)
             raise
@@ -91,6 +103,17 @@ class EarlyTree:
         except OSError as e:
             log.warning("cannot remove the early tree %s (removed at the next start): %s",
                         self.path.name, e)  # fmt: skip
+
+
+def _on_the_way(files: list[bytes]) -> set[bytes]:
+    """The directories the paths of ``files`` go through (not the root)."""
+    dirs: set[bytes] = set()
+    for rel in files:
+        parent = rel.rpartition(b"/")[0]
+        while parent and parent not in dirs:
+            dirs.add(parent)
+            parent = parent.rpartition(b"/")[0]
+    return dirs
 
 
 def _meta(rel: bytes, meta: bytes) -> bool:

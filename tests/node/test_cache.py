@@ -720,27 +720,36 @@ def test_a_fresh_nodes_whole_copy_replaces_its_early_overlay(
             job.wait()
 
 
-def test_an_early_tree_holds_the_tree_and_links_what_the_node_has(tmp_path: Path) -> None:
-    """Every directory and symlink of the snapshot, a link to each file the node holds
-    (from any env), and none to one it lacks, until it is linked in."""
+def test_an_early_tree_holds_the_way_to_what_the_node_has_and_will_have(tmp_path: Path) -> None:
+    """A link to each file the node holds (from any env) and none to one it lacks, until
+    it is linked in; the directories on the way to those and to the files coming (the
+    trace's), with their symlinks; no other directory (each is an inode written while the
+    job waits: the overlay serves it from FUSE)."""
     from envfs.node.early import EarlyTree
 
     def entry(data: bytes, mode: int = 0o100644) -> ListingEntry:
         return ListingEntry("file", mode, len(data), hashlib.sha256(data).hexdigest(), None)
 
-    held, lacked = b"held\n", b"lacked\n"
+    held, lacked, later = b"held\n", b"lacked\n", b"later\n"
     listing = {
         b"": {
             b"lib": ListingEntry("dir", 0o40755, 0, None, None),
             b"lib64": ListingEntry("symlink", 0o120777, 3, None, "lib"),
+            b"share": ListingEntry("dir", 0o40755, 0, None, None),
             b".envfs": ListingEntry("dir", 0o40755, 0, None, None),
         },
         b"lib": {
             b"a.py": entry(held),
             b"b.py": entry(lacked),
             b"sub": ListingEntry("dir", 0o40700, 0, None, None),
+            b"other": ListingEntry("dir", 0o40755, 0, None, None),
         },
-        b"lib/sub": {},
+        b"lib/sub": {
+            b"c.py": entry(later),
+            b"s": ListingEntry("symlink", 0o120777, 4, None, "c.py"),
+        },
+        b"lib/other": {b"d.py": entry(later)},
+        b"share": {b"t": ListingEntry("symlink", 0o120777, 4, None, "../lib")},
         b".envfs": {},
     }
     cache = NodeCache(tmp_path / "cache")
@@ -751,7 +760,7 @@ def test_an_early_tree_holds_the_tree_and_links_what_the_node_has(tmp_path: Path
     cache.fetch(entry(held), os.fsencode(store / "a.py"))
     umask = os.umask(0o077)  # a daemon's umask does not reach the modes users see
     try:
-        tree = EarlyTree.make(cache, "s" * 64, listing)
+        tree = EarlyTree.make(cache, "s" * 64, listing, [b"lib/sub/c.py"])
     finally:
         os.umask(umask)
     root = tree.path
@@ -759,9 +768,11 @@ def test_an_early_tree_holds_the_tree_and_links_what_the_node_has(tmp_path: Path
     assert os.stat(root / "lib/a.py").st_ino == os.stat(cache.object_path(entry(held)) or "").st_ino
     assert not (root / "lib/b.py").exists()
     assert os.readlink(root / "lib64") == "lib"
+    assert os.readlink(root / "lib/sub/s") == "c.py"
     assert os.stat(root / "lib/sub").st_mode & 0o7777 == 0o500  # never writable
     assert os.stat(root / "lib").st_mode & 0o7777 == 0o555
     assert os.stat(root).st_mode & 0o7777 == 0o555
+    assert not (root / "lib/other").exists() and not (root / "share").exists()  # not needed
     assert not (root / ".envfs").exists()  # FUSE views hide it
     assert not tree.link(b"lib/b.py", entry(lacked))  # the node lacks it still
     cache.fetch(entry(lacked), os.fsencode(store / "b.py"))
@@ -783,7 +794,7 @@ def test_files_landing_before_the_early_tree_is_made_are_linked_once_it_is(
     entry = ListingEntry("file", 0o100644, len(data), hashlib.sha256(data).hexdigest(), None)
     listing = {b"": {b"lib": ListingEntry("dir", 0o40755, 0, None, None)}, b"lib": {b"a.py": entry}}
     cache = NodeCache(tmp_path / "cache")
-    tree = EarlyTree.make(cache, "s" * 64, listing)  # made before the file landed
+    tree = EarlyTree.make(cache, "s" * 64, listing, [b"lib/a.py"])  # before it landed
     (tmp_path / "a.py").write_bytes(data)
     links = Links()
     cache.fetch(entry, os.fsencode(tmp_path / "a.py"))
