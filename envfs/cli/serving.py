@@ -77,7 +77,8 @@ def _status_file(mountpoint: Path) -> Path:
     show_default=True,
     metavar="RATE",
     help="Bytes a second (K, M, G) the background copy of a whole env into the node cache "
-    "may read from the store, once its first use has quietened; `off`: no whole copies "
+    "may read from the store, once its first use has quietened (it also gives way while the "
+    "store answers slowly: other nodes' jobs starting); `off`: no whole copies "
     "(each file is still copied on its first read, so the kernel never serves the env).",
 )
 @click.pass_context

@@ -27,6 +27,7 @@ recently used snapshots that are not in use are evicted, then objects nothing li
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -43,7 +44,9 @@ from envfs.core.errors import EnvironmentProblem
 from envfs.node.copying import (
     DIR_FLAGS,
     FILE_FLAGS,
+    PROBE_MAX,
     READ,
+    GiveWay,
     StoreDirs,
     Throttle,
     copy_bytes,
@@ -424,8 +427,12 @@ class NodeCache:
         by_dir: dict[bytes, list[tuple[bytes, ListingEntry]]] = {}
         for rel, name, entry in missing:
             by_dir.setdefault(rel, []).append((name, entry))
+        way = GiveWay()
         with ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="cache-fill") as pool:
-            list(pool.map(lambda it: self._copy_dir(source, it[0], it[1], patient), by_dir.items()))
+            copy = functools.partial(self._copy_dir, source, patient=patient, way=way)
+            list(pool.map(lambda it: copy(*it), by_dir.items()))
+        if way.pauses:
+            log.info("the whole copy gave way to a busy NAS %d time(s)", way.pauses)
         for rel, name, entry in files:
             os.link(self._object(entry), os.path.join(root, rel, name))
         for rel in dirs:  # directory modes as in the store (writable until make_read_only)
@@ -459,28 +466,37 @@ class NodeCache:
         return names
 
     def _copy_dir(
-        self, source: Path, rel: bytes, entries: list[tuple[bytes, ListingEntry]], patient: float
+        self,
+        source: Path,
+        rel: bytes,
+        entries: list[tuple[bytes, ListingEntry]],
+        patient: float,
+        way: GiveWay,
     ) -> int:
         """Copy one store directory's missing files into objects/ (one open of the directory,
-        then one lookup per file), each after jobs have quietened (until ``patient``)."""
+        then one lookup per file), each after jobs have quietened (until ``patient``), giving
+        way while the NAS is busy (`GiveWay`)."""
         dfd = os.open(os.path.join(os.fsencode(source), rel), DIR_FLAGS)
         try:
             for name, entry in entries:
                 self._wait_quiet(patient)
                 if self._throttle is not None:
                     self._throttle.take(entry.size)
-                self._copy_file(dfd, name, entry)
+                t0 = time.monotonic()
+                if self._copy_file(dfd, name, entry) and entry.size < PROBE_MAX:
+                    way.took(time.monotonic() - t0)
         finally:
             os.close(dfd)
         return len(entries)
 
-    def _copy_file(self, dfd: int, name: bytes, entry: ListingEntry) -> None:
+    def _copy_file(self, dfd: int, name: bytes, entry: ListingEntry) -> bool:
+        """Copy one store file into objects/ (False: the node had it)."""
         target = self._object(entry)
         if target.exists():
-            return
+            return False
         if entry.size >= PARTIAL_MIN:  # one copy with the pieces a job may be reading
             self._complete(entry, lambda: os.open(name, FILE_FLAGS, dir_fd=dfd), name, False)
-            return
+            return True
         tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}")
         src = os.open(name, FILE_FLAGS, dir_fd=dfd)
         # read straight through: the NAS client doubles its read-ahead, the same bytes
@@ -503,6 +519,7 @@ class NodeCache:
         os.chmod(tmp, stat.S_IMODE(entry.mode) & ~0o222)
         os.replace(tmp, target)
         self._holds(target)
+        return True
 
     # -- bounds -----------------------------------------------------------------------------
 

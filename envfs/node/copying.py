@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
@@ -77,6 +79,54 @@ class Throttle:
             self._next = start + size / self.rate
         if start > now:
             time.sleep(start - now)
+
+
+#: A background copy gives way while its small files take this many times as long as
+#: usual (and `BUSY_MARGIN` s more): the NAS, or this node, is busy with other work.
+SLOWER = 3.0
+BUSY_MARGIN = 0.002
+#: Files under this size measure the NAS's answer time (a bigger one, its bandwidth).
+PROBE_MAX = 64 << 10
+#: How long it gives way: this many times what the recent files took, at most `PAUSE_MAX` s.
+PAUSE_FACTOR = 8.0
+PAUSE_MAX = 1.0
+#: Files measured before any comparison; "now" is the median of the last `RECENT`.
+PROBES_FIRST = 16
+RECENT = 5
+
+
+class GiveWay:
+    """A background copy that gives way to other work, shared by its threads. After each
+    small file it copied (`took`) it compares what the last few took (their median) with
+    what one usually takes (the fastest fifth of all so far: a file the NAS client had
+    cached does not set it); past `SLOWER` times that, the thread pauses `PAUSE_FACTOR`
+    times as long. A NAS's answer time is its load: other nodes' jobs starting on it (every
+    node's first run reads from it), or this node's own CPU taken by jobs. So one node's
+    whole copy of an env slows others' first runs little. (LEDBAT, RFC 6817, does the same
+    for background transfers on a network: it backs off as the delay it sees rises above
+    the lowest it has seen.)"""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._all: list[float] = []  # sorted
+        self._recent: deque[float] = deque(maxlen=RECENT)
+        self.pauses = 0  # times it gave way
+
+    def took(self, seconds: float) -> float:
+        """A small file took ``seconds`` to copy: pause here if the NAS is busy; the pause."""
+        with self._lock:
+            bisect.insort(self._all, seconds)
+            self._recent.append(seconds)
+            if len(self._all) < PROBES_FIRST:
+                return 0.0
+            usual = self._all[len(self._all) // 5]
+            now = sorted(self._recent)[len(self._recent) // 2]
+            if now <= max(SLOWER * usual, usual + BUSY_MARGIN):
+                return 0.0
+            self.pauses += 1
+        pause = min(PAUSE_FACTOR * now, PAUSE_MAX)
+        time.sleep(pause)
+        return pause
 
 
 def create(path: Path) -> int:

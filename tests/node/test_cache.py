@@ -936,3 +936,24 @@ def test_the_node_cache_knows_what_it_holds_without_listing_its_objects(
         assert cache.held() == {path.name}  # put in by this process
     assert cache.prune() == 1  # no copy links it
     assert cache.held() == set() and not path.exists()
+
+
+def test_a_whole_copy_gives_way_while_the_nas_answers_slowly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Small files taking 3x as long as usual (the NAS busy with other nodes' first runs, or
+    this node's CPU taken) pause the background copy; at the usual pace it never pauses,
+    and a file the NAS client had cached (fast) does not make the usual pace look slow."""
+    from envfs.node import copying
+
+    slept: list[float] = []
+    monkeypatch.setattr("envfs.node.copying.time.sleep", slept.append)
+    way = copying.GiveWay()
+    calm = [0.003, 0.0035, 0.004, 0.0032] * 5 + [0.0001]  # one cached file among them
+    assert [way.took(t) for t in calm] == [0.0] * len(calm) and not slept
+    busy = [way.took(0.02) for _ in range(5)]
+    assert busy[:2] == [0.0, 0.0]  # one slow file is not a busy NAS: the median of 5 is
+    pause = copying.PAUSE_FACTOR * 0.02
+    assert busy[2:] == [pause] * 3 and slept == [pause] * 3 and way.pauses == 3
+    assert [way.took(5.0) for _ in range(3)][-1] == copying.PAUSE_MAX  # never long
+    assert [way.took(0.003) for _ in range(5)][-1] == 0.0  # calm again: goes on
