@@ -52,6 +52,7 @@ from envfs.node.copying import (
     copy_bytes,
     create,
     opener_of,
+    read_straight,
     write_all,
 )
 from envfs.node.partial import Damaged, PartialCopy
@@ -224,7 +225,7 @@ class NodeCache:
             return 0
         copied = 0
         with open(pack, "rb", buffering=READ) as src:
-            os.posix_fadvise(src.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)  # see _copy_file
+            read_straight(src.fileno())
             for i, entry in enumerate(members):
                 data = src.read(entry.size)
                 if len(data) < entry.size:
@@ -247,18 +248,16 @@ class NodeCache:
         if hashlib.sha256(data).hexdigest() != entry.sha256:
             log.warning("a packed copy of %s does not match its manifest; skipped", entry.sha256)
             return False
-        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}")
+        tmp = _staged(target)
         fd = create(tmp)
         try:
             write_all(fd, data)
-            os.fchmod(fd, stat.S_IMODE(entry.mode) & ~0o222)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
         finally:
             os.close(fd)
-        os.replace(tmp, target)
-        self._holds(target)
+        self._place(tmp, target, entry)
         return True
 
     def read_range(self, entry: ListingEntry, source: bytes, off: int, size: int) -> bytes | None:
@@ -497,12 +496,9 @@ class NodeCache:
         if entry.size >= PARTIAL_MIN:  # one copy with the pieces a job may be reading
             self._complete(entry, lambda: os.open(name, FILE_FLAGS, dir_fd=dfd), name, False)
             return True
-        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}")
+        tmp = _staged(target)
         src = os.open(name, FILE_FLAGS, dir_fd=dfd)
-        # read straight through: the NAS client doubles its read-ahead, the same bytes
-        # come in half the requests (nas-sim, like FUSE: 256 KB instead of 128 KB); and in
-        # long read calls (`READ`)
-        os.posix_fadvise(src, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        read_straight(src)  # and in long read calls (`READ`)
         try:
             digest = copy_bytes(src, tmp, entry.size)
         except BaseException:
@@ -516,10 +512,15 @@ class NodeCache:
                 f"{os.fsdecode(name)} in the store does not match its manifest; "
                 "run `envfs verify` on the store"
             )
+        self._place(tmp, target, entry)
+        return True
+
+    def _place(self, tmp: Path, target: Path, entry: ListingEntry) -> None:
+        """A new object, written and checked at ``tmp``, put in place (read-only, with its
+        mode) and counted as held."""
         os.chmod(tmp, stat.S_IMODE(entry.mode) & ~0o222)
         os.replace(tmp, target)
         self._holds(target)
-        return True
 
     # -- bounds -----------------------------------------------------------------------------
 
@@ -564,6 +565,11 @@ class NodeCache:
         with self._held_lock:
             self._held = found
         return removed
+
+
+def _staged(target: Path) -> Path:
+    """Where an object is written before it is put in place (beside it: one rename)."""
+    return target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}")
 
 
 def object_name(entry: ListingEntry) -> str:

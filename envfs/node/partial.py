@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from envfs.core.errors import EnvironmentProblem
+from envfs.node.copying import read_straight
 
 #: What a read of a part not here fetches around it: one large read of the store (the
 #: 4 MB-aligned block(s) it lies in), as a job's reads of a mapped library go on nearby.
@@ -223,8 +224,7 @@ class PartialCopy:
         with self._lock:
             if self._src is None:
                 self._src = self._opener()
-                # each piece is read straight through: longer requests to the NAS
-                os.posix_fadvise(self._src, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                read_straight(self._src)  # each piece: longer requests to the NAS
             return self._src
 
     def _close_if_unused(self) -> None:
