@@ -66,15 +66,16 @@ async def prefetch_snapshot(
     links = Links()
     copied: list[int] = []
 
-    async def copying() -> None:  # while the tree is made
+    async def copying(trace: AccessTrace) -> None:  # while the tree is made
         try:
-            copy = functools.partial(copy_traced, cache, source, listing, links, trace)
+            copy = functools.partial(copy_traced, cache, source, listing, trace, links)
             copied.append(await trio.to_thread.run_sync(copy))
         except (OSError, EnvfsError) as e:  # the job's reads copy what they need themselves
             log.warning("prefetch of %s stopped: %s", snapshot_id[:12], e)
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(copying)
+        if trace is not None:  # none: nothing to copy ahead (the tree links what is held)
+            nursery.start_soon(copying, trace)
         tree = None
         if on_tree is not None:
             try:
@@ -121,16 +122,11 @@ def copy_traced(
     cache: NodeCache,
     source: bytes,
     listing: Listing,
+    trace: AccessTrace,
     tree: EarlyTree | Links | None = None,
-    trace: AccessTrace | None = None,
 ) -> int:
-    """In a worker thread: the copy of what ``trace`` (else the snapshot's own, read here)
-    names, each file linked into ``tree`` as it lands; how many files it copied (or found
-    held)."""
-    if trace is None:
-        trace = read_trace(source)
-    if trace is None:
-        return 0
+    """In a worker thread: the copy of what ``trace`` (the snapshot's) names, each file
+    linked into ``tree`` as it lands; how many files it copied (or found held)."""
     packs = _packs(source, listing)
     parts = _parts(trace.ranges, listing)
     todo = _in_order(trace.files, packs, listing, parts)

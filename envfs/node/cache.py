@@ -429,7 +429,7 @@ class NodeCache:
         way = GiveWay()
         with ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="cache-fill") as pool:
             copy = functools.partial(self._copy_dir, source, patient=patient, way=way)
-            list(pool.map(lambda it: copy(*it), by_dir.items()))
+            list(pool.map(copy, by_dir.keys(), by_dir.values()))
         if way.pauses:
             log.info("the whole copy gave way to a busy NAS %d time(s)", way.pauses)
         for rel, name, entry in files:

@@ -18,8 +18,8 @@ import pytest
 from envfs.fs.kernel import mount_table, mounts_under
 from envfs.node.cache import PARTIAL_MIN, CacheDamage, NodeCache
 from envfs.node.partial import CHUNK, PIECE, PartialCopy
-from envfs.store.files import ListingEntry
-from envfs.store.formats import ManifestEntry
+from envfs.store.files import ListingEntry, read_trace
+from envfs.store.formats import AccessTrace, ManifestEntry
 from envfs.store.layout import Store
 from tests.conftest import PY, Env, make_env, reachable_by_all, seed_store
 from tests.node.test_nodes import wait_for
@@ -48,6 +48,13 @@ def _copies(env: Env) -> int:
     cache = _status(env)["cache"]
     assert isinstance(cache, dict)
     return int(cache["node_cache_copies"])
+
+
+def _trace(snap: Path) -> AccessTrace:
+    """A snapshot directory's access trace (it has one)."""
+    trace = read_trace(os.fsencode(snap))
+    assert trace is not None
+    return trace
 
 
 def _ahead(snap: Path) -> tuple[list[str], set[str]]:
@@ -532,7 +539,7 @@ def test_the_prefetch_leaves_huge_traced_files_to_be_read_by_the_piece(
 
     listing = {b"": {b"small.py": entry(small), b"huge.so": entry(huge)}}
     cache = NodeCache(tmp_path / "cache")
-    assert prefetch.copy_traced(cache, os.fsencode(snap), listing) == 1
+    assert prefetch.copy_traced(cache, os.fsencode(snap), listing, _trace(snap)) == 1
     assert cache.object_path(entry(small)) is not None
     assert cache.object_path(entry(huge)) is None
 
@@ -560,7 +567,10 @@ def test_the_prefetch_copies_the_parts_of_a_big_library_the_import_touched(
     cache = NodeCache(tmp_path / "cache")
     source = os.fsencode(snap / "libbig.so")
     fetched = _pieces_fetched(monkeypatch)
-    assert prefetch.copy_traced(cache, os.fsencode(snap), {b"": {b"libbig.so": entry}}) == 1
+    assert (
+        prefetch.copy_traced(cache, os.fsencode(snap), {b"": {b"libbig.so": entry}}, _trace(snap))
+        == 1
+    )
     assert cache.object_path(entry) is None  # not whole: 4 pieces of it are here
     block = 2 * CHUNK // PIECE
     assert sorted(fetched) == [(0, 3), (block, block + 1)]  # pieces 0-2 in one read
@@ -610,7 +620,7 @@ def test_the_prefetch_keeps_a_bounded_number_of_bytes_under_way_in_trace_order(
 
     monkeypatch.setattr(NodeCache, "fetch", slow)
     cache = NodeCache(tmp_path / "cache")
-    assert prefetch.copy_traced(cache, os.fsencode(snap), listing) == len(names)
+    assert prefetch.copy_traced(cache, os.fsencode(snap), listing, _trace(snap)) == len(names)
     assert started == order and most[0] == 2
 
 
