@@ -770,7 +770,7 @@ def test_an_early_tree_holds_the_way_to_what_the_node_has_and_will_have(tmp_path
     cache.fetch(entry(held), os.fsencode(store / "a.py"))
     umask = os.umask(0o077)  # a daemon's umask does not reach the modes users see
     try:
-        tree = EarlyTree.make(cache, "s" * 64, listing, [b"lib/sub/c.py"])
+        tree = EarlyTree.make(cache, "s" * 64, listing, [b"lib/sub/c.py", b"lib/gone/q.py"])
     finally:
         os.umask(umask)
     root = tree.path
@@ -783,6 +783,7 @@ def test_an_early_tree_holds_the_way_to_what_the_node_has_and_will_have(tmp_path
     assert os.stat(root / "lib").st_mode & 0o7777 == 0o555
     assert os.stat(root).st_mode & 0o7777 == 0o555
     assert not (root / "lib/other").exists() and not (root / "share").exists()  # not needed
+    assert not (root / "lib/gone").exists()  # a traced path the listing does not have
     assert not (root / ".envfs").exists()  # FUSE views hide it
     assert not tree.link(b"lib/b.py", entry(lacked))  # the node lacks it still
     cache.fetch(entry(lacked), os.fsencode(store / "b.py"))
