@@ -49,13 +49,14 @@ class Attachments:
             self._roots.setdefault(snapshot_id, _Backing(tree, b"", attr))
         return True
 
-    def remote_tree(self, snapshot_id: str) -> tuple[bytes, Listing] | None:
-        """Where an attached snapshot served from a NAS (not a local disk) is, and its
-        entries; None for any other."""
+    def remote_tree(self, snapshot_id: str) -> tuple[bytes, Listing, tuple[int, int]] | None:
+        """Where an attached snapshot served from a NAS (not a local disk) is, its entries,
+        and the owner (uid, gid) its files are given; None for any other."""
         backing = self._roots.get(snapshot_id)
         if backing is None or backing.tree.blocking_is_cheap:
             return None
-        return backing.tree.path, backing.tree.listing
+        tree = backing.tree
+        return tree.path, tree.listing, (tree.uid, tree.gid)
 
     def snapshot_source(self, snapshot_id: str) -> bytes | None:
         """The directory an attached snapshot is served from, or None if not attached."""

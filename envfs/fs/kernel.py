@@ -1,7 +1,8 @@
 """Kernel-served views: read-only bind mounts of built snapshots placed on their pinned
 views inside the FUSE mount (``/envs/wf/node@REV``, ``/envs/.snapshots/<id>``), and, on a
 fresh node until a snapshot's whole copy is in, read-only overlays of what the node holds
-over the FUSE view itself (`overlay_read_only`, `envfs.node.early`).
+and of the image of the snapshot's names over the FUSE view itself (`overlay_read_only`,
+`image_mounted`, `envfs.node.early`, `envfs.node.erofs`).
 
 FUSE stays the namespace, the build trigger and the fallback; once a pinned view's snapshot
 is built and its tree loaded, the daemon binds the snapshot directory read-only (``nosuid``,
@@ -14,11 +15,12 @@ This module owns the mount syscalls and the reading of ``/proc/self/mountinfo``.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,10 +30,15 @@ MS_NODEV = 4
 MS_REMOUNT = 32
 MS_BIND = 4096
 MNT_DETACH = 2
+# the new mount API (Linux 5.2; the same numbers on every architecture)
+_SYS_FSOPEN, _SYS_FSCONFIG, _SYS_FSMOUNT = 430, 431, 432
+_FSOPEN_CLOEXEC = _FSMOUNT_CLOEXEC = 1
+_FSCONFIG_SET_STRING, _FSCONFIG_CMD_CREATE = 1, 6
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_void_p]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.syscall.restype = ctypes.c_long
 
 
 def _check(result: int, what: str, path: bytes) -> None:
@@ -60,23 +67,66 @@ def bind_read_only(source: os.PathLike[str] | str, target: os.PathLike[str] | st
 
 
 def overlay_read_only(
-    layers: Sequence[os.PathLike[str] | str], target: os.PathLike[str] | str
+    layers: Sequence[os.PathLike[str] | str],
+    target: os.PathLike[str] | str,
+    data: Sequence[os.PathLike[str] | str] = (),
 ) -> None:
     """Mount a read-only overlay of ``layers`` (the uppermost first) on ``target``: a name
     is served by the first layer that has it, directories are merged (overlayfs, no upper
-    layer: nothing can be written). ``target`` may itself be the lowest layer: overlayfs
-    takes its layers before the mount covers them. Raises `OSError` with nothing mounted
-    (EINVAL for a layer whose path overlayfs cannot be given: one with ``:``, ``,`` or
-    ``\\`` in it)."""
+    layer: nothing can be written). ``data``: data-only layers below them, whose files are
+    reached only through the metacopy stubs of the layers above (`envfs.node.erofs`).
+    ``target`` may itself be the lowest layer: overlayfs takes its layers before the mount
+    covers them. Raises `OSError` with nothing mounted (EINVAL for a layer whose path
+    overlayfs cannot be given: one with ``:``, ``,`` or ``\\`` in it, or data-only layers
+    on a kernel without them, before 6.5)."""
     paths = [os.fsencode(os.path.abspath(layer)) for layer in layers]
+    below = [os.fsencode(os.path.abspath(layer)) for layer in data]
     dst = os.fsencode(target)
-    if any(c in path for path in paths for c in (b":", b",", b"\\")):
+    if any(c in path for path in paths + below for c in (b":", b",", b"\\")):
         raise OSError(
             errno.EINVAL, "overlay: a layer's path has ':', ',' or '\\'", os.fsdecode(dst)
         )
-    data = ctypes.c_char_p(b"lowerdir=" + b":".join(paths))
+    options = b"lowerdir=" + b":".join(paths)
+    if below:
+        options += b"::" + b"::".join(below) + b",metacopy=on,redirect_dir=follow"
     flags = MS_RDONLY | MS_NOSUID | MS_NODEV
-    _check(_libc.mount(b"overlay", dst, b"overlay", flags, data), "overlay mount", dst)
+    _check(
+        _libc.mount(b"overlay", dst, b"overlay", flags, ctypes.c_char_p(options)),
+        "overlay mount",
+        dst,
+    )
+
+
+@contextlib.contextmanager
+def image_mounted(image: os.PathLike[str] | str) -> Iterator[str]:
+    """An EROFS image mounted read-only where no one sees it (a detached mount: the new
+    mount API), as a path a mount call in this process can name as a layer
+    (``/proc/self/fd/N``); an overlay given it keeps its own reference, so it is let go of
+    on leaving. Raises `OSError` with nothing mounted."""
+    src = os.fsencode(image)
+    fs = _syscall(_SYS_FSOPEN, b"erofs", _FSOPEN_CLOEXEC)
+    try:
+        _syscall(_SYS_FSCONFIG, fs, _FSCONFIG_SET_STRING, b"source", src, 0)
+        _syscall(_SYS_FSCONFIG, fs, _FSCONFIG_CMD_CREATE, None, None, 0)
+        fd = _syscall(_SYS_FSMOUNT, fs, _FSMOUNT_CLOEXEC, MS_RDONLY | MS_NOSUID | MS_NODEV)
+    except OSError as e:
+        raise OSError(e.errno, f"erofs mount: {e.strerror}", os.fsdecode(src)) from None
+    finally:
+        os.close(fs)
+    try:
+        yield f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)
+
+
+def _syscall(number: int, *args: int | bytes | None) -> int:
+    """A raw system call (numbers as ``long``: syscall(2) takes its arguments that way)."""
+    raw = [ctypes.c_long(a) if isinstance(a, int) else a for a in args]
+    result = int(_libc.syscall(ctypes.c_long(number), *raw))
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return result
 
 
 def detach(target: os.PathLike[str] | str | bytes) -> bool:

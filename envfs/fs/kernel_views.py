@@ -1,8 +1,9 @@
 """Which pinned views a daemon has handed to the kernel, and handing them over
 (`envfs.fs.kernel` owns the mount calls): a bind of the snapshot's tree (the store's, or
 the node cache's whole copy for a store on a NAS), or, on a fresh node until that copy is
-in, an overlay of the snapshot's early tree over the FUSE view (`envfs.node.early`),
-which the bind replaces once the copy is in.
+in, an overlay of the snapshot's early tree and the image of its names over the FUSE view
+(`envfs.node.early`, `envfs.node.erofs`: `early_overlay`), which the bind replaces once
+the copy is in.
 
 A view some process is in (its working directory, an open directory: a walk) is left to
 FUSE until it leaves: a mount placed under a walker changes what ``..`` is below it.
@@ -111,7 +112,7 @@ class KernelViews:
         target = self.mountpoint / view.path
         try:
             if tree is not None:
-                kernel.overlay_read_only([tree.path, target], target)
+                early_overlay(tree, target)
                 self._early.add(view.path)
             else:
                 if view.path in self._early:  # processes in the early overlay keep it
@@ -134,7 +135,10 @@ class KernelViews:
             self.enabled = False
         else:
             self.served[view.path] = view.snapshot_id
-            early = f", early: {tree.linked} files held" if tree is not None else ""
+            early = ""
+            if tree is not None:
+                names = ", names from its image" if tree.image is not None else ""
+                early = f", early: {tree.linked} files held{names}"
             log.info("%s is kernel-served (%s%s)", view.path, view.snapshot_id[:12], early)
         finally:
             self._pending.discard(view.path)
@@ -179,3 +183,19 @@ class KernelViews:
         for tree in self.trees.values():
             tree.remove()
         self.trees.clear()
+
+
+def early_overlay(tree: EarlyTree, target: Path) -> None:
+    """The early overlay of ``tree`` on ``target`` (the snapshot's FUSE view): over the
+    snapshot's names image, with the view as its data-only layer; or, with no image or one
+    the kernel refuses (removed then), over the view alone. Raises `OSError` with nothing
+    mounted."""
+    if tree.image is not None:
+        try:
+            with kernel.image_mounted(tree.image) as names:
+                kernel.overlay_read_only([tree.path, names], target, data=[target])
+            return
+        except OSError as e:
+            log.warning("the names image of %s is not used: %s", tree.snapshot_id[:12], e)
+            tree.drop_image()
+    kernel.overlay_read_only([tree.path, target], target)

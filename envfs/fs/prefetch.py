@@ -25,6 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import trio
 
 from envfs.core.errors import EnvfsError
+from envfs.fs.inodes import SNAPSHOT_TIME_NS
 from envfs.fs.vfs import Namespace
 from envfs.node.cache import PARTIAL_MIN, NodeCache
 from envfs.node.copying import StoreDirs
@@ -59,7 +60,7 @@ async def prefetch_snapshot(
     found = namespace.remote_tree(snapshot_id)
     if found is None:
         return
-    source, listing = found
+    source, listing, (uid, gid) = found
     t0 = time.monotonic()
     trace = await trio.to_thread.run_sync(read_trace, source)
     coming = [os.fsencode(rel) for rel in trace.files] if trace is not None else []
@@ -79,7 +80,10 @@ async def prefetch_snapshot(
         tree = None
         if on_tree is not None:
             try:
-                make = functools.partial(EarlyTree.make, cache, snapshot_id, listing, coming)
+                names_as = (uid, gid, SNAPSHOT_TIME_NS // 10**9)  # as FUSE gives them
+                make = functools.partial(
+                    EarlyTree.make, cache, snapshot_id, listing, coming, names_as
+                )
                 tree = await trio.to_thread.run_sync(make)
             except OSError as e:  # served as before: through FUSE until the whole copy is in
                 log.warning("no early tree for %s: %s", snapshot_id[:12], e)

@@ -133,7 +133,7 @@ class NodeCache:
         for leftover in os.listdir(self.staging):  # copies a killed daemon did not finish
             remove_tree(self.staging / leftover)
         for tree in os.listdir(self.early):  # early trees of daemons gone (killed)
-            owner = tree.split(".")[1] if tree.count(".") == 2 else ""
+            owner = tree.split(".")[1] if tree.count(".") in (2, 3) else ""  # (its image: 3)
             if not (owner.isdigit() and pid_start_time(int(owner))):
                 remove_tree(self.early / tree)
 

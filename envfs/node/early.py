@@ -6,12 +6,14 @@ about 1.5x its kernel-served time, however fast the NAS. So when such a snapshot
 attached its early tree is made under ``<cache>/early/``: a hard link to the node cache's
 copy of every file the node holds already (from any env), the directories on the way to
 those and to the files the trace names, and the symlinks in them; the prefetch
-(`envfs.fs.prefetch`) links each traced file in as it lands. The daemon mounts it over the
-snapshot's pinned views as the upper layer of a read-only overlay whose lower layer is the
-FUSE view itself (`envfs.fs.kernel.overlay_read_only`): the kernel serves every file the
-node holds, FUSE the rest (and the names: a lookup below a merged directory asks both
-layers once). A directory left out of the tree is the lower layer's alone, FUSE-served as
-an unlinked file is: a first import of pandas goes through 152 of the env's 632
+(`envfs.fs.prefetch`) links each traced file in as it lands. With it the image of all the
+snapshot's names is written (`envfs.node.erofs`: metacopy stubs, no bytes). The daemon
+mounts the tree over the snapshot's pinned views as the upper layer of a read-only
+overlay, the image below it and the FUSE view itself as its data-only layer
+(`envfs.fs.kernel_views.early_overlay`): the kernel serves every file the node holds and
+every name, FUSE the bytes of the other files (without the image, the FUSE view is the
+lower layer, and answers the names the tree lacks). A directory left out of the tree is
+the lower layers' alone: a first import of pandas goes through 152 of the env's 632
 directories, and each one made is an inode written while the job waits. Once the whole
 copy is in, a bind of it replaces the overlay.
 
@@ -30,6 +32,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from envfs.node.cache import NodeCache, dir_mode, object_name
+from envfs.node.erofs import write_image
 from envfs.store.files import META, Listing, ListingEntry, remove_tree
 
 log = logging.getLogger(__name__)
@@ -43,14 +46,24 @@ class EarlyTree:
         self.snapshot_id = snapshot_id
         self.path = path
         self.linked = 0  # files linked in so far
+        #: the snapshot's names as an EROFS image of metacopy stubs (`envfs.node.erofs`), to
+        #: go between the tree and the FUSE view; None: none (FUSE answers other names)
+        self.image: Path | None = None
 
     @classmethod
     def make(
-        cls, cache: NodeCache, snapshot_id: str, listing: Listing, coming: Iterable[bytes] = ()
+        cls,
+        cache: NodeCache,
+        snapshot_id: str,
+        listing: Listing,
+        coming: Iterable[bytes] = (),
+        names_as: tuple[int, int, int] | None = None,
     ) -> EarlyTree:
         """The directories of ``listing`` on the way to the files the node holds and to those
-        ``coming`` (the prefetch's: the trace's), their symlinks, and links to the files held.
-        Raises `OSError` (the cache's disk is full) with nothing left behind."""
+        ``coming`` (the prefetch's: the trace's), their symlinks, and links to the files held;
+        with ``names_as`` (the uid, gid and mtime the FUSE view gives its files), the image of
+        all its names too (written next to the tree; none if that fails). Raises `OSError`
+        (the cache's disk is full) with nothing left behind."""
         path = cache.early / f"{snapshot_id}.{os.getpid()}.{uuid.uuid4().hex[:12]}"
         root = os.fsencode(path)
         tree = cls(cache, snapshot_id, path)
@@ -80,6 +93,14 @@ class EarlyTree:
         except BaseException:
             remove_tree(path)
             raise
+        if names_as is not None:
+            tree.image = path.with_name(path.name + ".erofs")
+            names = {**listing, b"": {n: e for n, e in listing[b""].items() if n != meta}}
+            try:
+                write_image(tree.image, names, *names_as)
+            except OSError as e:  # the tree alone: FUSE answers the names it lacks
+                log.warning("no names image for %s: %s", snapshot_id[:12], e)
+                tree.image = None
         return tree
 
     def link(self, rel: bytes, entry: ListingEntry) -> bool:
@@ -95,10 +116,18 @@ class EarlyTree:
         self.linked += 1
         return True
 
+    def drop_image(self) -> None:
+        """Do without the names image (it could not be mounted): removed now."""
+        image, self.image = self.image, None
+        if image is not None:
+            image.unlink(missing_ok=True)
+
     def remove(self) -> None:
         """Remove the tree (only once no overlay uses it); what cannot be removed now goes
         at the next start (`NodeCache`)."""
         try:
+            if self.image is not None:
+                self.image.unlink(missing_ok=True)
             remove_tree(self.path)
         except OSError as e:
             log.warning("cannot remove the early tree %s (removed at the next start): %s",

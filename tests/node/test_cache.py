@@ -652,8 +652,10 @@ def test_a_fresh_node_kernel_serves_the_files_it_holds_before_its_whole_copy(
 ) -> None:
     """Until a fresh node holds an env whole, an overlay of what it holds (its early tree,
     the traced files linked in as they land) over the FUSE view lets the kernel serve those
-    files; the others still come through FUSE, right. A job running from the view while
-    the overlay arrives goes on; new processes run through it."""
+    files; the others still come through FUSE, right, and their names from the image of
+    the snapshot's names (no FUSE request for a stat, a listing or a missing name). A job
+    running from the view while the overlay arrives goes on; new processes run through
+    it."""
     env, _nas, mounts = nas_node
     env.run("build", "wf/n", "extra-a==1.0", "--python", PY)
     snap = tmp_path / "backing/store/snapshots" / env.show("wf/n")["snapshot_id"]
@@ -671,13 +673,32 @@ def test_a_fresh_node_kernel_serves_the_files_it_holds_before_its_whole_copy(
         mine = [rel for rel in traced if rel.startswith(f"{site}/extra_a/")]
         assert mine, traced
 
-        def opens() -> int:
+        def counted(what: str) -> int:
             cache = _status(env)["cache"]
             assert isinstance(cache, dict)
-            return int(cache["opens"])
+            return int(cache[what])
 
+        def opens() -> int:
+            return counted("opens")
+
+        assert "names from its image" in mounts[0].log()
         time.sleep(1.5)  # the status file is rewritten every second
-        before = opens()
+        before, lookups = opens(), counted("lookups")
+        dist = f"{site}/extra_a-1.0.dist-info"  # not traced: the node lacks its files
+        assert sorted(os.listdir(view / dist)) == sorted(os.listdir(snap / dist))
+        untraced = [
+            os.path.relpath(os.path.join(top, name), snap)
+            for top, _dirs, files in os.walk(snap / "lib")
+            for name in files
+        ]
+        untraced = [rel for rel in untraced if rel not in traced]
+        assert len(untraced) > 100
+        for rel in untraced:
+            assert os.lstat(view / rel).st_size == os.lstat(snap / rel).st_size
+        with pytest.raises(FileNotFoundError):
+            os.stat(view / site / "extra_a/__init__.so")
+        time.sleep(1.5)
+        assert counted("lookups") - lookups <= 2  # the image answered: not one per name
         for rel in mine:  # held: the kernel serves them, FUSE is not asked to open them
             assert (view / rel).read_bytes() == (snap / rel).read_bytes()
         time.sleep(1.5)
@@ -897,7 +918,8 @@ def test_a_killed_daemons_early_overlay_and_tree_are_cleaned_by_the_next_one(
     assert py(mnt, "wf/n", "import extra_a").returncode == 0
     wait_for(lambda: _fstype(view) == "overlay", 15, "an overlay on the view")
     early = env.index / "cache/early"
-    (tree,) = os.listdir(early)
+    left = set(os.listdir(early))
+    assert len(left) == 2 and any(name.endswith(".erofs") for name in left)  # tree, image
     mounts[0].proc.send_signal(signal.SIGKILL)
     mounts[0].proc.wait(timeout=10)
     mounts[0].killed = True
@@ -905,7 +927,7 @@ def test_a_killed_daemons_early_overlay_and_tree_are_cleaned_by_the_next_one(
     (env.index / "served.json").unlink(missing_ok=True)  # no preload: the old mounts only
     mounts.append(Mount(env, mnt, "--fill-rate", "off"))
     assert mounts_under(mnt) == []
-    assert tree not in os.listdir(early)
+    assert not left & set(os.listdir(early))
     assert py(mnt, "wf/n", "import extra_a").returncode == 0
     wait_for(lambda: _fstype(view) == "overlay", 15, "a new early overlay")
 
