@@ -48,7 +48,14 @@ _S_IFMT = {"file": stat.S_IFREG, "dir": stat.S_IFDIR, "symlink": stat.S_IFLNK}
 _COMPACT = struct.Struct("<HHHHIIIIHHI")  # 32 bytes
 _EXTENDED = struct.Struct("<HHHHQIIIIQII16x")  # 64 bytes
 _DIRENT = struct.Struct("<QHBx")  # 12 bytes
-_METACOPY = struct.pack("<BBH", len(b"overlay.metacopy"), _XATTR_TRUSTED, 0) + b"overlay.metacopy"
+#: a stub's xattrs up to its redirect's value: the header (no shared xattrs), the empty
+#: ``trusted.overlay.metacopy``, the entry of ``trusted.overlay.redirect`` and its name
+_XATTRS_HEAD = b"".join((
+    struct.pack("<IB7x", 0, 0),
+    struct.pack("<BBH", len(b"overlay.metacopy"), _XATTR_TRUSTED, 0), b"overlay.metacopy",
+    struct.pack("<BB", len(b"overlay.redirect"), _XATTR_TRUSTED),
+))  # fmt: skip
+_REDIRECT = struct.Struct("<H")  # then "overlay.redirect" and the value, padded to 4
 
 
 class _Node:
@@ -133,7 +140,7 @@ def _nodes(listing: Listing) -> list[_Node]:
         for name, entry in sorted(listing.get(node.rel, {}).items()):
             if entry.type not in _FILE_TYPE:
                 continue
-            child = _Node(os.path.join(node.rel, name), entry, len(nodes) + 1)
+            child = _Node(node.rel + b"/" + name if node.rel else name, entry, len(nodes) + 1)
             nodes.append(child)
             node.children.append((name, child))
             if entry.type == "dir":
@@ -153,12 +160,8 @@ def _record(node: _Node, who: tuple[int, int, int]) -> bytes:
     if entry.size == 0:  # nothing to redirect to: an empty file as it is
         return _inode(node, 1, 0, 0, _FLAT_PLAIN, 0, who)
     redirect = b"/" + node.rel
-    xattrs = (
-        struct.pack("<IB7x", 0, 0)
-        + _METACOPY
-        + _pad4(struct.pack("<BBH", len(b"overlay.redirect"), _XATTR_TRUSTED, len(redirect))
-                + b"overlay.redirect" + redirect)
-    )  # fmt: skip
+    value = b"".join((_REDIRECT.pack(len(redirect)), b"overlay.redirect", redirect))
+    xattrs = _XATTRS_HEAD + value + bytes(-(2 + len(value)) % 4)  # (its entry's head: 4)
     chunk_bits = min(31, max(0, (entry.size - 1).bit_length() - _BLOCK_BITS))  # one chunk
     icount = (len(xattrs) - 12) // 4 + 1
     inode = _inode(node, 1, entry.size, chunk_bits, _CHUNK_BASED, icount, who)
@@ -207,7 +210,3 @@ def _block(entries: list[tuple[bytes, int, int]], pad: bool) -> bytes:
         nameoff += len(name)
     data = b"".join(heads) + b"".join(names)
     return data.ljust(BLOCK, b"\0") if pad else data
-
-
-def _pad4(data: bytes) -> bytes:
-    return data + bytes(-len(data) % 4)
