@@ -123,6 +123,7 @@ def _place_inodes(nodes: list[_Node]) -> int:
             pos = -(-pos // BLOCK) * BLOCK
         node.nid = (pos - _META_BLKADDR * BLOCK) // 32
         pos += -(-size // 32) * 32
+    nodes[0].parent_nid = nodes[0].nid  # the root's ".." is itself
     for node in nodes:
         for _name, child in node.children:
             child.parent_nid = node.nid

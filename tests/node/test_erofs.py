@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,11 @@ def test_the_image_names_everything_and_the_data_layer_gives_the_bytes(
     top.mkdir()
     view.mkdir()
     with kernel.image_mounted(image) as names:
+        fd = int(names.rsplit("/", 1)[1])  # the image's root, as ls(1) reads it with readdir(3)
+        listed = subprocess.run(
+            ["ls", "-a", names], capture_output=True, text=True, check=True, pass_fds=(fd,)
+        )
+        assert listed.stdout.split() == [".", "..", "bin", "huge.bin", "lib"]  # none numbered 0
         kernel.overlay_read_only([top, names], view, data=[data])
     try:
         assert _seen(view) == _seen(data)
