@@ -613,6 +613,46 @@ def test_a_damaged_uv_cache_file_fails_the_build_naming_it(local: Env) -> None:
     assert {p.name for p in (local.store / "objects").glob("*/*")} == objects
 
 
+def test_a_builder_stopped_as_it_took_the_lease_cleans_nothing_of_the_new_holders(
+    local: Env,
+) -> None:
+    """Stopped right after taking the lease (before it cleaned staging), resumed once the
+    new holder is building: it must not take the new holder's staging dir for a dead
+    build's (the second build failed on a vanished staging dir, under load, in CI)."""
+    local.vars["ENVFS_LEASE_STALE"] = "3"
+    local.vars["ENVFS_STOP_AT"] = "leased"
+    first = local.popen("build", "wf/k", "slow-pkg==1.0", "--python", PY)
+    del local.vars["ENVFS_STOP_AT"]
+    deadline = time.monotonic() + 60
+
+    def state(pid: int) -> str:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+
+    while state(first.pid) != "T":  # stopped itself, lease in hand
+        assert time.monotonic() < deadline and first.poll() is None, "the first did not stop"
+        time.sleep(0.05)
+    try:
+        time.sleep(3.5)  # past the lease's staleness
+        second = local.popen("build", "wf/k2", "slow-pkg==1.0", "--python", PY)
+        staging = local.store / "staging"
+
+        def building() -> bool:  # its snapshot's staging dir: <snapshot id>.<host>.<nonce>
+            return any(re.fullmatch(r"[0-9a-f]{64}\..+", n) for n in os.listdir(staging))
+
+        while not building():
+            assert time.monotonic() < deadline and second.poll() is None, "no new staging dir"
+            time.sleep(0.05)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    _, err1 = first.communicate(timeout=300)
+    _, err2 = second.communicate(timeout=300)
+    assert second.returncode == 0, err2
+    assert first.returncode == 0, err1
+    assert "Traceback" not in err1 + err2
+    sid = local.show("wf/k")["snapshot_id"]
+    assert local.show("wf/k2")["snapshot_id"] == sid and local.built_events(sid) == 1
+
+
 def test_a_builder_resumed_past_its_lease_leaves_the_new_holder_alone(local: Env) -> None:
     """Stopped past the lease's staleness, then resumed: it must not delete the new holder's
     lease or staging dir, nor publish over it; exactly one build, and both commands succeed."""

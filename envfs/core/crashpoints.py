@@ -7,6 +7,10 @@ pooled), ``manifest`` (manifest written, build log not), ``rename`` (snapshot pu
 lease still held), ``bind`` (revision file written, not logged), ``log`` (half the
 binding's audit line written).
 
+``ENVFS_STOP_AT=PHASE`` stops it there instead (SIGSTOP: a frozen node, resumed by the
+test with SIGCONT); ``leased`` (the build lease just taken, nothing done under it) is a
+phase for that too.
+
 ``ENVFS_FILL_AT=PHASE:FILE`` instead fills the filesystem holding FILE (with FILE) at that
 point and goes on, so the build meets a real ENOSPC in its next write.
 Unset, a crash point costs a dictionary lookup or two.
@@ -18,6 +22,7 @@ import os
 import signal
 
 VARIABLE = "ENVFS_CRASH_AT"
+STOP_VARIABLE = "ENVFS_STOP_AT"
 FILL_VARIABLE = "ENVFS_FILL_AT"
 PHASES = ("lock", "venv", "sync", "compile", "dedup", "manifest", "rename", "bind", "log")
 
@@ -28,9 +33,12 @@ def armed(phase: str) -> bool:
 
 
 def reached(phase: str) -> None:
-    """Die here by SIGKILL if ``ENVFS_CRASH_AT`` names ``phase``."""
+    """Die here by SIGKILL if ``ENVFS_CRASH_AT`` names ``phase`` (stop if
+    ``ENVFS_STOP_AT`` does)."""
     if armed(phase):
         os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get(STOP_VARIABLE) == phase:
+        os.kill(os.getpid(), signal.SIGSTOP)
     fill = os.environ.get(FILL_VARIABLE, "")
     if fill.partition(":")[0] == phase:
         _fill(fill.partition(":")[2])

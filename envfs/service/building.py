@@ -93,8 +93,13 @@ class Building(ServiceBase):
         (and maybe its staging dir cleaned by the new holder): it abandons its build without
         a failure record, touches nothing of the new holder's, and the caller waits for it.
         """
+        crashpoints.reached("leased")
+        if not lease.held():  # stopped past its staleness before it began: not ours now
+            self._say("lost the build lease to another builder; waiting for its build")
+            self.store.audit("lease_lost", self.host, snapshot_id)
+            return
         info = self.store.read_spec(snapshot_id)
-        self.store.clean_staging(held_id=snapshot_id)
+        self.store.clean_staging(held_id=snapshot_id)  # while held: a dead build's, if any
         interp = info.interpreter
         if interp.digest is None:  # layout 1: built over this node's own interpreter
             interp = interpreters.find_exact(interp)
