@@ -613,6 +613,21 @@ def test_a_damaged_uv_cache_file_fails_the_build_naming_it(local: Env) -> None:
     assert {p.name for p in (local.store / "objects").glob("*/*")} == objects
 
 
+def _both_succeed_with_one_build(
+    local: Env, first: subprocess.Popen[str], second: subprocess.Popen[str]
+) -> str:
+    """Both builds of wf/k (first) and wf/k2 (second), one spec, succeeded cleanly and the
+    snapshot was built once; its id."""
+    _, err2 = second.communicate(timeout=300)
+    _, err1 = first.communicate(timeout=300)
+    assert second.returncode == 0, err2
+    assert first.returncode == 0, err1
+    assert "Traceback" not in err1 + err2
+    sid = local.show("wf/k")["snapshot_id"]
+    assert local.show("wf/k2")["snapshot_id"] == sid and local.built_events(sid) == 1
+    return str(sid)
+
+
 def test_a_builder_stopped_as_it_took_the_lease_cleans_nothing_of_the_new_holders(
     local: Env,
 ) -> None:
@@ -644,13 +659,7 @@ def test_a_builder_stopped_as_it_took_the_lease_cleans_nothing_of_the_new_holder
             time.sleep(0.05)
     finally:
         os.kill(first.pid, signal.SIGCONT)
-    _, err1 = first.communicate(timeout=300)
-    _, err2 = second.communicate(timeout=300)
-    assert second.returncode == 0, err2
-    assert first.returncode == 0, err1
-    assert "Traceback" not in err1 + err2
-    sid = local.show("wf/k")["snapshot_id"]
-    assert local.show("wf/k2")["snapshot_id"] == sid and local.built_events(sid) == 1
+    _both_succeed_with_one_build(local, first, second)
 
 
 def test_a_builder_resumed_past_its_lease_leaves_the_new_holder_alone(local: Env) -> None:
@@ -680,14 +689,8 @@ def test_a_builder_resumed_past_its_lease_leaves_the_new_holder_alone(local: Env
             time.sleep(0.05)
     finally:
         os.killpg(first.pid, signal.SIGCONT)
-    _, err2 = second.communicate(timeout=300)
-    _, err1 = first.communicate(timeout=300)
-    assert second.returncode == 0, err2
-    assert first.returncode == 0, err1
-    assert "Traceback" not in err1 + err2
-    sid = local.show("wf/k")["snapshot_id"]
-    assert local.show("wf/k2")["snapshot_id"] == sid and local.show("wf/k")["state"] == "ready"
-    assert local.built_events(sid) == 1
+    sid = _both_succeed_with_one_build(local, first, second)
+    assert local.show("wf/k")["state"] == "ready"
     events = [e["event"] for e in local.audit()]
     assert events.count("lease_broken") == 1 and events.count("lease_lost") == 1
     assert not list(locks.glob(f"{sid}*"))

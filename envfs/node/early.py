@@ -126,8 +126,7 @@ class EarlyTree:
         """Remove the tree (only once no overlay uses it); what cannot be removed now goes
         at the next start (`NodeCache`)."""
         try:
-            if self.image is not None:
-                self.image.unlink(missing_ok=True)
+            self.drop_image()
             remove_tree(self.path)
         except OSError as e:
             log.warning("cannot remove the early tree %s (removed at the next start): %s",

@@ -86,6 +86,11 @@ class Building(ServiceBase):
         with self.store.gc_fence():
             self._build_and_publish(snapshot_id, lease)
 
+    def _lost_lease(self, snapshot_id: str) -> None:
+        """Our build lease was taken over: say so; the caller waits for the holder's build."""
+        self._say("lost the build lease to another builder; waiting for its build")
+        self.store.audit("lease_lost", self.host, snapshot_id)
+
     def _build_and_publish(self, snapshot_id: str, lease: Lease) -> None:
         """Stage, build, publish, audit.
 
@@ -95,8 +100,7 @@ class Building(ServiceBase):
         """
         crashpoints.reached("leased")
         if not lease.held():  # stopped past its staleness before it began: not ours now
-            self._say("lost the build lease to another builder; waiting for its build")
-            self.store.audit("lease_lost", self.host, snapshot_id)
+            self._lost_lease(snapshot_id)
             return
         info = self.store.read_spec(snapshot_id)
         self.store.clean_staging(held_id=snapshot_id)  # while held: a dead build's, if any
@@ -134,8 +138,7 @@ class Building(ServiceBase):
             builder.remove_staged(staged)
             self.store.drop_objects(pooled)
             if not lease.held():  # whatever failed, it was no longer our build
-                self._say("lost the build lease to another builder; waiting for its build")
-                self.store.audit("lease_lost", self.host, snapshot_id)
+                self._lost_lease(snapshot_id)
                 return
             if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 exc = EnvironmentProblem(f"the store is full ({exc.strerror}) while building")
