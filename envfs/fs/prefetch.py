@@ -4,7 +4,8 @@ order, by `PREFETCH_THREADS` threads at once, while the job starts; the job's re
 them on the node (`envfs.node.cache.NodeCache.fetch` copies each content once, whoever
 asks first). With kernel mounts, the snapshot's early tree (`envfs.node.early`) is made
 first and handed to the daemon, which mounts it over the snapshot's views; each file is
-linked into it as it lands, and is kernel-served from then on. Files the trace does not
+linked into it as it lands (or is found held: a sibling env's), and is kernel-served from
+then on. Files the trace does not
 name are copied on their first read, and the whole env later (`mount --fill-rate`). Of
 a big library (`PARTIAL_MIN`) the import mapped, only the parts the trace says it touched
 are copied (`envfs.node.partial`: pandas' OpenBLAS, 2.3 of 22 MB); a traced file past
@@ -150,7 +151,8 @@ def copy_traced(
 
     def fetch(rel: bytes, entry: ListingEntry) -> None:
         touched = parts.get(rel)
-        if touched is not None:  # the rest later (linked once whole: FUSE serves it till then)
+        if touched is not None and cache.object_path(entry) is None:
+            # the rest later (linked once whole: FUSE serves it till then)
             cache.fetch_ranges(entry, source + b"/" + rel, touched, dirs)
             return
         cache.fetch(entry, source + b"/" + rel, dirs)

@@ -3,14 +3,14 @@
 A snapshot served from a NAS is FUSE-served until the node holds all of it (the whole copy
 waits for jobs to quieten: `envfs.node.cache`), and through FUSE a first import runs at
 about 1.5x its kernel-served time, however fast the NAS. So when such a snapshot is first
-attached its early tree is made under ``<cache>/early/``: a hard link to the node cache's
-copy of every file the node holds already (from any env), the directories on the way to
-those and to the files the trace names, and the symlinks in them; the prefetch
-(`envfs.fs.prefetch`) links each traced file in as it lands. With it the image of all the
-snapshot's names is written (`envfs.node.erofs`: metacopy stubs, no bytes). The daemon
-mounts the tree over the snapshot's pinned views as the upper layer of a read-only
-overlay, the image below it and the FUSE view itself as its data-only layer
-(`envfs.fs.kernel_views.early_overlay`): the kernel serves every file the node holds and
+attached its early tree is made under ``<cache>/early/``: the directories on the way to
+the files the trace names, and the symlinks in them; the prefetch (`envfs.fs.prefetch`)
+links each traced file in as it lands or is found held (from any env; of a snapshot
+with no trace, every file the node holds is linked as the tree is made). With it the
+image of all the snapshot's names is written (`envfs.node.erofs`: metacopy stubs, no
+bytes). The daemon mounts the tree over the snapshot's pinned views as the upper layer
+of a read-only overlay, the image below it and the FUSE view itself as its data-only
+layer (`envfs.fs.kernel_views.early_overlay`): the kernel serves every file linked in and
 every name, FUSE the bytes of the other files (without the image, the FUSE view is the
 lower layer, and answers the names the tree lacks). A directory left out of the tree is
 the lower layers' alone: a first import of pandas goes through 152 of the env's 632
@@ -59,16 +59,24 @@ class EarlyTree:
         coming: Iterable[bytes] = (),
         names_as: tuple[int, int, int] | None = None,
     ) -> EarlyTree:
-        """The directories of ``listing`` on the way to the files the node holds and to those
-        ``coming`` (the prefetch's: the trace's), their symlinks, and links to the files held;
-        with ``names_as`` (the uid, gid and mtime the FUSE view gives its files), the image of
-        all its names too (written next to the tree; none if that fails). Raises `OSError`
-        (the cache's disk is full) with nothing left behind."""
+        """The directories of ``listing`` on the way to the files ``coming`` (the prefetch's:
+        the trace's, each linked in by it as it lands or is found held, in the trace's order)
+        and their symlinks; without ``coming`` (no trace), to the files the node holds, each
+        linked in now. With ``names_as`` (the uid, gid and mtime the FUSE view gives its
+        files), the image of all its names too (written next to the tree; none if that
+        fails). Raises `OSError` (the cache's disk is full) with nothing left behind.
+
+        What the node holds is not all linked when there is a trace: a node that has run a
+        sibling env holds nearly all of a new one, and linking it all (pandas: 6,676 files,
+        632 directories) kept the kernel from serving any of it for 0.55 s, the job running
+        through FUSE meanwhile: slower than on an empty node. The rest the node holds is
+        read through FUSE from its copy, until the whole copy replaces the overlay."""
         path = cache.early / f"{snapshot_id}.{os.getpid()}.{uuid.uuid4().hex[:12]}"
         root = os.fsencode(path)
         tree = cls(cache, snapshot_id, path)
         meta = META.encode()
-        held = cache.held()
+        coming = list(coming)
+        held = set() if coming else cache.held()
         links = [
             (os.path.join(rel, name), entry)
             for rel, entries in listing.items()
@@ -76,7 +84,7 @@ class EarlyTree:
             for name, entry in entries.items()
             if entry.type == "file" and object_name(entry) in held
         ]
-        dirs = _on_the_way([rel for rel, _entry in links] + list(coming))
+        dirs = _on_the_way([rel for rel, _entry in links] + coming)
         try:
             os.mkdir(root)
             os.chmod(root, 0o555)  # modes as the snapshot's, whatever the daemon's umask

@@ -647,6 +647,34 @@ def _finish(job: subprocess.Popen[str]) -> None:
     assert job.returncode == 0, err
 
 
+def test_the_prefetch_links_a_traced_big_library_the_node_holds_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A traced big library the node holds already (a sibling env's) is linked into the
+    early tree as the prefetch comes to it, not fetched again by the piece and left to
+    FUSE: the tree no longer links what the node holds when it is made."""
+    from envfs.fs import prefetch
+    from envfs.node.early import EarlyTree
+
+    snap = tmp_path / "snap"
+    (snap / ".envfs").mkdir(parents=True)
+    lib = os.urandom(PARTIAL_MIN + PIECE)
+    (snap / "libbig.so").write_bytes(lib)
+    trace = {"files": ["libbig.so"], "ranges": {"libbig.so": [(0, 4096)]}}
+    (snap / ".envfs/trace.json").write_text(json.dumps(trace))
+    entry = ListingEntry("file", 0o100755, len(lib), hashlib.sha256(lib).hexdigest(), None)
+    listing = {b"": {b"libbig.so": entry}}
+    cache = NodeCache(tmp_path / "cache")
+    cache.fetch(entry, os.fsencode(snap / "libbig.so"))
+    tree = EarlyTree.make(cache, "s" * 64, listing, [b"libbig.so"])
+    assert tree.linked == 0  # held, but linked by the prefetch, in the trace's order
+    fetched = _pieces_fetched(monkeypatch)
+    assert prefetch.copy_traced(cache, os.fsencode(snap), listing, _trace(snap), tree) == 1
+    assert (tree.path / "libbig.so").read_bytes() == lib and tree.linked == 1
+    assert fetched == [] and not list(cache.staging.iterdir())
+    tree.remove()
+
+
 def test_a_fresh_node_kernel_serves_the_files_it_holds_before_its_whole_copy(
     nas_node: tuple[Env, NasSim, list[Mount]], tmp_path: Path
 ) -> None:
@@ -752,10 +780,11 @@ def test_a_fresh_nodes_whole_copy_replaces_its_early_overlay(
 
 
 def test_an_early_tree_holds_the_way_to_what_the_node_has_and_will_have(tmp_path: Path) -> None:
-    """A link to each file the node holds (from any env) and none to one it lacks, until
-    it is linked in; the directories on the way to those and to the files coming (the
-    trace's), with their symlinks; no other directory (each is an inode written while the
-    job waits: the overlay serves it from FUSE)."""
+    """The directories on the way to the files coming (the trace's), with their symlinks;
+    no other directory (each is an inode written while the job waits: the overlay serves it
+    from FUSE); no file until it is linked in (the prefetch links each traced file as it
+    lands or is found held), one it lacks not even then. Without a trace, a link to each
+    file the node holds (from any env) at once, and the directories on the way to those."""
     from envfs.node.early import EarlyTree
 
     def entry(data: bytes, mode: int = 0o100644) -> ListingEntry:
@@ -795,7 +824,8 @@ def test_an_early_tree_holds_the_way_to_what_the_node_has_and_will_have(tmp_path
     finally:
         os.umask(umask)
     root = tree.path
-    assert (root / "lib/a.py").read_bytes() == held and tree.linked == 1
+    assert not (root / "lib/a.py").exists() and tree.linked == 0  # held, not traced: not yet
+    assert tree.link(b"lib/a.py", entry(held)) and (root / "lib/a.py").read_bytes() == held
     assert os.stat(root / "lib/a.py").st_ino == os.stat(cache.object_path(entry(held)) or "").st_ino
     assert not (root / "lib/b.py").exists()
     assert os.readlink(root / "lib64") == "lib"
@@ -812,6 +842,11 @@ def test_an_early_tree_holds_the_way_to_what_the_node_has_and_will_have(tmp_path
     assert not tree.link(b"lib/b.py", entry(lacked))  # once
     tree.remove()
     assert not root.exists()
+    bare = EarlyTree.make(cache, "s" * 64, listing)  # no trace: what the node holds, at once
+    assert (bare.path / "lib/a.py").read_bytes() == held and bare.linked == 2
+    assert (bare.path / "lib/b.py").read_bytes() == lacked
+    assert not (bare.path / "lib/sub").exists()  # nothing held there
+    bare.remove()
 
 
 def test_files_landing_before_the_early_tree_is_made_are_linked_once_it_is(
