@@ -8,12 +8,16 @@ through `scripts/nas-sim`, then
 - local cold: drop the page cache, K imports at once in the local venv (the slowest);
 - fresh: K daemons, each with an empty index and node cache and its own host id, drop the
   page cache, K imports at once through them (the slowest), with the NAS requests and
-  bytes read for them (per node) and the bytes of the files the build traced.
+  bytes read for them (per node) and the bytes of the files the build traced;
+- with --sibling PACKAGES (at each latency, one node): a node that has run a sibling env
+  (those packages: the same stack and one more) and holds it whole; the first import of
+  the env there (the node has most of its files, not the env).
 
 Prints one markdown row per (latency, K). Needs root (drop_caches, mounts) and PyPI.
 
     scripts/bench/fresh-node [--packages "pandas==2.2.3 numpy==2.1.3"] [--module pandas]
                              [--latency-ms 0.5,1,5] [--nodes 1,4] [--keep DIR]
+                             [--sibling "pandas==2.2.3 numpy==2.1.3 packaging==24.2"]
 """
 
 from __future__ import annotations
@@ -76,6 +80,7 @@ def main() -> None:
     parser.add_argument("--python", default="3.12")
     parser.add_argument("--keep", type=Path, help="use (and keep) this directory")
     parser.add_argument("--png", type=Path, help="plot the ratios and requests here")
+    parser.add_argument("--sibling", help="also a node that has run an env of these packages")
     args = parser.parse_args()
     packages = args.packages.split()
     root = args.keep or Path(tempfile.mkdtemp(prefix="envfs-bench-fresh."))
@@ -86,6 +91,9 @@ def main() -> None:
     say(f"building {' '.join(packages)}")
     cli(writer, "build", "bench/fresh", *packages, "--python", args.python)
     sid = json.loads(cli(writer, "show", "bench/fresh", "--json"))["snapshot_id"]
+    if args.sibling:
+        say(f"building the sibling {args.sibling}")
+        cli(writer, "build", "bench/sibling", *args.sibling.split(), "--python", args.python)
     snap = backing / "snapshots" / sid
     traced = json.loads((snap / ".envfs/trace.json").read_text())["files"]
     traced_bytes = sum((snap / rel).stat().st_size for rel in traced)
@@ -110,6 +118,8 @@ def main() -> None:
         try:
             for k in [int(x) for x in args.nodes.split(",")]:
                 rows.append(one_round(root, base, nas, k, latency, args.module, traced_bytes))
+            if args.sibling:
+                rows.append(sibling_round(root, base, nas, latency, args.module, traced_bytes))
         finally:
             nas.stop()
     print(
@@ -118,8 +128,9 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
+        nodes = "1, sibling's" if row["nodes"] == 0 else f"{row['nodes']}"
         print(
-            f"| {row['latency']} ms | {row['nodes']} | {row['local']:.2f} s | "
+            f"| {row['latency']} ms | {nodes} | {row['local']:.2f} s | "
             f"{row['fresh']:.2f} s | {row['fresh'] / row['local']:.2f}x | "
             f"{row['requests']:,.0f} | {row['read_mb']:.1f} | {row['traced_mb']:.1f} |"
         )
@@ -137,7 +148,7 @@ def plot(rows: list[dict[str, float]], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ratio, requests) = plt.subplots(1, 2, figsize=(9, 3.4))
-    for k in sorted({row["nodes"] for row in rows}):
+    for k in sorted({row["nodes"] for row in rows if row["nodes"]}):
         mine = sorted((r for r in rows if r["nodes"] == k), key=lambda r: r["latency"])
         xs = [r["latency"] for r in mine]
         ratio.plot(xs, [r["fresh"] / r["local"] for r in mine], marker="o", label=f"{k:g} node(s)")
@@ -153,6 +164,53 @@ def plot(rows: list[dict[str, float]], path: Path, title: str) -> None:
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+
+
+def sibling_round(
+    root: Path, base: dict[str, str], nas: Nas, latency: float, module: str, traced: int
+) -> dict[str, float]:
+    """A node that has run the sibling env, and holds it whole: the first import of the env
+    there, against a local cold one (its row's ``nodes`` is 0)."""
+    say(f"{latency} ms, a node that has run the sibling env")
+    tag = f"{latency}-sibling-{time.monotonic_ns()}"
+    node = dict(
+        base,
+        ENVFS_STORE=str(nas.mnt),
+        ENVFS_INDEX=str(root / f"idx-{tag}"),
+        ENVFS_HOST=f"sibling-{tag}",
+        XDG_RUNTIME_DIR=str(root / f"run-{tag}"),
+    )
+    mnt, log = root / f"mnt-{tag}", root / f"daemon-{tag}.log"
+    daemon = start_daemon(root, node, mnt, log)
+    try:
+        timed_imports([str(mnt / "bench/sibling/bin/python")], module)
+        deadline = time.monotonic() + 600
+        while "copied to the node cache" not in log.read_text():  # the sibling, whole
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the sibling env was not copied whole; see {log}")
+            time.sleep(0.5)
+        drop_caches()
+        local = timed_imports([str(root / "native/bin/python")], module)
+        requests0, read0 = nas_counts(nas)
+        drop_caches()
+        fresh = timed_imports([str(mnt / "bench/fresh/bin/python")], module)
+        requests1, read1 = nas_counts(nas)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            daemon.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
+    return {
+        "latency": latency,
+        "nodes": 0,
+        "local": local,
+        "fresh": fresh,
+        "requests": requests1 - requests0,
+        "read_mb": (read1 - read0) / 2**20,
+        "traced_mb": traced / 2**20,
+    }
 
 
 def one_round(
