@@ -74,6 +74,9 @@ async def prefetch_snapshot(
             copied.append(await trio.to_thread.run_sync(copy))
         except (OSError, EnvfsError) as e:  # the job's reads copy what they need themselves
             log.warning("prefetch of %s stopped: %s", snapshot_id[:12], e)
+        except Exception:  # a head start only: a bug in it must not take the mount down
+            log.exception("prefetch of %s failed (the job's reads copy what they need)",
+                          snapshot_id[:12])  # fmt: skip
 
     async with trio.open_nursery() as nursery:
         if trace is not None:  # none: nothing to copy ahead (the tree links what is held)
@@ -88,6 +91,8 @@ async def prefetch_snapshot(
                 tree = await trio.to_thread.run_sync(make)
             except OSError as e:  # served as before: through FUSE until the whole copy is in
                 log.warning("no early tree for %s: %s", snapshot_id[:12], e)
+            except Exception:  # the same, and logged as the bug it is
+                log.exception("no early tree for %s", snapshot_id[:12])
         links.attach(tree)
         if tree is not None and on_tree is not None:
             await on_tree(tree)

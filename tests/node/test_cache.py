@@ -849,6 +849,48 @@ def test_an_early_tree_holds_the_way_to_what_the_node_has_and_will_have(tmp_path
     bare.remove()
 
 
+def test_a_failing_prefetch_or_early_tree_leaves_the_daemon_serving(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The prefetch and the early tree are a head start: an unexpected error in either (a
+    bug) is logged with its traceback and the prefetch task ends, instead of ending the
+    daemon's nursery and every mount with it (as a TypeError in the copy once did)."""
+    from typing import cast
+
+    import trio
+
+    from envfs.fs import prefetch
+    from envfs.fs.vfs import Namespace
+    from envfs.node.early import EarlyTree
+
+    snap = tmp_path / "snap"
+    (snap / ".envfs").mkdir(parents=True)
+    (snap / ".envfs/trace.json").write_text(json.dumps({"files": ["a.py"]}))
+    entry = ListingEntry("file", 0o100644, 2, "0" * 64, None)
+    listing = {b"": {b"a.py": entry}}
+
+    class Remote:  # the one call the prefetch makes of its namespace
+        def remote_tree(self, _sid: str) -> tuple[bytes, object, tuple[int, int]]:
+            return os.fsencode(snap), listing, (0, 0)
+
+    def broken(*_args: object, **_kwargs: object) -> None:
+        raise TypeError("a bug")
+
+    monkeypatch.setattr(prefetch, "copy_traced", broken)
+    monkeypatch.setattr(EarlyTree, "make", broken)
+    trees: list[EarlyTree] = []
+
+    async def on_tree(tree: EarlyTree) -> None:
+        trees.append(tree)
+
+    cache = NodeCache(tmp_path / "cache")
+    trio.run(prefetch.prefetch_snapshot, cast(Namespace, Remote()), cache, "s" * 64, on_tree)
+    failed = [r.getMessage() for r in caplog.records if r.exc_info]
+    assert any(m.startswith("prefetch of ssssssssssss failed") for m in failed), failed
+    assert "no early tree for ssssssssssss" in failed
+    assert trees == []
+
+
 def test_files_landing_before_the_early_tree_is_made_are_linked_once_it_is(
     tmp_path: Path,
 ) -> None:
