@@ -173,15 +173,8 @@ def sibling_round(
     there, against a local cold one (its row's ``nodes`` is 0)."""
     say(f"{latency} ms, a node that has run the sibling env")
     tag = f"{latency}-sibling-{time.monotonic_ns()}"
-    node = dict(
-        base,
-        ENVFS_STORE=str(nas.mnt),
-        ENVFS_INDEX=str(root / f"idx-{tag}"),
-        ENVFS_HOST=f"sibling-{tag}",
-        XDG_RUNTIME_DIR=str(root / f"run-{tag}"),
-    )
     mnt, log = root / f"mnt-{tag}", root / f"daemon-{tag}.log"
-    daemon = start_daemon(root, node, mnt, log)
+    daemon = start_daemon(root, node_env(root, base, nas, tag), mnt, log)
     try:
         timed_imports([str(mnt / "bench/sibling/bin/python")], module)
         deadline = time.monotonic() + 600
@@ -191,26 +184,13 @@ def sibling_round(
             time.sleep(0.5)
         drop_caches()
         local = timed_imports([str(root / "native/bin/python")], module)
-        requests0, read0 = nas_counts(nas)
+        before = nas_counts(nas)
         drop_caches()
         fresh = timed_imports([str(mnt / "bench/fresh/bin/python")], module)
-        requests1, read1 = nas_counts(nas)
+        after = nas_counts(nas)
     finally:
-        daemon.send_signal(signal.SIGTERM)
-        try:
-            daemon.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
-    return {
-        "latency": latency,
-        "nodes": 0,
-        "local": local,
-        "fresh": fresh,
-        "requests": requests1 - requests0,
-        "read_mb": (read1 - read0) / 2**20,
-        "traced_mb": traced / 2**20,
-    }
+        stop([daemon], [mnt])
+    return row(latency, 0, local, fresh, before, after, traced)
 
 
 def one_round(
@@ -223,37 +203,62 @@ def one_round(
     tag = f"{latency}-{k}-{time.monotonic_ns()}"
     try:
         for i in range(k):
-            node = dict(
-                base,
-                ENVFS_STORE=str(nas.mnt),
-                ENVFS_INDEX=str(root / f"idx-{tag}-{i}"),
-                ENVFS_HOST=f"fresh-{tag}-{i}",
-                XDG_RUNTIME_DIR=str(root / f"run-{tag}-{i}"),
-            )
             mnt = root / f"mnt-{tag}-{i}"
+            node = node_env(root, base, nas, f"{tag}-{i}")
             daemons.append(start_daemon(root, node, mnt, root / f"daemon-{tag}-{i}.log"))
             mnts.append(mnt)
         time.sleep(1)
-        requests0, read0 = nas_counts(nas)
+        before = nas_counts(nas)
         drop_caches()
         fresh = timed_imports([str(m / "bench/fresh/bin/python") for m in mnts], module)
-        requests1, read1 = nas_counts(nas)
+        after = nas_counts(nas)
     finally:
-        for daemon in daemons:
-            daemon.send_signal(signal.SIGTERM)
-        for daemon, mnt in zip(daemons, mnts, strict=False):
-            try:
-                daemon.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-                subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
+        stop(daemons, mnts)
+    return row(latency, k, local, fresh, before, after, traced)
+
+
+def node_env(root: Path, base: dict[str, str], nas: Nas, tag: str) -> dict[str, str]:
+    """A node on ``nas`` with its own (empty) index and node cache, and its own host id."""
+    return dict(
+        base,
+        ENVFS_STORE=str(nas.mnt),
+        ENVFS_INDEX=str(root / f"idx-{tag}"),
+        ENVFS_HOST=f"node-{tag}",
+        XDG_RUNTIME_DIR=str(root / f"run-{tag}"),
+    )
+
+
+def stop(daemons: list[subprocess.Popen[bytes]], mnts: list[Path]) -> None:
+    """Stop the daemons (killed and their mounts lazily unmounted after 60 s)."""
+    for daemon in daemons:
+        daemon.send_signal(signal.SIGTERM)
+    for daemon, mnt in zip(daemons, mnts, strict=False):
+        try:
+            daemon.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
+
+
+def row(
+    latency: float,
+    nodes: int,
+    local: float,
+    fresh: float,
+    before: tuple[int, int],
+    after: tuple[int, int],
+    traced: int,
+) -> dict[str, float]:
+    """One table row: NAS requests and MB read per node from the counts ``before`` and
+    ``after`` (``nodes`` 0: one node, the sibling's)."""
+    k = max(nodes, 1)
     return {
         "latency": latency,
-        "nodes": k,
+        "nodes": nodes,
         "local": local,
         "fresh": fresh,
-        "requests": (requests1 - requests0) / k,
-        "read_mb": (read1 - read0) / k / 2**20,
+        "requests": (after[0] - before[0]) / k,
+        "read_mb": (after[1] - before[1]) / k / 2**20,
         "traced_mb": traced / 2**20,
     }
 
