@@ -5,13 +5,13 @@ them on the node (`envfs.node.cache.NodeCache.fetch` copies each content once, w
 asks first). With kernel mounts, the snapshot's early tree (`envfs.node.early`) is made
 first and handed to the daemon, which mounts it over the snapshot's views; each file is
 linked into it as it lands (or is found held: a sibling env's), and is kernel-served from
-then on. Files the trace does not
-name are copied on their first read, and the whole env later (`mount --fill-rate`). Of
-a big library (`PARTIAL_MIN`) the import mapped, only the parts the trace says it touched
-are copied (`envfs.node.partial`: pandas' OpenBLAS, 2.3 of 22 MB); a traced file past
-`WHOLE_MAX` the trace names no parts of is not copied here: an import maps such a library
-and reads a part of it (torch's libtorch_cuda: 103 of 900 MB), so its pieces come in as
-they are read. The copies go in trace order with at most `IN_FLIGHT` bytes under way."""
+then on. Files the trace does not name are copied on their first read, and the whole env
+later (`mount --fill-rate`). Of a big library (`PARTIAL_MIN`) the import mapped, only the
+parts the trace says it touched are copied (`envfs.node.partial`: pandas' OpenBLAS, 2.3
+of 22 MB); a traced file past `WHOLE_MAX` the trace names no parts of is not copied here:
+an import maps such a library and reads a part of it (torch's libtorch_cuda: 103 of 900
+MB), so its pieces come in as they are read. The copies go in trace order with at most
+`IN_FLIGHT` bytes under way."""
 
 from __future__ import annotations
 
