@@ -96,6 +96,13 @@ async def prefetch_snapshot(
         links.attach(tree)
         if tree is not None and on_tree is not None:
             await on_tree(tree)
+    if tree is not None and cache.fill_rate == 0:  # no whole copy to come: the rest it holds
+        try:
+            rest = await trio.to_thread.run_sync(tree.link_held, listing)
+            log.info("linked %d more file(s) the node holds into the early tree of %s",
+                     rest, snapshot_id[:12])  # fmt: skip
+        except OSError as e:  # they stay FUSE-served, from the node's copies
+            log.warning("cannot link the rest of %s into its early tree: %s", snapshot_id[:12], e)
     if copied and copied[0]:
         took = time.monotonic() - t0
         log.info("prefetched %d traced file(s) of %s in %.2fs", copied[0], snapshot_id[:12], took)

@@ -70,32 +70,19 @@ class EarlyTree:
         sibling env holds nearly all of a new one, and linking it all (pandas: 6,676 files,
         632 directories) kept the kernel from serving any of it for 0.55 s, the job running
         through FUSE meanwhile: slower than on an empty node. The rest the node holds is
-        read through FUSE from its copy, until the whole copy replaces the overlay."""
+        read through FUSE from its copy until the whole copy replaces the overlay (with
+        none to come, `link_held` links it once the job's start is over)."""
         path = cache.early / f"{snapshot_id}.{os.getpid()}.{uuid.uuid4().hex[:12]}"
         root = os.fsencode(path)
         tree = cls(cache, snapshot_id, path)
         meta = META.encode()
         coming = list(coming)
-        held = set() if coming else cache.held()
-        links = [
-            (os.path.join(rel, name), entry)
-            for rel, entries in listing.items()
-            if not _meta(rel, meta)
-            for name, entry in entries.items()
-            if entry.type == "file" and object_name(entry) in held
-        ]
-        dirs = _on_the_way([rel for rel, _entry in links] + coming)
+        links = [] if coming else _held(cache, listing)
         try:
             os.mkdir(root)
             os.chmod(root, 0o555)  # modes as the snapshot's, whatever the daemon's umask
-            made = sorted(rel for rel in dirs if rel in listing and not _meta(rel, meta))
-            for rel in made:
-                os.mkdir(os.path.join(root, rel))
-                os.chmod(os.path.join(root, rel), dir_mode(listing, rel) & ~0o222)
-            for rel in [b"", *made]:
-                for name, entry in listing[rel].items():
-                    if entry.type == "symlink" and entry.target is not None:
-                        os.symlink(entry.target, os.path.join(root, rel, name))
+            _symlinks(root, listing, b"")
+            _make_dirs(root, listing, _on_the_way([rel for rel, _entry in links] + coming))
             for rel, entry in links:
                 tree.link(rel, entry)
         except BaseException:
@@ -124,6 +111,18 @@ class EarlyTree:
         self.linked += 1
         return True
 
+    def link_held(self, listing: Listing) -> int:
+        """Link in every other file of ``listing`` the node holds (from any env), with the
+        directories on the way and their symlinks, as `make` does without a trace: for a
+        node whose whole copy will not come (``--fill-rate off``), once the job's start is
+        over. A directory the overlay has looked up already keeps what it found (its files
+        are read through FUSE from the node's copy). How many it linked."""
+        root = os.fsencode(self.path)
+        links = [(rel, entry) for rel, entry in _held(self.cache, listing)
+                 if not os.path.lexists(os.path.join(root, rel))]  # fmt: skip
+        _make_dirs(root, listing, _on_the_way([rel for rel, _entry in links]))
+        return sum(self.link(rel, entry) for rel, entry in links)
+
     def drop_image(self) -> None:
         """Do without the names image (it could not be mounted): removed now."""
         image, self.image = self.image, None
@@ -139,6 +138,38 @@ class EarlyTree:
         except OSError as e:
             log.warning("cannot remove the early tree %s (removed at the next start): %s",
                         self.path.name, e)  # fmt: skip
+
+
+def _held(cache: NodeCache, listing: Listing) -> list[tuple[bytes, ListingEntry]]:
+    """The files of ``listing`` (but ``.envfs/``) whose content the node holds."""
+    held, meta = cache.held(), META.encode()
+    return [
+        (os.path.join(rel, name), entry)
+        for rel, entries in listing.items()
+        if not _meta(rel, meta)
+        for name, entry in entries.items()
+        if entry.type == "file" and object_name(entry) in held
+    ]
+
+
+def _make_dirs(root: bytes, listing: Listing, dirs: set[bytes]) -> None:
+    """Those of ``dirs`` that are directories of ``listing`` (but ``.envfs/``) and not made
+    yet under ``root``, parents first: each with the snapshot's mode but never writable,
+    and its symlinks."""
+    meta = META.encode()
+    for rel in sorted(rel for rel in dirs if rel in listing and not _meta(rel, meta)):
+        path = os.path.join(root, rel)
+        if os.path.isdir(path):
+            continue
+        os.mkdir(path)
+        os.chmod(path, dir_mode(listing, rel) & ~0o222)
+        _symlinks(root, listing, rel)
+
+
+def _symlinks(root: bytes, listing: Listing, rel: bytes) -> None:
+    for name, entry in listing[rel].items():
+        if entry.type == "symlink" and entry.target is not None:
+            os.symlink(entry.target, os.path.join(root, rel, name))
 
 
 def _on_the_way(files: list[bytes]) -> set[bytes]:

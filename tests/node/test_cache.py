@@ -891,6 +891,74 @@ def test_a_failing_prefetch_or_early_tree_leaves_the_daemon_serving(
     assert trees == []
 
 
+def test_with_no_whole_copy_to_come_the_early_tree_gets_the_rest_the_node_holds(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With ``--fill-rate off`` no whole copy ever replaces the early overlay, so once the
+    prefetch is over every other file the node holds (a sibling env's) is linked in too,
+    with the directories on the way (the snapshot's modes, never writable) and their
+    symlinks; a file the node lacks is not. With whole copies on, the whole copy does it."""
+    import logging
+    from typing import cast
+
+    import trio
+
+    from envfs.fs import prefetch
+    from envfs.fs.vfs import Namespace
+    from envfs.node.early import EarlyTree
+
+    def entry(data: bytes) -> ListingEntry:
+        return ListingEntry("file", 0o100644, len(data), hashlib.sha256(data).hexdigest(), None)
+
+    snap = tmp_path / "snap"
+    (snap / ".envfs").mkdir(parents=True)
+    (snap / ".envfs/trace.json").write_text(json.dumps({"files": ["lib/t.py"]}))
+    datas = {b"lib/t.py": b"traced\n", b"other/u.py": b"held\n", b"other/v.py": b"lacked\n"}
+    for rel, data in datas.items():
+        (snap / os.fsdecode(rel)).parent.mkdir(exist_ok=True)
+        (snap / os.fsdecode(rel)).write_bytes(data)
+    listing = {
+        b"": {
+            b"lib": ListingEntry("dir", 0o40755, 0, None, None),
+            b"other": ListingEntry("dir", 0o40750, 0, None, None),
+        },
+        b"lib": {b"t.py": entry(datas[b"lib/t.py"])},
+        b"other": {
+            b"u.py": entry(datas[b"other/u.py"]),
+            b"v.py": entry(datas[b"other/v.py"]),
+            b"s": ListingEntry("symlink", 0o120777, 4, None, "u.py"),
+        },
+    }
+
+    class Remote:  # the one call the prefetch makes of its namespace
+        def remote_tree(self, _sid: str) -> tuple[bytes, object, tuple[int, int]]:
+            return os.fsencode(snap), listing, (0, 0)
+
+    for fill_rate, rest in ((0, True), (None, False)):
+        cache = NodeCache(tmp_path / f"cache-{fill_rate}", fill_rate=fill_rate)
+        for rel in (b"lib/t.py", b"other/u.py"):
+            cache.fetch(entry(datas[rel]), os.fsencode(snap) + b"/" + rel)
+        trees: list[EarlyTree] = []
+
+        async def on_tree(tree: EarlyTree, trees: list[EarlyTree] = trees) -> None:
+            trees.append(tree)
+
+        with caplog.at_level(logging.INFO, logger="envfs.fs.prefetch"):
+            trio.run(prefetch.prefetch_snapshot, cast(Namespace, Remote()), cache, "s" * 64,
+                     on_tree)  # fmt: skip
+        (tree,) = trees
+        assert (tree.path / "lib/t.py").read_bytes() == datas[b"lib/t.py"]  # the prefetch's
+        assert (tree.path / "other/u.py").exists() == rest
+        assert not (tree.path / "other/v.py").exists()
+        if rest:
+            assert (tree.path / "other/u.py").read_bytes() == datas[b"other/u.py"]
+            assert os.stat(tree.path / "other").st_mode & 0o7777 == 0o550
+            assert os.readlink(tree.path / "other/s") == "u.py"
+            assert "linked 1 more file(s)" in caplog.text
+            assert tree.link_held(listing) == 0  # once
+        tree.remove()
+
+
 def test_files_landing_before_the_early_tree_is_made_are_linked_once_it_is(
     tmp_path: Path,
 ) -> None:
