@@ -37,6 +37,8 @@ from envfs.store.files import META, Listing, ListingEntry, remove_tree
 
 log = logging.getLogger(__name__)
 
+_META = META.encode()  # the snapshot's own directory, which FUSE views hide
+
 
 class EarlyTree:
     """The early tree of one snapshot (`make` it; `link` files in as the node gets them)."""
@@ -75,7 +77,6 @@ class EarlyTree:
         path = cache.early / f"{snapshot_id}.{os.getpid()}.{uuid.uuid4().hex[:12]}"
         root = os.fsencode(path)
         tree = cls(cache, snapshot_id, path)
-        meta = META.encode()
         coming = list(coming)
         links = [] if coming else _held(cache, listing)
         try:
@@ -90,7 +91,7 @@ class EarlyTree:
             raise
         if names_as is not None:
             tree.image = path.with_name(path.name + ".erofs")
-            names = {**listing, b"": {n: e for n, e in listing[b""].items() if n != meta}}
+            names = {**listing, b"": {n: e for n, e in listing[b""].items() if n != _META}}
             try:
                 write_image(tree.image, names, *names_as)
             except OSError as e:  # the tree alone: FUSE answers the names it lacks
@@ -117,10 +118,8 @@ class EarlyTree:
         node whose whole copy will not come (``--fill-rate off``), once the job's start is
         over. A directory the overlay has looked up already keeps what it found (its files
         are read through FUSE from the node's copy). How many it linked."""
-        root = os.fsencode(self.path)
-        links = [(rel, entry) for rel, entry in _held(self.cache, listing)
-                 if not os.path.lexists(os.path.join(root, rel))]  # fmt: skip
-        _make_dirs(root, listing, _on_the_way([rel for rel, _entry in links]))
+        links = _held(self.cache, listing)  # those linked already: `link` says no
+        _make_dirs(os.fsencode(self.path), listing, _on_the_way([rel for rel, _e in links]))
         return sum(self.link(rel, entry) for rel, entry in links)
 
     def drop_image(self) -> None:
@@ -142,11 +141,11 @@ class EarlyTree:
 
 def _held(cache: NodeCache, listing: Listing) -> list[tuple[bytes, ListingEntry]]:
     """The files of ``listing`` (but ``.envfs/``) whose content the node holds."""
-    held, meta = cache.held(), META.encode()
+    held = cache.held()
     return [
         (os.path.join(rel, name), entry)
         for rel, entries in listing.items()
-        if not _meta(rel, meta)
+        if not _meta(rel)
         for name, entry in entries.items()
         if entry.type == "file" and object_name(entry) in held
     ]
@@ -156,12 +155,12 @@ def _make_dirs(root: bytes, listing: Listing, dirs: set[bytes]) -> None:
     """Those of ``dirs`` that are directories of ``listing`` (but ``.envfs/``) and not made
     yet under ``root``, parents first: each with the snapshot's mode but never writable,
     and its symlinks."""
-    meta = META.encode()
-    for rel in sorted(rel for rel in dirs if rel in listing and not _meta(rel, meta)):
+    for rel in sorted(rel for rel in dirs if rel in listing and not _meta(rel)):
         path = os.path.join(root, rel)
-        if os.path.isdir(path):
+        try:
+            os.mkdir(path)
+        except FileExistsError:  # made before (`link_held` after `make`), with its symlinks
             continue
-        os.mkdir(path)
         os.chmod(path, dir_mode(listing, rel) & ~0o222)
         _symlinks(root, listing, rel)
 
@@ -183,5 +182,5 @@ def _on_the_way(files: list[bytes]) -> set[bytes]:
     return dirs
 
 
-def _meta(rel: bytes, meta: bytes) -> bool:
-    return rel == meta or rel.startswith(meta + b"/")
+def _meta(rel: bytes) -> bool:
+    return rel == _META or rel.startswith(_META + b"/")

@@ -12,13 +12,15 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 
 from envfs.fs.kernel import mount_table, mounts_under
+from envfs.fs.vfs import Namespace
 from envfs.node.cache import PARTIAL_MIN, CacheDamage, NodeCache
 from envfs.node.partial import CHUNK, PIECE, PartialCopy
-from envfs.store.files import ListingEntry, read_trace
+from envfs.store.files import Listing, ListingEntry, read_trace
 from envfs.store.formats import AccessTrace, ManifestEntry
 from envfs.store.layout import Store
 from tests.conftest import PY, Env, make_env, reachable_by_all, seed_store
@@ -849,18 +851,26 @@ def test_an_early_tree_holds_the_way_to_what_the_node_has_and_will_have(tmp_path
     bare.remove()
 
 
+def _remote(snap: Path, listing: Listing) -> Namespace:
+    """A namespace to hand `prefetch_snapshot` directly: it serves ``snap`` (with
+    ``listing``) from a NAS, which is the one thing the prefetch asks of it."""
+
+    class Remote:
+        def remote_tree(self, _sid: str) -> tuple[bytes, Listing, tuple[int, int]]:
+            return os.fsencode(snap), listing, (0, 0)
+
+    return cast(Namespace, Remote())
+
+
 def test_a_failing_prefetch_or_early_tree_leaves_the_daemon_serving(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The prefetch and the early tree are a head start: an unexpected error in either (a
     bug) is logged with its traceback and the prefetch task ends, instead of ending the
     daemon's nursery and every mount with it (as a TypeError in the copy once did)."""
-    from typing import cast
-
     import trio
 
     from envfs.fs import prefetch
-    from envfs.fs.vfs import Namespace
     from envfs.node.early import EarlyTree
 
     snap = tmp_path / "snap"
@@ -868,10 +878,6 @@ def test_a_failing_prefetch_or_early_tree_leaves_the_daemon_serving(
     (snap / ".envfs/trace.json").write_text(json.dumps({"files": ["a.py"]}))
     entry = ListingEntry("file", 0o100644, 2, "0" * 64, None)
     listing = {b"": {b"a.py": entry}}
-
-    class Remote:  # the one call the prefetch makes of its namespace
-        def remote_tree(self, _sid: str) -> tuple[bytes, object, tuple[int, int]]:
-            return os.fsencode(snap), listing, (0, 0)
 
     def broken(*_args: object, **_kwargs: object) -> None:
         raise TypeError("a bug")
@@ -884,7 +890,7 @@ def test_a_failing_prefetch_or_early_tree_leaves_the_daemon_serving(
         trees.append(tree)
 
     cache = NodeCache(tmp_path / "cache")
-    trio.run(prefetch.prefetch_snapshot, cast(Namespace, Remote()), cache, "s" * 64, on_tree)
+    trio.run(prefetch.prefetch_snapshot, _remote(snap, listing), cache, "s" * 64, on_tree)
     failed = [r.getMessage() for r in caplog.records if r.exc_info]
     assert any(m.startswith("prefetch of ssssssssssss failed") for m in failed), failed
     assert "no early tree for ssssssssssss" in failed
@@ -899,12 +905,10 @@ def test_with_no_whole_copy_to_come_the_early_tree_gets_the_rest_the_node_holds(
     with the directories on the way (the snapshot's modes, never writable) and their
     symlinks; a file the node lacks is not. With whole copies on, the whole copy does it."""
     import logging
-    from typing import cast
 
     import trio
 
     from envfs.fs import prefetch
-    from envfs.fs.vfs import Namespace
     from envfs.node.early import EarlyTree
 
     def entry(data: bytes) -> ListingEntry:
@@ -930,10 +934,6 @@ def test_with_no_whole_copy_to_come_the_early_tree_gets_the_rest_the_node_holds(
         },
     }
 
-    class Remote:  # the one call the prefetch makes of its namespace
-        def remote_tree(self, _sid: str) -> tuple[bytes, object, tuple[int, int]]:
-            return os.fsencode(snap), listing, (0, 0)
-
     for fill_rate, rest in ((0, True), (None, False)):
         cache = NodeCache(tmp_path / f"cache-{fill_rate}", fill_rate=fill_rate)
         for rel in (b"lib/t.py", b"other/u.py"):
@@ -944,8 +944,7 @@ def test_with_no_whole_copy_to_come_the_early_tree_gets_the_rest_the_node_holds(
             trees.append(tree)
 
         with caplog.at_level(logging.INFO, logger="envfs.fs.prefetch"):
-            trio.run(prefetch.prefetch_snapshot, cast(Namespace, Remote()), cache, "s" * 64,
-                     on_tree)  # fmt: skip
+            trio.run(prefetch.prefetch_snapshot, _remote(snap, listing), cache, "s" * 64, on_tree)
         (tree,) = trees
         assert (tree.path / "lib/t.py").read_bytes() == datas[b"lib/t.py"]  # the prefetch's
         assert (tree.path / "other/u.py").exists() == rest
