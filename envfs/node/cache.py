@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import itertools
 import logging
 import os
 import shutil
@@ -39,6 +40,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 from envfs.core.errors import EnvironmentProblem
 from envfs.node.copying import (
@@ -83,6 +85,9 @@ COPY_THREADS = 4
 #: than with 8 MB here, 12 paired runs each, twice; with 2 MB, pandas' own libraries too
 #: come in pieces, served by FUSE until whole: no gain.)
 PARTIAL_MIN = 4 << 20
+
+_P = TypeVar("_P", str, Path)
+_STAGED = itertools.count()  # names staged objects apart (`_staged`)
 #: Seconds without a job opening or reading in a file of an env not copied whole before
 #: whole copies run: the job's own reads have the NAS first.
 QUIET = 2.0
@@ -108,6 +113,7 @@ class NodeCache:
         self.fill_rate = fill_rate
         self._throttle = Throttle(fill_rate) if fill_rate else None
         self.objects = root / "objects"
+        self._objects_str = str(self.objects)
         self.snapshots = root / "snapshots"
         self.staging = root / "staging"
         self.early = root / "early"
@@ -221,7 +227,7 @@ class NodeCache:
         from its own file when read). ``landed`` is called with the index of each member
         made an object, as it is (a job waits for the first members, not the whole pack).
         The number copied."""
-        if all(self._object(entry).exists() for entry in members):
+        if all(self.holds(entry) for entry in members):
             return 0
         copied = 0
         with open(pack, "rb", buffering=READ) as src:
@@ -241,19 +247,22 @@ class NodeCache:
         return copied
 
     def _put(self, entry: ListingEntry, data: bytes) -> bool:
-        """Make ``data`` the object of ``entry`` unless the node has it or it does not match."""
-        target = self._object(entry)
-        if target.exists():
+        """Make ``data`` the object of ``entry`` unless the node has it (`holds`) or it does
+        not match. Paths as strings: a pack's hundreds of members each cost their
+        syscalls, not a `Path` built and parsed per step."""
+        if self.holds(entry):
             return False
         if hashlib.sha256(data).hexdigest() != entry.sha256:
             log.warning("a packed copy of %s does not match its manifest; skipped", entry.sha256)
             return False
+        target = self.object_file(entry)
         tmp = _staged(target)
         fd = create(tmp)
         try:
             write_all(fd, data)
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
             raise
         finally:
             os.close(fd)
@@ -442,6 +451,19 @@ class NodeCache:
         assert entry.sha256 is not None
         return self.objects / entry.sha256[:2] / object_name(entry)
 
+    def object_file(self, entry: ListingEntry) -> str:
+        """Where the node's copy of a content is (held or not): `_object` as a string, for
+        where many files are copied or linked in a row."""
+        assert entry.sha256 is not None
+        return f"{self._objects_str}/{entry.sha256[:2]}/{object_name(entry)}"
+
+    def holds(self, entry: ListingEntry) -> bool:
+        """Whether the node holds ``entry``'s content, as `held` tells (no stat)."""
+        if entry.sha256 is None:
+            return False
+        with self._held_lock:
+            return object_name(entry) in self._held
+
     def held(self) -> set[str]:
         """The names (``<sha256>.<mode>``) of the contents the node holds: those found when
         the cache was opened and at the last `prune`, and those this process put in since
@@ -452,9 +474,9 @@ class NodeCache:
         with self._held_lock:
             return set(self._held)
 
-    def _holds(self, target: Path) -> None:
+    def _holds(self, target: str | Path) -> None:
         with self._held_lock:
-            self._held.add(target.name)
+            self._held.add(os.path.basename(target))
 
     def _scan(self) -> set[str]:
         """What ``objects/`` holds: one listing per directory, not a stat per file."""
@@ -515,7 +537,7 @@ class NodeCache:
         self._place(tmp, target, entry)
         return True
 
-    def _place(self, tmp: Path, target: Path, entry: ListingEntry) -> None:
+    def _place(self, tmp: str | Path, target: str | Path, entry: ListingEntry) -> None:
         """A new object, written and checked at ``tmp``, put in place (read-only, with its
         mode) and counted as held."""
         os.chmod(tmp, stat.S_IMODE(entry.mode) & ~0o222)
@@ -567,9 +589,12 @@ class NodeCache:
         return removed
 
 
-def _staged(target: Path) -> Path:
-    """Where an object is written before it is put in place (beside it: one rename)."""
-    return target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}")
+def _staged(target: _P) -> _P:
+    """Where an object is written before it is put in place (beside it: one rename), named
+    apart from any other writer's (this process's count, its pid for other processes)."""
+    head, name = os.path.split(target)
+    staged = os.path.join(head, f".{name}.{os.getpid()}.{next(_STAGED)}")
+    return Path(staged) if isinstance(target, Path) else staged
 
 
 def object_name(entry: ListingEntry) -> str:

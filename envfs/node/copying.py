@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import bisect
+import contextlib
 import hashlib
 import os
 import threading
@@ -136,14 +137,15 @@ def read_straight(fd: int) -> None:
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
 
 
-def create(path: Path) -> int:
+def create(path: str | Path) -> int:
     """A new file at ``path`` in ``objects/<xx>/`` (made if missing: not a mkdir per file),
     opened for writing."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
     try:
         return os.open(path, flags, 0o600)
     except FileNotFoundError:
-        path.parent.mkdir(exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(os.path.dirname(path))
         return os.open(path, flags, 0o600)
 
 

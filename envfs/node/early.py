@@ -47,6 +47,7 @@ class EarlyTree:
         self.cache = cache
         self.snapshot_id = snapshot_id
         self.path = path
+        self._root = os.fsencode(path)
         self.linked = 0  # files linked in so far
         #: the snapshot's names as an EROFS image of metacopy stubs (`envfs.node.erofs`), to
         #: go between the tree and the FUSE view; None: none (FUSE answers other names)
@@ -102,12 +103,11 @@ class EarlyTree:
     def link(self, rel: bytes, entry: ListingEntry) -> bool:
         """Link the node's copy of the file at ``rel`` in (False if the node lacks it, or it
         is linked already)."""
-        obj = self.cache.object_path(entry) if entry.sha256 is not None else None
-        if obj is None:
+        if entry.sha256 is None:
             return False
-        try:
-            os.link(obj, os.path.join(os.fsencode(self.path), rel))
-        except (FileExistsError, FileNotFoundError):  # linked, or evicted just now
+        try:  # no stat first: the link says whether the node has it
+            os.link(self.cache.object_file(entry), os.path.join(self._root, rel))
+        except (FileExistsError, FileNotFoundError):  # linked already, or not held
             return False
         self.linked += 1
         return True

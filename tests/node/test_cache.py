@@ -19,6 +19,7 @@ import pytest
 from envfs.fs.kernel import mount_table, mounts_under
 from envfs.fs.vfs import Namespace
 from envfs.node.cache import PARTIAL_MIN, CacheDamage, NodeCache
+from envfs.node.early import EarlyTree
 from envfs.node.partial import CHUNK, PIECE, PartialCopy
 from envfs.store.files import Listing, ListingEntry, read_trace
 from envfs.store.formats import AccessTrace, ManifestEntry
@@ -656,7 +657,6 @@ def test_the_prefetch_links_a_traced_big_library_the_node_holds_whole(
     early tree as the prefetch comes to it, not fetched again by the piece and left to
     FUSE: the tree no longer links what the node holds when it is made."""
     from envfs.fs import prefetch
-    from envfs.node.early import EarlyTree
 
     snap = tmp_path / "snap"
     (snap / ".envfs").mkdir(parents=True)
@@ -787,7 +787,6 @@ def test_an_early_tree_holds_the_way_to_what_the_node_has_and_will_have(tmp_path
     from FUSE); no file until it is linked in (the prefetch links each traced file as it
     lands or is found held), one it lacks not even then. Without a trace, a link to each
     file the node holds (from any env) at once, and the directories on the way to those."""
-    from envfs.node.early import EarlyTree
 
     def entry(data: bytes, mode: int = 0o100644) -> ListingEntry:
         return ListingEntry("file", mode, len(data), hashlib.sha256(data).hexdigest(), None)
@@ -871,7 +870,6 @@ def test_a_failing_prefetch_or_early_tree_leaves_the_daemon_serving(
     import trio
 
     from envfs.fs import prefetch
-    from envfs.node.early import EarlyTree
 
     snap = tmp_path / "snap"
     (snap / ".envfs").mkdir(parents=True)
@@ -909,7 +907,6 @@ def test_with_no_whole_copy_to_come_the_early_tree_gets_the_rest_the_node_holds(
     import trio
 
     from envfs.fs import prefetch
-    from envfs.node.early import EarlyTree
 
     def entry(data: bytes) -> ListingEntry:
         return ListingEntry("file", 0o100644, len(data), hashlib.sha256(data).hexdigest(), None)
@@ -964,7 +961,6 @@ def test_files_landing_before_the_early_tree_is_made_are_linked_once_it_is(
     """The prefetch copies while the tree is made: what lands first is linked when the
     tree comes; with no tree to come, nothing is kept waiting."""
     from envfs.fs.prefetch import Links
-    from envfs.node.early import EarlyTree
 
     data = b"early\n"
     entry = ListingEntry("file", 0o100644, len(data), hashlib.sha256(data).hexdigest(), None)
@@ -1093,6 +1089,43 @@ def test_a_view_no_overlay_can_be_mounted_on_is_served_by_fuse_and_its_tree_stil
     assert os.listdir(env.index / "cache/early")
     mounts[0].stop()
     assert not os.listdir(env.index / "cache/early")
+
+
+def test_a_packs_members_and_their_links_cost_no_stat_each(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fresh node's prefetch unpacks hundreds of small files while the job waits for
+    them: whether the node holds each comes from `holds` (memory), and linking one into
+    the early tree is the link alone, no stat before either. A member held already is not
+    written again; one gone behind the cache's back is not linked (FUSE serves it)."""
+
+    def entry(data: bytes) -> ListingEntry:
+        return ListingEntry("file", 0o100644, len(data), hashlib.sha256(data).hexdigest(), None)
+
+    datas = [b"one\n", b"two\n", b"three\n"]
+    members = [entry(d) for d in datas]
+    pack = tmp_path / "x.pack"
+    pack.write_bytes(b"".join(datas))
+    (tmp_path / "src").write_bytes(datas[1])
+    cache = NodeCache(tmp_path / "cache")
+    held = cache.fetch(members[1], os.fsencode(tmp_path / "src"))
+    inode = held.stat().st_ino
+    listing: Listing = {b"": {b"lib": ListingEntry("dir", 0o40755, 0, None, None)}, b"lib": {}}
+    for i, member in enumerate(members):
+        listing[b"lib"][f"{i}.py".encode()] = member
+    tree = EarlyTree.make(cache, "p" * 64, listing, coming=[b"lib/0.py"])
+    with monkeypatch.context() as m:
+        m.setattr(os, "stat", lambda *_a, **_k: pytest.fail("a stat per member"))
+        assert cache.unpack(os.fsencode(pack), members, lambda _i: None) == 2
+        assert all(tree.link(f"lib/{i}.py".encode(), e) for i, e in enumerate(members))
+    assert held.stat().st_ino == inode  # the held one was not written again
+    assert [(tree.path / f"lib/{i}.py").read_bytes() for i in range(3)] == datas
+    gone = entry(b"gone\n")
+    listing[b"lib"][b"gone.py"] = gone
+    (tmp_path / "src").write_bytes(b"gone\n")
+    cache.fetch(gone, os.fsencode(tmp_path / "src")).unlink()  # behind the cache's back
+    assert cache.holds(gone) and not tree.link(b"lib/gone.py", gone)
+    assert cache.object_path(gone) is None  # its first read copies it again (`fetch`)
 
 
 def test_the_node_cache_knows_what_it_holds_without_listing_its_objects(
