@@ -206,3 +206,20 @@ def test_a_name_ending_in_a_newline_is_refused() -> None:
     assert validate_name("prep") == "prep"
     with pytest.raises(BadInput):
         validate_name("prep\n")
+
+
+def test_no_module_is_over_600_lines() -> None:
+    """The layout's bound (docs/architecture.md): a module past it is split by concern.
+    Checked here, in the test command, and not only by the acceptance check: a change
+    that pushed envfs/node/cache.py to 609 lines passed CI."""
+    from pathlib import Path
+
+    import envfs
+
+    root = Path(envfs.__file__).parent
+    long = {
+        str(path.relative_to(root)): n
+        for path in sorted(root.rglob("*.py"))
+        if (n := len(path.read_text().splitlines())) > 600
+    }
+    assert not long, f"modules over 600 lines: {long}"

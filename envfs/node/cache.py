@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import itertools
 import logging
 import os
 import shutil
@@ -40,7 +39,6 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
 
 from envfs.core.errors import EnvironmentProblem
 from envfs.node.copying import (
@@ -51,6 +49,7 @@ from envfs.node.copying import (
     GiveWay,
     StoreDirs,
     Throttle,
+    beside,
     copy_bytes,
     create,
     opener_of,
@@ -86,8 +85,6 @@ COPY_THREADS = 4
 #: come in pieces, served by FUSE until whole: no gain.)
 PARTIAL_MIN = 4 << 20
 
-_P = TypeVar("_P", str, Path)
-_STAGED = itertools.count()  # names staged objects apart (`_staged`)
 #: Seconds without a job opening or reading in a file of an env not copied whole before
 #: whole copies run: the job's own reads have the NAS first.
 QUIET = 2.0
@@ -256,7 +253,7 @@ class NodeCache:
             log.warning("a packed copy of %s does not match its manifest; skipped", entry.sha256)
             return False
         target = self.object_file(entry)
-        tmp = _staged(target)
+        tmp = beside(target)
         fd = create(tmp)
         try:
             write_all(fd, data)
@@ -518,7 +515,7 @@ class NodeCache:
         if entry.size >= PARTIAL_MIN:  # one copy with the pieces a job may be reading
             self._complete(entry, lambda: os.open(name, FILE_FLAGS, dir_fd=dfd), name, False)
             return True
-        tmp = _staged(target)
+        tmp = beside(target)
         src = os.open(name, FILE_FLAGS, dir_fd=dfd)
         read_straight(src)  # and in long read calls (`READ`)
         try:
@@ -587,14 +584,6 @@ class NodeCache:
         with self._held_lock:
             self._held = found
         return removed
-
-
-def _staged(target: _P) -> _P:
-    """Where an object is written before it is put in place (beside it: one rename), named
-    apart from any other writer's (this process's count, its pid for other processes)."""
-    head, name = os.path.split(target)
-    staged = os.path.join(head, f".{name}.{os.getpid()}.{next(_STAGED)}")
-    return Path(staged) if isinstance(target, Path) else staged
 
 
 def object_name(entry: ListingEntry) -> str:

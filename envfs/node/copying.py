@@ -6,12 +6,14 @@ from __future__ import annotations
 import bisect
 import contextlib
 import hashlib
+import itertools
 import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 #: How store directories are opened to copy files relative to them: ``O_PATH`` is no open
 #: of the directory on the file system (an NFS or FUSE store is asked nothing for it).
@@ -21,6 +23,8 @@ FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 #: that caches no attributes a round trip for them, and a pack's first members land early;
 #: 16 threads copying hold at most 64 MB this way.
 READ = 4 << 20
+_P = TypeVar("_P", str, Path)
+_STAGED = itertools.count()  # names staged objects apart (`beside`)
 
 
 def copy_bytes(src: int, dest: Path, size: int) -> str:
@@ -147,6 +151,14 @@ def create(path: str | Path) -> int:
         with contextlib.suppress(FileExistsError):
             os.mkdir(os.path.dirname(path))
         return os.open(path, flags, 0o600)
+
+
+def beside(target: _P) -> _P:
+    """Where an object is written before it is put in place (beside it: one rename), named
+    apart from any other writer's (this process's count, its pid for other processes)."""
+    head, name = os.path.split(target)
+    path = os.path.join(head, f".{name}.{os.getpid()}.{next(_STAGED)}")
+    return Path(path) if isinstance(target, Path) else path
 
 
 def write_all(fd: int, data: bytes) -> None:
