@@ -84,7 +84,6 @@ COPY_THREADS = 4
 #: than with 8 MB here, 12 paired runs each, twice; with 2 MB, pandas' own libraries too
 #: come in pieces, served by FUSE until whole: no gain.)
 PARTIAL_MIN = 4 << 20
-
 #: Seconds without a job opening or reading in a file of an env not copied whole before
 #: whole copies run: the job's own reads have the NAS first.
 QUIET = 2.0
