@@ -109,7 +109,6 @@ class NodeCache:
         self.fill_rate = fill_rate
         self._throttle = Throttle(fill_rate) if fill_rate else None
         self.objects = root / "objects"
-        self._objects_str = str(self.objects)
         self.snapshots = root / "snapshots"
         self.staging = root / "staging"
         self.early = root / "early"
@@ -444,14 +443,13 @@ class NodeCache:
         return len(missing)
 
     def _object(self, entry: ListingEntry) -> Path:
-        assert entry.sha256 is not None
-        return self.objects / entry.sha256[:2] / object_name(entry)
+        return Path(self.object_file(entry))
 
     def object_file(self, entry: ListingEntry) -> str:
-        """Where the node's copy of a content is (held or not): `_object` as a string, for
-        where many files are copied or linked in a row."""
+        """Where the node's copy of a content is (held or not), as a string: where many
+        files are copied or linked in a row, no `Path` built per file (`_object` is it)."""
         assert entry.sha256 is not None
-        return f"{self._objects_str}/{entry.sha256[:2]}/{object_name(entry)}"
+        return f"{os.fspath(self.objects)}/{entry.sha256[:2]}/{object_name(entry)}"
 
     def holds(self, entry: ListingEntry) -> bool:
         """Whether the node holds ``entry``'s content, as `held` tells (no stat)."""

@@ -76,8 +76,8 @@ class EarlyTree:
         read through FUSE from its copy until the whole copy replaces the overlay (with
         none to come, `link_held` links it once the job's start is over)."""
         path = cache.early / f"{snapshot_id}.{os.getpid()}.{uuid.uuid4().hex[:12]}"
-        root = os.fsencode(path)
         tree = cls(cache, snapshot_id, path)
+        root = tree._root
         coming = list(coming)
         links = [] if coming else _held(cache, listing)
         try:
@@ -119,7 +119,7 @@ class EarlyTree:
         over. A directory the overlay has looked up already keeps what it found (its files
         are read through FUSE from the node's copy). How many it linked."""
         links = _held(self.cache, listing)  # those linked already: `link` says no
-        _make_dirs(os.fsencode(self.path), listing, _on_the_way([rel for rel, _e in links]))
+        _make_dirs(self._root, listing, _on_the_way([rel for rel, _e in links]))
         return sum(self.link(rel, entry) for rel, entry in links)
 
     def drop_image(self) -> None:
